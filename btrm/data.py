@@ -1,0 +1,265 @@
+"""The Ray Data pipeline: source rows → processor → validation → tokenization, with a ledger.
+
+    plan_fragments (driver: list files, check footers and schemas)
+      → ray.data.from_items(fragments)
+      → map_batches(PairPreprocessor)   actors: read rows, convert, validate, tokenize (streaming)
+      → rows of token ids: prompt_ids, chosen_ids, rejected_ids, margin, id, source, ...
+
+The ledger counts every row: read, kept, dropped by reason, truncated. Each batch of rows reports to
+one ``Ledger`` actor under the key (file, first row), so a retried task or a second epoch replaces its
+earlier report instead of counting twice.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import pyarrow as pa
+import ray
+
+from btrm.processors import RowDropped, RowError, load_processor
+from btrm.sources import BadRow, Fragment, plan_fragments, read_fragment
+from btrm.tokenize import PairTokenizer, TokenizationSpec
+
+DROP_REASONS = ("invalid", "tie", "missing_label", "identical", "overlong")
+EXAMPLES_PER_BATCH = 5
+EXAMPLES_KEPT = 50
+QUESTION_CHARS = 200
+
+PAIR_SCHEMA = pa.schema([
+    ("id", pa.string()),
+    ("source", pa.string()),
+    ("file", pa.string()),
+    ("row", pa.int64()),
+    ("question", pa.string()),
+    ("prompt_ids", pa.list_(pa.int32())),
+    ("chosen_ids", pa.list_(pa.int32())),
+    ("rejected_ids", pa.list_(pa.int32())),
+    ("margin", pa.float32()),
+    ("has_margin", pa.bool_()),
+    ("truncated", pa.int32()),
+])
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """Which rows and how to read them; shared by the jobs and pickled into Ray actors."""
+
+    path: str
+    tokenizer_path: str
+    tokenization: TokenizationSpec
+    dataset_format: str = "standard"
+    custom_bt_dataset_path: str | None = None
+    batch_rows: int = 256
+
+
+@dataclass
+class LedgerReport:
+    rows_read: int = 0
+    pairs: int = 0
+    dropped: dict[str, int] = field(default_factory=lambda: dict.fromkeys(DROP_REASONS, 0))
+    truncated: int = 0
+    truncated_tokens: int = 0
+    examples: list[dict[str, Any]] = field(default_factory=list)
+
+    def add(self, other: "LedgerReport") -> None:
+        self.rows_read += other.rows_read
+        self.pairs += other.pairs
+        self.truncated += other.truncated
+        self.truncated_tokens += other.truncated_tokens
+        for reason, n in other.dropped.items():
+            self.dropped[reason] = self.dropped.get(reason, 0) + n
+        self.examples.extend(other.examples)
+
+    @property
+    def dropped_total(self) -> int:
+        return sum(self.dropped.values())
+
+    @property
+    def drop_fraction(self) -> float:
+        seen = self.pairs + self.dropped_total
+        return self.dropped_total / seen if seen else 0.0
+
+
+class DataError(RuntimeError):
+    """The data failed a run-level check (too many drops, nothing left); carries the ledger."""
+
+    def __init__(self, message: str, ledger: dict[str, Any]):
+        super().__init__(f"{message}\n{format_ledger(ledger)}")
+        self.ledger = ledger
+
+
+@ray.remote(num_cpus=0)
+class Ledger:
+    """Collects the per-batch reports of one dataset. Reports are keyed, so re-runs replace, not add."""
+
+    def __init__(self, name: str, max_drop_fraction: float, early_check_rows: int = 2000):
+        self.name = name
+        self.max_drop_fraction = max_drop_fraction
+        self.early_check_rows = early_check_rows
+        self.reports: dict[tuple[str, int], LedgerReport] = {}
+        self.files: set[str] = set()
+
+    def record(self, key: tuple[str, int], report: LedgerReport) -> str | None:
+        """Stores a batch's report; returns an error message once enough rows show too many drops."""
+        self.reports[key] = report
+        self.files.add(key[0])
+        total = self.summary()
+        if total["rows_read"] >= self.early_check_rows and total["drop_fraction"] > self.max_drop_fraction:
+            return (f"{self.name}: {total['dropped_total']} of {total['pairs'] + total['dropped_total']} pairs dropped "
+                    f"({total['drop_fraction']:.1%}) > --max_drop_fraction {self.max_drop_fraction:.1%}")
+        return None
+
+    def summary(self) -> dict[str, Any]:
+        total = LedgerReport()
+        for key in sorted(self.reports):
+            total.add(self.reports[key])
+        result = asdict(total)
+        result.update(
+            dataset=self.name,
+            files=len(self.files),
+            dropped_total=total.dropped_total,
+            drop_fraction=round(total.drop_fraction, 6),
+            examples=total.examples[:EXAMPLES_KEPT],
+        )
+        return result
+
+
+def format_ledger(ledger: dict[str, Any]) -> str:
+    drops = ", ".join(f"{k} {v}" for k, v in ledger["dropped"].items() if v) or "none"
+    lines = [
+        f"[{ledger['dataset']}] {ledger['rows_read']} rows read from {ledger['files']} file(s) → "
+        f"{ledger['pairs']} pairs; dropped {ledger['dropped_total']} ({ledger['drop_fraction']:.1%}): {drops}; "
+        f"prompt truncated in {ledger['truncated']} pairs ({ledger['truncated_tokens']} tokens)",
+    ]
+    for example in ledger["examples"][:10]:
+        lines.append(f"  - {example['reason']}: {example['file']} row {example['row']}: {example['message']}")
+    if len(ledger["examples"]) > 10:
+        lines.append(f"  ... {len(ledger['examples']) - 10} more examples in the ledger JSON")
+    return "\n".join(lines)
+
+
+class PairPreprocessor:
+    """A Ray Data actor: turns fragments into batches of tokenized pairs and reports to the ledger."""
+
+    def __init__(self, spec: DataSpec, ledger):
+        from transformers import AutoTokenizer
+
+        self.spec = spec
+        self.ledger = ledger
+        self.processor = load_processor(spec.dataset_format, spec.custom_bt_dataset_path)
+        tokenizer = AutoTokenizer.from_pretrained(spec.tokenizer_path)
+        self.tokenizer = PairTokenizer(tokenizer, spec.tokenization)
+
+    def __call__(self, batch: dict[str, Any]) -> Iterator[pa.Table]:
+        for fragment in batch["fragment"]:
+            for row_numbers, rows in read_fragment(Fragment(**fragment), self.spec.batch_rows):
+                table, report = self.process_rows(fragment["path"], row_numbers, rows)
+                failure = ray.get(self.ledger.record.remote((fragment["path"], row_numbers[0]), report))
+                if failure:
+                    raise DataError(failure, ray.get(self.ledger.summary.remote()))
+                yield table
+
+    def process_rows(self, path: str, row_numbers, rows: list[Any]) -> tuple[pa.Table, LedgerReport]:
+        report = LedgerReport(rows_read=len(rows))
+
+        def drop(reason: str, row: int, message: str, field: str | None = None) -> None:
+            report.dropped[reason] = report.dropped.get(reason, 0) + 1
+            if len(report.examples) < EXAMPLES_PER_BATCH:
+                report.examples.append({"reason": reason, "file": path, "row": row, "field": field, "message": message})
+
+        pairs, places = [], []
+        for row_number, row in zip(row_numbers, rows):
+            if isinstance(row, BadRow):
+                drop("invalid", row_number, f"the row {row.message}")
+                continue
+            if not isinstance(row, dict):
+                drop("invalid", row_number, f"the row must be an object of fields, got {type(row).__name__}")
+                continue
+            try:
+                converted = self.processor.pairs(row)
+            except RowError as e:
+                drop("invalid", row_number, str(e), e.field)
+                continue
+            except RowDropped as e:
+                drop(e.reason, row_number, str(e))
+                continue
+            except Exception as e:  # a user's processor failing on one row must not take the rest down
+                drop("invalid", row_number, f"processor {type(self.processor).__name__} raised {type(e).__name__}: {e}")
+                continue
+            for pair in converted:
+                pairs.append(pair)
+                places.append(row_number)
+
+        conversations = [side for pair in pairs for side in (pair["chosen"], pair["rejected"])]
+        ids = self.tokenizer.encode_conversations(conversations) if conversations else []
+        out = []
+        for k, (pair, row_number) in enumerate(zip(pairs, places)):
+            try:
+                shared = self.tokenizer.share_prompt(ids[2 * k : 2 * k + 2])
+            except RowDropped as e:
+                drop(e.reason, row_number, str(e))
+                continue
+            report.pairs += 1
+            if shared.truncated:
+                report.truncated += 1
+                report.truncated_tokens += shared.truncated
+            out.append({
+                "id": pair["id"] if pair["id"] is not None else f"{os.path.basename(path)}:{row_number}",
+                "source": pair["source"],
+                "file": path,
+                "row": row_number,
+                "question": _question(pair["chosen"]),
+                "prompt_ids": shared.prompt_ids,
+                "chosen_ids": shared.tails[0],
+                "rejected_ids": shared.tails[1],
+                "margin": pair["margin"] or 0.0,
+                "has_margin": pair["margin"] is not None,
+                "truncated": shared.truncated,
+            })
+        return pa.Table.from_pylist(out, schema=PAIR_SCHEMA), report
+
+
+def _question(messages: list[dict[str, str]]) -> str:
+    text = next(m["content"] for m in reversed(messages[:-1]) if m["role"] == "user")
+    text = " ".join(text.split())
+    return text if len(text) <= QUESTION_CHARS else text[: QUESTION_CHARS - 1] + "…"
+
+
+def build_pair_dataset(spec: DataSpec, ledger, num_actors: int = 2, actor_cpus: float = 1.0) -> "ray.data.Dataset":
+    """A lazy Ray Dataset of tokenized pairs. Planning (listing files, checking parquet footers and
+    schemas) happens now, on the caller, so a wrong path or a corrupt file fails before any work."""
+    processor = load_processor(spec.dataset_format, spec.custom_bt_dataset_path)
+    fragments = plan_fragments(spec.path, processor.required_fields)
+    items = [{"fragment": asdict(f)} for f in fragments]
+    return ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+        PairPreprocessor,
+        fn_constructor_kwargs={"spec": spec, "ledger": ledger},
+        batch_size=1,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, min(num_actors, len(items)))),
+        num_cpus=actor_cpus,
+    )
+
+
+def new_ledger(name: str, max_drop_fraction: float):
+    return Ledger.remote(name, max_drop_fraction)
+
+
+def close_ledger(ledger, max_drop_fraction: float, output_dir: str | Path | None = None) -> dict[str, Any]:
+    """The final ledger: printed, written as JSON next to the outputs, and checked against the limits."""
+    summary = ray.get(ledger.summary.remote())
+    print(format_ledger(summary), flush=True)
+    if output_dir is not None:
+        os.makedirs(output_dir, exist_ok=True)
+        Path(output_dir, f"ledger_{summary['dataset']}.json").write_text(json.dumps(summary, indent=2))
+    if summary["drop_fraction"] > max_drop_fraction:
+        raise DataError(f"{summary['dataset']}: {summary['drop_fraction']:.1%} of pairs dropped > "
+                        f"--max_drop_fraction {max_drop_fraction:.1%}; fix the data or raise the limit", summary)
+    if summary["pairs"] == 0:
+        raise DataError(f"{summary['dataset']}: no usable pairs", summary)
+    return summary

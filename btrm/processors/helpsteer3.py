@@ -1,0 +1,81 @@
+"""HelpSteer3 preference data, in both layouts users meet.
+
+* RM-Gallery's: ``{"input": [messages], "output": [{"answer": {role, content},
+  "label": {"is_preferred": bool}}, ...]}``. One preferred answer against each non-preferred one.
+* NVIDIA's native rows: ``context`` (messages), ``response1``, ``response2`` and
+  ``overall_preference`` in -3..3, negative meaning response1 is better; ``|overall_preference|``
+  becomes the pair's margin.
+
+Ties and missing labels are never turned into a preference: they are dropped and counted.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from btrm.processors.base import BaseBradleyTerryTrainDataset, RowDropped, RowError, as_message, as_messages, require
+
+
+class HelpSteer3Dataset(BaseBradleyTerryTrainDataset):
+    name = "helpsteer3"
+
+    def convert(self, row: dict[str, Any]) -> list[dict[str, Any]]:
+        if "output" in row and row.get("output") is not None:
+            return self._from_rm_gallery(row)
+        if "context" in row:
+            return [self._from_native(row)]
+        raise RowError("input", "neither HelpSteer3 layout: expected `input` + `output` (RM-Gallery) or "
+                       "`context` + `response1` + `response2` + `overall_preference` (NVIDIA)")
+
+    def _from_rm_gallery(self, row: dict[str, Any]) -> list[dict[str, Any]]:
+        prompt = as_messages(require(row, "input"), "input")
+        outputs = require(row, "output")
+        if hasattr(outputs, "tolist"):
+            outputs = outputs.tolist()
+        if not isinstance(outputs, (list, tuple)) or len(outputs) < 2:
+            raise RowError("output", "must be a list of at least two answers")
+        preferred, other = [], []
+        for i, output in enumerate(outputs):
+            if not isinstance(output, dict):
+                raise RowError(f"output[{i}]", "must be {'answer': message, 'label': {'is_preferred': bool}}")
+            answer = as_message(require(output, "answer"), f"output[{i}].answer")
+            label = output.get("label")
+            is_preferred = label.get("is_preferred") if isinstance(label, dict) else None
+            if is_preferred is None:
+                raise RowDropped("missing_label", f"output[{i}].label.is_preferred is missing")
+            (preferred if is_preferred else other).append(answer)
+        if len(preferred) != 1 or not other:
+            raise RowDropped("tie", f"{len(preferred)} preferred and {len(other)} non-preferred answers")
+        row_id = row.get("id", row.get("unique_id"))
+        return [
+            {
+                "chosen": prompt + preferred,
+                "rejected": prompt + [answer],
+                "id": None if row_id is None else (str(row_id) if len(other) == 1 else f"{row_id}/{k}"),
+                "source": row.get("source", row.get("domain")),
+            }
+            for k, answer in enumerate(other)
+        ]
+
+    def _from_native(self, row: dict[str, Any]) -> dict[str, Any]:
+        context = as_messages(require(row, "context"), "context")
+        responses = [require(row, "response1"), require(row, "response2")]
+        preference = row.get("overall_preference")
+        if preference is None:
+            raise RowDropped("missing_label", "overall_preference is missing")
+        try:
+            preference = int(preference)
+        except (TypeError, ValueError):
+            raise RowError("overall_preference", f"must be an integer in -3..3, got {preference!r}") from None
+        if not -3 <= preference <= 3:
+            raise RowError("overall_preference", f"must be in -3..3, got {preference}")
+        if preference == 0:
+            raise RowDropped("tie", "overall_preference is 0")
+        better, worse = responses if preference < 0 else responses[::-1]
+        return {
+            "chosen": context + [{"role": "assistant", "content": better}],
+            "rejected": context + [{"role": "assistant", "content": worse}],
+            "margin": abs(preference),
+            "id": row.get("id"),
+            "source": row.get("domain", row.get("source")),
+        }

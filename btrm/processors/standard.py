@@ -1,0 +1,24 @@
+"""Rows already in the standard format: validated, nothing else."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from btrm.processors.base import BaseBradleyTerryTrainDataset
+
+
+class StandardDataset(BaseBradleyTerryTrainDataset):
+    """``{"chosen": [messages], "rejected": [messages]}`` with optional ``margin``, ``id``, ``source``
+    (or ``subset``)."""
+
+    name = "standard"
+    required_fields = ("chosen", "rejected")
+
+    def convert(self, row: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "chosen": row.get("chosen"),
+            "rejected": row.get("rejected"),
+            "margin": row.get("margin"),
+            "id": row.get("id"),
+            "source": row.get("source", row.get("subset")),
+        }

@@ -1,0 +1,194 @@
+"""Finding a source's rows: files, directories of shards, globs and cloud URIs, read in fragments.
+
+A fragment is the unit of parallel work: one parquet row group (or a few) or one JSON file. It knows
+its file and the file row number of its first row, so every row can be named in an error exactly as a
+user would look it up. Parquet goes through pyarrow (any filesystem pyarrow understands: local, s3://,
+gs://, hdfs://); JSON/JSONL (optionally gzip-compressed) is a convenience for small files.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import gzip
+import io
+import json
+import os
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+PARQUET_SUFFIXES = (".parquet", ".pq")
+JSON_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
+ROWS_PER_FRAGMENT = 8192
+
+
+class SourceError(ValueError):
+    """A source that cannot be read at all (missing, empty, corrupt, wrong schema)."""
+
+
+@dataclass(frozen=True)
+class Fragment:
+    path: str  # as the user can find it: a local path or a URI
+    format: str  # "parquet" | "json"
+    row_groups: tuple[int, ...] = ()
+    first_row: int = 0  # file row number of the fragment's first row (0-based)
+    num_rows: int | None = None
+
+
+def _filesystem(path: str) -> tuple[pafs.FileSystem, str]:
+    if "://" in path:
+        return pafs.FileSystem.from_uri(path)
+    return pafs.LocalFileSystem(), os.path.abspath(path)
+
+
+def _display(path: str, original: str) -> str:
+    scheme = original.split("://", 1)[0] + "://" if "://" in original else ""
+    return scheme + path if scheme and not path.startswith(scheme) else path
+
+
+def _is_data_file(path: str) -> bool:
+    return path.endswith(PARQUET_SUFFIXES + JSON_SUFFIXES)
+
+
+def list_data_files(source: str) -> list[str]:
+    """The data files a source names: a file, a directory (recursively), or a glob."""
+    fs, path = _filesystem(source)
+    if any(ch in path for ch in "*?["):
+        base = path[: min(path.index(ch) for ch in "*?[" if ch in path)].rsplit("/", 1)[0] or "/"
+        infos = fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
+        files = sorted(i.path for i in infos if i.type == pafs.FileType.File and fnmatch.fnmatch(i.path, path))
+        if not files:
+            raise SourceError(f"{source}: the pattern matches no files")
+        return [_display(f, source) for f in files]
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        raise SourceError(f"{source}: no such file or directory")
+    if info.type == pafs.FileType.File:
+        return [_display(path, source)]
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+    files = sorted(i.path for i in infos if i.type == pafs.FileType.File and _is_data_file(i.path)
+                   and not os.path.basename(i.path).startswith((".", "_")))
+    if not files:
+        raise SourceError(f"{source}: the directory holds no data files "
+                          f"({', '.join(PARQUET_SUFFIXES + JSON_SUFFIXES)})")
+    return [_display(f, source) for f in files]
+
+
+def plan_fragments(source: str, required_fields: tuple[str, ...] = ()) -> list[Fragment]:
+    """Splits a source into fragments, checking every parquet footer and schema up front."""
+    fragments: list[Fragment] = []
+    for path in list_data_files(source):
+        if path.endswith(PARQUET_SUFFIXES):
+            fragments.extend(_parquet_fragments(path, required_fields))
+        elif path.endswith(JSON_SUFFIXES):
+            fragments.append(Fragment(path, "json"))
+        else:
+            raise SourceError(f"{path}: unknown file type; btrm reads parquet ({', '.join(PARQUET_SUFFIXES)}) "
+                              f"and JSON ({', '.join(JSON_SUFFIXES)})")
+    return fragments
+
+
+def _open_parquet(path: str) -> pq.ParquetFile:
+    fs, local = _filesystem(path)
+    try:
+        return pq.ParquetFile(fs.open_input_file(local))
+    except (pa.ArrowException, OSError) as e:
+        raise SourceError(f"{path}: not a readable parquet file ({e}); is it truncated or of another format?") from e
+
+
+def _parquet_fragments(path: str, required_fields: tuple[str, ...]) -> list[Fragment]:
+    meta = _open_parquet(path).metadata
+    columns = set(meta.schema.to_arrow_schema().names)
+    missing = [f for f in required_fields if f not in columns]
+    if missing:
+        raise SourceError(f"{path}: missing column(s) {missing}; the file has {sorted(columns)}. "
+                          "Pick the processor for this data (--dataset_format / --custom_bt_dataset_name) "
+                          "or convert it to the standard format")
+    fragments, group, first, rows = [], [], 0, 0
+    for i in range(meta.num_row_groups):
+        group.append(i)
+        rows += meta.row_group(i).num_rows
+        if rows >= ROWS_PER_FRAGMENT or i == meta.num_row_groups - 1:
+            fragments.append(Fragment(path, "parquet", tuple(group), first, rows))
+            group, first, rows = [], first + rows, 0
+    return fragments
+
+
+def read_fragment(fragment: Fragment, batch_rows: int) -> Iterator[tuple[Sequence[int], list[Any]]]:
+    """Yields (row numbers, rows) batches; row numbers are 0-based (for JSONL: the
+    line number - 1). A row that cannot be decoded is a :class:`BadRow` in its place, so the others
+    go on."""
+    if fragment.format == "parquet":
+        yield from _read_parquet(fragment, batch_rows)
+    else:
+        yield from _read_json(fragment, batch_rows)
+
+
+@dataclass(frozen=True)
+class BadRow:
+    message: str
+
+
+def _read_parquet(fragment: Fragment, batch_rows: int) -> Iterator[tuple[Sequence[int], list[Any]]]:
+    parquet = _open_parquet(fragment.path)
+    row = fragment.first_row
+    try:
+        for batch in parquet.iter_batches(batch_size=batch_rows, row_groups=list(fragment.row_groups)):
+            yield range(row, row + batch.num_rows), _decode_rows(batch)
+            row += batch.num_rows
+    except (pa.ArrowException, OSError) as e:
+        raise SourceError(f"{fragment.path}: reading rows from {row} failed: {e}; the file is corrupt") from e
+
+
+def _decode_rows(batch: pa.RecordBatch) -> list[Any]:
+    try:
+        return batch.to_pylist()
+    except (UnicodeDecodeError, pa.ArrowException):
+        # One bad value (say, invalid UTF-8) must not take its neighbours down: decode row by row.
+        rows = []
+        for i in range(batch.num_rows):
+            try:
+                rows.append(batch.slice(i, 1).to_pylist()[0])
+            except (UnicodeDecodeError, pa.ArrowException) as e:
+                rows.append(BadRow(f"cannot be decoded: {e}"))
+        return rows
+
+
+def _read_json(fragment: Fragment, batch_rows: int) -> Iterator[tuple[Sequence[int], list[Any]]]:
+    fs, local = _filesystem(fragment.path)
+    with fs.open_input_stream(local) as raw:
+        data = raw.read()
+    if fragment.path.endswith(".gz"):
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError) as e:
+            raise SourceError(f"{fragment.path}: not a readable gzip file ({e})") from e
+    if data.lstrip()[:1] == b"[":  # one JSON array
+        try:
+            rows = json.loads(data)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise SourceError(f"{fragment.path}: not valid JSON ({e})") from e
+        for start in range(0, len(rows), batch_rows):
+            yield range(start, min(start + batch_rows, len(rows))), rows[start : start + batch_rows]
+        return
+    numbers, batch = [], []
+    for number, line in enumerate(io.BytesIO(data)):
+        if not line.strip():  # blank lines (a trailing newline, say) hold no row
+            continue
+        numbers.append(number)
+        batch.append(_json_line(line))
+        if len(batch) == batch_rows:
+            yield numbers, batch
+            numbers, batch = [], []
+    if batch:
+        yield numbers, batch
+
+
+def _json_line(line: bytes) -> Any:
+    try:
+        return json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        return BadRow(f"is not valid JSON: {e}")

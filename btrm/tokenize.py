@@ -1,0 +1,140 @@
+"""Conversations → token ids: the one tokenization that training, evaluation and serving share.
+
+A group of conversations that share a prompt (a pair, or a prompt with N candidate answers) is
+templated with the model's chat template and tokenized exactly as ``apply_chat_template`` does. The
+token ids all members share (their longest common prefix: the prompt, in token space) are kept once as
+``prompt_ids`` and each member's remainder as its ``tail``; ``prompt_ids + tail`` is that member's full
+sequence. Over-long groups follow an explicit policy: cut the shared prompt from the left (every member
+keeps the *same* prompt and its whole answer) or drop the group. Answers are never truncated.
+
+The reward is read at one token per sequence, recorded in the manifest as ``reward_token``:
+``"last"`` (decoder models: the last token of the templated conversation) or ``"first"`` (encoders
+such as BERT, whose classification head pools the first token). Truncation never removes it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from btrm.processors.base import RowDropped
+
+OVERLONG_POLICIES = ("truncate_prompt", "drop")
+REWARD_TOKENS = ("last", "first")
+
+
+@dataclass(frozen=True)
+class TokenizationSpec:
+    """Everything that decides the token ids of a conversation; written into the export manifest."""
+
+    max_length: int
+    overlong: str = "truncate_prompt"
+    reward_token: str = "last"
+    chat_template: str | None = None  # None: the tokenizer's own
+
+    def __post_init__(self):
+        if self.overlong not in OVERLONG_POLICIES:
+            raise ValueError(f"overlong policy must be one of {OVERLONG_POLICIES}, got {self.overlong!r}")
+        if self.reward_token not in REWARD_TOKENS:
+            raise ValueError(f"reward_token must be one of {REWARD_TOKENS}, got {self.reward_token!r}")
+        if self.max_length < 8:
+            raise ValueError(f"max_length must be at least 8 tokens, got {self.max_length}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class SharedPromptIds:
+    prompt_ids: list[int]
+    tails: list[list[int]]
+    truncated: int  # prompt tokens cut off the left
+
+    def sequence(self, k: int) -> list[int]:
+        return self.prompt_ids + self.tails[k]
+
+
+def read_chat_template(path: str | Path | None) -> str | None:
+    if path is None:
+        return None
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--chat_template {path}: no such file (a Jinja chat template)")
+    return path.read_text()
+
+
+def prepare_tokenizer(tokenizer, chat_template: str | None = None):
+    """Installs ``chat_template`` if given and makes sure there is a pad token.
+
+    A tokenizer without a pad token borrows an existing special token (no new embedding row, so the
+    model is not resized); the one chosen is never the reward token of a templated conversation, so
+    "last non-pad token" pooling in plain transformers still finds the reward token.
+    """
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
+    if tokenizer.chat_template is None:
+        raise ValueError(
+            f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no chat template: pass --chat_template FILE "
+            "(btrm ships btrm/templates/plain.jinja for encoders such as BERT)"
+        )
+    probe = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    probe_ids = _template_ids(tokenizer, [probe])[0]
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == probe_ids[-1]:
+        candidates = [tokenizer.eos_token, tokenizer.unk_token, tokenizer.bos_token, *tokenizer.all_special_tokens]
+        for token in candidates:
+            if token is not None and tokenizer.convert_tokens_to_ids(token) != probe_ids[-1]:
+                tokenizer.pad_token = token
+                break
+        else:
+            raise ValueError("the tokenizer has no special token that can serve as padding")
+    return tokenizer
+
+
+def _template_ids(tokenizer, conversations: Sequence[Sequence[dict]]) -> list[list[int]]:
+    # Equivalent to apply_chat_template(tokenize=True), but one batched call to the Rust tokenizer.
+    texts = tokenizer.apply_chat_template(list(conversations), tokenize=False)
+    return tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+
+class PairTokenizer:
+    """Tokenizes conversations under a :class:`TokenizationSpec`."""
+
+    def __init__(self, tokenizer, spec: TokenizationSpec):
+        self.tokenizer = prepare_tokenizer(tokenizer, spec.chat_template)
+        self.spec = spec
+
+    def encode_conversations(self, conversations: Sequence[Sequence[dict]]) -> list[list[int]]:
+        return _template_ids(self.tokenizer, conversations)
+
+    def encode_group(self, conversations: Sequence[Sequence[dict]]) -> SharedPromptIds:
+        """Tokenizes conversations that share a prompt. Raises RowDropped('overlong') when they cannot fit."""
+        return self.share_prompt(self.encode_conversations(conversations))
+
+    def share_prompt(self, sequences: list[list[int]]) -> SharedPromptIds:
+        shared = _common_prefix_length(sequences)
+        # Every member keeps at least one token of its own: its reward token ("last") sits there.
+        shared = min(shared, min(len(s) for s in sequences) - 1)
+        prompt, tails = sequences[0][:shared], [s[shared:] for s in sequences]
+        budget = self.spec.max_length - max(len(t) for t in tails)
+        if len(prompt) <= budget:
+            return SharedPromptIds(prompt, tails, 0)
+        longest = max(len(t) for t in tails)
+        if self.spec.overlong == "drop":
+            raise RowDropped("overlong", f"{len(prompt) + longest} tokens > max_length {self.spec.max_length}")
+        if budget < 1:
+            raise RowDropped("overlong", f"an answer alone takes {longest} tokens, max_length is "
+                             f"{self.spec.max_length}, and answers are never truncated")
+        # An encoder's reward token opens the sequence: it stays, and the cut starts right after it.
+        head = 1 if self.spec.reward_token == "first" else 0
+        kept = prompt[:head] + prompt[len(prompt) - (budget - head):]
+        return SharedPromptIds(kept, tails, len(prompt) - len(kept))
+
+
+def _common_prefix_length(sequences: list[list[int]]) -> int:
+    first, n = sequences[0], min(len(s) for s in sequences)
+    for i in range(n):
+        token = first[i]
+        if any(s[i] != token for s in sequences[1:]):
+            return i
+    return n
