@@ -1,0 +1,26 @@
+"""`btrm <command>`: the same entry points as `jobs/*.py`, for users who installed the package."""
+
+from __future__ import annotations
+
+import sys
+
+COMMANDS = {
+    "train": "btrm.cli:train_main",
+}
+
+
+def train_main(argv: list[str] | None = None) -> None:
+    from btrm.config import TrainConfig, parse_config
+    from btrm.train import run_training
+
+    config = parse_config(TrainConfig, "Train a Bradley-Terry reward model on Ray Train + DeepSpeed.", argv)
+    run_training(config)
+
+
+def main() -> None:
+    if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
+        print(f"usage: btrm {{{','.join(COMMANDS)}}} [options]   (btrm COMMAND --help for its options)")
+        sys.exit(0 if len(sys.argv) > 1 and sys.argv[1] in ("-h", "--help") else 2)
+    command = sys.argv.pop(1)
+    module, function = COMMANDS[command].split(":")
+    getattr(__import__(module, fromlist=[function]), function)()

@@ -1,0 +1,173 @@
+"""Job options: one dataclass per job, exposed as flags; a YAML file supplies values the flags override.
+
+Precedence: defaults < ``--config FILE.yaml`` < flags given on the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence, TypeVar, get_type_hints
+
+import yaml
+
+T = TypeVar("T")
+
+
+def option(default: Any, help: str, choices: Sequence[str] | None = None) -> Any:
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+def str2bool(value: str | bool) -> bool:
+    if isinstance(value, bool):
+        return value
+    if value.lower() in ("1", "true", "yes", "y", "on"):
+        return True
+    if value.lower() in ("0", "false", "no", "n", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+
+
+@dataclass
+class DataOptions:
+    """Options shared by every job that reads preference data."""
+
+    max_length: int = option(4096, "Longest sequence in tokens (prompt + answer), per side.")
+    overlong: str = option("truncate_prompt", "What to do with a pair longer than --max_length: cut the shared "
+                           "prompt from the left (both answers survive whole) or drop the pair.",
+                           ("truncate_prompt", "drop"))
+    dataset_format: str = option("standard", "Built-in processor for the data: standard "
+                                 "({chosen, rejected} message lists), helpsteer3 (RM-Gallery or NVIDIA layout), "
+                                 "hh_rlhf (Human:/Assistant: transcripts).", ("standard", "helpsteer3", "hh_rlhf"))
+    custom_bt_dataset_path: str | None = option(None, "Python file defining your own processor class "
+                                                "(a BaseBradleyTerryTrainDataset subclass).")
+    custom_bt_dataset_name: str | None = option(None, "Name of the processor class in --custom_bt_dataset_path.")
+    chat_template: str | None = option(None, "Jinja chat template file, for tokenizers without one "
+                                       "(btrm/templates/plain.jinja suits BERT-style encoders).")
+    max_drop_fraction: float = option(0.05, "Fail the run, printing the ledger, if more than this share of "
+                                      "pairs is dropped (ties, missing labels, invalid, identical, overlong).")
+    num_data_workers: int = option(2, "Ray Data actors that read, convert and tokenize pairs.")
+    data_worker_cpus: float = option(1.0, "CPUs reserved by each data actor.")
+
+    def processor_name(self) -> str:
+        return self.custom_bt_dataset_name if self.custom_bt_dataset_path else self.dataset_format
+
+    def validate(self) -> None:
+        if bool(self.custom_bt_dataset_path) != bool(self.custom_bt_dataset_name):
+            raise ValueError("--custom_bt_dataset_path and --custom_bt_dataset_name go together")
+        if not 0 <= self.max_drop_fraction <= 1:
+            raise ValueError(f"--max_drop_fraction must be in [0, 1], got {self.max_drop_fraction}")
+
+
+@dataclass
+class TrainConfig(DataOptions):
+    """Options of `jobs/train.py` / `btrm train` (the reference trainer's names and defaults)."""
+
+    model_name: str = option("Qwen/Qwen3-1.7B", "Base model: a local directory or a hub name.")
+    train_set_path: str | None = option(None, "Training pairs: a parquet file, a directory of shards, a glob, "
+                                        "a cloud URI (s3://, gs://) or JSON/JSONL.")
+    eval_set_path: str | None = option(None, "Held-out pairs, read like --train_set_path.")
+    output_path: str = option("./outputs/reward_model", "Where the final Hugging Face model, tokenizer and "
+                              "manifest (btrm.json) are written.")
+    learning_rate: float = option(2e-6, "Peak learning rate.")
+    num_train_epochs: int = option(1, "Passes over the training pairs.")
+    max_steps: int = option(-1, "Stop after this many optimizer steps (-1: run all epochs).")
+    bf16: bool = option(True, "Train in bfloat16 (on GPUs; CPU workers train in float32 and say so).")
+    per_device_train_batch_size: int = option(1, "Pairs per micro-batch on each worker.")
+    per_device_eval_batch_size: int = option(4, "Pairs per evaluation batch on each worker.")
+    gradient_accumulation_steps: int = option(64, "Micro-batches per optimizer step.")
+    gradient_checkpointing: bool = option(True, "Recompute activations in the backward pass to save memory.")
+    deepspeed: str = option("zero2", "DeepSpeed config: a JSON path or a shipped name "
+                            "(zero0, zero1, zero2, zero3, zero3_offload).")
+    lr_scheduler_type: str = option("linear", "Learning-rate schedule after warm-up (transformers names).",
+                                    ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts",
+                                     "polynomial", "inverse_sqrt"))
+    warmup_ratio: float = option(0.03, "Share of the optimizer steps spent warming the learning rate up.")
+    weight_decay: float = option(0.0, "AdamW weight decay.")
+    max_grad_norm: float = option(1.0, "Gradient clipping norm (0: no clipping).")
+    use_margin: bool = option(False, "Use the data's preference strength as a margin in the loss.")
+    center_rewards_coefficient: float = option(0.0, "Weight of mean((r_chosen + r_rejected)^2) in the loss.")
+    seed: int = option(42, "Random seed (model head, data order).")
+    num_workers: int = option(1, "Ray Train workers (one per GPU on a GPU cluster).")
+    use_gpu: str = option("auto", "Train on GPUs: auto (when the cluster has any), true or false.",
+                          ("auto", "true", "false"))
+    cpus_per_worker: float = option(1.0, "CPUs reserved by each training worker.")
+    logging_steps: int = option(10, "Log metrics every this many optimizer steps.")
+    eval_steps: int = option(0, "Evaluate every this many optimizer steps (0: only at the end).")
+    eval_before_training: bool = option(False, "Also evaluate the untrained model, to see what training adds.")
+    save_steps: int = option(0, "Checkpoint every this many optimizer steps (0: only at the end).")
+    save_total_limit: int = option(2, "Checkpoints kept in storage.")
+    max_failures: int = option(0, "Worker failures to recover from (from the last checkpoint) before giving up.")
+    storage_path: str = option("./runs", "Ray Train storage for checkpoints and results (a directory or a "
+                               "cloud URI); re-running with the same --run_name resumes from its latest checkpoint.")
+    run_name: str | None = option(None, "Name of the run (Ray Train run, wandb/swanlab run).")
+    report_to: str = option("none", "Experiment tracker, written from rank 0.", ("none", "wandb", "swanlab"))
+    project: str = option("btrm", "wandb/swanlab project.")
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.train_set_path:
+            raise ValueError("--train_set_path is required")
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+                     "num_train_epochs", "num_workers", "logging_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be at least 1")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+
+
+def build_parser(cls: type, description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--config", help="YAML file of option values; flags given here override it.")
+    hints = get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        kind = hints[f.name]
+        kwargs: dict[str, Any] = {"help": f.metadata.get("help", ""), "default": argparse.SUPPRESS}
+        if f.metadata.get("choices"):
+            kwargs["choices"] = f.metadata["choices"]
+        if kind is bool:
+            kwargs.update(type=str2bool, nargs="?", const=True, metavar="{true,false}")
+        elif kind in (int, float):
+            kwargs["type"] = kind
+        elif kind == (int | None):
+            kwargs["type"] = int
+        elif kind == (float | None):
+            kwargs["type"] = float
+        parser.add_argument(f"--{f.name}", **kwargs)
+    # Show the defaults in --help even though parsing suppresses them (so the YAML can fill them).
+    for action in parser._actions:
+        match = next((f for f in dataclasses.fields(cls) if f"--{f.name}" in action.option_strings), None)
+        if match is not None:
+            action.help = f"{action.help} (default: {match.default})"
+    return parser
+
+
+def parse_config(cls: type[T], description: str, argv: Sequence[str] | None = None) -> T:
+    parser = build_parser(cls, description)
+    args = vars(parser.parse_args(sys.argv[1:] if argv is None else argv))
+    values: dict[str, Any] = {}
+    config_file = args.pop("config", None)
+    if config_file:
+        values.update(load_yaml(config_file, cls))
+    values.update(args)
+    try:
+        config = cls(**values)
+        config.validate()
+    except (TypeError, ValueError) as e:
+        parser.error(str(e))
+    return config
+
+
+def load_yaml(path: str, cls: type) -> dict[str, Any]:
+    text = Path(path).read_text()
+    values = yaml.safe_load(text) or {}
+    if not isinstance(values, dict):
+        raise SystemExit(f"--config {path}: expected a mapping of option: value")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise SystemExit(f"--config {path}: unknown option(s) {unknown}")
+    return values

@@ -1,0 +1,61 @@
+"""DeepSpeed configs btrm ships (``--deepspeed zero2``) and the filling of their "auto" values."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+SHIPPED = {p.stem: p for p in Path(__file__).parent.glob("*.json")}
+
+
+def load_deepspeed_config(name_or_path: str) -> dict[str, Any]:
+    path = SHIPPED.get(name_or_path) or Path(name_or_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--deepspeed {name_or_path}: neither a shipped config ({sorted(SHIPPED)}) nor a JSON file")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--deepspeed {path}: not valid JSON ({e})") from e
+
+
+def fill_deepspeed_config(raw: dict[str, Any], *, micro_batch: int, accumulation: int, world_size: int,
+                          max_grad_norm: float, bf16: bool, hidden_size: int) -> dict[str, Any]:
+    """Replaces "auto" with values derived from the job's options (as the transformers integration does)."""
+    config = json.loads(json.dumps(raw))
+    values = {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": accumulation,
+        "train_batch_size": micro_batch * accumulation * world_size,
+        "gradient_clipping": max_grad_norm,
+    }
+    for key, value in values.items():
+        if config.get(key, "auto") == "auto":
+            config[key] = value
+        elif config[key] != value:
+            raise ValueError(f"DeepSpeed config sets {key}={config[key]} but the job's options give {value}; "
+                             "set it to \"auto\" or make them agree")
+    config.setdefault("bf16", {})
+    if config["bf16"].get("enabled", "auto") == "auto":
+        config["bf16"]["enabled"] = bf16
+    zero = config.setdefault("zero_optimization", {"stage": 0})
+    zero_auto = {
+        "reduce_bucket_size": hidden_size * hidden_size,
+        "stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
+        "stage3_param_persistence_threshold": 10 * hidden_size,
+    }
+    for key, value in zero_auto.items():
+        if zero.get(key) == "auto":
+            zero[key] = value
+    leftover = [k for k, v in _walk(config) if v == "auto"]
+    if leftover:
+        raise ValueError(f"DeepSpeed config: btrm cannot fill \"auto\" for {leftover}; give values")
+    return config
+
+
+def _walk(node: Any, prefix: str = ""):
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from _walk(v, f"{prefix}{k}.")
+    else:
+        yield prefix.rstrip("."), node

@@ -1,0 +1,68 @@
+"""The trained model as a plain Hugging Face directory, plus btrm's manifest.
+
+    model.safetensors, config.json      AutoModelForSequenceClassification, one label, pad_token_id set
+    tokenizer files + chat template     the tokenizer exactly as training used it
+    btrm.json                           the manifest: tokenization, eval reward statistics, data ledger, versions
+
+Directories appear only when complete: everything is written to a sibling staging directory that is
+renamed into place at the end, so an interrupted export never leaves a directory that looks finished.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+MANIFEST = "btrm.json"
+
+
+def versions() -> dict[str, str]:
+    import deepspeed
+    import ray
+    import torch
+    import transformers
+
+    import btrm
+
+    return {"btrm": btrm.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "deepspeed": deepspeed.__version__, "ray": ray.__version__}
+
+
+def write_model_dir(directory: str | Path, model, state_dict, tokenizer, manifest: dict[str, Any]) -> None:
+    """Writes model, tokenizer and manifest into ``directory`` (a staging directory)."""
+    directory = Path(directory)
+    model.save_pretrained(directory, state_dict=state_dict, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
+    manifest = {"created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "versions": versions(), **manifest}
+    (directory / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
+
+
+def publish_dir(source: str | Path, destination: str | Path) -> Path:
+    """Copies a finished directory to ``destination`` atomically (stage next to it, then rename).
+
+    An existing destination is replaced only once the new copy is complete.
+    """
+    destination = Path(destination).resolve()
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    staging = destination.parent / f".{destination.name}.staging-{uuid.uuid4().hex[:8]}"
+    shutil.copytree(source, staging)
+    if destination.exists():
+        retired = destination.parent / f".{destination.name}.old-{uuid.uuid4().hex[:8]}"
+        os.rename(destination, retired)
+        os.rename(staging, destination)
+        shutil.rmtree(retired, ignore_errors=True)
+    else:
+        os.rename(staging, destination)
+    return destination
+
+
+def read_manifest(model_dir: str | Path) -> dict[str, Any]:
+    path = Path(model_dir) / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"{model_dir}: no {MANIFEST}; is this a model exported by btrm?")
+    return json.loads(path.read_text())

@@ -1,0 +1,123 @@
+"""The training job's driver: data through Ray Data, a TorchTrainer over DeepSpeed workers, the export.
+
+    pairs (Ray Data: read → process → validate → tokenize; ledger checked before any training)
+      → TorchTrainer(train_loop_per_worker) on N workers, train pairs streamed with get_dataset_shard
+      → final checkpoint = the exported model → published atomically at --output_path
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.train
+from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from btrm.config import TrainConfig
+from btrm.data import DataSpec, build_pair_dataset, close_ledger, new_ledger
+from btrm.deepspeed_configs import load_deepspeed_config
+from btrm.export import publish_dir
+from btrm.model import load_tokenizer, resolve_model_path, reward_token_rule
+from btrm.tokenize import TokenizationSpec, prepare_tokenizer, read_chat_template
+from btrm.tracking import check_tracker
+from btrm.train_loop import Plan, train_loop_per_worker
+
+
+def tokenization_for(model_path: str, config) -> TokenizationSpec:
+    """The tokenization a model gets, checked on the driver (no chat template, too long a max_length)."""
+    from transformers import AutoConfig
+
+    model_config = AutoConfig.from_pretrained(model_path)
+    limit = getattr(model_config, "max_position_embeddings", None)
+    if limit is not None and config.max_length > limit:
+        raise ValueError(f"--max_length {config.max_length} exceeds what {config.model_name} can read "
+                         f"({limit} positions); lower it")
+    spec = TokenizationSpec(max_length=config.max_length, overlong=config.overlong,
+                            reward_token=reward_token_rule(model_config),
+                            chat_template=read_chat_template(config.chat_template))
+    prepare_tokenizer(load_tokenizer(model_path), spec.chat_template)
+    return spec
+
+
+def pair_dataset(name: str, path: str, model_path: str, spec: TokenizationSpec, config) -> tuple[Any, dict]:
+    """Tokenized pairs, materialized (each epoch rereads them; Ray spills to disk what memory cannot
+    hold), with the closed ledger."""
+    ledger = new_ledger(name, config.max_drop_fraction)
+    data_spec = DataSpec(path=path, tokenizer_path=model_path, tokenization=spec,
+                         dataset_format=config.processor_name(), custom_bt_dataset_path=config.custom_bt_dataset_path)
+    dataset = build_pair_dataset(data_spec, ledger, config.num_data_workers, config.data_worker_cpus)
+    if name == "train":
+        dataset = dataset.random_shuffle(seed=config.seed)
+    dataset = dataset.materialize()
+    summary = close_ledger(ledger, config.max_drop_fraction)
+    return dataset, summary
+
+
+def run_training(config: TrainConfig) -> ray.train.Result:
+    check_tracker(config.report_to)
+    if not ray.is_initialized():
+        ray.init()
+    config.run_name = config.run_name or time.strftime("btrm-%Y%m%d-%H%M%S")
+    storage_path = config.storage_path if "://" in config.storage_path else os.path.abspath(config.storage_path)
+    model_path = resolve_model_path(config.model_name)
+    spec = tokenization_for(model_path, config)
+    use_gpu = {"auto": ray.cluster_resources().get("GPU", 0) > 0, "true": True, "false": False}[config.use_gpu]
+    if config.bf16 and not use_gpu:
+        print("[btrm] --bf16 needs GPUs; these CPU workers train in float32", flush=True)
+    deepspeed_config = load_deepspeed_config(config.deepspeed)
+
+    train_ds, train_ledger = pair_dataset("train", config.train_set_path, model_path, spec, config)
+    ledgers = {"train": train_ledger}
+    eval_shards = []
+    if config.eval_set_path:
+        eval_ds, ledgers["eval"] = pair_dataset("eval", config.eval_set_path, model_path, spec, config)
+        eval_shards = eval_ds.split(config.num_workers)
+
+    pairs = train_ds.count()
+    per_worker = pairs // config.num_workers
+    micro_per_epoch = math.ceil(per_worker / config.per_device_train_batch_size)
+    total_steps = micro_per_epoch * config.num_train_epochs // config.gradient_accumulation_steps
+    if config.max_steps > 0:
+        total_steps = min(total_steps, config.max_steps)
+    if total_steps < 1:
+        raise SystemExit(f"{pairs} training pairs are too few for one optimizer step of "
+                         f"{config.num_workers} workers x {config.per_device_train_batch_size} pairs x "
+                         f"{config.gradient_accumulation_steps} accumulation steps")
+    print(f"[btrm] {pairs} training pairs on {config.num_workers} worker(s) ({'GPU' if use_gpu else 'CPU'}), "
+          f"{pairs - per_worker * config.num_workers} left out to keep workers in step; "
+          f"{total_steps} optimizer steps", flush=True)
+
+    plan = Plan(config=config, model_path=model_path, tokenization=spec.to_dict(), deepspeed_config=deepspeed_config,
+                use_gpu=use_gpu, total_steps=total_steps, micro_batches_per_epoch=micro_per_epoch,
+                eval_shards=eval_shards, ledgers=ledgers)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"plan": plan},
+        scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=use_gpu,
+                                     resources_per_worker={"CPU": config.cpus_per_worker}),
+        run_config=RunConfig(
+            name=config.run_name,
+            storage_path=storage_path,
+            checkpoint_config=CheckpointConfig(num_to_keep=config.save_total_limit),
+            failure_config=FailureConfig(max_failures=config.max_failures),
+        ),
+        datasets={"train": train_ds},
+        dataset_config=DataConfig(datasets_to_split=["train"]),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+    )
+    result = trainer.fit()
+    with result.checkpoint.as_directory() as exported:
+        destination = publish_dir(exported, config.output_path)
+    metrics = result.metrics or {}
+    if "eval/accuracy" in metrics:
+        before = metrics.get("eval/accuracy_before_training")
+        print(f"[btrm] eval accuracy {metrics['eval/accuracy']:.4f} over {metrics['eval/pairs']} pairs"
+              + (f" (untrained: {before:.4f})" if before is not None else ""), flush=True)
+    print(f"[btrm] model exported to {destination}", flush=True)
+    return result

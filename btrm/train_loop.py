@@ -1,0 +1,354 @@
+"""The per-worker training loop: one DeepSpeed engine per Ray Train worker.
+
+Read top to bottom: set up (model, optimizer, schedule, engine, resume) → for each micro-batch:
+forward chosen and rejected together, Bradley-Terry loss, ``engine.backward``/``engine.step`` (DeepSpeed
+owns accumulation, clipping, precision and ZeRO) → at optimizer-step boundaries: log, evaluate,
+checkpoint → evaluate once more and export.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray.data
+import ray.train
+import torch
+import torch.distributed as dist
+
+from btrm.batching import PairBatch, collate_pairs
+from btrm.config import TrainConfig
+from btrm.deepspeed_configs import fill_deepspeed_config
+from btrm.export import write_model_dir
+from btrm.loss import bradley_terry_loss, pair_correct
+from btrm.model import forward_rewards, load_reward_model, load_tokenizer
+from btrm.tokenize import prepare_tokenizer
+from btrm.tracking import Tracker
+
+CHECKPOINT_TAG = "deepspeed"
+EVAL_REWARDS = "eval_rewards.parquet"
+
+
+@dataclass
+class Plan:
+    """What the driver decided for every worker (see btrm.train)."""
+
+    config: TrainConfig
+    model_path: str
+    tokenization: dict[str, Any]
+    deepspeed_config: dict[str, Any]
+    use_gpu: bool
+    total_steps: int
+    micro_batches_per_epoch: int
+    eval_shards: list[Any]  # one MaterializedDataset per worker, or empty
+    ledgers: dict[str, Any]
+
+
+@dataclass
+class Progress:
+    """Where training stands; saved in every checkpoint so a resumed run continues exactly there."""
+
+    global_step: int = 0
+    epoch: int = 0
+    micro_in_epoch: int = 0
+    pairs_seen: int = 0
+
+
+@dataclass
+class Window:
+    """Sums over the micro-batches since the last log line, reduced across workers when logged."""
+
+    values: dict[str, float] = field(default_factory=dict)
+
+    def add(self, **sums: float) -> None:
+        for k, v in sums.items():
+            self.values[k] = self.values.get(k, 0.0) + float(v)
+
+    def reduce(self, device: torch.device) -> dict[str, float]:
+        keys = sorted(self.values)
+        tensor = torch.tensor([self.values[k] for k in keys], dtype=torch.float64, device=device)
+        dist.all_reduce(tensor)
+        self.values = {}
+        return dict(zip(keys, tensor.tolist()))
+
+
+def _import_deepspeed(use_gpu: bool):
+    if not use_gpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+
+    if not use_gpu:
+        # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce op on first use (minutes on a
+        # fresh machine). gloo does the same job, with identical results; skip the build.
+        sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+    return deepspeed
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _optimizer(model, config: TrainConfig, use_gpu: bool) -> torch.optim.Optimizer:
+    decay, no_decay = [], []
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            (no_decay if parameter.ndim < 2 or "norm" in name.lower() else decay).append(parameter)
+    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=config.learning_rate, fused=use_gpu)
+
+
+def train_loop_per_worker(loop_config: dict[str, Plan]) -> None:
+    plan = loop_config["plan"]
+    config = plan.config
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    ray.data.DataContext.get_current().enable_progress_bars = False  # keep the job log to btrm's lines
+    deepspeed = _import_deepspeed(plan.use_gpu)
+    _seed_everything(config.seed)
+
+    tokenizer = prepare_tokenizer(load_tokenizer(plan.model_path), plan.tokenization["chat_template"])
+    model = load_reward_model(plan.model_path, tokenizer.pad_token_id)
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    from transformers import get_scheduler
+
+    optimizer = _optimizer(model, config, plan.use_gpu)
+    scheduler = get_scheduler(config.lr_scheduler_type, optimizer,
+                              num_warmup_steps=math.ceil(config.warmup_ratio * plan.total_steps),
+                              num_training_steps=plan.total_steps)
+    ds_config = fill_deepspeed_config(
+        plan.deepspeed_config, micro_batch=config.per_device_train_batch_size,
+        accumulation=config.gradient_accumulation_steps, world_size=world_size,
+        max_grad_norm=config.max_grad_norm, bf16=config.bf16 and plan.use_gpu,
+        hidden_size=getattr(model.config, "hidden_size", 1024),
+    )
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+    zero3 = ds_config["zero_optimization"].get("stage", 0) == 3
+
+    progress = Progress()
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as directory:
+            if not os.path.isdir(os.path.join(directory, CHECKPOINT_TAG)):
+                raise RuntimeError(f"run {config.run_name!r} in {config.storage_path} has already finished "
+                                   "(its latest checkpoint is the exported model); choose another --run_name")
+            _, client_state = engine.load_checkpoint(directory, tag=CHECKPOINT_TAG)
+        progress = Progress(**client_state["progress"])
+        if rank == 0:
+            print(f"[btrm] resumed from step {progress.global_step} (epoch {progress.epoch}, "
+                  f"{progress.pairs_seen} pairs seen)", flush=True)
+
+    tracker = Tracker(config.report_to, config.project, config.run_name, vars(config)) if rank == 0 else None
+    train_shard = ray.train.get_dataset_shard("train")
+    eval_shard = plan.eval_shards[rank] if plan.eval_shards else None
+    window = Window()
+    started, last_log_time, steps_at_start = time.time(), time.time(), progress.global_step
+
+    def report(metrics: dict[str, float], checkpoint_dir: str | None = None) -> None:
+        if tracker:
+            tracker.log(metrics, step=progress.global_step)
+        ray.train.report({**metrics, "step": progress.global_step, "epoch": progress.epoch},
+                         checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None)
+
+    def save_checkpoint(metrics: dict[str, float]) -> None:
+        with tempfile.TemporaryDirectory() as directory:
+            engine.save_checkpoint(directory, tag=CHECKPOINT_TAG, client_state={"progress": vars(progress)})
+            report(metrics, directory)
+
+    def evaluate() -> dict[str, Any] | None:
+        if eval_shard is None:
+            return None
+        result = evaluate_pairs(engine, eval_shard, config.per_device_eval_batch_size, tokenizer.pad_token_id,
+                                device, lockstep=zero3)
+        if rank == 0:
+            print(f"[btrm] eval @ step {progress.global_step}: accuracy {result['eval/accuracy']:.4f} over "
+                  f"{result['eval/pairs']} pairs, loss {result['eval/loss']:.4f}", flush=True)
+        return result
+
+    before: dict[str, float] = {}
+    if config.eval_before_training and progress.global_step == 0:
+        before = {f"{k}_before_training": v for k, v in (evaluate() or {}).items() if k != "rewards"}
+        report(before)
+
+    done = progress.global_step >= plan.total_steps
+    while not done and progress.epoch < config.num_train_epochs:
+        engine.train()
+        batches = train_shard.iter_batches(batch_size=config.per_device_train_batch_size, batch_format="numpy",
+                                           prefetch_batches=2)
+        for micro, numpy_batch in enumerate(batches):
+            if micro < progress.micro_in_epoch:
+                continue  # resumed mid-epoch: these micro-batches were trained before the checkpoint
+            batch = collate_pairs(numpy_batch, tokenizer.pad_token_id).to(device)
+            r_chosen, r_rejected, loss = _pair_loss(engine, batch, config)
+            engine.backward(loss)
+            engine.step()
+            progress.micro_in_epoch = micro + 1
+            progress.pairs_seen += batch.num_pairs * world_size
+            window.add(loss=loss.item() * batch.num_pairs, correct=pair_correct(r_chosen, r_rejected).sum().item(),
+                       pairs=batch.num_pairs, tokens=batch.num_tokens, chosen=r_chosen.sum().item(),
+                       rejected=r_rejected.sum().item())
+            if engine.global_steps == progress.global_step:
+                continue  # still accumulating
+            progress.global_step = engine.global_steps
+            step = progress.global_step
+            metrics: dict[str, float] = {}
+            if step % config.logging_steps == 0 or step == plan.total_steps:
+                now = time.time()
+                metrics = _train_metrics(window.reduce(device), engine, now - last_log_time)
+                last_log_time = now
+                if rank == 0:
+                    _print_progress(step, plan.total_steps, metrics, now - started, step - steps_at_start)
+            if config.eval_steps and step % config.eval_steps == 0 and step != plan.total_steps:
+                metrics.update({k: v for k, v in (evaluate() or {}).items() if k != "rewards"})
+            if config.save_steps and step % config.save_steps == 0 and step != plan.total_steps:
+                save_checkpoint(metrics)
+            elif metrics:
+                report(metrics)
+            if step >= plan.total_steps:
+                done = True
+                break
+        else:
+            progress.epoch += 1
+            progress.micro_in_epoch = 0
+
+    final = evaluate() or {}
+    with tempfile.TemporaryDirectory() as directory:
+        # Every rank takes part in gathering ZeRO-3 shards; rank 0 writes the export.
+        state_dict = engine._zero3_consolidated_16bit_state_dict() if zero3 else engine.module.state_dict()
+        if rank == 0:
+            export_dir = os.path.join(directory, "model")
+            manifest = _manifest(plan, tokenizer, final, progress)
+            write_model_dir(export_dir, engine.module, state_dict, tokenizer, manifest)
+            for name, ledger in plan.ledgers.items():
+                with open(os.path.join(export_dir, f"ledger_{name}.json"), "w") as f:
+                    json.dump(ledger, f, indent=2)
+            if final.get("rewards") is not None:
+                pq.write_table(final["rewards"], os.path.join(export_dir, EVAL_REWARDS))
+        # The final checkpoint is the export itself: Ray Train persists it to storage, from where the
+        # driver publishes it at --output_path (rank 0 may run on another node).
+        metrics = {k: v for k, v in final.items() if k != "rewards"}
+        report({**before, **metrics, "final": 1.0}, os.path.join(directory, "model") if rank == 0 else None)
+    if tracker:
+        tracker.finish()
+
+
+def _pair_loss(engine, batch: PairBatch, config: TrainConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    rewards = forward_rewards(engine, batch.input_ids, batch.attention_mask)
+    r_chosen, r_rejected = rewards[: batch.num_pairs], rewards[batch.num_pairs :]
+    margin = batch.margin if config.use_margin else None
+    loss = bradley_terry_loss(r_chosen, r_rejected, margin, config.center_rewards_coefficient)
+    return r_chosen.detach(), r_rejected.detach(), loss
+
+
+def _train_metrics(sums: dict[str, float], engine, seconds: float) -> dict[str, float]:
+    pairs = max(sums["pairs"], 1.0)
+    grad_norm = engine.get_global_grad_norm()
+    return {
+        "train/loss": sums["loss"] / pairs,
+        "train/accuracy": sums["correct"] / pairs,
+        "train/reward_chosen": sums["chosen"] / pairs,
+        "train/reward_rejected": sums["rejected"] / pairs,
+        "train/margin": (sums["chosen"] - sums["rejected"]) / pairs,
+        "train/learning_rate": engine.get_lr()[0],
+        "train/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+        "train/pairs_per_second": sums["pairs"] / seconds,
+        "train/tokens_per_second": sums["tokens"] / seconds,
+    }
+
+
+def _print_progress(step: int, total: int, metrics: dict[str, float], elapsed: float, steps_done: int) -> None:
+    eta = elapsed / max(steps_done, 1) * (total - step)
+    print(f"[btrm] step {step}/{total} ({step / total:.0%}) loss {metrics['train/loss']:.4f} "
+          f"acc {metrics['train/accuracy']:.3f} margin {metrics['train/margin']:+.3f} "
+          f"lr {metrics['train/learning_rate']:.2e} grad_norm {metrics['train/grad_norm']:.3f} "
+          f"{metrics['train/pairs_per_second']:.1f} pairs/s {metrics['train/tokens_per_second']:.0f} tok/s "
+          f"elapsed {_duration(elapsed)} ETA {_duration(eta)}", flush=True)
+
+
+def _duration(seconds: float) -> str:
+    minutes, seconds = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m{seconds:02d}s" if hours else f"{minutes}m{seconds:02d}s"
+
+
+@torch.no_grad()
+def evaluate_pairs(engine, shard, batch_size: int, pad_token_id: int, device: torch.device,
+                   lockstep: bool) -> dict[str, Any]:
+    """Rewards of every eval pair of this worker's shard, gathered on every rank; exact figures over all
+    pairs (not a mean of batch means). ``lockstep`` (ZeRO-3: a forward is a collective) makes every
+    rank run as many forwards as the busiest one."""
+    engine.eval()
+    ids, chosen, rejected, losses = [], [], [], []
+    batches = list(shard.iter_batches(batch_size=batch_size, batch_format="numpy"))
+    count = torch.tensor([len(batches)], device=device)
+    dist.all_reduce(count, op=dist.ReduceOp.MAX)
+    for i in range(int(count.item())):
+        if i >= len(batches) and not lockstep:
+            break
+        numpy_batch = batches[i] if i < len(batches) else None
+        batch = collate_pairs(numpy_batch, pad_token_id) if numpy_batch is not None else _filler_batch(pad_token_id)
+        batch = batch.to(device)
+        rewards = forward_rewards(engine, batch.input_ids, batch.attention_mask)
+        if numpy_batch is None:
+            continue
+        r_c, r_r = rewards[: batch.num_pairs], rewards[batch.num_pairs :]
+        ids.extend(str(x) for x in numpy_batch["id"])
+        chosen.extend(r_c.tolist())
+        rejected.extend(r_r.tolist())
+        losses.extend((-torch.nn.functional.logsigmoid(r_c - r_r)).tolist())
+    engine.train()
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, (ids, chosen, rejected, losses))
+    ids = [x for part in gathered for x in part[0]]
+    r_c = np.array([x for part in gathered for x in part[1]], dtype=np.float64)
+    r_r = np.array([x for part in gathered for x in part[2]], dtype=np.float64)
+    loss = np.array([x for part in gathered for x in part[3]], dtype=np.float64)
+    if len(ids) == 0:
+        return {}
+    both = np.concatenate([r_c, r_r])
+    return {
+        "eval/accuracy": float(np.mean(r_c > r_r)),
+        "eval/loss": float(loss.mean()),
+        "eval/pairs": len(ids),
+        "eval/reward_chosen": float(r_c.mean()),
+        "eval/reward_rejected": float(r_r.mean()),
+        "eval/reward_mean": float(both.mean()),
+        "eval/reward_std": float(both.std()),
+        "rewards": pa.table({"id": ids, "reward_chosen": r_c, "reward_rejected": r_r}),
+    }
+
+
+def _filler_batch(pad_token_id: int) -> PairBatch:
+    one = torch.full((2, 1), pad_token_id, dtype=torch.long)
+    return PairBatch(one, torch.ones_like(one), torch.zeros(1), 1, 2)
+
+
+def _manifest(plan: Plan, tokenizer, final: dict[str, Any], progress: Progress) -> dict[str, Any]:
+    return {
+        "format": "btrm reward model v1",
+        "base_model": plan.config.model_name,
+        "tokenization": {**plan.tokenization, "chat_template": tokenizer.chat_template},
+        "reward_token_rule": (
+            "last token of the templated conversation" if plan.tokenization["reward_token"] == "last"
+            else "first token of the templated conversation (the encoder's pooled token)"
+        ),
+        "pad_token_id": tokenizer.pad_token_id,
+        "eval": {k.removeprefix("eval/"): v for k, v in final.items() if k != "rewards"},
+        "training": {"steps": progress.global_step, "pairs_seen": progress.pairs_seen,
+                     "options": vars(plan.config)},
+        "data": plan.ledgers,
+    }
