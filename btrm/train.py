@@ -26,7 +26,7 @@ from btrm.export import publish_dir
 from btrm.model import load_tokenizer, resolve_model_path, reward_token_rule
 from btrm.tokenize import TokenizationSpec, prepare_tokenizer, read_chat_template
 from btrm.tracking import check_tracker
-from btrm.train_loop import Plan, train_loop_per_worker
+from btrm.train_loop import EXPORT_DIR, Plan, train_loop_per_worker
 
 
 def tokenization_for(model_path: str, config) -> TokenizationSpec:
@@ -112,8 +112,8 @@ def run_training(config: TrainConfig) -> ray.train.Result:
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
     )
     result = trainer.fit()
-    with result.checkpoint.as_directory() as exported:
-        destination = publish_dir(exported, config.output_path)
+    with result.checkpoint.as_directory() as checkpoint_dir:
+        destination = publish_dir(os.path.join(checkpoint_dir, EXPORT_DIR), config.output_path)
     metrics = result.metrics or {}
     if "eval/accuracy" in metrics:
         before = metrics.get("eval/accuracy_before_training")

@@ -36,7 +36,9 @@ from btrm.tokenize import prepare_tokenizer
 from btrm.tracking import Tracker
 
 CHECKPOINT_TAG = "deepspeed"
+EXPORT_DIR = "model"
 EVAL_REWARDS = "eval_rewards.parquet"
+TRAINING_LOG = "training_log.jsonl"
 
 
 @dataclass
@@ -143,9 +145,6 @@ def train_loop_per_worker(loop_config: dict[str, Plan]) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as directory:
-            if not os.path.isdir(os.path.join(directory, CHECKPOINT_TAG)):
-                raise RuntimeError(f"run {config.run_name!r} in {config.storage_path} has already finished "
-                                   "(its latest checkpoint is the exported model); choose another --run_name")
             _, client_state = engine.load_checkpoint(directory, tag=CHECKPOINT_TAG)
         progress = Progress(**client_state["progress"])
         if rank == 0:
@@ -156,11 +155,13 @@ def train_loop_per_worker(loop_config: dict[str, Plan]) -> None:
     train_shard = ray.train.get_dataset_shard("train")
     eval_shard = plan.eval_shards[rank] if plan.eval_shards else None
     window = Window()
+    history: list[dict[str, Any]] = []  # rank 0's log lines, exported as training_log.jsonl
     started, last_log_time, steps_at_start = time.time(), time.time(), progress.global_step
 
     def report(metrics: dict[str, float], checkpoint_dir: str | None = None) -> None:
         if tracker:
             tracker.log(metrics, step=progress.global_step)
+        history.append({**metrics, "step": progress.global_step})
         ray.train.report({**metrics, "step": progress.global_step, "epoch": progress.epoch},
                          checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None)
 
@@ -226,24 +227,32 @@ def train_loop_per_worker(loop_config: dict[str, Plan]) -> None:
             progress.micro_in_epoch = 0
 
     final = evaluate() or {}
+    metrics = {**before, **{k: v for k, v in final.items() if k != "rewards"}, "final": 1.0}
     with tempfile.TemporaryDirectory() as directory:
+        # The final checkpoint holds the DeepSpeed state (a later run under the same name continues from
+        # it) and, under model/, the export. Ray Train persists it to storage, from where the driver
+        # publishes model/ at --output_path (rank 0 may run on another node than the driver).
+        engine.save_checkpoint(directory, tag=CHECKPOINT_TAG, client_state={"progress": vars(progress)})
         # Every rank takes part in gathering ZeRO-3 shards; rank 0 writes the export.
         state_dict = engine._zero3_consolidated_16bit_state_dict() if zero3 else engine.module.state_dict()
         if rank == 0:
-            export_dir = os.path.join(directory, "model")
-            manifest = _manifest(plan, tokenizer, final, progress)
-            write_model_dir(export_dir, engine.module, state_dict, tokenizer, manifest)
-            for name, ledger in plan.ledgers.items():
-                with open(os.path.join(export_dir, f"ledger_{name}.json"), "w") as f:
-                    json.dump(ledger, f, indent=2)
-            if final.get("rewards") is not None:
-                pq.write_table(final["rewards"], os.path.join(export_dir, EVAL_REWARDS))
-        # The final checkpoint is the export itself: Ray Train persists it to storage, from where the
-        # driver publishes it at --output_path (rank 0 may run on another node).
-        metrics = {k: v for k, v in final.items() if k != "rewards"}
-        report({**before, **metrics, "final": 1.0}, os.path.join(directory, "model") if rank == 0 else None)
+            export_dir = os.path.join(directory, EXPORT_DIR)
+            write_model_dir(export_dir, engine.module, state_dict, tokenizer, _manifest(plan, tokenizer, final, progress))
+            _write_side_files(export_dir, plan.ledgers, history + [{**metrics, "step": progress.global_step}],
+                              final.get("rewards"))
+        report(metrics, directory)
     if tracker:
         tracker.finish()
+
+
+def _write_side_files(export_dir: str, ledgers: dict[str, Any], history: list[dict[str, Any]], rewards) -> None:
+    for name, ledger in ledgers.items():
+        with open(os.path.join(export_dir, f"ledger_{name}.json"), "w") as f:
+            json.dump(ledger, f, indent=2)
+    with open(os.path.join(export_dir, TRAINING_LOG), "w") as f:
+        f.writelines(json.dumps(line) + "\n" for line in history)
+    if rewards is not None:
+        pq.write_table(rewards, os.path.join(export_dir, EVAL_REWARDS))
 
 
 def _pair_loss(engine, batch: PairBatch, config: TrainConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
