@@ -6,6 +6,8 @@ import sys
 
 COMMANDS = {
     "train": "btrm.cli:train_main",
+    "evaluate": "btrm.evaluate:main",
+    "serve": "btrm.serving:main",
 }
 
 

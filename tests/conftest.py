@@ -1,0 +1,126 @@
+"""Shared fixtures: one private local Ray per test session, the real Qwen3 tokenizer, tiny models built
+from a config, and real preference pairs from ../shared/data (tests skip with a reason without it)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+# No test may reach a model hub (CI has no internet): fail fast instead of hanging on a download.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("SWANLAB_MODE", "offline")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"{SHARED_DATA} is absent: these tests use the real data in ../shared/data")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """A private local Ray (never a cluster that `ray start` left running). More logical CPUs than the
+    2 physical ones: two train workers plus data actors must all get a slot (PLATFORM.md)."""
+    import ray
+
+    ray.init(address="local", num_cpus=6, object_store_memory=400 * 1024 * 1024, include_dashboard=False,
+             runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def qwen_tokenizer_dir(shared_data, tmp_path_factory) -> str:
+    """The real Qwen3 tokenizer, saved once with its fast-tokenizer file so later loads are quick."""
+    from transformers import AutoTokenizer
+
+    directory = tmp_path_factory.mktemp("qwen3-tokenizer")
+    AutoTokenizer.from_pretrained(shared_data / "tokenizers" / "qwen3").save_pretrained(directory)
+    return str(directory)
+
+
+def build_tiny_qwen(tokenizer_dir: str, directory: Path, seed: int = 0) -> str:
+    """A 2-layer Qwen3 sequence classifier (hidden 64) with the real tokenizer, random weights."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, Qwen3Config
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = Qwen3Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=4096,
+                         pad_token_id=tokenizer.pad_token_id, num_labels=1)
+    torch.manual_seed(seed)
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return str(directory)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen_dir(qwen_tokenizer_dir, tmp_path_factory) -> str:
+    return build_tiny_qwen(qwen_tokenizer_dir, tmp_path_factory.mktemp("tiny-qwen3"))
+
+
+def _rm_gallery_module():
+    spec = importlib.util.spec_from_file_location("hh_helpful_build", REPO / "examples" / "hh_helpful" / "build.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def hh_helpful(shared_data) -> dict[str, list[dict]]:
+    """Real hh-rlhf helpful pairs (RM-Gallery's copy) in the standard format: 909 train, 228 test."""
+    to_pair = _rm_gallery_module().to_pair
+    splits: dict[str, list[dict]] = {"train": [], "test": []}
+    for line in (shared_data / "rm-gallery" / "anthropic_helpful_0521.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        splits[record["extra_metadata"]["group"]].append(to_pair(record))
+    return splits
+
+
+def write_parquet_shards(rows: list[dict], directory: Path, shards: int = 1, row_group_size: int | None = None) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    directory.mkdir(parents=True, exist_ok=True)
+    size = -(-len(rows) // shards)
+    for k in range(shards):
+        part = rows[k * size : (k + 1) * size]
+        pq.write_table(pa.Table.from_pylist(part), directory / f"part-{k:05d}.parquet", row_group_size=row_group_size)
+    return directory
+
+
+def train_tiny(tmp: Path, model_dir: str, train_rows: list[dict], eval_rows: list[dict] | None, **options):
+    """Runs the real training job (TorchTrainer, 2 DeepSpeed workers on CPU) and returns (result, output dir)."""
+    from btrm.config import TrainConfig
+    from btrm.train import run_training
+
+    train_dir = write_parquet_shards(train_rows, tmp / "train", shards=2)
+    eval_dir = write_parquet_shards(eval_rows, tmp / "eval") if eval_rows else None
+    values = dict(model_name=model_dir, train_set_path=str(train_dir), eval_set_path=str(eval_dir) if eval_dir else None,
+                  output_path=str(tmp / "model"), storage_path=str(tmp / "runs"), run_name="tiny", max_length=256,
+                  per_device_train_batch_size=4, per_device_eval_batch_size=16, gradient_accumulation_steps=2,
+                  num_workers=2, learning_rate=1e-3, warmup_ratio=0.0, logging_steps=2, gradient_checkpointing=False,
+                  deepspeed="zero2", num_data_workers=1, data_worker_cpus=0.5)
+    values.update(options)
+    config = TrainConfig(**values)
+    config.validate()
+    return run_training(config), tmp / "model"
+
+
+@pytest.fixture(scope="session")
+def trained_model_dir(ray_session, tiny_qwen_dir, hh_helpful, tmp_path_factory) -> Path:
+    """A tiny Qwen3 reward model trained by the real training code on real pairs, exported."""
+    tmp = tmp_path_factory.mktemp("trained")
+    _, model_dir = train_tiny(tmp, tiny_qwen_dir, hh_helpful["train"][:320], hh_helpful["test"][:96], max_steps=16,
+                              eval_before_training=True, learning_rate=2e-3)
+    return model_dir

@@ -1,0 +1,75 @@
+"""Training through the real TorchTrainer with 2 DeepSpeed workers on CPU, on real pairs."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from conftest import train_tiny
+
+
+def _log(model_dir) -> list[dict]:
+    return [json.loads(line) for line in (model_dir / "training_log.jsonl").read_text().splitlines()]
+
+
+def test_exported_model_reloads_to_the_engine_rewards(trained_model_dir, hh_helpful):
+    """Plain transformers, no btrm: the same rewards the trained engine gave the eval pairs."""
+    model = AutoModelForSequenceClassification.from_pretrained(trained_model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(trained_model_dir)
+    assert model.config.num_labels == 1 and model.config.pad_token_id == tokenizer.pad_token_id
+    pairs = {p["id"]: p for p in hh_helpful["test"]}
+    engine_rewards = pq.read_table(trained_model_dir / "eval_rewards.parquet").to_pylist()
+    assert len(engine_rewards) > 80
+    for row in engine_rewards[:24]:
+        for side in ("chosen", "rejected"):
+            ids = tokenizer.apply_chat_template(pairs[row["id"]][side], tokenize=True)["input_ids"]
+            if len(ids) > 256:
+                continue  # truncated in training; covered by the tokenization tests
+            with torch.no_grad():
+                reward = model(input_ids=torch.tensor([ids])).logits.item()
+            assert reward == pytest.approx(row[f"reward_{side}"], abs=1e-4)
+
+
+def test_manifest_records_tokenization_eval_statistics_and_ledger(trained_model_dir):
+    manifest = json.loads((trained_model_dir / "btrm.json").read_text())
+    assert manifest["tokenization"]["max_length"] == 256
+    assert manifest["tokenization"]["overlong"] == "truncate_prompt"
+    assert manifest["tokenization"]["reward_token"] == "last"
+    assert "<|im_start|>" in manifest["tokenization"]["chat_template"]
+    rewards = pq.read_table(trained_model_dir / "eval_rewards.parquet").to_pandas()
+    both = torch.tensor(list(rewards.reward_chosen) + list(rewards.reward_rejected), dtype=torch.float64)
+    assert manifest["eval"]["reward_mean"] == pytest.approx(both.mean().item(), abs=1e-6)
+    assert manifest["eval"]["reward_std"] == pytest.approx(both.std(unbiased=False).item(), abs=1e-6)
+    assert manifest["eval"]["accuracy"] == pytest.approx((rewards.reward_chosen > rewards.reward_rejected).mean())
+    assert manifest["eval"]["pairs"] == len(rewards)
+    assert manifest["data"]["train"]["pairs"] + manifest["data"]["train"]["dropped_total"] == 320
+    assert set(manifest["versions"]) >= {"torch", "transformers", "deepspeed", "ray"}
+
+
+def test_loss_falls_and_steps_follow_accumulation(trained_model_dir):
+    log = _log(trained_model_dir)
+    final = log[-1]
+    assert final["eval/loss"] < final["eval/loss_before_training"] - 0.005, final
+    train = [line for line in log if "train/loss" in line]
+    # 320 pairs (a few identical ones dropped) over 2 workers x 4 pairs x 2 accumulation: capped at 16 steps.
+    assert [line["step"] for line in train] == list(range(2, 17, 2))
+    assert all(line["train/grad_norm"] > 0 and line["train/tokens_per_second"] > 0 for line in train)
+
+
+def test_eval_cadence_resume_and_options(ray_session, tiny_qwen_dir, hh_helpful, tmp_path):
+    """eval_steps/save_steps cadence; a second run under the same name resumes and continues the step count."""
+    rows, held_out = hh_helpful["train"][:200], hh_helpful["test"][:40]
+    _, model_dir = train_tiny(tmp_path, tiny_qwen_dir, rows, held_out, max_steps=6, eval_steps=3, save_steps=3,
+                              logging_steps=3)
+    log = _log(model_dir)
+    assert [line["step"] for line in log if "eval/accuracy" in line] == [3, 6]
+    result, model_dir = train_tiny(tmp_path, tiny_qwen_dir, rows, held_out, max_steps=10, logging_steps=2,
+                                   use_margin=True, center_rewards_coefficient=0.1)
+    log = _log(model_dir)
+    assert [line["step"] for line in log if "train/loss" in line] == [8, 10]  # 7..10 trained, 1..6 restored
+    assert result.metrics["step"] == 10
+    assert json.loads((model_dir / "btrm.json").read_text())["training"]["steps"] == 10
