@@ -45,8 +45,8 @@ class DataOptions:
     custom_bt_dataset_path: str | None = option(None, "Python file defining your own processor class "
                                                 "(a BaseBradleyTerryTrainDataset subclass).")
     custom_bt_dataset_name: str | None = option(None, "Name of the processor class in --custom_bt_dataset_path.")
-    chat_template: str | None = option(None, "Jinja chat template file, for tokenizers without one "
-                                       "(btrm/templates/plain.jinja suits BERT-style encoders).")
+    chat_template: str | None = option(None, "Jinja chat template file for tokenizers without one, or a "
+                                       "shipped name: plain (role: content segments, for BERT-style encoders).")
     max_drop_fraction: float = option(0.05, "Fail the run, printing the ledger, if more than this share of "
                                       "pairs is dropped (ties, missing labels, invalid, identical, overlong).")
     num_data_workers: int = option(2, "Ray Data actors that read, convert and tokenize pairs.")

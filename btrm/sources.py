@@ -9,7 +9,6 @@ gs://, hdfs://); JSON/JSONL (optionally gzip-compressed) is a convenience for sm
 from __future__ import annotations
 
 import fnmatch
-import gzip
 import io
 import json
 import os
@@ -159,13 +158,12 @@ def _decode_rows(batch: pa.RecordBatch) -> list[Any]:
 
 def _read_json(fragment: Fragment, batch_rows: int) -> Iterator[tuple[Sequence[int], list[Any]]]:
     fs, local = _filesystem(fragment.path)
-    with fs.open_input_stream(local) as raw:
-        data = raw.read()
-    if fragment.path.endswith(".gz"):
-        try:
-            data = gzip.decompress(data)
-        except (OSError, EOFError) as e:
-            raise SourceError(f"{fragment.path}: not a readable gzip file ({e})") from e
+    try:
+        # pyarrow decompresses .gz (and other compressed suffixes) on the fly.
+        with fs.open_input_stream(local) as stream:
+            data = stream.read()
+    except (pa.ArrowException, OSError) as e:
+        raise SourceError(f"{fragment.path}: cannot be read ({e}); is it truncated or corrupt?") from e
     if data.lstrip()[:1] == b"[":  # one JSON array
         try:
             rows = json.loads(data)

@@ -55,12 +55,17 @@ class SharedPromptIds:
         return self.prompt_ids + self.tails[k]
 
 
-def read_chat_template(path: str | Path | None) -> str | None:
-    if path is None:
+SHIPPED_TEMPLATES = {p.stem: p for p in (Path(__file__).parent / "templates").glob("*.jinja")}
+
+
+def read_chat_template(name_or_path: str | Path | None) -> str | None:
+    """A Jinja chat template from a file, or one btrm ships by name (``plain``)."""
+    if name_or_path is None:
         return None
-    path = Path(path)
+    path = SHIPPED_TEMPLATES.get(str(name_or_path)) or Path(name_or_path)
     if not path.is_file():
-        raise FileNotFoundError(f"--chat_template {path}: no such file (a Jinja chat template)")
+        raise FileNotFoundError(f"--chat_template {name_or_path}: neither a Jinja template file nor a shipped "
+                                f"template ({sorted(SHIPPED_TEMPLATES)})")
     return path.read_text()
 
 
@@ -76,7 +81,7 @@ def prepare_tokenizer(tokenizer, chat_template: str | None = None):
     if tokenizer.chat_template is None:
         raise ValueError(
             f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no chat template: pass --chat_template FILE "
-            "(btrm ships btrm/templates/plain.jinja for encoders such as BERT)"
+            "or --chat_template plain (shipped with btrm, for encoders such as BERT)"
         )
     probe = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
     probe_ids = _template_ids(tokenizer, [probe])[0]

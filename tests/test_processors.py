@@ -1,0 +1,136 @@
+"""Processors: each source layout → the standard format; malformed rows name their field."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import textwrap
+
+import pytest
+
+from btrm.processors import BUILTIN, BaseBradleyTerryTrainDataset, RowDropped, RowError, load_processor, validate_pair
+from btrm.processors.hh_rlhf import parse_transcript
+
+PROMPT = [{"role": "user", "content": "How do I boil an egg?"}]
+GOOD = {"role": "assistant", "content": "Put it in boiling water for 8 minutes."}
+BAD = {"role": "assistant", "content": "Eggs are birds."}
+
+
+def test_standard_passes_valid_pairs_through_and_accepts_json_strings():
+    pair = load_processor("standard").pairs({"chosen": json.dumps(PROMPT + [GOOD]), "rejected": PROMPT + [BAD],
+                                             "id": 7, "subset": "cooking"})
+    assert pair == [{"chosen": PROMPT + [GOOD], "rejected": PROMPT + [BAD], "margin": None, "id": "7",
+                     "source": "cooking"}]
+
+
+@pytest.mark.parametrize("row, field, words", [
+    ({"rejected": PROMPT + [BAD]}, "chosen", "missing"),
+    ({"chosen": "not json", "rejected": PROMPT + [BAD]}, "chosen", "not a JSON list"),
+    ({"chosen": PROMPT + [{"role": "robot", "content": "x"}], "rejected": PROMPT + [BAD]}, "chosen[1].role", "unknown role"),
+    ({"chosen": PROMPT + [{"role": "assistant", "content": "  "}], "rejected": PROMPT + [BAD]}, "chosen[1].content", "empty"),
+    ({"chosen": PROMPT + [{"role": "assistant", "content": 3}], "rejected": PROMPT + [BAD]}, "chosen[1].content", "string"),
+    ({"chosen": PROMPT, "rejected": PROMPT + [BAD]}, "chosen", "prompt and an answer"),
+    ({"chosen": PROMPT + [GOOD, PROMPT[0]], "rejected": PROMPT + [BAD]}, "chosen[2].role", "end with an assistant"),
+    ({"chosen": [{"role": "user", "content": "Other question?"}, GOOD], "rejected": PROMPT + [BAD]}, "rejected[0]",
+     "share the same prompt"),
+    ({"chosen": PROMPT + [GOOD], "rejected": PROMPT + [BAD], "margin": -1}, "margin", ">= 0"),
+    ({"chosen": PROMPT + [GOOD], "rejected": PROMPT + [BAD], "margin": float("nan")}, "margin", "finite"),
+    ({"chosen": [GOOD, GOOD], "rejected": [GOOD, BAD]}, "chosen", "no user message"),
+])
+def test_standard_rejects_malformed_rows_naming_the_field(row, field, words):
+    with pytest.raises(RowError) as error:
+        load_processor("standard").pairs(row)
+    assert error.value.field == field and words in str(error.value)
+
+
+def test_identical_answers_are_dropped_not_invalid():
+    with pytest.raises(RowDropped) as dropped:
+        validate_pair({"chosen": PROMPT + [GOOD], "rejected": PROMPT + [dict(GOOD)]})
+    assert dropped.value.reason == "identical"
+
+
+def rm_gallery_row(chosen_first=True, labels=(True, False)):
+    outputs = [{"answer": GOOD, "label": {"is_preferred": labels[0]}}, {"answer": BAD, "label": {"is_preferred": labels[1]}}]
+    return {"input": PROMPT, "output": outputs if chosen_first else outputs[::-1], "id": "r1"}
+
+
+def test_helpsteer3_rm_gallery_layout():
+    helpsteer3 = load_processor("helpsteer3")
+    for chosen_first in (True, False):
+        [pair] = helpsteer3.pairs(rm_gallery_row(chosen_first))
+        assert pair["chosen"] == PROMPT + [GOOD] and pair["rejected"] == PROMPT + [BAD] and pair["id"] == "r1"
+    with pytest.raises(RowDropped, match="tie"):
+        helpsteer3.pairs(rm_gallery_row(labels=(True, True)))
+    with pytest.raises(RowDropped, match="tie"):
+        helpsteer3.pairs(rm_gallery_row(labels=(False, False)))
+    with pytest.raises(RowDropped, match="missing_label"):
+        helpsteer3.pairs(rm_gallery_row(labels=(True, None)))
+
+
+def test_helpsteer3_native_layout_direction_margin_ties():
+    helpsteer3 = load_processor("helpsteer3")
+    row = {"context": PROMPT, "response1": GOOD["content"], "response2": BAD["content"], "domain": "general"}
+    [pair] = helpsteer3.pairs({**row, "overall_preference": -2})  # negative: response1 is better
+    assert pair["chosen"][-1] == GOOD and pair["rejected"][-1] == BAD and pair["margin"] == 2 and pair["source"] == "general"
+    [pair] = helpsteer3.pairs({**row, "overall_preference": 3})
+    assert pair["chosen"][-1] == BAD and pair["margin"] == 3
+    with pytest.raises(RowDropped, match="tie"):
+        helpsteer3.pairs({**row, "overall_preference": 0})
+    with pytest.raises(RowDropped, match="missing_label"):
+        helpsteer3.pairs({**row, "overall_preference": None})
+    with pytest.raises(RowError, match="-3..3"):
+        helpsteer3.pairs({**row, "overall_preference": 5})
+
+
+def test_hh_rlhf_transcripts_become_messages(shared_data):
+    with gzip.open(shared_data / "hh-rlhf" / "harmless-base" / "test.jsonl.gz", "rt") as f:
+        rows = [json.loads(next(f)) for _ in range(50)]
+    hh = load_processor("hh_rlhf")
+    converted = 0
+    for row in rows:
+        try:
+            [pair] = hh.pairs(row)
+        except RowDropped:
+            continue
+        converted += 1
+        assert pair["chosen"][:-1] == pair["rejected"][:-1]
+        assert [m["role"] for m in pair["chosen"]][:2] == ["user", "assistant"]
+        assert pair["chosen"][-1]["role"] == "assistant"
+        assert row["chosen"].rstrip().endswith(pair["chosen"][-1]["content"])
+    assert converted >= 45
+    assert parse_transcript("\n\nHuman: hi\n\nAssistant: hello", "chosen") == [
+        {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    with pytest.raises(RowError, match="must start with"):
+        parse_transcript("Assistant: hello", "chosen")
+
+
+def test_custom_processor_from_file(tmp_path):
+    path = tmp_path / "my_data.py"
+    path.write_text(textwrap.dedent('''
+        from btrm.processors import BaseBradleyTerryTrainDataset
+
+        class Helper:
+            pass
+
+        class QAPairs(BaseBradleyTerryTrainDataset):
+            def convert(self, row):
+                prompt = [{"role": "user", "content": row["q"]}]
+                return {"chosen": prompt + [{"role": "assistant", "content": row["good"]}],
+                        "rejected": prompt + [{"role": "assistant", "content": row["bad"]}]}
+    '''))
+    processor = load_processor("QAPairs", str(path))
+    assert isinstance(processor, BaseBradleyTerryTrainDataset)
+    assert processor.pairs({"q": "2+2?", "good": "4", "bad": "5"})[0]["chosen"][-1]["content"] == "4"
+    with pytest.raises(ValueError, match=r"defines no such class; it defines \['Helper', 'QAPairs'\]"):
+        load_processor("Missing", str(path))
+    with pytest.raises(TypeError, match=r"must subclass .*subclasses defined there: \['QAPairs'\]"):
+        load_processor("Helper", str(path))
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        load_processor("QAPairs", str(tmp_path / "absent.py"))
+    broken = tmp_path / "broken.py"
+    broken.write_text("import not_a_module_anywhere\n")
+    with pytest.raises(ImportError, match="importing it failed: ModuleNotFoundError"):
+        load_processor("X", str(broken))
+    with pytest.raises(ValueError, match="unknown dataset processor"):
+        load_processor("nope")
+    assert set(BUILTIN) == {"standard", "helpsteer3", "hh_rlhf"}

