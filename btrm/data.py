@@ -26,8 +26,7 @@ from btrm.sources import BadRow, Fragment, plan_fragments, read_fragment
 from btrm.tokenize import PairTokenizer, TokenizationSpec
 
 DROP_REASONS = ("invalid", "tie", "missing_label", "identical", "overlong")
-EXAMPLES_PER_BATCH = 5
-EXAMPLES_KEPT = 50
+EXAMPLES_PER_REASON = 20  # places of dropped rows kept in the ledger, per drop reason
 QUESTION_CHARS = 200
 
 PAIR_SCHEMA = pa.schema([
@@ -124,9 +123,19 @@ class Ledger:
             files=len(self.files),
             dropped_total=total.dropped_total,
             drop_fraction=round(total.drop_fraction, 6),
-            examples=total.examples[:EXAMPLES_KEPT],
+            examples=_first_per_reason(total.examples),
         )
         return result
+
+
+def _first_per_reason(examples: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    kept: list[dict[str, Any]] = []
+    per_reason: dict[str, int] = {}
+    for example in examples:
+        per_reason[example["reason"]] = per_reason.get(example["reason"], 0) + 1
+        if per_reason[example["reason"]] <= EXAMPLES_PER_REASON:
+            kept.append(example)
+    return kept
 
 
 def format_ledger(ledger: dict[str, Any]) -> str:
@@ -169,7 +178,7 @@ class PairPreprocessor:
 
         def drop(reason: str, row: int, message: str, field: str | None = None) -> None:
             report.dropped[reason] = report.dropped.get(reason, 0) + 1
-            if len(report.examples) < EXAMPLES_PER_BATCH:
+            if report.dropped[reason] <= EXAMPLES_PER_REASON:
                 report.examples.append({"reason": reason, "file": path, "row": row, "field": field, "message": message})
 
         pairs, places = [], []

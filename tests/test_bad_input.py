@@ -1,0 +1,105 @@
+"""Malformed input: every kind gets an error naming its place, or is dropped and counted; none takes the
+other rows down."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from btrm.data import DataError
+from btrm.sources import SourceError, plan_fragments
+from conftest import run_pipeline
+
+pytestmark = pytest.mark.usefixtures("ray_session")
+
+Q = [{"role": "user", "content": "Name a prime number."}]
+A = {"role": "assistant", "content": "Seven."}
+B = {"role": "assistant", "content": "Nine."}
+
+# (what is wrong, row, drop reason, words the message must hold)
+MALFORMED = [
+    ("missing field", {"chosen": Q + [A], "rejected": None}, "invalid", "field 'rejected': missing"),
+    ("empty content", {"chosen": Q + [{"role": "assistant", "content": ""}], "rejected": Q + [B]}, "invalid",
+     "field 'chosen[1].content': is empty"),
+    ("unknown role", {"chosen": [{"role": "human", "content": "hi"}, A], "rejected": [{"role": "human", "content": "hi"}, B]},
+     "invalid", "field 'chosen[0].role': unknown role 'human'"),
+    ("no assistant answer", {"chosen": Q, "rejected": Q + [B]}, "invalid", "needs a prompt and an answer"),
+    ("prompts differ", {"chosen": Q + [A], "rejected": [{"role": "user", "content": "Another?"}, B]}, "invalid",
+     "share the same prompt"),
+    ("identical answers", {"chosen": Q + [A], "rejected": Q + [A]}, "identical", "answers are the same"),
+    ("negative margin", {"chosen": Q + [A], "rejected": Q + [B], "margin": -1.0}, "invalid", "field 'margin'"),
+    ("NaN margin", {"chosen": Q + [A], "rejected": Q + [B], "margin": float("nan")}, "invalid", "field 'margin'"),
+    ("far over max_length", {"chosen": Q + [{"role": "assistant", "content": "word " * 5000}], "rejected": Q + [B]},
+     "overlong", "answers are never truncated"),
+]
+
+
+def test_each_malformed_row_is_dropped_counted_and_named(qwen_tokenizer_dir, tmp_path):
+    good = [{"chosen": Q + [A], "rejected": Q + [B], "margin": 1.0, "extra": "ignored"}] * 5
+    rows = good[:2] + [row for _, row, _, _ in MALFORMED] + good[2:]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "mixed.parquet")
+    kept, ledger = run_pipeline(tmp_path / "mixed.parquet", qwen_tokenizer_dir, max_length=512)
+    print(f"\nbad-input corpus: {ledger['rows_read']} rows, {ledger['pairs']} kept, dropped {ledger['dropped']}")
+    assert len(kept) == ledger["pairs"] == 5  # the good rows all survive, around the bad ones
+    assert ledger["rows_read"] == len(rows)
+    examples = {e["row"]: e for e in ledger["examples"]}
+    for offset, (what, _, reason, words) in enumerate(MALFORMED):
+        example = examples[2 + offset]
+        assert example["reason"] == reason, what
+        assert words in example["message"], (what, example["message"])
+        assert example["file"].endswith("mixed.parquet")
+    expected = {}
+    for _, _, reason, _ in MALFORMED:
+        expected[reason] = expected.get(reason, 0) + 1
+    assert {k: v for k, v in ledger["dropped"].items() if v} == expected
+
+
+def test_invalid_utf8_and_broken_json_lines_only_cost_their_own_row(qwen_tokenizer_dir, tmp_path):
+    import json
+
+    content = pa.array(["Seven.", "Eight.", "Nine."]).cast(pa.binary())
+    bad = pa.array([b"Seven.", b"\xff\xfe not text", b"Nine."], pa.binary())
+    table = pa.table({"answer": pa.Array.from_buffers(pa.string(), 3, bad.buffers()), "other": content})
+    rows = [{"chosen": Q + [{"role": "assistant", "content": "x" + str(i)}], "rejected": Q + [B]} for i in range(3)]
+    struct = pa.Table.from_pylist(rows)
+    pq.write_table(struct.append_column("answer", table["answer"]), tmp_path / "utf8.parquet")
+    kept, ledger = run_pipeline(tmp_path / "utf8.parquet", qwen_tokenizer_dir)
+    assert ledger["pairs"] == 2 and ledger["dropped"]["invalid"] == 1
+    assert ledger["examples"][0]["row"] == 1 and "cannot be decoded" in ledger["examples"][0]["message"]
+
+    lines = [json.dumps(rows[0]), '{"chosen": [truncated', "", json.dumps(rows[2]), "[1, 2]"]
+    (tmp_path / "lines.jsonl").write_text("\n".join(lines) + "\n")
+    kept, ledger = run_pipeline(tmp_path / "lines.jsonl", qwen_tokenizer_dir)
+    assert ledger["pairs"] == 2 and ledger["dropped"]["invalid"] == 2
+    assert [e["row"] for e in ledger["examples"]] == [1, 4]  # 0-based line numbers; the blank line is no row
+    assert "not valid JSON" in ledger["examples"][0]["message"]
+
+
+def test_files_that_cannot_be_read_fail_early_naming_the_file(hh_helpful, tmp_path):
+    pq.write_table(pa.Table.from_pylist(hh_helpful["test"][:20]), tmp_path / "whole.parquet")
+    data = (tmp_path / "whole.parquet").read_bytes()
+    (tmp_path / "truncated.parquet").write_bytes(data[: len(data) // 2])
+    (tmp_path / "empty.parquet").write_bytes(b"")
+    (tmp_path / "text.parquet").write_text("chosen,rejected\na,b\n")
+    pq.write_table(pa.table({"prompt": ["q"], "answer": ["a"]}), tmp_path / "schema.parquet")
+    (tmp_path / "empty_dir").mkdir()
+    cases = {
+        "truncated.parquet": "not a readable parquet file",
+        "empty.parquet": "not a readable parquet file",
+        "text.parquet": "not a readable parquet file",
+        "schema.parquet": "missing column(s) ['chosen', 'rejected']; the file has ['answer', 'prompt']",
+        "empty_dir": "the directory holds no data files",
+        "absent.parquet": "no such file or directory",
+        "*.nothing": "the pattern matches no files",
+    }
+    for name, words in cases.items():
+        with pytest.raises(SourceError) as error:
+            plan_fragments(str(tmp_path / name), ("chosen", "rejected"))
+        assert words in str(error.value) and str(tmp_path) in str(error.value), name
+
+
+def test_an_empty_jsonl_file_fails_with_the_ledger(qwen_tokenizer_dir, tmp_path):
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(DataError, match="no usable pairs"):
+        run_pipeline(tmp_path / "empty.jsonl", qwen_tokenizer_dir)
