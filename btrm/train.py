@@ -77,7 +77,9 @@ def run_training(config: TrainConfig) -> ray.train.Result:
     eval_shards = []
     if config.eval_set_path:
         eval_ds, ledgers["eval"] = pair_dataset("eval", config.eval_set_path, model_path, spec, config)
-        eval_shards = eval_ds.split(config.num_workers)
+        # Row-exact, disjoint shards (Dataset.split divides by blocks, and a small eval set is one block).
+        count = eval_ds.count()
+        eval_shards = eval_ds.split_at_indices([count * k // config.num_workers for k in range(1, config.num_workers)])
 
     pairs = train_ds.count()
     per_worker = pairs // config.num_workers
