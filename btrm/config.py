@@ -120,7 +120,7 @@ class TrainConfig(DataOptions):
 
 
 def build_parser(cls: type, description: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML file of option values; flags given here override it.")
     hints = get_type_hints(cls)
     for f in dataclasses.fields(cls):

@@ -1,0 +1,88 @@
+"""Options (flags over YAML over defaults), DeepSpeed config filling, and the loss's options."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from btrm.batching import collate_pairs
+from btrm.config import TrainConfig, build_parser, parse_config
+from btrm.deepspeed_configs import SHIPPED, fill_deepspeed_config, load_deepspeed_config
+from btrm.loss import bradley_terry_loss, pair_correct
+from btrm.train_loop import _pair_loss
+
+
+def test_flags_override_yaml_override_defaults(tmp_path):
+    yaml_file = tmp_path / "run.yaml"
+    yaml_file.write_text("train_set_path: a.parquet\nlearning_rate: 1.0e-5\nbf16: false\nlogging_steps: 3\n")
+    config = parse_config(TrainConfig, "t", ["--config", str(yaml_file), "--learning_rate", "3e-6", "--gradient_checkpointing", "false"])
+    assert (config.train_set_path, config.learning_rate, config.bf16, config.logging_steps) == ("a.parquet", 3e-6, False, 3)
+    assert config.gradient_checkpointing is False and config.max_length == 4096 and config.model_name == "Qwen/Qwen3-1.7B"
+    assert parse_config(TrainConfig, "t", ["--train_set_path", "x", "--bf16"]).bf16 is True
+
+
+def test_bad_options_are_refused_with_the_reason(tmp_path, capsys):
+    for argv, words in ((["--learning_rate", "1e-5"], "--train_set_path is required"),
+                        (["--train_set_path", "x", "--custom_bt_dataset_path", "p.py"], "go together"),
+                        (["--train_set_path", "x", "--overlong", "cut"], "invalid choice"),
+                        (["--train_set_path", "x", "--gradient_accumulation_steps", "0"], "at least 1")):
+        with pytest.raises(SystemExit):
+            parse_config(TrainConfig, "t", argv)
+        assert words in capsys.readouterr().err
+    (tmp_path / "bad.yaml").write_text("learnin_rate: 1\n")
+    with pytest.raises(SystemExit, match="unknown option"):
+        parse_config(TrainConfig, "t", ["--config", str(tmp_path / "bad.yaml")])
+
+
+def test_help_explains_every_option():
+    text = " ".join(build_parser(TrainConfig, "t").format_help().split())
+    for name in ("--model_name", "--train_set_path", "--eval_set_path", "--output_path", "--max_length",
+                 "--learning_rate", "--num_train_epochs", "--bf16", "--per_device_train_batch_size",
+                 "--gradient_accumulation_steps", "--gradient_checkpointing", "--deepspeed", "--custom_bt_dataset_path",
+                 "--custom_bt_dataset_name", "--report_to", "--run_name", "--logging_steps", "--num_workers", "--use_gpu",
+                 "--seed", "--weight_decay", "--warmup_ratio", "--lr_scheduler_type", "--max_grad_norm", "--eval_steps",
+                 "--save_steps", "--storage_path", "--config"):
+        assert name in text
+    assert "(default: 2e-06)" in text and "(default: Qwen/Qwen3-1.7B)" in text
+
+
+def test_deepspeed_configs_fill_auto_values_and_refuse_contradictions():
+    assert set(SHIPPED) == {"zero0", "zero1", "zero2", "zero3", "zero3_offload"}
+    filled = fill_deepspeed_config(load_deepspeed_config("zero3"), micro_batch=2, accumulation=8, world_size=4,
+                                   max_grad_norm=1.0, bf16=True, hidden_size=64)
+    assert (filled["train_batch_size"], filled["gradient_accumulation_steps"], filled["bf16"]["enabled"]) == (64, 8, True)
+    assert filled["zero_optimization"]["reduce_bucket_size"] == 64 * 64
+    with pytest.raises(ValueError, match="train_micro_batch_size_per_gpu=4 but the job's options give 2"):
+        fill_deepspeed_config({"train_micro_batch_size_per_gpu": 4}, micro_batch=2, accumulation=1, world_size=1,
+                              max_grad_norm=1.0, bf16=False, hidden_size=64)
+    with pytest.raises(FileNotFoundError, match="neither a shipped config"):
+        load_deepspeed_config("zero9")
+
+
+def test_loss_margin_and_centering():
+    r_c, r_r = torch.tensor([2.0, 0.0]), torch.tensor([1.0, 1.0])
+    plain = bradley_terry_loss(r_c, r_r)
+    assert plain.item() == pytest.approx((-math.log(1 / (1 + math.exp(-1))) - math.log(1 / (1 + math.exp(1)))) / 2)
+    with_margin = bradley_terry_loss(r_c, r_r, margin=torch.tensor([1.0, 1.0]))
+    assert with_margin.item() == pytest.approx((math.log(2) + math.log(1 + math.exp(2))) / 2)
+    centered = bradley_terry_loss(r_c, r_r, center_rewards_coefficient=0.5)
+    assert centered.item() == pytest.approx(plain.item() + 0.5 * (9 + 1) / 2)
+    assert pair_correct(torch.tensor([1.0, 1.0]), torch.tensor([0.0, 1.0])).tolist() == [1.0, 0.0]  # a tie is wrong
+
+
+def test_training_step_uses_margin_and_centering_only_when_asked(tiny_qwen_dir):
+    from btrm.model import load_reward_model
+
+    model = load_reward_model(tiny_qwen_dir, pad_token_id=151643)
+    batch = collate_pairs({"prompt_ids": [[1, 2, 3], [4, 5]], "chosen_ids": [[6, 7], [8]], "rejected_ids": [[9], [10, 11, 12]],
+                           "margin": [2.0, 1.0]}, pad_token_id=151643)
+    assert batch.input_ids.shape == (4, 5) and batch.num_tokens == 5 + 3 + 4 + 5
+    config = TrainConfig(train_set_path="x")
+    r_c, r_r, plain = _pair_loss(model, batch, config)
+    assert plain.item() == pytest.approx(bradley_terry_loss(r_c, r_r).item(), abs=1e-6)
+    config.use_margin, config.center_rewards_coefficient = True, 0.1
+    _, _, tuned = _pair_loss(model, batch, config)
+    expected = bradley_terry_loss(r_c, r_r, torch.tensor([2.0, 1.0]), 0.1)
+    assert tuned.item() == pytest.approx(expected.item(), abs=1e-6) and tuned.item() > plain.item()
