@@ -1,0 +1,361 @@
+"""The evaluation job: per-pair rewards, accuracy and diagnostics for an exported reward model.
+
+    pairs (the training pipeline: read → process → validate → tokenize under the manifest's policy)
+      → map_batches(PairScorer)   actors holding the model (one GPU each when the cluster has GPUs)
+      → one row per pair on the driver, in input order
+      → <output>.parquet|.jsonl  +  <output stem>.summary.json (figures, tokenization, data ledger)
+
+Every figure of the summary is computed by :func:`summarize` from the per-pair table alone, so anyone
+can recompute it from the file. A pair the model fails on (say, out of memory) is recorded with its
+error and place and left out of the figures; rows the pipeline cannot turn into pairs are in the ledger.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import ray
+import ray.data
+
+from btrm.config import DataOptions, option, parse_config
+from btrm.data import DataSpec, build_pair_dataset, close_ledger, new_ledger
+from btrm.export import read_manifest
+from btrm.scoring import RewardScorer
+from btrm.tokenize import OVERLONG_POLICIES, TokenizationSpec, read_chat_template
+
+OUTPUT_SUFFIXES = (".parquet", ".jsonl")
+UNSCORED_EXAMPLES = 50
+ANSWER_LENGTH_UNIT = ("tokens after the prompt the pair shares: the answer (less any opening both answers share) "
+                      "plus the chat template's end-of-turn tokens")
+
+SCORED_SCHEMA = pa.schema([
+    ("id", pa.string()),
+    ("source", pa.string()),
+    ("file", pa.string()),
+    ("row", pa.int64()),  # 0-based row of the file (JSONL: line number - 1), as in the ledger
+    ("question", pa.string()),  # the last user turn, shortened for display
+    ("reward_chosen", pa.float64()),  # null when the pair could not be scored (see error)
+    ("reward_rejected", pa.float64()),
+    ("reward_margin", pa.float64()),  # reward_chosen - reward_rejected
+    ("chosen_tokens", pa.int32()),  # the whole sequence the model read (prompt + answer, after truncation)
+    ("rejected_tokens", pa.int32()),
+    ("chosen_answer_tokens", pa.int32()),  # see ANSWER_LENGTH_UNIT
+    ("rejected_answer_tokens", pa.int32()),
+    ("truncated", pa.bool_()),
+    ("truncated_tokens", pa.int32()),  # prompt tokens cut from the left (the manifest's policy)
+    ("error", pa.string()),
+])
+
+
+@dataclass
+class EvalConfig(DataOptions):
+    """Options of `jobs/evaluate.py` / `btrm evaluate`."""
+
+    # Tokenization defaults to the manifest's: the model is scored as it was trained.
+    max_length: int | None = option(None, "Longest sequence in tokens (prompt + answer), per side; "
+                                    "unset: the one the model was trained with, from its manifest.")
+    overlong: str | None = option(None, "What to do with a pair longer than --max_length: cut the shared prompt "
+                                  "from the left or drop the pair; unset: the manifest's policy.",
+                                  OVERLONG_POLICIES)
+    chat_template: str | None = option(None, "Jinja chat template file or shipped name replacing the one the model "
+                                       "was trained with (it changes the rewards); unset: the manifest's.")
+    model_path: str | None = option(None, "Exported reward model: the directory the training job wrote "
+                                    "(Hugging Face files plus btrm.json).")
+    data_path: str | None = option(None, "Pairs to score: a parquet file, a directory of shards, a glob, a cloud URI "
+                                   "or JSON/JSONL, read by --dataset_format or your own processor.")
+    output: str = option("./outputs/eval/pairs.parquet", "Per-pair results, .parquet or .jsonl; the summary is "
+                         "written next to it as <name>.summary.json.")
+    batch_size: int = option(256, "Pairs handed to a scoring actor at a time; it sorts their sequences by length "
+                             "and runs forwards of at most --max_batch_tokens padded tokens.")
+    max_batch_tokens: int = option(32768, "Padded tokens per forward pass (the memory knob).")
+    num_scorers: int | None = option(None, "Scoring actors, each holding a copy of the model; "
+                                     "unset: one per GPU of the cluster, or 1 without GPUs.")
+    scorer_cpus: float = option(1.0, "CPUs reserved by each scoring actor when scoring on CPU.")
+    show: int = option(0, "Print the first N pairs with their question and rewards.")
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.model_path:
+            raise ValueError("--model_path is required")
+        if not self.data_path:
+            raise ValueError("--data_path is required")
+        if not self.output.endswith(OUTPUT_SUFFIXES):
+            raise ValueError(f"--output {self.output}: must end in {' or '.join(OUTPUT_SUFFIXES)}")
+        for name in ("batch_size", "max_batch_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be at least 1")
+        if self.num_scorers is not None and self.num_scorers < 1:
+            raise ValueError("--num_scorers must be at least 1")
+        if self.show < 0:
+            raise ValueError("--show must be 0 or more")
+
+
+def summary_path(output: str | Path) -> Path:
+    """``scores.parquet`` → ``scores.summary.json``."""
+    return Path(output).with_suffix(".summary.json")
+
+
+class PairScorer:
+    """A Ray Data actor holding the model: batches of tokenized pairs in, one result row per pair out."""
+
+    def __init__(self, model_dir: str, max_length: int, max_batch_tokens: int):
+        self.scorer = RewardScorer(model_dir, max_length=max_length)
+        self.max_batch_tokens = max_batch_tokens
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        prompts = batch["prompt_ids"]
+        chosen = [np.concatenate([p, c]) for p, c in zip(prompts, batch["chosen_ids"])]
+        rejected = [np.concatenate([p, r]) for p, r in zip(prompts, batch["rejected_ids"])]
+        r_chosen, r_rejected, errors = self._score(chosen, rejected)
+        margins = [None if c is None else c - r for c, r in zip(r_chosen, r_rejected)]
+        return pa.table({
+            "id": batch["id"],
+            "source": batch["source"],
+            "file": batch["file"],
+            "row": batch["row"],
+            "question": batch["question"],
+            "reward_chosen": r_chosen,
+            "reward_rejected": r_rejected,
+            "reward_margin": margins,
+            "chosen_tokens": [len(s) for s in chosen],
+            "rejected_tokens": [len(s) for s in rejected],
+            "chosen_answer_tokens": [len(t) for t in batch["chosen_ids"]],
+            "rejected_answer_tokens": [len(t) for t in batch["rejected_ids"]],
+            "truncated": batch["truncated"] > 0,
+            "truncated_tokens": batch["truncated"],
+            "error": errors,
+        }, schema=SCORED_SCHEMA)
+
+    def _score(self, chosen: list, rejected: list) -> tuple[list, list, list]:
+        n = len(chosen)
+        try:
+            rewards = self.scorer.rewards(chosen + rejected, self.max_batch_tokens)
+            return rewards[:n], rewards[n:], [None] * n
+        except Exception:
+            # One pair the model fails on must not take its batch down: find it by scoring pair by pair.
+            return self._score_one_by_one(chosen, rejected)
+
+    def _score_one_by_one(self, chosen: list, rejected: list) -> tuple[list, list, list]:
+        n = len(chosen)
+        r_chosen, r_rejected, errors = [None] * n, [None] * n, [None] * n
+        for i in range(n):
+            try:
+                r_chosen[i], r_rejected[i] = self.scorer.rewards([chosen[i], rejected[i]], self.max_batch_tokens)
+            except Exception as e:
+                errors[i] = f"{type(e).__name__}: {e}"
+        return r_chosen, r_rejected, errors
+
+
+def _mean(values: np.ndarray) -> float | None:
+    return float(values.mean()) if len(values) else None
+
+
+def _correlation(x: np.ndarray, y: np.ndarray) -> float | None:
+    """Pearson's r, or None where it is undefined (fewer than two points, a constant series)."""
+    if len(x) < 2 or x.std() == 0 or y.std() == 0:
+        return None
+    return float(np.corrcoef(x, y)[0, 1])
+
+
+def summarize(pairs: pa.Table) -> dict[str, Any]:
+    """The evaluation's figures from the per-pair table (:data:`SCORED_SCHEMA`) alone.
+
+    Exact over all scored pairs (not a mean of batch means). A tie (equal rewards) counts as wrong in
+    ``accuracy``, as in training's eval, and is reported as ``tie_rate``. ``reward_std`` is the
+    population std over both sides of every pair: with ``reward_mean``, what normalises rewards later.
+    """
+    unscored = pairs.filter(pc.is_valid(pairs["error"]))
+    scored = pairs.filter(pc.is_null(pairs["error"]))
+
+    def column(name: str) -> np.ndarray:
+        return scored[name].to_numpy().astype(np.float64)
+
+    r_c, r_r = column("reward_chosen"), column("reward_rejected")
+    margin = r_c - r_r
+    length_c, length_r = column("chosen_answer_tokens"), column("rejected_answer_tokens")
+    rewards, lengths = np.concatenate([r_c, r_r]), np.concatenate([length_c, length_r])
+    truncated = column("truncated_tokens")
+    sources = scored["source"].to_pylist()
+    by_source: dict[str, dict[str, Any]] = {}
+    if any(s is not None for s in sources):
+        names = np.array(["(none)" if s is None else s for s in sources], dtype=object)
+        for name in sorted(set(names)):
+            mask = names == name
+            by_source[name] = {"pairs": int(mask.sum()), "accuracy": float(np.mean(r_c[mask] > r_r[mask]))}
+    return {
+        "pairs": scored.num_rows,
+        "unscored": unscored.num_rows,
+        "accuracy": _mean(r_c > r_r),
+        "tie_rate": _mean(r_c == r_r),
+        "loss": _mean(np.logaddexp(0.0, -margin)),  # Bradley-Terry: -log sigmoid(margin)
+        "mean_margin": _mean(margin),
+        "reward_chosen_mean": _mean(r_c),
+        "reward_rejected_mean": _mean(r_r),
+        "reward_mean": _mean(rewards),
+        "reward_std": float(rewards.std()) if len(rewards) else None,
+        "truncated_pairs": int((truncated > 0).sum()),
+        "truncated_tokens": int(truncated.sum()),
+        "accuracy_by_source": by_source,
+        "length_bias": {
+            "answer_length": ANSWER_LENGTH_UNIT,
+            # The accuracy a judge that always prefers the longer answer gets on the same pairs.
+            "longer_answer_accuracy": _mean(length_c > length_r),
+            "equal_length_rate": _mean(length_c == length_r),
+            "reward_length_correlation": _correlation(rewards, lengths),
+            "margin_length_correlation": _correlation(margin, length_c - length_r),
+        },
+        "unscored_pairs": unscored.select(["file", "row", "id", "error"]).slice(0, UNSCORED_EXAMPLES).to_pylist(),
+    }
+
+
+def _figure(value: float | None, digits: int = 4, sign: bool = False) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:+.{digits}f}" if sign else f"{value:.{digits}f}"
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    bias = summary["length_bias"]
+    rows = [
+        ("pairs scored", f"{summary['pairs']} ({summary['unscored']} could not be scored)"),
+        ("accuracy", _figure(summary["accuracy"])),
+        ("tie rate", _figure(summary["tie_rate"])),
+        ("loss", _figure(summary["loss"])),
+        ("mean margin", _figure(summary["mean_margin"], sign=True)),
+        ("reward chosen / rejected", f"{_figure(summary['reward_chosen_mean'], sign=True)} / "
+                                     f"{_figure(summary['reward_rejected_mean'], sign=True)}"),
+        ("reward mean / std", f"{_figure(summary['reward_mean'], sign=True)} / {_figure(summary['reward_std'])}"),
+        ("prompt truncated", f"{summary['truncated_pairs']} pairs ({summary['truncated_tokens']} tokens)"),
+        ("longer answer wins", f"{_figure(bias['longer_answer_accuracy'])} "
+                               f"(equal lengths {_figure(bias['equal_length_rate'])})"),
+        ("corr(reward, length)", _figure(bias["reward_length_correlation"], sign=True)),
+        ("corr(margin, length diff)", _figure(bias["margin_length_correlation"], sign=True)),
+    ]
+    rows += [(f"accuracy [{name}]", f"{_figure(s['accuracy'])} ({s['pairs']} pairs)")
+             for name, s in summary["accuracy_by_source"].items()]
+    width = max(len(name) for name, _ in rows)
+    lines = [f"  {name:<{width}}  {value}" for name, value in rows]
+    lines.append(f"  (answer length: {bias['answer_length']})")
+    for pair in summary["unscored_pairs"][:10]:
+        lines.append(f"  - not scored: {pair['file']} row {pair['row']} (id {pair['id']}): {pair['error']}")
+    return "\n".join(lines)
+
+
+def format_pairs(pairs: pa.Table, count: int) -> str:
+    """The first ``count`` pairs, readable: question, both rewards, lengths, the verdict."""
+    lines = []
+    for k, pair in enumerate(pairs.slice(0, count).to_pylist(), 1):
+        place = f"{pair['file']} row {pair['row']}"
+        lines.append(f"[{k}] id {pair['id']}" + (f" ({pair['source']})" if pair["source"] else "") + f", {place}")
+        lines.append(f"    Q: {pair['question']}")
+        if pair["error"] is not None:
+            lines.append(f"    not scored: {pair['error']}")
+            continue
+        verdict = "right" if pair["reward_margin"] > 0 else "tie" if pair["reward_margin"] == 0 else "wrong"
+        lines.append(f"    chosen   {pair['reward_chosen']:+.4f}  ({pair['chosen_tokens']} tokens, "
+                     f"answer {pair['chosen_answer_tokens']})")
+        lines.append(f"    rejected {pair['reward_rejected']:+.4f}  ({pair['rejected_tokens']} tokens, "
+                     f"answer {pair['rejected_answer_tokens']})")
+        lines.append(f"    margin {pair['reward_margin']:+.4f}: {verdict}"
+                     + (f"; prompt truncated by {pair['truncated_tokens']} tokens" if pair["truncated"] else ""))
+    return "\n".join(lines)
+
+
+def eval_tokenization(config: EvalConfig, manifest: dict[str, Any], model_path: str) -> TokenizationSpec:
+    """The manifest's tokenization with the options given, checked against what the model can read."""
+    from transformers import AutoConfig
+
+    tokenization = dict(manifest["tokenization"])
+    if config.max_length is not None:
+        tokenization["max_length"] = config.max_length
+    if config.overlong is not None:
+        tokenization["overlong"] = config.overlong
+    if config.chat_template is not None:
+        tokenization["chat_template"] = read_chat_template(config.chat_template)
+    spec = TokenizationSpec(**tokenization)
+    limit = getattr(AutoConfig.from_pretrained(model_path), "max_position_embeddings", None)
+    if limit is not None and spec.max_length > limit:
+        raise ValueError(f"--max_length {spec.max_length} exceeds what {model_path} can read ({limit} positions)")
+    return spec
+
+
+def write_pairs(pairs: pa.Table, output: str | Path) -> None:
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    if output.suffix == ".parquet":
+        pq.write_table(pairs, output)
+    else:
+        with open(output, "w") as f:
+            f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in pairs.to_pylist())
+
+
+def score_pairs(config: EvalConfig, model_path: str, spec: TokenizationSpec, ledger) -> pa.Table:
+    """Scores every pair of --data_path on the cluster; the per-pair table, in input order."""
+    data_spec = DataSpec(path=config.data_path, tokenizer_path=model_path, tokenization=spec,
+                         dataset_format=config.processor_name(), custom_bt_dataset_path=config.custom_bt_dataset_path)
+    pairs = build_pair_dataset(data_spec, ledger, config.num_data_workers, config.data_worker_cpus)
+    # The dataset's own context (a copy made when it was created): input order, so --show prints the
+    # first pairs of the data and the output file lines up with it.
+    pairs.context.execution_options.preserve_order = True
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    num_scorers = config.num_scorers or max(gpus, 1)
+    print(f"[btrm] scoring with {num_scorers} actor(s) on {'GPU' if gpus else 'CPU'}; max_length {spec.max_length}, "
+          f"overlong pairs: {spec.overlong}", flush=True)
+    scored = pairs.map_batches(
+        PairScorer,
+        fn_constructor_kwargs={"model_dir": model_path, "max_length": spec.max_length,
+                               "max_batch_tokens": config.max_batch_tokens},
+        batch_size=config.batch_size,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=num_scorers),
+        **({"num_gpus": 1} if gpus else {"num_cpus": config.scorer_cpus}),
+    )
+    blocks = [block.cast(SCORED_SCHEMA) for block in scored.iter_batches(batch_size=None, batch_format="pyarrow")]
+    return pa.concat_tables(blocks) if blocks else SCORED_SCHEMA.empty_table()
+
+
+def run_evaluation(config: EvalConfig) -> dict[str, Any]:
+    """Scores --data_path with --model_path; writes the per-pair file and the summary; returns the summary."""
+    model_path = str(Path(config.model_path).resolve())
+    manifest = read_manifest(model_path)
+    spec = eval_tokenization(config, manifest, model_path)
+    if not ray.is_initialized():
+        ray.init()
+    ledger = new_ledger("eval", config.max_drop_fraction)
+    pairs = score_pairs(config, model_path, spec, ledger)
+    data = close_ledger(ledger, config.max_drop_fraction)
+    summary = summarize(pairs)
+    if summary["pairs"] == 0:
+        first = summary["unscored_pairs"][0]
+        raise RuntimeError(f"none of the {summary['unscored']} pairs could be scored; the first, {first['file']} "
+                           f"row {first['row']}: {first['error']}")
+
+    write_pairs(pairs, config.output)
+    summary = {
+        **summary,
+        "model_path": model_path,
+        "data_path": config.data_path,
+        "output": str(Path(config.output).resolve()),
+        "tokenization": {**spec.to_dict(), "chat_template": config.chat_template or "the manifest's"},
+        "data": data,
+    }
+    summary_file = summary_path(config.output)
+    summary_file.write_text(json.dumps(summary, indent=2, allow_nan=False))
+    if config.show:
+        print(format_pairs(pairs, config.show), flush=True)
+    print(f"[btrm] evaluation of {model_path} on {config.data_path}\n{format_summary(summary)}", flush=True)
+    print(f"[btrm] per-pair results: {config.output}; summary: {summary_file}", flush=True)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> None:
+    config = parse_config(EvalConfig, "Score preference pairs with an exported reward model: per-pair rewards, "
+                          "accuracy and length-bias diagnostics, on Ray Data.", argv)
+    run_evaluation(config)

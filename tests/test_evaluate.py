@@ -1,0 +1,259 @@
+"""The evaluation job on local Ray: a tiny model trained by the real training code, scored on real pairs.
+
+Every summary figure is recomputed from the per-pair output with pandas, and the per-pair rewards are
+checked against a plain transformers forward of the exported model (and the trained engine's own rewards).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import re
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from btrm.config import parse_config
+from btrm.evaluate import EvalConfig, PairScorer, eval_tokenization, format_summary, main, summarize, summary_path
+from conftest import REPO, write_parquet_shards
+
+MAX_LENGTH = 256  # what conftest's trained_model_dir was trained with
+
+PANDALM_PROCESSOR = '''
+from btrm.processors import BaseBradleyTerryTrainDataset, RowDropped
+from btrm.processors.base import require
+
+
+class PandaLMDataset(BaseBradleyTerryTrainDataset):
+    """PandaLM: two responses, three annotators voting 1, 2 or 0 (a tie); the majority wins."""
+
+    required_fields = ("instruction", "response1", "response2")
+
+    def convert(self, row):
+        prompt = require(row, "instruction") + ("\\n\\n" + row["input"] if row.get("input") else "")
+        votes = [row.get(f"annotator{k}") for k in (1, 2, 3)]
+        if votes.count(1) == votes.count(2):
+            raise RowDropped("tie", f"annotators voted {votes}")
+        chosen, rejected = ("response1", "response2") if votes.count(1) > votes.count(2) else ("response2", "response1")
+        user = {"role": "user", "content": prompt}
+        return {"chosen": [user, {"role": "assistant", "content": require(row, chosen)}],
+                "rejected": [user, {"role": "assistant", "content": require(row, rejected)}],
+                "id": str(row["idx"]), "source": row.get("motivation_app")}
+'''
+
+
+@dataclass
+class Evaluation:
+    pairs: pd.DataFrame
+    summary: dict
+    stdout: str
+    data_path: Path
+
+
+def _evaluate(argv: list[str]) -> tuple[dict, str]:
+    """Runs the job's entry point as `btrm evaluate` would; returns the summary JSON and what it printed."""
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        main(argv + ["--batch_size", "32", "--num_data_workers", "1", "--data_worker_cpus", "0.5"])
+    output = Path(argv[argv.index("--output") + 1])
+    return json.loads(summary_path(output).read_text()), stdout.getvalue()
+
+
+@pytest.fixture(scope="module")
+def hh_eval(ray_session, trained_model_dir, hh_helpful, tmp_path_factory) -> Evaluation:
+    """The 228 held-out hh-rlhf helpful pairs, parquet in and out, manifest's tokenization."""
+    tmp = tmp_path_factory.mktemp("evaluate-hh")
+    data = write_parquet_shards(hh_helpful["test"], tmp / "test", shards=2)
+    output = tmp / "out" / "scores.parquet"
+    summary, stdout = _evaluate(["--model_path", str(trained_model_dir), "--data_path", str(data),
+                                 "--output", str(output), "--show", "3"])
+    return Evaluation(pq.read_table(output).to_pandas(), summary, stdout, data)
+
+
+@pytest.fixture(scope="module")
+def pandalm_eval(ray_session, trained_model_dir, shared_data, tmp_path_factory) -> Evaluation:
+    """A custom processor on PandaLM (JSONL with one corrupt line), --max_length override, JSONL out."""
+    tmp = tmp_path_factory.mktemp("evaluate-pandalm")
+    processor = tmp / "pandalm.py"
+    processor.write_text(PANDALM_PROCESSOR)
+    lines = [json.dumps(item) for item in json.loads((shared_data / "pandalm" / "testset-v1.json").read_text())[:120]]
+    lines.insert(5, '{"idx": "broken", ')  # row 5 of the file
+    data = tmp / "pandalm.jsonl"
+    data.write_text("\n".join(lines) + "\n")
+    output = tmp / "out" / "scores.jsonl"
+    summary, stdout = _evaluate(["--model_path", str(trained_model_dir), "--data_path", str(data),
+                                 "--output", str(output), "--custom_bt_dataset_path", str(processor),
+                                 "--custom_bt_dataset_name", "PandaLMDataset", "--max_length", "128",
+                                 "--max_drop_fraction", "0.5"])
+    return Evaluation(pd.read_json(output, lines=True, dtype=False), summary, stdout, data)
+
+
+def _check_summary_against_pairs(summary: dict, pairs: pd.DataFrame) -> None:
+    """Every figure, recomputed from the per-pair file without btrm."""
+    scored = pairs[pairs.error.isna()]
+    r_c, r_r = scored.reward_chosen.astype(float), scored.reward_rejected.astype(float)
+    both = pd.concat([r_c, r_r], ignore_index=True)
+    margin = r_c - r_r
+    assert summary["pairs"] == len(scored) and summary["unscored"] == len(pairs) - len(scored)
+    assert np.allclose(scored.reward_margin, margin)
+    assert summary["accuracy"] == pytest.approx((r_c > r_r).sum() / len(scored))
+    assert summary["tie_rate"] == pytest.approx((r_c == r_r).sum() / len(scored))
+    assert summary["loss"] == pytest.approx(float(-torch.nn.functional.logsigmoid(torch.tensor(margin.values)).mean()))
+    assert summary["mean_margin"] == pytest.approx(margin.mean())
+    assert summary["reward_chosen_mean"] == pytest.approx(r_c.mean())
+    assert summary["reward_rejected_mean"] == pytest.approx(r_r.mean())
+    assert summary["reward_mean"] == pytest.approx(both.mean())
+    assert summary["reward_std"] == pytest.approx(both.std(ddof=0))
+    assert summary["truncated_pairs"] == scored.truncated.sum() == (scored.truncated_tokens > 0).sum()
+    assert summary["truncated_tokens"] == scored.truncated_tokens.sum()
+    by_source = {name: {"pairs": len(group), "accuracy": pytest.approx((group.reward_margin > 0).mean())}
+                 for name, group in scored.groupby("source")}
+    assert summary["accuracy_by_source"] == by_source
+    bias = summary["length_bias"]
+    length_c, length_r = scored.chosen_answer_tokens, scored.rejected_answer_tokens
+    assert bias["longer_answer_accuracy"] == pytest.approx((length_c > length_r).mean())
+    assert bias["equal_length_rate"] == pytest.approx((length_c == length_r).mean())
+    lengths = pd.concat([length_c, length_r], ignore_index=True).astype(float)
+    assert bias["reward_length_correlation"] == pytest.approx(both.corr(lengths))
+    assert bias["margin_length_correlation"] == pytest.approx(margin.corr((length_c - length_r).astype(float)))
+    assert "tokens" in bias["answer_length"]
+
+
+def test_summary_figures_match_the_per_pair_output(hh_eval):
+    summary, pairs = hh_eval.summary, hh_eval.pairs
+    _check_summary_against_pairs(summary, pairs)
+    ledger = summary["data"]
+    assert ledger["rows_read"] == 228 and ledger["pairs"] == len(pairs) == 228 - ledger["dropped_total"]
+    assert ledger["truncated"] == summary["truncated_pairs"] > 0
+    assert summary["unscored"] == 0 and summary["unscored_pairs"] == []
+    assert list(summary["accuracy_by_source"]) == ["hh-rlhf-helpful"]
+    assert summary["tokenization"]["max_length"] == MAX_LENGTH  # the manifest's, no --max_length given
+    # Input order: the first shard's rows, then the second's.
+    assert list(pairs.sort_values(["file", "row"]).id) == list(pairs.id)
+
+
+def test_rewards_match_a_plain_transformers_forward(hh_eval, trained_model_dir, hh_helpful):
+    model = AutoModelForSequenceClassification.from_pretrained(trained_model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(trained_model_dir)
+    originals = {p["id"]: p for p in hh_helpful["test"]}
+    whole = hh_eval.pairs[~hh_eval.pairs.truncated]
+    for pair in whole.head(20).itertuples():
+        for side in ("chosen", "rejected"):
+            ids = tokenizer.apply_chat_template(originals[pair.id][side], tokenize=True)["input_ids"]
+            assert getattr(pair, f"{side}_tokens") == len(ids)
+            with torch.no_grad():
+                reward = model(input_ids=torch.tensor([ids])).logits.item()
+            assert getattr(pair, f"reward_{side}") == pytest.approx(reward, abs=1e-4)
+    # Truncated pairs: the prompt was cut from the left until the longer side fits exactly.
+    for pair in hh_eval.pairs[hh_eval.pairs.truncated].itertuples():
+        full = len(tokenizer.apply_chat_template(originals[pair.id]["chosen"], tokenize=True)["input_ids"])
+        assert pair.chosen_tokens == full - pair.truncated_tokens
+        assert max(pair.chosen_tokens, pair.rejected_tokens) == MAX_LENGTH
+    # The trained engine's own rewards for the pairs it evaluated at the end of training.
+    engine = pq.read_table(trained_model_dir / "eval_rewards.parquet").to_pandas()
+    shared = hh_eval.pairs.merge(engine, on="id", suffixes=("", "_engine"))
+    assert len(shared) > 80
+    assert np.allclose(shared.reward_chosen, shared.reward_chosen_engine, atol=1e-4)
+    assert np.allclose(shared.reward_rejected, shared.reward_rejected_engine, atol=1e-4)
+
+
+def test_show_prints_the_first_pairs_the_table_and_the_ledger(hh_eval):
+    out = hh_eval.stdout
+    first = hh_eval.pairs.head(4)
+    positions = [out.index(f"[{k}] id {pair.id}") for k, pair in enumerate(first.head(3).itertuples(), 1)]
+    assert positions == sorted(positions)
+    assert first.question.iloc[0] in out and f"[4] id {first.id.iloc[3]}" not in out
+    assert "228 rows read" in out  # the ledger
+    assert re.search(rf"^  accuracy +{hh_eval.summary['accuracy']:.4f}$", out, re.MULTILINE)
+    assert "longer answer wins" in out and "accuracy [hh-rlhf-helpful]" in out
+
+
+def test_custom_processor_length_override_bad_rows_and_sources(pandalm_eval):
+    summary, pairs = pandalm_eval.summary, pandalm_eval.pairs
+    _check_summary_against_pairs(summary, pairs)
+    assert summary["tokenization"]["max_length"] == 128
+    assert (pairs[["chosen_tokens", "rejected_tokens"]] <= 128).all().all()
+    truncated = pairs[pairs.truncated]
+    assert len(truncated) > 0 and (truncated[["chosen_tokens", "rejected_tokens"]].max(axis=1) == 128).all()
+    ledger = summary["data"]
+    assert ledger["rows_read"] == 121 and ledger["pairs"] == len(pairs) == summary["pairs"]
+    assert ledger["dropped"]["tie"] > 0 and ledger["dropped"]["overlong"] > 0
+    # The corrupt line, and PandaLM's own empty responses, are reported with their place; the rest go on.
+    invalid = {e["row"]: e for e in ledger["examples"] if e["reason"] == "invalid"}
+    assert ledger["dropped"]["invalid"] == len(invalid) > 1
+    assert invalid[5]["file"] == str(pandalm_eval.data_path) and "not valid JSON" in invalid[5]["message"]
+    assert all(e["field"].endswith(".content") for row, e in invalid.items() if row != 5)
+    assert len(summary["accuracy_by_source"]) > 5 and "Wikipedia" in summary["accuracy_by_source"]
+
+
+def _tokenized_batch(scorer: PairScorer, pairs: list[dict]) -> dict[str, np.ndarray]:
+    """A batch as Ray Data hands it to the scoring actor (numpy format, list columns as object arrays)."""
+    encoded = [scorer.scorer.encode_group([p["chosen"], p["rejected"]]) for p in pairs]
+
+    def objects(values) -> np.ndarray:
+        array = np.empty(len(values), dtype=object)
+        array[:] = [np.asarray(v, dtype=np.int32) for v in values]
+        return array
+
+    return {
+        "id": np.array([p["id"] for p in pairs], dtype=object),
+        "source": np.array([p["source"] for p in pairs], dtype=object),
+        "file": np.array(["test.parquet"] * len(pairs), dtype=object),
+        "row": np.arange(len(pairs), dtype=np.int64),
+        "question": np.array(["q"] * len(pairs), dtype=object),
+        "prompt_ids": objects([e.prompt_ids for e in encoded]),
+        "chosen_ids": objects([e.tails[0] for e in encoded]),
+        "rejected_ids": objects([e.tails[1] for e in encoded]),
+        "truncated": np.array([e.truncated for e in encoded], dtype=np.int32),
+    }
+
+
+def test_a_pair_the_model_fails_on_is_reported_and_the_rest_are_scored(trained_model_dir, hh_helpful):
+    scorer = PairScorer(str(trained_model_dir), MAX_LENGTH, max_batch_tokens=4096)
+    batch = _tokenized_batch(scorer, hh_helpful["test"][:4])
+    clean = scorer(batch).to_pandas()
+    batch["chosen_ids"][2] = np.append(batch["chosen_ids"][2], 10**7)  # no such token: the forward fails
+    broken = scorer(batch)
+    rows = broken.to_pandas()
+    assert rows.error.notna().tolist() == [False, False, True, False]
+    assert "IndexError" in rows.error[2] and np.isnan(rows.reward_chosen[2])
+    ok = rows.error.isna()
+    assert np.allclose(rows.reward_chosen[ok], clean.reward_chosen[ok], atol=1e-5)
+    summary = summarize(broken)
+    assert summary["pairs"] == 3 and summary["unscored"] == 1
+    assert summary["unscored_pairs"] == [{"file": "test.parquet", "row": 2, "id": rows.id[2], "error": rows.error[2]}]
+    assert summary["accuracy"] == pytest.approx((rows.reward_margin[ok] > 0).mean())
+    assert "not scored: test.parquet row 2" in format_summary(summary)
+
+
+def test_options_are_checked_before_any_work(trained_model_dir, tiny_qwen_dir, tmp_path):
+    def parse(*argv):
+        return parse_config(EvalConfig, "test", list(argv))
+
+    config = parse("--model_path", str(trained_model_dir), "--data_path", "x.parquet")
+    assert config.max_length is None and config.overlong is None and config.output.endswith(".parquet")
+    for argv in (["--data_path", "x"], ["--model_path", "m"],
+                 ["--model_path", "m", "--data_path", "x", "--output", "scores.csv"]):
+        with pytest.raises(SystemExit):
+            parse(*argv)
+    with pytest.raises(ValueError, match="4096 positions"):
+        eval_tokenization(parse("--model_path", "m", "--data_path", "x", "--max_length", "5000"),
+                          json.loads((trained_model_dir / "btrm.json").read_text()), str(trained_model_dir))
+    with pytest.raises(FileNotFoundError, match="btrm.json"):
+        main(["--model_path", tiny_qwen_dir, "--data_path", "x.parquet", "--output", str(tmp_path / "s.parquet")])
+
+
+def test_job_script_is_the_cli():
+    result = subprocess.run([sys.executable, str(REPO / "jobs" / "evaluate.py"), "--help"], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert all(f"--{name}" in result.stdout for name in ("model_path", "data_path", "output", "max_length", "show"))
