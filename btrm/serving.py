@@ -1,0 +1,537 @@
+"""The scoring service: an exported reward model on Ray Serve, over HTTP.
+
+    POST /compare   a prompt with a chosen and a rejected answer (or {"pairs": [...]}) → both rewards,
+                    the margin and P(chosen better) = sigmoid(r_chosen - r_rejected)
+    POST /score     a prompt with N candidate answers → their rewards and ranking
+    GET  /health    liveness (never guarded by the token)
+    GET  /info      model, manifest, tokenization, limits, version
+
+Requests are tokenized exactly as training tokenized its pairs (:class:`btrm.scoring.RewardScorer`
+reads the chat template, max length, truncation policy and reward token from the model's manifest), so
+a score here equals the score training and evaluation computed for the same pair. Token sequences of
+concurrent requests are scored together (``@serve.batch``), in length buckets so a short request is
+not padded to a long one.
+
+Run it with ``btrm serve --model_path DIR`` (a private local Ray), or from a Serve config
+(``serve run serve/config.yaml``) whose ``import_path`` points at :func:`app_builder`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hmac
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Awaitable, Callable, Literal, Sequence
+
+import jinja2
+from fastapi import FastAPI, HTTPException
+from fastapi.openapi.utils import get_openapi
+from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
+from ray import serve
+from starlette.datastructures import Headers
+from starlette.responses import JSONResponse
+
+import btrm
+from btrm.config import option, parse_config
+from btrm.processors.base import ROLES, RowDropped, RowError, check_conversation
+from btrm.tokenize import SharedPromptIds
+
+APP_NAME = "btrm"
+DEFAULT_TOKEN_ENV = "BTRM_API_TOKEN"
+UNGUARDED_PATHS = ("/health",)
+
+# ----------------------------------------------------------------------------------------------
+# Options
+
+
+@dataclass
+class ServiceOptions:
+    """What a replica needs: the model, the request limits, its resources and where the token comes from.
+    These are the ``args`` of :func:`app_builder` in a Serve config and flags of ``btrm serve``."""
+
+    model_path: str | None = option(None, "Exported model directory (training's --output_path): Hugging Face "
+                                    "files plus the btrm.json manifest.")
+    token_env: str = option(DEFAULT_TOKEN_ENV, "Environment variable holding the bearer token that guards every "
+                            "route but /health (unset or empty: no token).")
+    token_file: str | None = option(None, "File holding the bearer token (overrides --token_env).")
+    max_candidates: int = option(64, "Most candidate answers one /score request may carry (more: 413).")
+    max_pairs: int = option(64, "Most pairs one batch /compare request may carry (more: 413).")
+    max_body_bytes: int = option(8 * 1024 * 1024, "Largest request body in bytes (larger: 413).")
+    max_batch_sequences: int = option(128, "Most token sequences scored in one batch across concurrent requests; "
+                                      "at least max_candidates and 2 x max_pairs.")
+    batch_wait_timeout_s: float = option(0.005, "How long the first request of a batch waits for others to join.")
+    max_batch_tokens: int = option(16384, "Most padded tokens in one forward pass.")
+    replica_cpus: float = option(1.0, "CPUs reserved by each replica (its torch threads).")
+    replica_gpus: str = option("auto", "GPUs per replica: auto (1 when the cluster has a GPU, else 0) or a number.")
+
+    def validate(self) -> None:
+        if not self.model_path:
+            raise ValueError("--model_path is required (a model directory exported by `btrm train`)")
+        for name in ("max_candidates", "max_pairs", "max_body_bytes", "max_batch_sequences", "max_batch_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be at least 1")
+        # Serve refuses a request larger than a whole batch: the biggest request must fit in one.
+        largest_request = max(self.max_candidates, 2 * self.max_pairs)
+        if self.max_batch_sequences < largest_request:
+            raise ValueError(f"--max_batch_sequences ({self.max_batch_sequences}) must be at least max_candidates "
+                             f"and 2 x max_pairs ({largest_request}): the largest request is scored in one batch")
+        if self.batch_wait_timeout_s < 0:
+            raise ValueError("--batch_wait_timeout_s must be >= 0")
+        if self.replica_gpus != "auto":
+            try:
+                gpus = float(self.replica_gpus)
+            except ValueError:
+                raise ValueError(f"--replica_gpus must be auto or a number, got {self.replica_gpus!r}") from None
+            if gpus < 0:
+                raise ValueError("--replica_gpus must be >= 0")
+
+    def limits(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in
+                ("max_candidates", "max_pairs", "max_body_bytes", "max_batch_sequences", "max_batch_tokens")}
+
+
+@dataclass
+class ServeCommand(ServiceOptions):
+    """Options of ``btrm serve``: the service plus where it listens and the Ray it runs on."""
+
+    host: str = option("127.0.0.1", "Address to listen on (0.0.0.0 exposes the service beyond this machine).")
+    port: int = option(8000, "HTTP port.")
+    num_replicas: int = option(1, "Model replicas (a Serve config can autoscale instead).")
+    request_timeout_s: float = option(60.0, "A request still unanswered after this long gets a 408.")
+    ray_address: str = option("local", "Ray to run on: local (a private Ray for this command), auto (the cluster "
+                              "`ray start` began on this machine) or an address.")
+
+    def validate(self) -> None:
+        super().validate()
+        if self.num_replicas < 1:
+            raise ValueError("--num_replicas must be at least 1")
+
+
+def read_token(options: ServiceOptions) -> str | None:
+    """The bearer token: the contents of --token_file, else the --token_env variable, else None (no guard)."""
+    if options.token_file:
+        path = Path(options.token_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"--token_file {path}: no such file")
+        token = path.read_text().strip()
+        if not token:
+            raise ValueError(f"--token_file {path} is empty")
+        return token
+    return os.environ.get(options.token_env, "").strip() or None
+
+
+# ----------------------------------------------------------------------------------------------
+# Requests and responses (the OpenAPI schema at /openapi.json documents them)
+
+
+def _not_blank(text: str) -> str:
+    if not text.strip():
+        raise ValueError("must not be empty or only whitespace")
+    return text
+
+
+Text = Annotated[str, AfterValidator(_not_blank)]
+
+
+class _Strict(BaseModel):
+    # A misspelt field is an error that names it, not a silently ignored key.
+    model_config = ConfigDict(extra="forbid")
+
+
+class Message(_Strict):
+    role: Literal[ROLES]  # type: ignore[valid-type]
+    content: Text
+
+
+class Conversation(_Strict):
+    """The prompt every answer is judged against: a plain ``prompt`` (one user turn) or ``messages``."""
+
+    prompt: Text | None = Field(None, description="A single user turn; the same as messages=[{role: user, ...}].")
+    messages: list[Message] | None = Field(None, min_length=1, description="The conversation before the answer; "
+                                           "its last turn is a user (or tool) message.")
+
+    @model_validator(mode="after")
+    def _one_well_formed_prompt(self):
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of 'prompt' (a string) or 'messages' (a list of messages)")
+        try:
+            check_conversation(self.conversation("an answer"), "messages")
+        except RowError as e:
+            raise ValueError(str(e)) from None
+        return self
+
+    def conversation(self, answer: str) -> list[dict[str, str]]:
+        """The prompt followed by ``answer`` as the assistant's reply: what the model scores."""
+        prompt = [{"role": "user", "content": self.prompt}] if self.prompt is not None else \
+            [m.model_dump() for m in self.messages]
+        return prompt + [{"role": "assistant", "content": answer}]
+
+
+class ComparePair(Conversation):
+    id: str | None = Field(None, description="Echoed back, to match results to pairs.")
+    chosen: Text
+    rejected: Text
+
+
+class CompareBatch(_Strict):
+    pairs: list[ComparePair] = Field(min_length=1)
+
+
+def _compare_kind(body: Any) -> str:
+    return "batch" if isinstance(body, dict) and "pairs" in body else "pair"
+
+
+# One pair, or {"pairs": [...]}: told apart by the "pairs" key, so a bad request's errors name the
+# fields of the form it meant, not those of both forms.
+CompareRequest = Annotated[
+    Annotated[ComparePair, Tag("pair")] | Annotated[CompareBatch, Tag("batch")], Discriminator(_compare_kind)
+]
+
+
+class ScoreRequest(Conversation):
+    candidates: list[Text] = Field(min_length=1, description="Answers to the prompt, scored independently.")
+
+
+class Truncation(BaseModel):
+    truncated: bool = Field(description="The prompt was cut from the left to fit max_length (the manifest's "
+                                        "truncate_prompt policy); answers are never cut.")
+    truncated_prompt_tokens: int
+
+
+class PairResult(Truncation):
+    id: str | None = None
+    reward_chosen: float
+    reward_rejected: float
+    margin: float = Field(description="reward_chosen - reward_rejected")
+    p_chosen_better: float = Field(description="sigmoid(margin): the Bradley-Terry probability that chosen is better")
+
+
+class BatchResult(BaseModel):
+    results: list[PairResult]
+
+
+class ScoreResult(Truncation):
+    rewards: list[float] = Field(description="One reward per candidate, in request order.")
+    ranking: list[int] = Field(description="Candidate indices, best first (ties keep request order).")
+
+
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"
+
+
+class Info(BaseModel):
+    model_path: str
+    base_model: str | None
+    version: str = Field(description="btrm version of this service")
+    max_length: int
+    overlong: str
+    reward_token: str
+    device: str
+    limits: dict[str, int]
+    manifest: dict[str, Any] = Field(description="The model's btrm.json: tokenization, eval statistics, training.")
+
+
+# ----------------------------------------------------------------------------------------------
+# The HTTP application
+
+
+def sigmoid(x: float) -> float:
+    if x >= 0:
+        return 1.0 / (1.0 + math.exp(-x))
+    z = math.exp(x)  # no overflow for very negative margins
+    return z / (1.0 + z)
+
+
+ScoreSequences = Callable[[list[list[int]]], Awaitable[list[float]]]
+
+
+def build_api(scorer, options: ServiceOptions, token: str | None, score_sequences: ScoreSequences) -> FastAPI:
+    """The FastAPI app of one replica. ``scorer`` tokenizes (a :class:`btrm.scoring.RewardScorer`);
+    ``score_sequences`` turns token sequences into rewards (the replica's batching queue)."""
+    spec = scorer.spec
+    api = FastAPI(
+        title="btrm reward model", version=btrm.__version__,
+        description=f"Bradley-Terry reward model `{scorer.manifest.get('base_model')}`, max_length {spec.max_length}."
+                    + (" Every route but /health needs `Authorization: Bearer <token>`." if token else ""),
+    )
+
+    def encode(conversations: list[list[dict]], what: str) -> SharedPromptIds:
+        # Tokenized here, on the replica's event loop, never in the scoring thread: a fast tokenizer
+        # must not be used from two threads at once.
+        try:
+            return scorer.encode_group(conversations)
+        except RowDropped as e:
+            raise HTTPException(413, f"{what}: too long for the model's max_length={spec.max_length} tokens "
+                                     f"(overlong policy {spec.overlong!r}; answers are never cut): {e.detail}") from None
+        except jinja2.TemplateError as e:
+            raise HTTPException(422, f"{what}: the model's chat template rejects this conversation: {e}") from None
+
+    @api.get("/health", response_model=Health)
+    async def health() -> Health:
+        return Health()
+
+    @api.get("/info", response_model=Info)
+    async def info() -> Info:
+        return Info(model_path=str(options.model_path), base_model=scorer.manifest.get("base_model"),
+                    version=btrm.__version__, max_length=spec.max_length, overlong=spec.overlong,
+                    reward_token=spec.reward_token, device=str(scorer.device), limits=options.limits(),
+                    manifest=scorer.manifest)
+
+    @api.post("/compare", response_model=PairResult | BatchResult,
+              responses={413: {"description": "Too many pairs, or a pair too long for the model"}})
+    async def compare(request: CompareRequest) -> PairResult | BatchResult:
+        pairs = request.pairs if isinstance(request, CompareBatch) else [request]
+        if len(pairs) > options.max_pairs:
+            raise HTTPException(413, f"{len(pairs)} pairs in one request; the limit is max_pairs={options.max_pairs}")
+        encoded = [encode([p.conversation(p.chosen), p.conversation(p.rejected)],
+                          f"pair {i}" if isinstance(request, CompareBatch) else "the pair")
+                   for i, p in enumerate(pairs)]
+        rewards = await score_sequences([e.sequence(k) for e in encoded for k in (0, 1)])
+        results = []
+        for i, (pair, e) in enumerate(zip(pairs, encoded)):
+            chosen, rejected = rewards[2 * i], rewards[2 * i + 1]
+            results.append(PairResult(id=pair.id, reward_chosen=chosen, reward_rejected=rejected,
+                                      margin=chosen - rejected, p_chosen_better=sigmoid(chosen - rejected),
+                                      truncated=e.truncated > 0, truncated_prompt_tokens=e.truncated))
+        return BatchResult(results=results) if isinstance(request, CompareBatch) else results[0]
+
+    @api.post("/score", response_model=ScoreResult,
+              responses={413: {"description": "Too many candidates, or a candidate too long for the model"}})
+    async def score(request: ScoreRequest) -> ScoreResult:
+        if len(request.candidates) > options.max_candidates:
+            raise HTTPException(413, f"{len(request.candidates)} candidates in one request; the limit is "
+                                     f"max_candidates={options.max_candidates}")
+        encoded = encode([request.conversation(c) for c in request.candidates], "the candidates")
+        rewards = await score_sequences([encoded.sequence(k) for k in range(len(request.candidates))])
+        ranking = sorted(range(len(rewards)), key=lambda k: -rewards[k])
+        return ScoreResult(rewards=rewards, ranking=ranking, truncated=encoded.truncated > 0,
+                           truncated_prompt_tokens=encoded.truncated)
+
+    # The last middleware added runs first: the token is checked before anything else.
+    api.add_middleware(BodySizeLimit, max_body_bytes=options.max_body_bytes)
+    if token:
+        _document_bearer_auth(api)
+        api.add_middleware(BearerTokenGuard, token=token)
+    return api
+
+
+class BearerTokenGuard:
+    """Refuses every request but those to UNGUARDED_PATHS without ``Authorization: Bearer <token>``.
+
+    ASGI middleware rather than a route dependency so that it also covers /docs and /openapi.json."""
+
+    def __init__(self, app, token: str):
+        self.app = app
+        self.token = token.encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and _route_path(scope) not in UNGUARDED_PATHS:
+            scheme, _, given = Headers(scope=scope).get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not given:
+                reason = "missing bearer token: send the header 'Authorization: Bearer <token>'"
+            elif not hmac.compare_digest(given.strip().encode(), self.token):
+                reason = "wrong bearer token"
+            else:
+                reason = None
+            if reason:
+                response = JSONResponse({"detail": reason}, status_code=401, headers={"WWW-Authenticate": "Bearer"})
+                return await response(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+class BodySizeLimit:
+    """413, naming the limit, for a request body over ``max_body_bytes``: refused on its declared
+    Content-Length before it is read, else counted while it is read (chunked, or a false length) and
+    handed to the app whole. (FastAPI's own ``max_body_size`` answers a bare "Content Too Large".)"""
+
+    def __init__(self, app, max_body_bytes: int):
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = Headers(scope=scope).get("content-length", "")
+        if declared.isdigit() and int(declared) > self.max_body_bytes:
+            return await self._refuse(f"{declared} bytes", scope, receive, send)
+        body = bytearray()
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away
+                return
+            body += message.get("body", b"")
+            if len(body) > self.max_body_bytes:
+                return await self._refuse(f"over {self.max_body_bytes} bytes", scope, receive, send)
+            if not message.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()  # after the body: the disconnect, when it comes
+            replayed = True
+            return {"type": "http.request", "body": bytes(body), "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, size: str, scope, receive, send):
+        response = JSONResponse({"detail": f"request body of {size}; the limit is max_body_bytes={self.max_body_bytes}"},
+                                status_code=413)
+        await response(scope, receive, send)
+
+
+def _route_path(scope) -> str:
+    # Under a Serve route_prefix the path still carries the prefix, which is also the root_path.
+    path, root = scope["path"], scope.get("root_path", "")
+    return path[len(root):] if root and path.startswith(root) else path
+
+
+def _document_bearer_auth(api: FastAPI) -> None:
+    """Declares the bearer token in the OpenAPI schema (the guard itself is middleware, which FastAPI cannot see)."""
+
+    def openapi() -> dict[str, Any]:
+        if api.openapi_schema is None:
+            schema = get_openapi(title=api.title, version=api.version, description=api.description, routes=api.routes)
+            schema.setdefault("components", {})["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+            for path, operations in schema["paths"].items():
+                if path not in UNGUARDED_PATHS:
+                    for operation in operations.values():
+                        operation["security"] = [{"bearer": []}]
+            api.openapi_schema = schema
+        return api.openapi_schema
+
+    api.openapi = openapi
+
+
+# ----------------------------------------------------------------------------------------------
+# The Serve deployment
+
+
+def length_buckets(lengths: Sequence[int], max_padding_ratio: float = 2.0) -> list[list[int]]:
+    """Indices grouped so that no sequence is padded to more than ``max_padding_ratio`` times its length."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    buckets: list[list[int]] = []
+    for i in order:
+        if buckets and lengths[i] <= max_padding_ratio * lengths[buckets[-1][0]]:
+            buckets[-1].append(i)
+        else:
+            buckets.append([i])
+    return buckets
+
+
+def _sequence_count(requests: list[list[list[int]]]) -> int:
+    return sum(len(sequences) for sequences in requests)
+
+
+# max_ongoing_requests: enough requests of pairs to fill a batch of max_batch_sequences (a Serve config
+# may change both). health_check_period_s: a dead replica is noticed, and replaced, within seconds.
+@serve.deployment(name="RewardModel", max_ongoing_requests=128, health_check_period_s=5)
+@serve.ingress()
+class RewardModelDeployment:
+    """One replica: the exported model and the FastAPI app that serves it (built at replica start,
+    once the model is loaded, around this replica's scorer, batch queue and token)."""
+
+    def __init__(self, options: ServiceOptions, token: str | None):
+        from btrm.scoring import RewardScorer
+
+        self.options = options
+        self.token = token
+        self.scorer = RewardScorer(options.model_path)
+        self.rewards_of_batch.set_max_batch_size(options.max_batch_sequences)
+        self.rewards_of_batch.set_batch_wait_timeout_s(options.batch_wait_timeout_s)
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        return build_api(self.scorer, self.options, self.token, self.rewards_of_batch)
+
+    # The batch size counts token sequences, not requests: a /score request with 64 candidates weighs
+    # 64. The decorator's values are replaced in __init__ by the options.
+    @serve.batch(max_batch_size=128, batch_wait_timeout_s=0.005, batch_size_fn=_sequence_count)
+    async def rewards_of_batch(self, requests: list[list[list[int]]]) -> list[list[float]]:
+        """The token sequences of many concurrent requests → each request's rewards."""
+        sequences = [sequence for request in requests for sequence in request]
+        rewards = [0.0] * len(sequences)
+        for bucket in length_buckets([len(s) for s in sequences]):
+            # In a thread: the event loop keeps accepting and tokenizing the next requests meanwhile.
+            scores = await asyncio.to_thread(self.scorer.rewards, [sequences[i] for i in bucket],
+                                             self.options.max_batch_tokens)
+            for i, score in zip(bucket, scores):
+                rewards[i] = score
+        per_request, start = [], 0
+        for request in requests:
+            per_request.append(rewards[start : start + len(request)])
+            start += len(request)
+        return per_request
+
+
+def _replica_gpus(setting: str) -> float:
+    if setting != "auto":
+        return float(setting)
+    import ray
+
+    if ray.is_initialized():
+        return 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
+    import torch  # `serve run module:app` builds before it connects to Ray: judge by this machine
+
+    return 1.0 if torch.cuda.is_available() else 0.0
+
+
+def build_app(options: ServiceOptions, num_replicas: int | None = None) -> serve.Application:
+    """The Serve application for ``options`` (validated here; the token is read here)."""
+    from btrm.export import read_manifest
+
+    options.validate()
+    read_manifest(options.model_path)  # fail now, not in every replica, when the directory is wrong
+    token = read_token(options)
+    deployment_options: dict[str, Any] = {
+        "ray_actor_options": {"num_cpus": options.replica_cpus, "num_gpus": _replica_gpus(options.replica_gpus)},
+    }
+    if num_replicas is not None:
+        deployment_options["num_replicas"] = num_replicas
+    return RewardModelDeployment.options(**deployment_options).bind(options, token)
+
+
+def app_builder(args: dict[str, Any]) -> serve.Application:
+    """Application builder for Serve configs: ``import_path: btrm.serving:app_builder`` with ``args``
+    named like the fields of :class:`ServiceOptions` (model_path, token_env, max_candidates, ...)."""
+    known = {f.name for f in dataclasses.fields(ServiceOptions)}
+    unknown = sorted(set(args) - known)
+    if unknown:
+        raise ValueError(f"unknown application args {unknown}; expected some of {sorted(known)}")
+    return build_app(ServiceOptions(**args))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``btrm serve --model_path DIR``: the service on this machine, until Ctrl-C."""
+    import ray
+
+    command = parse_config(ServeCommand, "Serve an exported reward model over HTTP (Ray Serve).", argv)
+    service = ServiceOptions(**{f.name: getattr(command, f.name) for f in dataclasses.fields(ServiceOptions)})
+    if command.ray_address == "local":
+        ray.init(address="local", include_dashboard=False)
+    else:
+        ray.init(address=command.ray_address)
+    app = build_app(service, num_replicas=command.num_replicas)
+    serve.start(http_options={"host": command.host, "port": command.port,
+                              "request_timeout_s": command.request_timeout_s})
+    serve.run(app, name=APP_NAME, route_prefix="/")
+    guarded = read_token(service) is not None
+    print(f"[btrm] serving {command.model_path} at http://{command.host}:{command.port} "
+          f"(API docs: /docs); bearer token {'required' if guarded else 'not set: every route is open'}; "
+          "Ctrl-C stops", flush=True)
+    if not guarded and command.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"[btrm] WARNING: listening on {command.host} without a token: set ${command.token_env} or "
+              "--token_file", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("[btrm] shutting down", flush=True)
+    finally:
+        serve.shutdown()
+        ray.shutdown()

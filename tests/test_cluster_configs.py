@@ -1,0 +1,74 @@
+"""The cluster launcher YAMLs, KubeRay manifests and example configs parse, validate, and name only
+files that exist in the repository."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+from pathlib import Path
+
+import jsonschema
+import pytest
+import ray
+import yaml
+
+from btrm.config import TrainConfig, load_yaml
+from btrm.deepspeed_configs import SHIPPED
+from conftest import REPO
+
+LAUNCHER_CONFIGS = sorted((REPO / "cluster").glob("*.yaml"))
+LAUNCHER_CONFIGS = [p for p in LAUNCHER_CONFIGS if not p.name.startswith("kuberay-")]
+
+
+@pytest.mark.parametrize("path", LAUNCHER_CONFIGS, ids=lambda p: p.name)
+def test_cluster_launcher_configs_match_rays_schema(path):
+    config = yaml.safe_load(path.read_text())
+    schema = json.loads((Path(ray.__file__).parent / "autoscaler" / "ray-schema.json").read_text())
+    jsonschema.validate(config, schema)
+    for local in config.get("file_mounts", {}).values():
+        assert (REPO / local).exists(), local
+    commands = " ".join(config["setup_commands"])
+    assert "./setup.sh" in commands and (REPO / "setup.sh").is_file()
+
+
+def _train_flags(entrypoint: str) -> dict[str, str]:
+    words = shlex.split(entrypoint)
+    return {w[2:]: words[i + 1] for i, w in enumerate(words) if w.startswith("--") and i + 1 < len(words)}
+
+
+def test_kuberay_rayjob_runs_a_real_entry_point_with_valid_options():
+    job = yaml.safe_load((REPO / "cluster" / "kuberay-rayjob.yaml").read_text())
+    assert job["kind"] == "RayJob" and job["spec"]["rayClusterSpec"]["rayVersion"] == ray.__version__
+    entrypoint = job["spec"]["entrypoint"]
+    script = re.search(r"/app/(\S+\.py)", entrypoint).group(1)
+    assert (REPO / script).is_file()
+    flags = _train_flags(entrypoint)
+    TrainConfig(**{k: v for k, v in flags.items()})  # every flag is an option of the training job
+    assert flags["deepspeed"] in SHIPPED
+
+
+def test_kuberay_rayservice_serves_the_repositorys_application():
+    service = yaml.safe_load((REPO / "cluster" / "kuberay-rayservice.yaml").read_text())
+    assert service["kind"] == "RayService" and service["spec"]["rayClusterConfig"]["rayVersion"] == ray.__version__
+    serve_config = yaml.safe_load(service["spec"]["serveConfigV2"])
+    local = yaml.safe_load((REPO / "serve" / "config.yaml").read_text())
+    for app in (serve_config["applications"][0], local["applications"][0]):
+        module, _, attribute = app["import_path"].partition(":")
+        assert (REPO / (module.replace(".", "/") + ".py")).is_file()
+        assert attribute == "app_builder"
+        from btrm.serving import ServiceOptions
+
+        known = {f.name for f in __import__("dataclasses").fields(ServiceOptions)}
+        assert set(app["args"]) <= known, set(app["args"]) - known
+
+
+def test_dockerfile_and_shipped_configs_exist():
+    dockerfile = (REPO / "cluster" / "Dockerfile").read_text()
+    assert f"rayproject/ray:{ray.__version__}" in dockerfile
+    assert {p.stem for p in (REPO / "cluster" / "deepspeed").glob("*.json")} == set(SHIPPED)
+    for config in (REPO / "configs").glob("*.yaml"):
+        values = load_yaml(str(config), TrainConfig)
+        for key in ("train_set_path", "eval_set_path"):
+            if key in values:
+                assert (REPO / values[key]).exists(), (config.name, values[key])

@@ -1,0 +1,337 @@
+"""The scoring service: a real Serve application on 127.0.0.1 with a tiny Qwen3 reward model trained and
+exported by the real training code, reached by real HTTP requests."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from btrm.serving import (ServeCommand, ServiceOptions, app_builder, length_buckets, read_token, sigmoid)
+
+REPO = Path(__file__).resolve().parents[1]
+TOKEN = "test-token-7f3a"
+APP = "btrm-test"
+# Small limits, so that requests over them are cheap to build.
+LIMITS = dict(max_candidates=8, max_pairs=32, max_batch_sequences=64, max_body_bytes=1024 * 1024)
+
+
+@dataclass
+class Service:
+    url: str
+    options: ServiceOptions
+
+    def client(self, token: str | None = TOKEN, **kwargs) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=60, **kwargs)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def service(ray_session, trained_model_dir, tmp_path_factory):
+    from ray import serve
+
+    token_file = tmp_path_factory.mktemp("secrets") / "token"
+    token_file.write_text(TOKEN + "\n")
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 60})
+    args = dict(model_path=str(trained_model_dir), token_file=str(token_file), **LIMITS)
+    serve.run(app_builder(args), name=APP, route_prefix="/")  # the path a Serve config takes
+    yield Service(f"http://127.0.0.1:{port}", ServiceOptions(**args))
+    serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def eval_pairs(trained_model_dir, hh_helpful) -> list[tuple[dict, dict]]:
+    """(pair, the rewards the trained engine gave it in training's final evaluation), for every eval pair."""
+    pairs = {p["id"]: p for p in hh_helpful["test"]}
+    rows = pq.read_table(trained_model_dir / "eval_rewards.parquet").to_pylist()
+    return [(pairs[row["id"]], row) for row in rows]
+
+
+def _compare_body(pair: dict) -> dict:
+    return {"id": pair["id"], "messages": pair["chosen"][:-1], "chosen": pair["chosen"][-1]["content"],
+            "rejected": pair["rejected"][-1]["content"]}
+
+
+def _compare_all(client: httpx.Client, pairs: list[dict], per_request: int) -> list[dict]:
+    results = []
+    for start in range(0, len(pairs), per_request):
+        response = client.post("/compare", json={"pairs": [_compare_body(p) for p in pairs[start : start + per_request]]})
+        assert response.status_code == 200, response.text
+        results.extend(response.json()["results"])
+    return results
+
+
+# ----------------------------------------------------------------------------------------------
+# Scores
+
+
+def test_scores_equal_the_trained_engine_and_the_scorer(service, eval_pairs, trained_model_dir):
+    """Every eval pair: the service's rewards are those the training engine computed for it (exported in
+    eval_rewards.parquet) and those of RewardScorer; P(chosen better) is the sigmoid of the margin."""
+    from btrm.scoring import RewardScorer
+
+    with service.client() as client:
+        results = _compare_all(client, [pair for pair, _ in eval_pairs], service.options.max_pairs)
+    scorer = RewardScorer(str(trained_model_dir), device="cpu")
+    assert len(results) == len(eval_pairs) > 80
+    assert any(r["truncated"] for r in results)  # pairs over max_length 256 follow the manifest's policy
+    for result, (pair, engine) in zip(results, eval_pairs):
+        assert result["id"] == pair["id"]
+        assert result["reward_chosen"] == pytest.approx(engine["reward_chosen"], abs=1e-4)
+        assert result["reward_rejected"] == pytest.approx(engine["reward_rejected"], abs=1e-4)
+        assert result["margin"] == pytest.approx(result["reward_chosen"] - result["reward_rejected"], abs=1e-9)
+        assert result["p_chosen_better"] == pytest.approx(1 / (1 + math.exp(-result["margin"])), abs=1e-12)
+        (chosen, rejected), encoded = scorer.score_group([pair["chosen"], pair["rejected"]])
+        assert [result["reward_chosen"], result["reward_rejected"]] == pytest.approx([chosen, rejected], abs=1e-4)
+        assert result["truncated_prompt_tokens"] == encoded.truncated
+
+
+def test_single_and_concurrent_requests_agree_with_batches(service, eval_pairs):
+    """Requests sent one by one and 24 at once (batched together by the replica) get the batch's scores."""
+    pairs = [pair for pair, _ in eval_pairs[:24]]
+    with service.client() as client:
+        batch = _compare_all(client, pairs, len(pairs))
+        single = client.post("/compare", json=_compare_body(pairs[0]))
+    assert single.status_code == 200, single.text
+    assert single.json() == pytest.approx(batch[0], abs=1e-4)
+
+    async def concurrently() -> list[httpx.Response]:
+        headers = {"Authorization": f"Bearer {TOKEN}"}
+        async with httpx.AsyncClient(base_url=service.url, headers=headers, timeout=60) as client:
+            return await asyncio.gather(*(client.post("/compare", json=_compare_body(p)) for p in pairs))
+
+    responses = asyncio.run(concurrently())
+    assert [r.status_code for r in responses] == [200] * len(pairs)
+    for response, expected in zip(responses, batch):
+        assert response.json() == pytest.approx(expected, abs=1e-4)
+
+
+def test_score_ranks_candidates_like_compare(service):
+    prompt = "How do I keep basil fresh after buying it?"
+    candidates = ["Trim the stems and keep it in a glass of water on the counter, loosely covered.",
+                  "no idea", "Put it in the freezer in a plastic bag right away, leaves and all."]
+    with service.client() as client:
+        scored = client.post("/score", json={"prompt": prompt, "candidates": candidates})
+        as_messages = client.post("/score", json={"messages": [{"role": "user", "content": prompt}],
+                                                  "candidates": candidates})
+        pair = client.post("/compare", json={"prompt": prompt, "chosen": candidates[0], "rejected": candidates[1]})
+    assert scored.status_code == 200, scored.text
+    body = scored.json()
+    assert as_messages.json() == body  # a prompt string is one user turn
+    rewards = body["rewards"]
+    assert body["ranking"] == sorted(range(3), key=lambda k: -rewards[k]) and body["truncated"] is False
+    assert [pair.json()["reward_chosen"], pair.json()["reward_rejected"]] == pytest.approx(rewards[:2], abs=1e-4)
+
+
+def test_overlong_prompt_is_cut_and_flagged(service, trained_model_dir):
+    from btrm.scoring import RewardScorer
+
+    messages = [{"role": "user", "content": "Tell me about the history of bread. " * 60}]
+    with service.client() as client:
+        response = client.post("/score", json={"messages": messages, "candidates": ["Bread is old.", "Yeast."]})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["truncated"] is True and body["truncated_prompt_tokens"] > 100
+    conversations = [messages + [{"role": "assistant", "content": a}] for a in ("Bread is old.", "Yeast.")]
+    rewards, encoded = RewardScorer(str(trained_model_dir), device="cpu").score_group(conversations)
+    assert body["rewards"] == pytest.approx(rewards, abs=1e-4)
+    assert body["truncated_prompt_tokens"] == encoded.truncated
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad requests: 4xx naming what is wrong, never a 500
+
+GOOD_PAIR = {"prompt": "hi", "chosen": "hello", "rejected": "go away"}
+
+BAD_REQUESTS = [
+    # (path, body, status, text the error must contain)
+    ("/compare", {"prompt": "hi", "chosen": "hello"}, 422, "rejected"),
+    ("/compare", {**GOOD_PAIR, "messages": [{"role": "user", "content": "hi"}]}, 422, "exactly one of 'prompt'"),
+    ("/compare", {"chosen": "a", "rejected": "b"}, 422, "exactly one of 'prompt'"),
+    ("/compare", {**GOOD_PAIR, "chosen": "   "}, 422, "chosen"),
+    ("/compare", {**GOOD_PAIR, "rejected": 7}, 422, "rejected"),
+    ("/compare", {**GOOD_PAIR, "chosne": "typo"}, 422, "chosne"),
+    ("/compare", {"messages": [{"role": "robot", "content": "hi"}], "chosen": "a", "rejected": "b"}, 422, "role"),
+    ("/compare", {"messages": [{"role": "user", "content": ""}], "chosen": "a", "rejected": "b"}, 422, "content"),
+    ("/compare", {"messages": [], "chosen": "a", "rejected": "b"}, 422, "messages"),
+    ("/compare", {"messages": [{"role": "user", "content": "hi"}, {"role": "system", "content": "be brief"}],
+                  "chosen": "a", "rejected": "b"}, 422, "messages[1].role"),
+    ("/compare", {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}],
+                  "chosen": "a", "rejected": "b"}, 422, "must follow a user or tool turn"),
+    ("/compare", {"pairs": [GOOD_PAIR, {**GOOD_PAIR, "prompt": ""}]}, 422, '"pairs",1,"prompt"'),
+    ("/compare", {"pairs": []}, 422, "pairs"),
+    ("/compare", {"pairs": [GOOD_PAIR] * 33}, 413, "max_pairs=32"),
+    ("/compare", {"prompt": "hi", "chosen": "word " * 300, "rejected": "b"}, 413, "max_length=256"),
+    ("/score", {"prompt": "hi", "candidates": []}, 422, "candidates"),
+    ("/score", {"prompt": "hi", "candidates": "one answer"}, 422, "candidates"),
+    ("/score", {"prompt": "hi", "candidates": ["a"] * 9}, 413, "max_candidates=8"),
+    ("/score", {"prompt": "hi", "candidates": ["a", "word " * 300]}, 413, "answers are never cut"),
+    ("/score", [1, 2], 422, "valid dictionary"),
+]
+
+
+@pytest.mark.parametrize("path, body, status, expected", BAD_REQUESTS,
+                         ids=[f"{path}-{status}-{i}" for i, (path, _, status, _) in enumerate(BAD_REQUESTS)])
+def test_bad_requests_get_a_4xx_naming_the_problem(service, path, body, status, expected):
+    with service.client() as client:
+        response = client.post(path, json=body)
+    assert response.status_code == status, response.text
+    assert expected in response.text
+
+
+def test_malformed_and_oversized_bodies(service):
+    limit = service.options.max_body_bytes
+    with service.client() as client:
+        not_json = client.post("/compare", content=b"{not json", headers={"content-type": "application/json"})
+        declared = client.post("/score", content=b" " * (limit + 1), headers={"content-type": "application/json"})
+        # A chunked body declares no length: it is counted as it arrives.
+        chunked = client.post("/score", content=iter([b" " * 65536] * (limit // 65536 + 1)),
+                              headers={"content-type": "application/json"})
+    assert not_json.status_code == 422 and "JSON" in not_json.text
+    for response in (declared, chunked):
+        assert response.status_code == 413, response.text
+        assert f"max_body_bytes={limit}" in response.json()["detail"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Access
+
+
+def test_token_guards_every_route_but_health(service):
+    with service.client(token=None) as anonymous:
+        assert anonymous.get("/health").json() == {"status": "ok"}
+        for method, path in (("GET", "/info"), ("POST", "/compare"), ("POST", "/score"), ("GET", "/openapi.json"),
+                             ("GET", "/docs")):
+            response = anonymous.request(method, path, json=GOOD_PAIR if method == "POST" else None)
+            assert response.status_code == 401 and "missing bearer token" in response.text, (path, response.text)
+            assert response.headers["www-authenticate"] == "Bearer"
+        assert anonymous.get("/info", headers={"Authorization": f"Basic {TOKEN}"}).status_code == 401
+    with service.client(token="wrong-token") as intruder:
+        response = intruder.post("/compare", json=GOOD_PAIR)
+        assert response.status_code == 401 and "wrong bearer token" in response.text
+    with service.client() as client:
+        assert client.post("/compare", json=GOOD_PAIR).status_code == 200
+
+
+def test_info_and_openapi_schema(service, trained_model_dir):
+    import json
+
+    with service.client() as client:
+        info = client.get("/info").json()
+        schema = client.get("/openapi.json").json()
+    assert info["manifest"] == json.loads((trained_model_dir / "btrm.json").read_text())
+    assert (info["max_length"], info["overlong"], info["reward_token"]) == (256, "truncate_prompt", "last")
+    assert info["limits"]["max_candidates"] == 8 and info["version"] and info["device"] == "cpu"
+    assert set(schema["paths"]) == {"/compare", "/score", "/health", "/info"}
+    assert schema["components"]["securitySchemes"]["bearer"] == {"type": "http", "scheme": "bearer"}
+    assert "security" not in schema["paths"]["/health"]["get"]
+    assert schema["paths"]["/compare"]["post"]["security"] == [{"bearer": []}]
+    for model in ("ComparePair", "CompareBatch", "ScoreRequest", "PairResult", "ScoreResult"):
+        assert model in schema["components"]["schemas"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Options, config file, helpers (no Serve needed)
+
+
+def test_serve_config_file_builds_this_application():
+    from ray.serve.schema import ServeDeploySchema
+
+    config = ServeDeploySchema.model_validate(yaml.safe_load((REPO / "serve" / "config.yaml").read_text()))
+    assert config.http_options.host == "127.0.0.1"
+    (application,) = config.applications
+    assert application.import_path == "serve.app:app_builder"
+    options = ServiceOptions(**application.args)
+    options.model_path = "somewhere"
+    options.validate()
+    with pytest.raises(ValueError, match="unknown application args"):
+        app_builder({"model_path": "x", "max_candidate": 3})
+
+
+def test_options_and_token_sources(tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="model_path is required"):
+        ServiceOptions().validate()
+    with pytest.raises(ValueError, match="max_batch_sequences"):
+        ServiceOptions(model_path="m", max_pairs=100).validate()
+    with pytest.raises(ValueError, match="replica_gpus"):
+        ServiceOptions(model_path="m", replica_gpus="some").validate()
+    assert ServeCommand(model_path="m").host == "127.0.0.1"
+
+    monkeypatch.delenv("BTRM_API_TOKEN", raising=False)
+    assert read_token(ServiceOptions()) is None
+    monkeypatch.setenv("BTRM_API_TOKEN", " from-env ")
+    assert read_token(ServiceOptions()) == "from-env"
+    (tmp_path / "token").write_text("from-file\n")
+    assert read_token(ServiceOptions(token_file=str(tmp_path / "token"))) == "from-file"
+    (tmp_path / "empty").write_text("\n")
+    with pytest.raises(ValueError, match="empty"):
+        read_token(ServiceOptions(token_file=str(tmp_path / "empty")))
+    with pytest.raises(FileNotFoundError):
+        read_token(ServiceOptions(token_file=str(tmp_path / "absent")))
+
+
+def test_length_buckets_and_sigmoid():
+    lengths = [10, 400, 12, 19, 900, 21, 250]
+    buckets = length_buckets(lengths)
+    assert sorted(i for b in buckets for i in b) == list(range(len(lengths)))
+    for bucket in buckets:
+        assert max(lengths[i] for i in bucket) <= 2 * min(lengths[i] for i in bucket)
+    assert buckets[0] == [0, 2, 3]
+    assert sigmoid(0.0) == 0.5 and sigmoid(-1000.0) == 0.0 and sigmoid(1000.0) == 1.0
+    assert sigmoid(-2.0) == pytest.approx(1 - sigmoid(2.0), abs=1e-15)
+
+
+# ----------------------------------------------------------------------------------------------
+# Last: it replaces the replica
+
+
+def test_dead_replica_fails_requests_in_flight_fast_and_is_replaced(service, eval_pairs):
+    import ray
+
+    pairs = [pair for pair, _ in eval_pairs[:32]]
+    body = {"pairs": [_compare_body(p) for p in pairs]}
+    with service.client() as client:
+        before = client.post("/compare", json=body).json()["results"]
+
+    async def kill_while_busy() -> list:
+        headers = {"Authorization": f"Bearer {TOKEN}"}
+        async with httpx.AsyncClient(base_url=service.url, headers=headers, timeout=30) as client:
+            in_flight = [asyncio.create_task(client.post("/compare", json=body)) for _ in range(12)]
+            await asyncio.sleep(0.3)
+            (replica,) = [a for a in ray.util.list_named_actors(all_namespaces=True)
+                          if a["name"].startswith(f"SERVE_REPLICA::{APP}#")]
+            ray.kill(ray.get_actor(replica["name"], namespace=replica["namespace"]), no_restart=True)
+            return await asyncio.gather(*in_flight, return_exceptions=True)
+
+    started = time.monotonic()
+    responses = asyncio.run(kill_while_busy())
+    # No hang (the client would time out): each request either finished or failed at once. The
+    # replica holds all 12 (max_ongoing_requests) and cannot score 768 sequences in 0.3 s: some fail.
+    assert time.monotonic() - started < 30
+    assert all(isinstance(r, httpx.Response) and r.status_code in (200, 500) for r in responses), responses
+    assert any(r.status_code == 500 for r in responses)
+
+    with service.client() as client:
+        deadline = time.monotonic() + 90
+        while client.get("/health").status_code != 200:
+            assert time.monotonic() < deadline, "Serve did not replace the replica"
+            time.sleep(1)
+        after = client.post("/compare", json=body)
+    assert after.status_code == 200
+    for result, expected in zip(after.json()["results"], before, strict=True):
+        assert result == pytest.approx(expected, abs=1e-4)
