@@ -1,7 +1,7 @@
 """Throughput of the data pipeline (read → process → validate → tokenize) on real pairs, per CPU core:
 the Ray Data pipeline beside a plain single-process loop over the same code and tokenizer.
 
-    python benchmarks/data_pipeline.py [--pairs 20000] [--tokenizer ../shared/data/tokenizers/qwen3]
+    python benchmarks/data_pipeline.py [--pairs 60000] [--tokenizer ../shared/data/tokenizers/qwen3]
 
 Data: the embedded hh-rlhf helpful pairs plus, when ../shared is present, hh-rlhf harmless-base test
 pairs, repeated (with fresh ids) to --pairs and written as parquet shards. Tokens = both templated
@@ -90,7 +90,7 @@ def ray_pipeline(spec, actors: int) -> tuple[int, int, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pairs", type=int, default=20000)
+    parser.add_argument("--pairs", type=int, default=60000)
     parser.add_argument("--tokenizer", default=str(REPO.parent / "shared" / "data" / "tokenizers" / "qwen3"))
     parser.add_argument("--max_length", type=int, default=4096)
     args = parser.parse_args()

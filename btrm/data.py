@@ -53,7 +53,7 @@ class DataSpec:
     tokenization: TokenizationSpec
     dataset_format: str = "standard"
     custom_bt_dataset_path: str | None = None
-    batch_rows: int = 256
+    batch_rows: int = 512
 
 
 @dataclass
@@ -165,13 +165,19 @@ class PairPreprocessor:
         self.tokenizer = PairTokenizer(tokenizer, spec.tokenization)
 
     def __call__(self, batch: dict[str, Any]) -> Iterator[pa.Table]:
+        pending = None  # the previous batch's report: checked while this one is processed, not waited for
         for fragment in batch["fragment"]:
             for row_numbers, rows in read_fragment(Fragment(**fragment), self.spec.batch_rows):
                 table, report = self.process_rows(fragment["path"], row_numbers, rows)
-                failure = ray.get(self.ledger.record.remote((fragment["path"], row_numbers[0]), report))
-                if failure:
-                    raise DataError(failure, ray.get(self.ledger.summary.remote()))
+                self._check(pending)
+                pending = self.ledger.record.remote((fragment["path"], row_numbers[0]), report)
                 yield table
+        self._check(pending)
+
+    def _check(self, pending) -> None:
+        failure = ray.get(pending) if pending is not None else None
+        if failure:
+            raise DataError(failure, ray.get(self.ledger.summary.remote()))
 
     def process_rows(self, path: str, row_numbers, rows: list[Any]) -> tuple[pa.Table, LedgerReport]:
         report = LedgerReport(rows_read=len(rows))
