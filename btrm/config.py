@@ -106,6 +106,7 @@ class TrainConfig(DataOptions):
     run_name: str | None = option(None, "Name of the run (Ray Train run, wandb/swanlab run).")
     report_to: str = option("none", "Experiment tracker, written from rank 0.", ("none", "wandb", "swanlab"))
     project: str = option("btrm", "wandb/swanlab project.")
+    tracking_dir: str = option("./tracking", "Where wandb/swanlab keep their local (and offline) run files.")
 
     def validate(self) -> None:
         super().validate()

@@ -17,23 +17,26 @@ def check_tracker(report_to: str) -> None:
                          f"pip install 'btrm[{report_to}]' (or --report_to none)")
 
 
+def _mode(report_to: str) -> str:
+    """The tracker's own mode variable wins; without it and without an API key, log offline (`wandb sync`
+    or `swanlab sync` uploads later) instead of failing for want of a login."""
+    prefix = report_to.upper()
+    return os.environ.get(f"{prefix}_MODE") or ("online" if os.environ.get(f"{prefix}_API_KEY") else "offline")
+
+
 class Tracker:
-    def __init__(self, report_to: str, project: str, run_name: str | None, config: dict[str, Any]):
-        self.report_to = report_to
+    def __init__(self, report_to: str, project: str, run_name: str | None, config: dict[str, Any], directory: str):
         self.run = None
         if report_to == "wandb":
             import wandb
 
-            # Without an API key wandb refuses to start; log offline (`wandb sync` uploads later).
-            if not os.environ.get("WANDB_API_KEY") and not os.environ.get("WANDB_MODE"):
-                os.environ["WANDB_MODE"] = "offline"
-            self.run = wandb.init(project=project, name=run_name, config=config)
+            os.makedirs(directory, exist_ok=True)
+            self.run = wandb.init(project=project, name=run_name, config=config, dir=directory, mode=_mode(report_to))
         elif report_to == "swanlab":
             import swanlab
 
-            if not os.environ.get("SWANLAB_API_KEY") and not os.environ.get("SWANLAB_MODE"):
-                os.environ["SWANLAB_MODE"] = "offline"
-            self.run = swanlab.init(project=project, experiment_name=run_name, config=config)
+            self.run = swanlab.init(project=project, name=run_name, config=config, log_dir=directory,
+                                    mode=_mode(report_to))
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         if self.run is not None:

@@ -65,6 +65,7 @@ def run_training(config: TrainConfig) -> ray.train.Result:
         ray.init()
     config.run_name = config.run_name or time.strftime("btrm-%Y%m%d-%H%M%S")
     storage_path = config.storage_path if "://" in config.storage_path else os.path.abspath(config.storage_path)
+    config.tracking_dir = os.path.abspath(config.tracking_dir)  # workers have another working directory
     model_path = resolve_model_path(config.model_name)
     spec = tokenization_for(model_path, config)
     use_gpu = {"auto": ray.cluster_resources().get("GPU", 0) > 0, "true": True, "false": False}[config.use_gpu]

@@ -151,7 +151,8 @@ def train_loop_per_worker(loop_config: dict[str, Plan]) -> None:
             print(f"[btrm] resumed from step {progress.global_step} (epoch {progress.epoch}, "
                   f"{progress.pairs_seen} pairs seen)", flush=True)
 
-    tracker = Tracker(config.report_to, config.project, config.run_name, vars(config)) if rank == 0 else None
+    tracker = (Tracker(config.report_to, config.project, config.run_name, vars(config), config.tracking_dir)
+               if rank == 0 else None)
     train_shard = ray.train.get_dataset_shard("train")
     eval_shard = plan.eval_shards[rank] if plan.eval_shards else None
     window = Window()

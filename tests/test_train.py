@@ -63,13 +63,18 @@ def test_loss_falls_and_steps_follow_accumulation(trained_model_dir):
 def test_eval_cadence_resume_and_options(ray_session, tiny_qwen_dir, hh_helpful, tmp_path):
     """eval_steps/save_steps cadence; a second run under the same name resumes and continues the step count."""
     rows, held_out = hh_helpful["train"][:200], hh_helpful["test"][:40]
+    tracking = tmp_path / "tracking"
     _, model_dir = train_tiny(tmp_path, tiny_qwen_dir, rows, held_out, max_steps=6, eval_steps=3, save_steps=3,
-                              logging_steps=3)
+                              logging_steps=3, report_to="wandb", tracking_dir=str(tracking))
     log = _log(model_dir)
     assert [line["step"] for line in log if "eval/accuracy" in line] == [3, 6]
+    [wandb_run] = (tracking / "wandb").glob("offline-run-*")  # offline: no API key in tests
+    assert list(wandb_run.glob("*.wandb"))
     result, model_dir = train_tiny(tmp_path, tiny_qwen_dir, rows, held_out, max_steps=10, logging_steps=2,
-                                   use_margin=True, center_rewards_coefficient=0.1)
+                                   use_margin=True, center_rewards_coefficient=0.1, report_to="swanlab",
+                                   tracking_dir=str(tracking))
     log = _log(model_dir)
     assert [line["step"] for line in log if "train/loss" in line] == [8, 10]  # 7..10 trained, 1..6 restored
     assert result.metrics["step"] == 10
     assert json.loads((model_dir / "btrm.json").read_text())["training"]["steps"] == 10
+    assert any(p.is_file() for p in tracking.rglob("*") if "wandb" not in p.parts)  # swanlab's offline files
