@@ -50,7 +50,11 @@ def publish_dir(source: str | Path, destination: str | Path) -> Path:
     destination = Path(destination).resolve()
     destination.parent.mkdir(parents=True, exist_ok=True)
     staging = destination.parent / f".{destination.name}.staging-{uuid.uuid4().hex[:8]}"
-    shutil.copytree(source, staging)
+    try:
+        shutil.copytree(source, staging)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)  # an interrupted copy leaves nothing behind
+        raise
     if destination.exists():
         retired = destination.parent / f".{destination.name}.old-{uuid.uuid4().hex[:8]}"
         os.rename(destination, retired)

@@ -1,0 +1,53 @@
+"""Publishing an export is atomic: an interrupted copy never leaves a directory that looks finished,
+and a finished one replaces the previous export only once it is complete."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from btrm.export import publish_dir
+
+
+def _export(directory, marker: str):
+    directory.mkdir(parents=True)
+    for name in ("config.json", "model.safetensors", "btrm.json"):
+        (directory / name).write_text(marker)
+    return directory
+
+
+def test_interrupted_publish_leaves_no_finished_looking_directory(tmp_path, monkeypatch):
+    source = _export(tmp_path / "staged", "new")
+    destination = tmp_path / "out" / "model"
+    real_copy = shutil.copyfile
+    copied = []
+
+    def copy_then_die(src, dst, **kwargs):
+        if len(copied) == 1:
+            raise KeyboardInterrupt  # the job is stopped halfway through the copy
+        copied.append(src)
+        return real_copy(src, dst, **kwargs)
+
+    monkeypatch.setattr(shutil, "copyfile", copy_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        publish_dir(source, destination)
+    assert not destination.exists()
+    assert list((tmp_path / "out").iterdir()) == []  # no half-written staging directory either
+
+    monkeypatch.setattr(shutil, "copyfile", real_copy)
+    assert publish_dir(source, destination) == destination.resolve()
+    assert (destination / "btrm.json").read_text() == "new"
+
+
+def test_publish_replaces_an_earlier_export_only_when_complete(tmp_path, monkeypatch):
+    destination = _export(tmp_path / "out" / "model", "old")
+    source = _export(tmp_path / "staged", "new")
+    monkeypatch.setattr(shutil, "copyfile", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError, match="disk full"):
+        publish_dir(source, destination)
+    assert (destination / "btrm.json").read_text() == "old"  # the earlier export is untouched
+    monkeypatch.undo()
+    publish_dir(source, destination)
+    assert (destination / "btrm.json").read_text() == "new"
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["model"]
