@@ -1,0 +1,69 @@
+"""A training worker killed mid-run: Ray Train restarts the workers from the last checkpoint and the
+run finishes with the step count and pairs seen of an uninterrupted run (within one checkpoint interval)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+
+import psutil
+import ray
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from conftest import train_tiny
+
+
+def _train_workers_of_this_session() -> list[psutil.Process]:
+    """RayTrainWorker processes under this test session's raylet (other Ray instances may run here)."""
+    raylet = ray._private.worker._global_node.all_processes["raylet"][0].process.pid
+    return [p for p in psutil.Process(raylet).children(recursive=True)
+            if "RayTrainWorker" in " ".join(p.cmdline())]
+
+
+def test_a_killed_worker_resumes_from_the_last_checkpoint(ray_session, tiny_qwen_dir, hh_helpful, tmp_path):
+    # 320 pairs on 2 workers x 4 pairs x 2 accumulation: 20 steps an epoch, 60 in all; a checkpoint every 10.
+    options = dict(num_train_epochs=3, save_steps=10, logging_steps=5, max_failures=1)
+    outcome: dict = {}
+
+    def train():
+        try:
+            outcome["result"], outcome["model_dir"] = train_tiny(tmp_path, tiny_qwen_dir, hh_helpful["train"][:320],
+                                                                 hh_helpful["test"][:32], **options)
+        except BaseException as e:  # noqa: BLE001 - reported by the assertion below
+            outcome["error"] = e
+
+    thread = threading.Thread(target=train)
+    thread.start()
+    deadline, killed, checkpoint_seen = time.time() + 300, None, None
+    while thread.is_alive() and time.time() < deadline and killed is None:
+        if checkpoint_seen is None and list((tmp_path / "runs" / "tiny").glob("checkpoint_*")):
+            checkpoint_seen = time.time()
+        # A moment after the first checkpoint shows up in storage (it is registered once fully uploaded):
+        # the workers are past step 10 and have not reached step 20.
+        if checkpoint_seen and time.time() - checkpoint_seen > 2:
+            workers = _train_workers_of_this_session()
+            if workers:
+                killed = workers[-1].pid
+                os.kill(killed, signal.SIGKILL)
+        time.sleep(0.2)
+    thread.join(timeout=600)
+    assert "error" not in outcome, outcome.get("error")
+    assert killed is not None, "the run finished before a worker could be killed"
+
+    result, model_dir = outcome["result"], outcome["model_dir"]
+    manifest = json.loads((model_dir / "btrm.json").read_text())
+    log = [json.loads(line) for line in (model_dir / "training_log.jsonl").read_text().splitlines()]
+    uninterrupted_pairs = 60 * 2 * 4 * 2
+    assert result.metrics["step"] == manifest["training"]["steps"] == 60
+    assert abs(manifest["training"]["pairs_seen"] - uninterrupted_pairs) <= 10 * 2 * 4 * 2  # one interval
+    assert log[0]["step"] > 5, "the log starts where the restarted workers resumed, after a checkpoint"
+
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    ids = tokenizer.apply_chat_template(hh_helpful["test"][0]["chosen"], tokenize=True, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=ids).logits).all()
