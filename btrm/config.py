@@ -102,8 +102,10 @@ class TrainConfig(DataOptions):
     save_total_limit: int = option(2, "Checkpoints kept in storage.")
     max_failures: int = option(0, "Worker failures to recover from (from the last checkpoint) before giving up.")
     storage_path: str = option("./runs", "Ray Train storage for checkpoints and results (a directory or a "
-                               "cloud URI); re-running with the same --run_name resumes from its latest checkpoint.")
-    run_name: str | None = option(None, "Name of the run (Ray Train run, wandb/swanlab run).")
+                               "cloud URI); the run lives in STORAGE_PATH/RUN_NAME.")
+    run_name: str | None = option(None, "Name of the run (Ray Train run, wandb/swanlab run); default: btrm-DATE-TIME.")
+    resume: bool = option(False, "Continue the run --run_name from its latest checkpoint in --storage_path "
+                          "(with a larger --max_steps or --num_train_epochs, a finished run trains on).")
     report_to: str = option("none", "Experiment tracker, written from rank 0.", ("none", "wandb", "swanlab"))
     project: str = option("btrm", "wandb/swanlab project.")
     tracking_dir: str = option("./tracking", "Where wandb/swanlab keep their local (and offline) run files.")
@@ -116,6 +118,8 @@ class TrainConfig(DataOptions):
                      "num_train_epochs", "num_workers", "logging_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be at least 1")
+        if self.resume and not self.run_name:
+            raise ValueError("--resume needs the --run_name of the run to continue")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
 

@@ -14,6 +14,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs as pafs
 import ray
 import ray.train
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
@@ -59,12 +60,24 @@ def pair_dataset(name: str, path: str, model_path: str, spec: TokenizationSpec, 
     return dataset, summary
 
 
+def check_run_directory(storage_path: str, run_name: str, resume: bool) -> None:
+    """Ray Train continues any run it finds under STORAGE/NAME; make that a choice, not a surprise."""
+    filesystem, root = pafs.FileSystem.from_uri(storage_path) if "://" in storage_path else (pafs.LocalFileSystem(), storage_path)
+    exists = filesystem.get_file_info(f"{root}/{run_name}").type != pafs.FileType.NotFound
+    if exists and not resume:
+        raise SystemExit(f"run {run_name!r} already exists in {storage_path}: pass --resume to continue it from its "
+                         "latest checkpoint, or choose another --run_name")
+    if resume and not exists:
+        raise SystemExit(f"--resume: there is no run {run_name!r} in {storage_path}")
+
+
 def run_training(config: TrainConfig) -> ray.train.Result:
     check_tracker(config.report_to)
     if not ray.is_initialized():
         ray.init()
     config.run_name = config.run_name or time.strftime("btrm-%Y%m%d-%H%M%S")
     storage_path = config.storage_path if "://" in config.storage_path else os.path.abspath(config.storage_path)
+    check_run_directory(storage_path, config.run_name, config.resume)
     config.tracking_dir = os.path.abspath(config.tracking_dir)  # workers have another working directory
     model_path = resolve_model_path(config.model_name)
     spec = tokenization_for(model_path, config)

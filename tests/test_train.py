@@ -70,9 +70,11 @@ def test_eval_cadence_resume_and_options(ray_session, tiny_qwen_dir, hh_helpful,
     assert [line["step"] for line in log if "eval/accuracy" in line] == [3, 6]
     [wandb_run] = (tracking / "wandb").glob("offline-run-*")  # offline: no API key in tests
     assert list(wandb_run.glob("*.wandb"))
+    with pytest.raises(SystemExit, match="already exists .* pass --resume"):
+        train_tiny(tmp_path, tiny_qwen_dir, rows, held_out, max_steps=10)
     result, model_dir = train_tiny(tmp_path, tiny_qwen_dir, rows, held_out, max_steps=10, logging_steps=2,
                                    use_margin=True, center_rewards_coefficient=0.1, report_to="swanlab",
-                                   tracking_dir=str(tracking))
+                                   tracking_dir=str(tracking), resume=True)
     log = _log(model_dir)
     assert [line["step"] for line in log if "train/loss" in line] == [8, 10]  # 7..10 trained, 1..6 restored
     assert result.metrics["step"] == 10
