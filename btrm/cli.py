@@ -24,5 +24,6 @@ def main() -> None:
         print(f"usage: btrm {{{','.join(COMMANDS)}}} [options]   (btrm COMMAND --help for its options)")
         sys.exit(0 if len(sys.argv) > 1 and sys.argv[1] in ("-h", "--help") else 2)
     command = sys.argv.pop(1)
+    sys.argv[0] = f"btrm {command}"  # argparse's prog: `usage: btrm serve ...`, not `usage: btrm ...`
     module, function = COMMANDS[command].split(":")
     getattr(__import__(module, fromlist=[function]), function)()

@@ -52,6 +52,8 @@ def test_kuberay_rayservice_serves_the_repositorys_application():
     service = yaml.safe_load((REPO / "cluster" / "kuberay-rayservice.yaml").read_text())
     assert service["kind"] == "RayService" and service["spec"]["rayClusterConfig"]["rayVersion"] == ray.__version__
     serve_config = yaml.safe_load(service["spec"]["serveConfigV2"])
+    # Serve takes a directory already on the nodes only as local://; file:// must name an archive.
+    assert serve_config["applications"][0]["runtime_env"]["working_dir"].startswith("local://")
     local = yaml.safe_load((REPO / "serve" / "config.yaml").read_text())
     for app in (serve_config["applications"][0], local["applications"][0]):
         module, _, attribute = app["import_path"].partition(":")

@@ -1,0 +1,102 @@
+#!/usr/bin/env bash
+# Qwen3-1.7B reward model on HelpSteer3, end to end on a running Ray GPU cluster: train (the reference
+# trainer's settings), evaluate on the validation split, deploy the service with `serve deploy`, call it.
+# Each step is the command you would type; tests/test_end_to_end.py runs the same four on a local cluster.
+#
+#   ray up cluster/aws-gpu.yaml                  # or cluster/onprem.yaml; KubeRay: see cluster/kuberay-*.yaml
+#   ray dashboard cluster/aws-gpu.yaml &         # forwards the head's dashboard to 127.0.0.1:8265
+#   ray attach cluster/aws-gpu.yaml -p 8000      # (another terminal) forwards the service's port 8000
+#   export RAY_ADDRESS=http://127.0.0.1:8265
+#   TRAIN=s3://my-bucket/helpsteer3/train.jsonl.gz EVAL=s3://my-bucket/helpsteer3/validation.jsonl.gz \
+#       bash jobs/example_qwen3_helpsteer3.sh    # from the repository root
+#
+# TRAIN / EVAL: HelpSteer3 preference data in NVIDIA's layout (context, response1, response2,
+# overall_preference) or RM-Gallery's (input, output[].label.is_preferred): parquet, JSON/JSONL(.gz), a
+# directory, a glob or a cloud URI. Ties (overall_preference 0) are dropped and counted in the ledger.
+# SHARED: a directory every node mounts (NFS, EFS, a PVC): the export, the evaluation and the service
+# all read the model from there. If the cluster uses token auth (Ray 2.60 turns it on when the head has
+# a token), also `export RAY_AUTH_MODE=token` with the head's token in ~/.ray/auth_token (or
+# RAY_AUTH_TOKEN_PATH pointing at a copy).
+set -euo pipefail
+: "${RAY_ADDRESS:?set RAY_ADDRESS to the dashboard of the cluster, e.g. http://127.0.0.1:8265}"
+: "${TRAIN:?set TRAIN to HelpSteer3 training pairs}"
+: "${EVAL:?set EVAL to HelpSteer3 held-out pairs}"
+SHARED="${SHARED:-/mnt/shared/btrm}"
+MODEL="${MODEL:-$SHARED/models/qwen3-1.7b-helpsteer3-rm}"
+EVAL_OUTPUT="${EVAL_OUTPUT:-$SHARED/eval/qwen3-1.7b-helpsteer3-rm/validation.parquet}"
+NUM_WORKERS="${NUM_WORKERS:-8}"
+# Where this repository is on every node (cluster/*.yaml's file_mounts put it in ~/btrm; the KubeRay
+# image at /app): `serve deploy` takes no local directory, so the application imports serve.app from there.
+REPO_ON_NODES="${REPO_ON_NODES:-/home/ubuntu/btrm}"
+SERVE_URL="${SERVE_URL:-http://127.0.0.1:8000}"
+# .gitignore'd paths (.venv, outputs, runs) stay behind by themselves; so does .git.
+RUNTIME_ENV='{"excludes": [".git"]}'
+
+cd "$(dirname "$0")/.."
+export RAY_ADDRESS
+STAMP="$(date +%Y%m%d-%H%M%S)"
+RUN_NAME="${RUN_NAME:-qwen3-helpsteer3}"
+
+# 1. Train: the reference trainer's settings (4096 tokens, lr 2e-6, 64-step accumulation, bf16, gradient
+#    checkpointing, ZeRO-3) on the HelpSteer3 processor. `ray job submit` follows the logs until the job ends
+#    (Ctrl-C detaches, the job goes on: `ray job logs -f <submission id>`, `ray job list`). A run name already
+#    in $STORAGE is refused: RESUME=true continues it from its latest checkpoint, or pick another RUN_NAME.
+ray job submit --submission-id "$RUN_NAME-train-$STAMP" --working-dir . \
+    --runtime-env-json "$RUNTIME_ENV" -- python jobs/train.py \
+    --model_name Qwen/Qwen3-1.7B \
+    --dataset_format helpsteer3 \
+    --train_set_path "$TRAIN" \
+    --eval_set_path "$EVAL" \
+    --output_path "$MODEL" \
+    --max_length 4096 \
+    --learning_rate 2e-6 \
+    --num_train_epochs 1 \
+    --bf16 true \
+    --per_device_train_batch_size 1 \
+    --gradient_accumulation_steps 64 \
+    --gradient_checkpointing true \
+    --deepspeed zero3 \
+    --num_workers "$NUM_WORKERS" \
+    --use_gpu true \
+    --logging_steps 1 \
+    --eval_steps 50 \
+    --save_steps 50 \
+    --storage_path "${STORAGE:-$SHARED/runs}" \
+    --run_name "$RUN_NAME" \
+    --resume "${RESUME:-false}" \
+    --report_to "${REPORT_TO:-none}"
+
+# 2. Evaluate the export on the held-out pairs: per-pair rewards, accuracy (per domain too), length bias.
+#    The figures land next to the output as validation.summary.json.
+ray job submit --submission-id "$RUN_NAME-evaluate-$STAMP" --working-dir . \
+    --runtime-env-json "$RUNTIME_ENV" -- python jobs/evaluate.py \
+    --model_path "$MODEL" \
+    --dataset_format helpsteer3 \
+    --data_path "$EVAL" \
+    --output "$EVAL_OUTPUT" \
+    --show 5
+
+# 3. Serve it: serve/config.yaml with this model and the repository on the nodes as working_dir.
+SERVE_CONFIG="${TMPDIR:-/tmp}/btrm-serve-$STAMP.yaml"
+python - "$SERVE_CONFIG" "$MODEL" "$REPO_ON_NODES" <<'EOF'
+import sys, yaml
+path, model, repo = sys.argv[1:]
+config = yaml.safe_load(open("serve/config.yaml"))
+app = config["applications"][0]
+app["args"]["model_path"] = model
+app["runtime_env"] = {"working_dir": f"local://{repo}"}
+open(path, "w").write(yaml.safe_dump(config, sort_keys=False))
+EOF
+serve deploy -a "$RAY_ADDRESS" "$SERVE_CONFIG"
+while true; do   # the application goes DEPLOYING → RUNNING once its replicas have loaded the model
+    status="$(serve status -a "$RAY_ADDRESS")"
+    grep -q "status: RUNNING" <<<"$status" && break
+    if grep -q "DEPLOY_FAILED" <<<"$status"; then echo "$status"; exit 1; fi
+    sleep 10
+done
+echo "$status"
+
+# 4. Call it (through `ray attach ... -p 8000`, or on the head itself).
+curl -s "$SERVE_URL/compare" -H 'content-type: application/json' \
+    -d '{"prompt": "What is the capital of Australia?", "chosen": "Canberra.", "rejected": "Sydney."}'
+echo
