@@ -12,10 +12,8 @@ earlier report instead of counting twice.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, Iterator
 
 import pyarrow as pa
@@ -265,13 +263,10 @@ def new_ledger(name: str, max_drop_fraction: float):
     return Ledger.remote(name, max_drop_fraction)
 
 
-def close_ledger(ledger, max_drop_fraction: float, output_dir: str | Path | None = None) -> dict[str, Any]:
-    """The final ledger: printed, written as JSON next to the outputs, and checked against the limits."""
+def close_ledger(ledger, max_drop_fraction: float) -> dict[str, Any]:
+    """The final ledger, printed and checked against the limits (callers write it next to their outputs)."""
     summary = ray.get(ledger.summary.remote())
     print(format_ledger(summary), flush=True)
-    if output_dir is not None:
-        os.makedirs(output_dir, exist_ok=True)
-        Path(output_dir, f"ledger_{summary['dataset']}.json").write_text(json.dumps(summary, indent=2))
     if summary["drop_fraction"] > max_drop_fraction:
         raise DataError(f"{summary['dataset']}: {summary['drop_fraction']:.1%} of pairs dropped > "
                         f"--max_drop_fraction {max_drop_fraction:.1%}; fix the data or raise the limit", summary)

@@ -29,7 +29,9 @@ from pathlib import Path
 from typing import Annotated, Any, Awaitable, Callable, Literal, Sequence
 
 import jinja2
-from fastapi import FastAPI, HTTPException
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.exception_handlers import request_validation_exception_handler
+from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 from ray import serve
@@ -129,10 +131,20 @@ def read_token(options: ServiceOptions) -> str | None:
 # Requests and responses (the OpenAPI schema at /openapi.json documents them)
 
 
+def _unicode(text: str) -> str:
+    # A JSON escape such as \ud800 puts a lone surrogate in a str: not text the tokenizer or a JSON answer can encode.
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("must be valid Unicode text (a lone surrogate escape such as \\ud800 is not)") from None
+    return text
+
+
 def _not_blank(text: str) -> str:
     if not text.strip():
         raise ValueError("must not be empty or only whitespace")
-    return text
+    return _unicode(text)
 
 
 Text = Annotated[str, AfterValidator(_not_blank)]
@@ -173,7 +185,8 @@ class Conversation(_Strict):
 
 
 class ComparePair(Conversation):
-    id: str | None = Field(None, description="Echoed back, to match results to pairs.")
+    id: Annotated[str, AfterValidator(_unicode)] | None = Field(
+        None, description="Echoed back, to match results to pairs.")
     chosen: Text
     rejected: Text
 
@@ -247,6 +260,10 @@ def sigmoid(x: float) -> float:
     return z / (1.0 + z)
 
 
+# FastAPI's own answer to a body that its JSON parser fails on with other than a JSON syntax error (that is a 422).
+_UNPARSABLE_BODY: dict[int | str, dict[str, Any]] = {
+    400: {"description": "The body could not be parsed at all (not UTF-8, a number over 4300 digits, nested too deep)"}}
+
 ScoreSequences = Callable[[list[list[int]]], Awaitable[list[float]]]
 
 
@@ -271,6 +288,17 @@ def build_api(scorer, options: ServiceOptions, token: str | None, score_sequence
         except jinja2.TemplateError as e:
             raise HTTPException(422, f"{what}: the model's chat template rejects this conversation: {e}") from None
 
+    @api.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        try:
+            return await request_validation_exception_handler(request, exc)
+        except (ValueError, RecursionError):
+            # FastAPI's 422 echoes each bad value, and Python's JSON parser accepts some that cannot be sent back:
+            # NaN and Infinity, lone surrogates (\ud800), arrays nested ~1000 deep. Those get the 422 without the echo.
+            errors = [{"type": e["type"], "loc": [_printable(part) for part in e["loc"]], "msg": _printable(e["msg"])}
+                      for e in exc.errors()]
+            return JSONResponse({"detail": errors}, status_code=422)
+
     @api.get("/health", response_model=Health)
     async def health() -> Health:
         return Health()
@@ -283,7 +311,7 @@ def build_api(scorer, options: ServiceOptions, token: str | None, score_sequence
                     manifest=scorer.manifest)
 
     @api.post("/compare", response_model=PairResult | BatchResult,
-              responses={413: {"description": "Too many pairs, or a pair too long for the model"}})
+              responses={**_UNPARSABLE_BODY, 413: {"description": "Too many pairs, or a pair too long for the model"}})
     async def compare(request: CompareRequest) -> PairResult | BatchResult:
         pairs = request.pairs if isinstance(request, CompareBatch) else [request]
         if len(pairs) > options.max_pairs:
@@ -301,7 +329,8 @@ def build_api(scorer, options: ServiceOptions, token: str | None, score_sequence
         return BatchResult(results=results) if isinstance(request, CompareBatch) else results[0]
 
     @api.post("/score", response_model=ScoreResult,
-              responses={413: {"description": "Too many candidates, or a candidate too long for the model"}})
+              responses={**_UNPARSABLE_BODY,
+                         413: {"description": "Too many candidates, or a candidate too long for the model"}})
     async def score(request: ScoreRequest) -> ScoreResult:
         if len(request.candidates) > options.max_candidates:
             raise HTTPException(413, f"{len(request.candidates)} candidates in one request; the limit is "
@@ -386,10 +415,23 @@ class BodySizeLimit:
         await response(scope, receive, send)
 
 
+def _printable(value: Any) -> Any:
+    return value.encode("utf-8", "backslashreplace").decode("utf-8") if isinstance(value, str) else value
+
+
 def _route_path(scope) -> str:
     # Under a Serve route_prefix the path still carries the prefix, which is also the root_path.
     path, root = scope["path"], scope.get("root_path", "")
     return path[len(root):] if root and path.startswith(root) else path
+
+
+# What BearerTokenGuard answers, so that a client (and a schema-driven test) knows a 401 is part of the API.
+_UNAUTHORIZED_RESPONSE = {
+    "description": "Missing or wrong bearer token",
+    "headers": {"WWW-Authenticate": {"schema": {"type": "string", "const": "Bearer"}}},
+    "content": {"application/json": {"schema": {
+        "type": "object", "properties": {"detail": {"type": "string"}}, "required": ["detail"]}}},
+}
 
 
 def _document_bearer_auth(api: FastAPI) -> None:
@@ -403,6 +445,7 @@ def _document_bearer_auth(api: FastAPI) -> None:
                 if path not in UNGUARDED_PATHS:
                     for operation in operations.values():
                         operation["security"] = [{"bearer": []}]
+                        operation.setdefault("responses", {})["401"] = _UNAUTHORIZED_RESPONSE
             api.openapi_schema = schema
         return api.openapi_schema
 

@@ -110,7 +110,7 @@ def run_training(config: TrainConfig) -> ray.train.Result:
           f"{total_steps} optimizer steps", flush=True)
 
     plan = Plan(config=config, model_path=model_path, tokenization=spec.to_dict(), deepspeed_config=deepspeed_config,
-                use_gpu=use_gpu, total_steps=total_steps, micro_batches_per_epoch=micro_per_epoch,
+                use_gpu=use_gpu, total_steps=total_steps,
                 eval_shards=eval_shards, ledgers=ledgers)
     trainer = TorchTrainer(
         train_loop_per_worker,

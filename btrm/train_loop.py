@@ -51,7 +51,6 @@ class Plan:
     deepspeed_config: dict[str, Any]
     use_gpu: bool
     total_steps: int
-    micro_batches_per_epoch: int
     eval_shards: list[Any]  # one MaterializedDataset per worker, or empty
     ledgers: dict[str, Any]
 
