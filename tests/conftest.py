@@ -6,7 +6,10 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -139,3 +142,45 @@ def run_pipeline(path, tokenizer_dir: str, max_drop_fraction: float = 1.0, **opt
     rows = build_pair_dataset(spec, ledger, num_actors=2, actor_cpus=0.5).take_all()
     summary = close_ledger(ledger, max_drop_fraction)
     return sorted(rows, key=lambda r: (r["file"], r["row"])), summary
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class ScoringService:
+    url: str
+    options: Any  # btrm.serving.ServiceOptions
+    token: str
+
+    def client(self, token: str | None = "", **kwargs):
+        """An HTTP client with the service's token ("": the right one; None: no token; else that one)."""
+        import httpx
+
+        token = self.token if token == "" else token
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=60, **kwargs)
+
+
+@contextmanager
+def scoring_service(model_dir, secrets: Path, token: str, name: str, **limits):
+    """The Serve application on 127.0.0.1 (a free port), built as a Serve config builds it; shut down after."""
+    from ray import serve
+
+    from btrm.serving import ServiceOptions, app_builder
+
+    token_file = secrets / "token"
+    token_file.write_text(token + "\n")
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 60})
+    try:
+        args = dict(model_path=str(model_dir), token_file=str(token_file), **limits)
+        serve.run(app_builder(args), name=name, route_prefix="/")
+        yield ScoringService(f"http://127.0.0.1:{port}", ServiceOptions(**args), token)
+    finally:
+        serve.shutdown()

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import math
-import socket
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -16,6 +14,7 @@ import pytest
 import yaml
 
 from btrm.serving import (ServeCommand, ServiceOptions, app_builder, length_buckets, read_token, sigmoid)
+from conftest import scoring_service
 
 REPO = Path(__file__).resolve().parents[1]
 TOKEN = "test-token-7f3a"
@@ -24,34 +23,10 @@ APP = "btrm-test"
 LIMITS = dict(max_candidates=8, max_pairs=32, max_batch_sequences=64, max_body_bytes=1024 * 1024)
 
 
-@dataclass
-class Service:
-    url: str
-    options: ServiceOptions
-
-    def client(self, token: str | None = TOKEN, **kwargs) -> httpx.Client:
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        return httpx.Client(base_url=self.url, headers=headers, timeout=60, **kwargs)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def service(ray_session, trained_model_dir, tmp_path_factory):
-    from ray import serve
-
-    token_file = tmp_path_factory.mktemp("secrets") / "token"
-    token_file.write_text(TOKEN + "\n")
-    port = _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 60})
-    args = dict(model_path=str(trained_model_dir), token_file=str(token_file), **LIMITS)
-    serve.run(app_builder(args), name=APP, route_prefix="/")  # the path a Serve config takes
-    yield Service(f"http://127.0.0.1:{port}", ServiceOptions(**args))
-    serve.shutdown()
+    with scoring_service(trained_model_dir, tmp_path_factory.mktemp("secrets"), TOKEN, APP, **LIMITS) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import socket
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -43,7 +42,7 @@ from schemathesis.specs.openapi.checks import (  # noqa: E402
     unsupported_method,
 )
 
-from btrm.serving import ServiceOptions, app_builder
+from conftest import scoring_service
 
 TOKEN = "fuzz-token-5b1e"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -113,33 +112,11 @@ class Traffic:
         return {(run, *key): n for run, counts in self.runs.items() for key, n in counts.items() if key[2] >= 500}
 
 
-@dataclass
-class Service:
-    url: str
-    options: ServiceOptions
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def service(ray_session, trained_model_dir, tmp_path_factory):
-    """Its own Serve app (not test_serve.py's), on another free port, with the same small limits."""
-    from ray import serve
-
-    token_file = tmp_path_factory.mktemp("fuzz-secrets") / "token"
-    token_file.write_text(TOKEN + "\n")
-    port = _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 60})
-    try:
-        args = dict(model_path=str(trained_model_dir), token_file=str(token_file), **LIMITS)
-        serve.run(app_builder(args), name=APP, route_prefix="/")
-        yield Service(f"http://127.0.0.1:{port}", ServiceOptions(**args))
-    finally:
-        serve.shutdown()
+    """Its own Serve app (not test_serve.py's), with the same small limits."""
+    with scoring_service(trained_model_dir, tmp_path_factory.mktemp("fuzz-secrets"), TOKEN, APP, **LIMITS) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
