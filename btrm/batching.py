@@ -1,16 +1,28 @@
-"""Batches of tokenized pairs → model inputs.
+"""Tokenized pairs → model inputs, and a step's pairs → micro-batches.
 
-Chosen and rejected go through one forward: rows ``[chosen_0..chosen_{B-1}, rejected_0..rejected_{B-1}]``,
-right-padded to the longest sequence of the batch (not to max_length).
+Two layouts of the same pairs; both give exactly the rewards of the plain two-sequence forward.
+
+**Padded** (:class:`PairBatch`, any model): rows ``[chosen_0..chosen_{B-1}, rejected_0..rejected_{B-1}]``,
+each ``prompt + answer``, right-padded to the longest sequence of the batch.
+
+**Packed and prefix-shared** (:class:`PackedBatch`, decoders): every group (a prompt and its answers: a
+pair, or a prompt with N candidates) is laid out once as ``[prompt | answer_1 | ... | answer_N]`` and
+the groups are concatenated into one row without padding. Answer tokens continue the prompt's
+positions, attend to the prompt and to their own answer only, and the reward is read at each answer's
+last token. The prompt is computed once instead of once per answer, and no token is padding.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
+
+# FlexAttention computes in blocks of 128 tokens; packed rows are padded to a multiple of this so that
+# compiled kernels see few distinct shapes.
+FLEX_BLOCK = 128
 
 
 @dataclass
@@ -21,9 +33,73 @@ class PairBatch:
     num_pairs: int
     num_tokens: int  # tokens of both sides, prompt counted twice (what a peer would compute unpadded)
 
+    @property
+    def computed_tokens(self) -> int:
+        return self.input_ids.numel()
+
     def to(self, device: torch.device) -> "PairBatch":
         return PairBatch(self.input_ids.to(device), self.attention_mask.to(device), self.margin.to(device),
                          self.num_pairs, self.num_tokens)
+
+    def pair_rewards(self, rewards: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The model's rewards of this batch → (chosen, rejected)."""
+        return rewards[: self.num_pairs], rewards[self.num_pairs :]
+
+
+@dataclass
+class PackedBatch:
+    """Groups packed into one row. ``group``/``segment`` say, for every position, which group it belongs
+    to (-1: padding at the row's end) and which part of it (0: the prompt, k: answer k); they are all the
+    attention rule needs. ``reward_index`` lists each answer's last position, group by group."""
+
+    input_ids: torch.Tensor  # [1, T]
+    position_ids: torch.Tensor  # [1, T]
+    group: torch.Tensor  # [T] int32
+    segment: torch.Tensor  # [T] int32
+    reward_index: torch.Tensor  # [sum of answers]
+    margin: torch.Tensor  # [groups] (pairs: the preference strength)
+    num_pairs: int  # groups
+    num_tokens: int  # tokens of every answer's full sequence, prompt counted once per answer
+    computed_tokens: int  # tokens in the row, the padding at its end included
+
+    def to(self, device: torch.device) -> "PackedBatch":
+        return PackedBatch(self.input_ids.to(device), self.position_ids.to(device), self.group.to(device),
+                           self.segment.to(device), self.reward_index.to(device), self.margin.to(device),
+                           self.num_pairs, self.num_tokens, self.computed_tokens)
+
+    def pair_rewards(self, rewards: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The model's rewards of a batch of pairs → (chosen, rejected)."""
+        return rewards[0::2], rewards[1::2]
+
+    def mask_mod(self) -> Callable:
+        """The attention rule as a FlexAttention ``mask_mod``: same group, causal, and an answer never sees
+        another answer. Written with tensor indexing, so it also broadcasts over index grids."""
+        group, segment = self.group, self.segment
+
+        def allowed(batch, head, q, kv):
+            same_group = group[q] == group[kv]
+            visible_part = (segment[kv] == 0) | (segment[kv] == segment[q])
+            return same_group & visible_part & (kv <= q)
+
+        return allowed
+
+    def attention_mask(self, implementation: str):
+        """The rule in the form the attention implementation takes: a ``BlockMask`` for flex_attention, a
+        dense ``[1, 1, T, T]`` mask otherwise (boolean for sdpa, additive for eager)."""
+        length = self.input_ids.shape[1]
+        if implementation == "flex_attention":
+            from torch.nn.attention.flex_attention import create_block_mask
+
+            device = self.input_ids.device
+            # Compiled, the block mask is built block by block; eager, it would first materialise [T, T].
+            return create_block_mask(self.mask_mod(), None, None, length, length, device=device,
+                                     _compile=device.type == "cuda")
+        index = torch.arange(length, device=self.input_ids.device)
+        dense = self.mask_mod()(None, None, index[:, None], index[None, :])[None, None]
+        if implementation == "sdpa":
+            return dense
+        return torch.zeros(dense.shape, dtype=torch.float32, device=dense.device).masked_fill(
+            ~dense, torch.finfo(torch.float32).min)
 
 
 def pad_sequences(sequences: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,3 +125,138 @@ def collate_pairs(batch: dict[str, Any], pad_token_id: int) -> PairBatch:
         num_pairs=len(prompts),
         num_tokens=int(sum(len(s) for s in chosen) + sum(len(s) for s in rejected)),
     )
+
+
+def pack_groups(prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[Sequence[int]]],
+                pad_token_id: int, margin: Sequence[float] | None = None, pad_to_multiple: int = 1) -> PackedBatch:
+    """Groups (``prompts[g]`` with its answers ``answers[g]``) → one :class:`PackedBatch` row.
+
+    Every answer must be non-empty (its last token carries its reward; tokenization guarantees it)."""
+    ids: list[np.ndarray] = []
+    positions, groups, segments, reward_index = [], [], [], []
+    num_tokens = 0
+    offset = 0
+    for g, (prompt, tails) in enumerate(zip(prompts, answers)):
+        prompt = np.asarray(prompt, dtype=np.int64)
+        ids.append(prompt)
+        positions.append(np.arange(len(prompt)))
+        groups.append(np.full(len(prompt), g))
+        segments.append(np.zeros(len(prompt), dtype=np.int64))
+        offset += len(prompt)
+        for k, tail in enumerate(tails, start=1):
+            tail = np.asarray(tail, dtype=np.int64)
+            if len(tail) == 0:
+                raise ValueError(f"group {g}, answer {k}: an empty answer has no token to read a reward at")
+            ids.append(tail)
+            positions.append(np.arange(len(prompt), len(prompt) + len(tail)))
+            groups.append(np.full(len(tail), g))
+            segments.append(np.full(len(tail), k))
+            offset += len(tail)
+            reward_index.append(offset - 1)
+            num_tokens += len(prompt) + len(tail)
+    padding = -offset % pad_to_multiple
+    if padding:
+        ids.append(np.full(padding, pad_token_id))
+        positions.append(np.arange(padding))
+        groups.append(np.full(padding, -1))
+        segments.append(np.zeros(padding, dtype=np.int64))
+    as_tensor = lambda parts, dtype: torch.from_numpy(np.concatenate(parts).astype(dtype))  # noqa: E731
+    return PackedBatch(
+        input_ids=as_tensor(ids, np.int64)[None],
+        position_ids=as_tensor(positions, np.int64)[None],
+        group=as_tensor(groups, np.int32),
+        segment=as_tensor(segments, np.int32),
+        reward_index=torch.tensor(reward_index, dtype=torch.long),
+        margin=torch.tensor(list(margin) if margin is not None else [0.0] * len(prompts), dtype=torch.float32),
+        num_pairs=len(prompts),
+        num_tokens=num_tokens,
+        computed_tokens=offset + padding,
+    )
+
+
+def pack_pairs(batch: dict[str, Any], pad_token_id: int, pad_to_multiple: int = 1) -> PackedBatch:
+    """A Ray Data numpy batch of tokenized pairs → a :class:`PackedBatch` (rewards: chosen, rejected, ...)."""
+    return pack_groups(batch["prompt_ids"], list(zip(batch["chosen_ids"], batch["rejected_ids"])), pad_token_id,
+                       margin=batch["margin"], pad_to_multiple=pad_to_multiple)
+
+
+def packed_length(batch: dict[str, Any], i: int) -> int:
+    """Tokens pair ``i`` takes in a packed row: the prompt once, both answers."""
+    return len(batch["prompt_ids"][i]) + len(batch["chosen_ids"][i]) + len(batch["rejected_ids"][i])
+
+
+def plan_by_tokens(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
+    """Indices cut into micro-batches of at most ``max_tokens`` tokens, longest first into the first one
+    that has room (first-fit decreasing: few, full micro-batches). A longer item goes alone."""
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        for b in range(len(bins)):
+            if lengths[i] <= room[b]:
+                bins[b].append(i)
+                room[b] -= lengths[i]
+                break
+        else:
+            bins.append([i])
+            room.append(max_tokens - lengths[i])
+    return [sorted(b) for b in bins]
+
+
+def plan_by_count(count: int, per_batch: int) -> list[list[int]]:
+    """Indices in order, ``per_batch`` at a time."""
+    return [list(range(start, min(start + per_batch, count))) for start in range(0, count, per_batch)]
+
+
+def split_to(plan: list[list[int]], count: int, lengths: Sequence[int]) -> list[list[int]]:
+    """Splits the heaviest micro-batches in two until there are ``count`` (workers must run as many
+    forwards as each other: ZeRO pairs up their collectives). ``count`` may not exceed the items."""
+    plan = [list(b) for b in plan]
+    if count > sum(len(b) for b in plan):
+        raise ValueError(f"cannot cut {sum(len(b) for b in plan)} items into {count} micro-batches")
+    weight = lambda b: sum(lengths[i] for i in b)  # noqa: E731
+    while len(plan) < count:
+        heaviest = max((b for b in plan if len(b) > 1), key=weight)
+        plan.remove(heaviest)
+        halves: tuple[list[int], list[int]] = ([], [])
+        for i in sorted(heaviest, key=lambda i: -lengths[i]):
+            min(halves, key=weight).append(i)
+        plan.extend(sorted(h) for h in halves)
+    return plan
+
+
+def take(batch: dict[str, Any], indices: Sequence[int]) -> dict[str, Any]:
+    """The rows ``indices`` of a numpy batch."""
+    return {k: v[list(indices)] if isinstance(v, np.ndarray) else [v[i] for i in indices] for k, v in batch.items()}
+
+
+@dataclass(frozen=True)
+class MicroBatcher:
+    """How pairs become micro-batches: packed under a token budget, or padded a fixed number at a time.
+    Training, evaluation during training and the benchmark all cut pairs with it."""
+
+    packed: bool
+    pad_token_id: int
+    max_tokens: int  # packed: tokens per micro-batch (0: pairs_per_batch pairs, packed)
+    pairs_per_batch: int  # padded, or packed without a token budget: pairs per micro-batch
+    pad_to_multiple: int = 1  # packed rows for flex_attention: FLEX_BLOCK
+
+    def lengths(self, pairs: dict[str, Any]) -> list[int]:
+        """What each pair costs its micro-batch: packed tokens, or padded rows' worth of pairs."""
+        count = len(pairs["prompt_ids"])
+        return [packed_length(pairs, i) for i in range(count)] if self.packed else [1] * count
+
+    def plan(self, pairs: dict[str, Any]) -> list[list[int]]:
+        if self.packed and self.max_tokens:
+            return plan_by_tokens(self.lengths(pairs), self.max_tokens)
+        return plan_by_count(len(pairs["prompt_ids"]), self.pairs_per_batch)
+
+    def collate(self, pairs: dict[str, Any]) -> PairBatch | PackedBatch:
+        if self.packed:
+            return pack_pairs(pairs, self.pad_token_id, self.pad_to_multiple)
+        return collate_pairs(pairs, self.pad_token_id)
+
+    def describe(self) -> str:
+        if self.packed:
+            size = f"at most {self.max_tokens} tokens" if self.max_tokens else f"{self.pairs_per_batch} pair(s)"
+            return f"packed micro-batches of {size}, the prompt computed once per pair"
+        return f"padded micro-batches of {self.pairs_per_batch} pair(s)"

@@ -76,9 +76,22 @@ class TrainConfig(DataOptions):
     num_train_epochs: int = option(1, "Passes over the training pairs.")
     max_steps: int = option(-1, "Stop after this many optimizer steps (-1: run all epochs).")
     bf16: bool = option(True, "Train in bfloat16 (on GPUs; CPU workers train in float32 and say so).")
-    per_device_train_batch_size: int = option(1, "Pairs per micro-batch on each worker.")
-    per_device_eval_batch_size: int = option(4, "Pairs per evaluation batch on each worker.")
-    gradient_accumulation_steps: int = option(64, "Micro-batches per optimizer step.")
+    per_device_train_batch_size: int = option(1, "Pairs per micro-batch on each worker. An optimizer step takes "
+                                              "per_device_train_batch_size x gradient_accumulation_steps pairs "
+                                              "per worker; with --packing they are cut by --max_tokens_per_batch.")
+    per_device_eval_batch_size: int = option(4, "Pairs per evaluation batch on each worker (without --packing).")
+    gradient_accumulation_steps: int = option(64, "Micro-batches per optimizer step (see --per_device_train_batch_size).")
+    packing: bool = option(True, "Decoder models: pack pairs into rows without padding, the prompt computed once "
+                           "for both answers (exactly the rewards of the padded forward, far less compute). "
+                           "Encoders, and --packing false, pad chosen and rejected per micro-batch.")
+    max_tokens_per_batch: int = option(16384, "With --packing: most tokens in one micro-batch (a pair counts its "
+                                       "prompt once and both answers); at least 2 x --max_length, so every pair "
+                                       "fits. 0: --per_device_train_batch_size pairs per micro-batch, packed.")
+    attn_implementation: str = option("auto", "Attention kernels: auto (flex_attention for packed rows on GPUs, "
+                                      "sdpa otherwise), flex_attention, sdpa or eager.",
+                                      ("auto", "flex_attention", "sdpa", "eager"))
+    compile_layers: str = option("auto", "torch.compile each decoder layer, fusing its element-wise work "
+                                 "(norms, rotary, activations); auto: on GPUs below ZeRO-3.", ("auto", "true", "false"))
     gradient_checkpointing: bool = option(True, "Recompute activations in the backward pass to save memory.")
     deepspeed: str = option("zero2", "DeepSpeed config: a JSON path or a shipped name "
                             "(zero0, zero1, zero2, zero3, zero3_offload).")
@@ -118,6 +131,9 @@ class TrainConfig(DataOptions):
                      "num_train_epochs", "num_workers", "logging_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be at least 1")
+        if self.packing and 0 < self.max_tokens_per_batch < 2 * self.max_length or self.max_tokens_per_batch < 0:
+            raise ValueError(f"--max_tokens_per_batch {self.max_tokens_per_batch} is less than 2 x --max_length "
+                             f"({2 * self.max_length}): a pair of that length would not fit one micro-batch")
         if self.resume and not self.run_name:
             raise ValueError("--resume needs the --run_name of the run to continue")
         if not 0 <= self.warmup_ratio < 1:

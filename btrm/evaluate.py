@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 import ray
 import ray.data
 
+from btrm.batching import take
 from btrm.config import DataOptions, option, parse_config
 from btrm.data import DataSpec, build_pair_dataset, close_ledger, new_ledger
 from btrm.export import read_manifest
@@ -72,9 +73,11 @@ class EvalConfig(DataOptions):
                                    "or JSON/JSONL, read by --dataset_format or your own processor.")
     output: str = option("./outputs/eval/pairs.parquet", "Per-pair results, .parquet or .jsonl; the summary is "
                          "written next to it as <name>.summary.json.")
-    batch_size: int = option(256, "Pairs handed to a scoring actor at a time; it sorts their sequences by length "
-                             "and runs forwards of at most --max_batch_tokens padded tokens.")
-    max_batch_tokens: int = option(32768, "Padded tokens per forward pass (the memory knob).")
+    batch_size: int = option(256, "Pairs handed to a scoring actor at a time. Decoders: packed into rows of at "
+                             "most --max_batch_tokens tokens, each prompt computed once for both answers (as in "
+                             "training); encoders: sequences sorted by length and padded.")
+    max_batch_tokens: int = option(32768, "Tokens per forward pass, padding included (the memory knob; packed rows "
+                                   "on CPUs stay under 4096: their attention mask is dense there).")
     num_scorers: int | None = option(None, "Scoring actors, each holding a copy of the model; "
                                      "unset: one per GPU of the cluster, or 1 without GPUs.")
     scorer_cpus: float = option(1.0, "CPUs reserved by each scoring actor when scoring on CPU.")
@@ -110,10 +113,7 @@ class PairScorer:
         self.max_batch_tokens = max_batch_tokens
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        prompts = batch["prompt_ids"]
-        chosen = [np.concatenate([p, c]) for p, c in zip(prompts, batch["chosen_ids"])]
-        rejected = [np.concatenate([p, r]) for p, r in zip(prompts, batch["rejected_ids"])]
-        r_chosen, r_rejected, errors = self._score(chosen, rejected)
+        r_chosen, r_rejected, errors = self._score(batch)
         margins = [None if c is None else c - r for c, r in zip(r_chosen, r_rejected)]
         return pa.table({
             "id": batch["id"],
@@ -124,8 +124,8 @@ class PairScorer:
             "reward_chosen": r_chosen,
             "reward_rejected": r_rejected,
             "reward_margin": margins,
-            "chosen_tokens": [len(s) for s in chosen],
-            "rejected_tokens": [len(s) for s in rejected],
+            "chosen_tokens": [len(p) + len(t) for p, t in zip(batch["prompt_ids"], batch["chosen_ids"])],
+            "rejected_tokens": [len(p) + len(t) for p, t in zip(batch["prompt_ids"], batch["rejected_ids"])],
             "chosen_answer_tokens": [len(t) for t in batch["chosen_ids"]],
             "rejected_answer_tokens": [len(t) for t in batch["rejected_ids"]],
             "truncated": batch["truncated"] > 0,
@@ -133,21 +133,20 @@ class PairScorer:
             "error": errors,
         }, schema=SCORED_SCHEMA)
 
-    def _score(self, chosen: list, rejected: list) -> tuple[list, list, list]:
-        n = len(chosen)
+    def _score(self, batch: dict[str, np.ndarray]) -> tuple[list, list, list]:
         try:
-            rewards = self.scorer.rewards(chosen + rejected, self.max_batch_tokens)
-            return rewards[:n], rewards[n:], [None] * n
+            r_chosen, r_rejected = self.scorer.pair_rewards(batch, self.max_batch_tokens)
+            return r_chosen, r_rejected, [None] * len(r_chosen)
         except Exception:
             # One pair the model fails on must not take its batch down: find it by scoring pair by pair.
-            return self._score_one_by_one(chosen, rejected)
+            return self._score_one_by_one(batch)
 
-    def _score_one_by_one(self, chosen: list, rejected: list) -> tuple[list, list, list]:
-        n = len(chosen)
+    def _score_one_by_one(self, batch: dict[str, np.ndarray]) -> tuple[list, list, list]:
+        n = len(batch["prompt_ids"])
         r_chosen, r_rejected, errors = [None] * n, [None] * n, [None] * n
         for i in range(n):
             try:
-                r_chosen[i], r_rejected[i] = self.scorer.rewards([chosen[i], rejected[i]], self.max_batch_tokens)
+                [r_chosen[i]], [r_rejected[i]] = self.scorer.pair_rewards(take(batch, [i]), self.max_batch_tokens)
             except Exception as e:
                 errors[i] = f"{type(e).__name__}: {e}"
         return r_chosen, r_rejected, errors

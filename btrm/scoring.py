@@ -2,18 +2,47 @@
 
 The tokenization comes from the model's manifest (chat template, max length, truncation policy, reward
 token), so a score here equals the score training optimised and the score of every other consumer.
+Decoders score packed, prompt-shared rows, as training computed them; encoders padded sequences.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
-from btrm.batching import pad_sequences
+from btrm.batching import FLEX_BLOCK, pack_groups, pad_sequences, plan_by_tokens
 from btrm.export import read_manifest
-from btrm.model import forward_rewards, load_reward_model, load_tokenizer
+from btrm.model import RewardModel, load_reward_model, load_tokenizer, packing_unsupported
 from btrm.tokenize import PairTokenizer, SharedPromptIds, TokenizationSpec
+
+# Without FlexAttention (on CPUs) a packed row's mask is dense, [T, T]: rows stay short there.
+DENSE_MASK_TOKENS = 4096
+
+
+def length_buckets(lengths: Sequence[int], max_padding_ratio: float = 2.0) -> list[list[int]]:
+    """Indices grouped so that no sequence is padded to more than ``max_padding_ratio`` times its length."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    buckets: list[list[int]] = []
+    for i in order:
+        if buckets and lengths[i] <= max_padding_ratio * lengths[buckets[-1][0]]:
+            buckets[-1].append(i)
+        else:
+            buckets.append([i])
+    return buckets
+
+
+def _answer_parts(group: SharedPromptIds, max_tokens: int) -> list[list[int]]:
+    """A group's answers cut into parts that fit a row with the prompt (each part repeats it)."""
+    parts: list[list[int]] = [[]]
+    room = max_tokens - len(group.prompt_ids)
+    for k, tail in enumerate(group.tails):
+        if parts[-1] and len(tail) > room:
+            parts.append([])
+            room = max_tokens - len(group.prompt_ids)
+        parts[-1].append(k)
+        room -= len(tail)
+    return parts
 
 
 class RewardScorer:
@@ -28,6 +57,11 @@ class RewardScorer:
         self.tokenizer = PairTokenizer(load_tokenizer(model_dir), self.spec)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = load_reward_model(model_dir, self.tokenizer.tokenizer.pad_token_id).to(self.device).eval()
+        self.packed = packing_unsupported(self.model) is None
+        self.flex = self.packed and self.device.type == "cuda"
+        if self.packed:
+            self.model.set_attn_implementation("flex_attention" if self.flex else "sdpa")
+        self.reward_model = RewardModel(self.model)
 
     @property
     def pad_token_id(self) -> int:
@@ -35,22 +69,53 @@ class RewardScorer:
 
     @torch.no_grad()
     def rewards(self, sequences: Sequence[Sequence[int]], max_batch_tokens: int = 32768) -> list[float]:
-        """Rewards of token sequences. Sorted by length and cut into batches of at most
-        ``max_batch_tokens`` padded tokens, so short sequences are not padded to long ones."""
-        order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+        """Rewards of whole token sequences, padded: grouped by length (none padded to more than twice its
+        length) and cut into batches of at most ``max_batch_tokens`` padded tokens."""
         rewards = [0.0] * len(sequences)
-        start = 0
-        while start < len(order):
-            end = start + 1
-            while end < len(order) and (end - start + 1) * len(sequences[order[end]]) <= max_batch_tokens:
-                end += 1
-            chunk = order[start:end]
-            input_ids, attention_mask = pad_sequences([sequences[i] for i in chunk], self.pad_token_id)
-            scores = forward_rewards(self.model, input_ids.to(self.device), attention_mask.to(self.device))
-            for i, score in zip(chunk, scores.tolist()):
-                rewards[i] = score
-            start = end
+        for bucket in length_buckets([len(s) for s in sequences]):
+            start = 0
+            while start < len(bucket):
+                end = start + 1
+                while end < len(bucket) and (end - start + 1) * len(sequences[bucket[end]]) <= max_batch_tokens:
+                    end += 1
+                chunk = bucket[start:end]
+                input_ids, attention_mask = pad_sequences([sequences[i] for i in chunk], self.pad_token_id)
+                scores = self.model(input_ids=input_ids.to(self.device),
+                                    attention_mask=attention_mask.to(self.device)).logits.squeeze(-1).float()
+                for i, score in zip(chunk, scores.tolist()):
+                    rewards[i] = score
+                start = end
         return rewards
+
+    @torch.no_grad()
+    def group_rewards(self, groups: Sequence[SharedPromptIds], max_batch_tokens: int = 32768) -> list[list[float]]:
+        """Rewards of groups (a prompt and its answers: a pair, or candidates), each group's in answer
+        order. Decoders: packed rows of at most ``max_batch_tokens`` tokens, each prompt computed once per
+        row (a group too long for one row is split, the prompt repeated); encoders: padded sequences."""
+        if not self.packed:
+            flat = iter(self.rewards([g.sequence(k) for g in groups for k in range(len(g.tails))], max_batch_tokens))
+            return [[next(flat) for _ in g.tails] for g in groups]
+        budget = max_batch_tokens if self.flex else min(max_batch_tokens, DENSE_MASK_TOKENS)
+        parts = [(g, answers) for g, group in enumerate(groups) for answers in _answer_parts(group, budget)]
+        lengths = [len(groups[g].prompt_ids) + sum(len(groups[g].tails[k]) for k in answers) for g, answers in parts]
+        rewards = [[0.0] * len(g.tails) for g in groups]
+        for row in plan_by_tokens(lengths, budget):
+            batch = pack_groups([groups[parts[i][0]].prompt_ids for i in row],
+                                [[groups[parts[i][0]].tails[k] for k in parts[i][1]] for i in row],
+                                self.pad_token_id, pad_to_multiple=FLEX_BLOCK if self.flex else 1)
+            scores = iter(self.reward_model(batch.to(self.device)).tolist())
+            for i in row:
+                g, answers = parts[i]
+                for k in answers:
+                    rewards[g][k] = next(scores)
+        return rewards
+
+    def pair_rewards(self, pairs: dict[str, Any], max_batch_tokens: int = 32768) -> tuple[list[float], list[float]]:
+        """Rewards of tokenized pairs (columns ``prompt_ids``, ``chosen_ids``, ``rejected_ids``)."""
+        groups = [SharedPromptIds(list(p), [list(c), list(r)], 0)
+                  for p, c, r in zip(pairs["prompt_ids"], pairs["chosen_ids"], pairs["rejected_ids"])]
+        rewards = self.group_rewards(groups, max_batch_tokens)
+        return [r[0] for r in rewards], [r[1] for r in rewards]
 
     def encode_group(self, conversations: Sequence[Sequence[dict]]) -> SharedPromptIds:
         """Conversations sharing a prompt → token ids under the manifest's policy (RowDropped if overlong)."""
@@ -58,4 +123,4 @@ class RewardScorer:
 
     def score_group(self, conversations: Sequence[Sequence[dict]]) -> tuple[list[float], SharedPromptIds]:
         encoded = self.encode_group(conversations)
-        return self.rewards([encoded.sequence(k) for k in range(len(encoded.tails))]), encoded
+        return self.group_rewards([encoded])[0], encoded

@@ -26,7 +26,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Awaitable, Callable, Literal, Sequence
+from typing import Annotated, Any, Awaitable, Callable, Literal
 
 import jinja2
 from fastapi import FastAPI, HTTPException, Request
@@ -64,10 +64,11 @@ class ServiceOptions:
     max_candidates: int = option(64, "Most candidate answers one /score request may carry (more: 413).")
     max_pairs: int = option(64, "Most pairs one batch /compare request may carry (more: 413).")
     max_body_bytes: int = option(8 * 1024 * 1024, "Largest request body in bytes (larger: 413).")
-    max_batch_sequences: int = option(128, "Most token sequences scored in one batch across concurrent requests; "
+    max_batch_sequences: int = option(128, "Most answers scored in one batch across concurrent requests; "
                                       "at least max_candidates and 2 x max_pairs.")
     batch_wait_timeout_s: float = option(0.005, "How long the first request of a batch waits for others to join.")
-    max_batch_tokens: int = option(16384, "Most padded tokens in one forward pass.")
+    max_batch_tokens: int = option(16384, "Most tokens in one forward pass, padding included (decoders: packed "
+                                   "rows, each prompt computed once; on CPUs at most 4096).")
     replica_cpus: float = option(1.0, "CPUs reserved by each replica (its torch threads).")
     replica_gpus: str = option("auto", "GPUs per replica: auto (1 when the cluster has a GPU, else 0) or a number.")
 
@@ -266,12 +267,13 @@ def sigmoid(x: float) -> float:
 _UNPARSABLE_BODY: dict[int | str, dict[str, Any]] = {
     400: {"description": "The body could not be parsed at all (not UTF-8, a number over 4300 digits, nested too deep)"}}
 
-ScoreSequences = Callable[[list[list[int]]], Awaitable[list[float]]]
+ScoreGroups = Callable[[list[SharedPromptIds]], Awaitable[list[list[float]]]]
 
 
-def build_api(scorer, options: ServiceOptions, token: str | None, score_sequences: ScoreSequences) -> FastAPI:
+def build_api(scorer, options: ServiceOptions, token: str | None, score_groups: ScoreGroups) -> FastAPI:
     """The FastAPI app of one replica. ``scorer`` tokenizes (a :class:`btrm.scoring.RewardScorer`);
-    ``score_sequences`` turns token sequences into rewards (the replica's batching queue)."""
+    ``score_groups`` turns tokenized groups (a prompt and its answers) into each answer's reward (the
+    replica's batching queue)."""
     spec = scorer.spec
     api = FastAPI(
         title="btrm reward model", version=btrm.__version__,
@@ -321,10 +323,9 @@ def build_api(scorer, options: ServiceOptions, token: str | None, score_sequence
         encoded = [encode([p.conversation(p.chosen), p.conversation(p.rejected)],
                           f"pair {i}" if isinstance(request, CompareBatch) else "the pair")
                    for i, p in enumerate(pairs)]
-        rewards = await score_sequences([e.sequence(k) for e in encoded for k in (0, 1)])
+        rewards = await score_groups(encoded)
         results = []
-        for i, (pair, e) in enumerate(zip(pairs, encoded)):
-            chosen, rejected = rewards[2 * i], rewards[2 * i + 1]
+        for pair, e, (chosen, rejected) in zip(pairs, encoded, rewards):
             results.append(PairResult(id=pair.id, reward_chosen=chosen, reward_rejected=rejected,
                                       margin=chosen - rejected, p_chosen_better=sigmoid(chosen - rejected),
                                       truncated=e.truncated > 0, truncated_prompt_tokens=e.truncated))
@@ -338,7 +339,7 @@ def build_api(scorer, options: ServiceOptions, token: str | None, score_sequence
             raise HTTPException(413, f"{len(request.candidates)} candidates in one request; the limit is "
                                      f"max_candidates={options.max_candidates}")
         encoded = encode([request.conversation(c) for c in request.candidates], "the candidates")
-        rewards = await score_sequences([encoded.sequence(k) for k in range(len(request.candidates))])
+        [rewards] = await score_groups([encoded])
         ranking = sorted(range(len(rewards)), key=lambda k: -rewards[k])
         return ScoreResult(rewards=rewards, ranking=ranking, truncated=encoded.truncated > 0,
                            truncated_prompt_tokens=encoded.truncated)
@@ -458,20 +459,8 @@ def _document_bearer_auth(api: FastAPI) -> None:
 # The Serve deployment
 
 
-def length_buckets(lengths: Sequence[int], max_padding_ratio: float = 2.0) -> list[list[int]]:
-    """Indices grouped so that no sequence is padded to more than ``max_padding_ratio`` times its length."""
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    buckets: list[list[int]] = []
-    for i in order:
-        if buckets and lengths[i] <= max_padding_ratio * lengths[buckets[-1][0]]:
-            buckets[-1].append(i)
-        else:
-            buckets.append([i])
-    return buckets
-
-
-def _sequence_count(requests: list[list[list[int]]]) -> int:
-    return sum(len(sequences) for sequences in requests)
+def _answer_count(requests: list[list[SharedPromptIds]]) -> int:
+    return sum(len(group.tails) for request in requests for group in request)
 
 
 # max_ongoing_requests: enough requests of pairs to fill a batch of max_batch_sequences (a Serve config
@@ -494,19 +483,15 @@ class RewardModelDeployment:
     def __serve_build_asgi_app__(self) -> FastAPI:
         return build_api(self.scorer, self.options, self.token, self.rewards_of_batch)
 
-    # The batch size counts token sequences, not requests: a /score request with 64 candidates weighs
-    # 64. The decorator's values are replaced in __init__ by the options.
-    @serve.batch(max_batch_size=128, batch_wait_timeout_s=0.005, batch_size_fn=_sequence_count)
-    async def rewards_of_batch(self, requests: list[list[list[int]]]) -> list[list[float]]:
-        """The token sequences of many concurrent requests → each request's rewards."""
-        sequences = [sequence for request in requests for sequence in request]
-        rewards = [0.0] * len(sequences)
-        for bucket in length_buckets([len(s) for s in sequences]):
-            # In a thread: the event loop keeps accepting and tokenizing the next requests meanwhile.
-            scores = await asyncio.to_thread(self.scorer.rewards, [sequences[i] for i in bucket],
-                                             self.options.max_batch_tokens)
-            for i, score in zip(bucket, scores):
-                rewards[i] = score
+    # The batch size counts answers, not requests: a /score request with 64 candidates weighs 64. The
+    # decorator's values are replaced in __init__ by the options.
+    @serve.batch(max_batch_size=128, batch_wait_timeout_s=0.005, batch_size_fn=_answer_count)
+    async def rewards_of_batch(self, requests: list[list[SharedPromptIds]]) -> list[list[list[float]]]:
+        """The tokenized groups of many concurrent requests → each request's rewards, group by group
+        (packed together where the model allows it, else padded by length: RewardScorer.group_rewards)."""
+        groups = [group for request in requests for group in request]
+        # In a thread: the event loop keeps accepting and tokenizing the next requests meanwhile.
+        rewards = await asyncio.to_thread(self.scorer.group_rewards, groups, self.options.max_batch_tokens)
         per_request, start = [], 0
         for request in requests:
             per_request.append(rewards[start : start + len(request)])

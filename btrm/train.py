@@ -88,6 +88,10 @@ def run_training(config: TrainConfig) -> ray.train.Result:
 
     train_ds, train_ledger = pair_dataset("train", config.train_set_path, model_path, spec, config)
     ledgers = {"train": train_ledger}
+    # No progress bars in the coordinator that streams training pairs to the workers: Ray Data 2.60 closes
+    # them from its executor thread while the coordinator's thread may still update them, an AttributeError
+    # that fails the run at an epoch's end. The job log keeps btrm's own progress lines.
+    train_ds.context.enable_progress_bars = False
     eval_shards = []
     if config.eval_set_path:
         eval_ds, ledgers["eval"] = pair_dataset("eval", config.eval_set_path, model_path, spec, config)
@@ -97,14 +101,13 @@ def run_training(config: TrainConfig) -> ray.train.Result:
 
     pairs = train_ds.count()
     per_worker = pairs // config.num_workers
-    micro_per_epoch = math.ceil(per_worker / config.per_device_train_batch_size)
-    total_steps = micro_per_epoch * config.num_train_epochs // config.gradient_accumulation_steps
+    if per_worker < 1:
+        raise SystemExit(f"{pairs} training pairs are too few for {config.num_workers} workers")
+    # An epoch's last step takes the pairs that are left, fewer than a full step: none is skipped.
+    steps_per_epoch = math.ceil(per_worker / (config.per_device_train_batch_size * config.gradient_accumulation_steps))
+    total_steps = steps_per_epoch * config.num_train_epochs
     if config.max_steps > 0:
         total_steps = min(total_steps, config.max_steps)
-    if total_steps < 1:
-        raise SystemExit(f"{pairs} training pairs are too few for one optimizer step of "
-                         f"{config.num_workers} workers x {config.per_device_train_batch_size} pairs x "
-                         f"{config.gradient_accumulation_steps} accumulation steps")
     print(f"[btrm] {pairs} training pairs on {config.num_workers} worker(s) ({'GPU' if use_gpu else 'CPU'}), "
           f"{pairs - per_worker * config.num_workers} left out to keep workers in step; "
           f"{total_steps} optimizer steps", flush=True)

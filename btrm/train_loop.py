@@ -1,9 +1,9 @@
 """The per-worker training loop: one DeepSpeed engine per Ray Train worker.
 
-Read top to bottom: set up (model, optimizer, schedule, engine, resume) → for each micro-batch:
-forward chosen and rejected together, Bradley-Terry loss, ``engine.backward``/``engine.step`` (DeepSpeed
-owns accumulation, clipping, precision and ZeRO) → at optimizer-step boundaries: log, evaluate,
-checkpoint → evaluate once more and export.
+Read top to bottom: set up (model, optimizer, schedule, engine, resume) → for each optimizer step's
+pairs: cut them into micro-batches (packed under a token budget, or padded), forward chosen and
+rejected together, Bradley-Terry loss, ``engine.backward`` per micro-batch and one ``engine.step``
+(DeepSpeed owns clipping, precision and ZeRO) → log, evaluate, checkpoint → evaluate once more and export.
 """
 
 from __future__ import annotations
@@ -26,12 +26,12 @@ import ray.train
 import torch
 import torch.distributed as dist
 
-from btrm.batching import PairBatch, collate_pairs
+from btrm.batching import FLEX_BLOCK, MicroBatcher, split_to, take
 from btrm.config import TrainConfig
-from btrm.deepspeed_configs import fill_deepspeed_config
+from btrm.deepspeed_configs import fill_deepspeed_config, load_deepspeed_config
 from btrm.export import write_model_dir
 from btrm.loss import bradley_terry_loss, pair_correct
-from btrm.model import forward_rewards, load_reward_model, load_tokenizer
+from btrm.model import RewardModel, load_reward_model, load_tokenizer, packing_unsupported
 from btrm.tokenize import prepare_tokenizer
 from btrm.tracking import Tracker
 
@@ -61,7 +61,7 @@ class Progress:
 
     global_step: int = 0
     epoch: int = 0
-    micro_in_epoch: int = 0
+    step_in_epoch: int = 0  # optimizer steps done in the current epoch
     pairs_seen: int = 0
 
 
@@ -110,6 +110,78 @@ def _optimizer(model, config: TrainConfig, use_gpu: bool) -> torch.optim.Optimiz
     return torch.optim.AdamW(groups, lr=config.learning_rate, fused=use_gpu)
 
 
+def build_engine(classifier, config: TrainConfig, use_gpu: bool, total_steps: int,
+                 deepspeed_config: dict[str, Any] | None = None):
+    """A DeepSpeed engine around ``RewardModel(classifier)``: attention kernels for the batch layout,
+    gradient checkpointing, compiled layers, AdamW with a transformers schedule. Needs torch.distributed."""
+    deepspeed = _import_deepspeed(use_gpu)
+    ds_config = fill_deepspeed_config(
+        deepspeed_config or load_deepspeed_config(config.deepspeed), micro_batch=config.per_device_train_batch_size,
+        accumulation=config.gradient_accumulation_steps, world_size=dist.get_world_size(),
+        max_grad_norm=config.max_grad_norm, bf16=config.bf16 and use_gpu,
+        hidden_size=getattr(classifier.config, "hidden_size", 1024),
+    )
+    zero3 = ds_config["zero_optimization"].get("stage", 0) == 3
+    packed = config.packing and packing_unsupported(classifier) is None
+    attention = config.attn_implementation
+    if attention == "auto":
+        attention = "flex_attention" if packed and use_gpu else ("sdpa" if packed else None)
+    if attention:
+        classifier.set_attn_implementation(attention)
+    if config.gradient_checkpointing:
+        classifier.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        classifier.config.use_cache = False
+    if config.compile_layers == "true" or (config.compile_layers == "auto" and use_gpu and not zero3):
+        # Each layer compiled on its own: the element-wise work fuses, and checkpointing still wraps
+        # whole layers. ZeRO-3's gathering hooks would break the graphs, hence not by default there.
+        for layer in getattr(classifier.base_model, "layers", []):
+            layer.compile(dynamic=True)
+    from transformers import get_scheduler
+
+    model = RewardModel(classifier)
+    optimizer = _optimizer(model, config, use_gpu)
+    scheduler = get_scheduler(config.lr_scheduler_type, optimizer,
+                              num_warmup_steps=math.ceil(config.warmup_ratio * total_steps),
+                              num_training_steps=total_steps)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+    return engine
+
+
+def micro_batcher(classifier, config: TrainConfig, pad_token_id: int, pairs_per_batch: int) -> MicroBatcher:
+    packed = config.packing and packing_unsupported(classifier) is None
+    flex = classifier.config._attn_implementation == "flex_attention"
+    return MicroBatcher(packed, pad_token_id, config.max_tokens_per_batch, pairs_per_batch,
+                        FLEX_BLOCK if flex else 1)
+
+
+def train_step(engine, pairs: dict[str, Any], config: TrainConfig, pad_token_id: int) -> dict[str, float]:
+    """One optimizer step over ``pairs`` (this worker's share): micro-batches, one backward each, one
+    DeepSpeed step. The loss is the mean over the step's pairs however they were cut; every worker runs
+    as many micro-batches as the busiest (ZeRO's collectives pair them up). Returns sums for the logs."""
+    batcher = micro_batcher(engine.module.classifier, config, pad_token_id, config.per_device_train_batch_size)
+    count = len(pairs["prompt_ids"])
+    plan = batcher.plan(pairs)
+    most = torch.tensor([len(plan)], device=engine.device)
+    dist.all_reduce(most, op=dist.ReduceOp.MAX)
+    plan = split_to(plan, int(most.item()), batcher.lengths(pairs))
+    sums = dict.fromkeys(("loss", "correct", "pairs", "tokens", "computed_tokens", "chosen", "rejected"), 0.0)
+    for i, indices in enumerate(plan):
+        batch = batcher.collate(take(pairs, indices)).to(engine.device)
+        engine.set_gradient_accumulation_boundary(i == len(plan) - 1)
+        r_chosen, r_rejected = batch.pair_rewards(engine(batch))
+        loss = bradley_terry_loss(r_chosen, r_rejected, batch.margin if config.use_margin else None,
+                                  config.center_rewards_coefficient, reduction="sum")
+        engine.backward(loss / count, scale_wrt_gas=False)
+        r_chosen, r_rejected = r_chosen.detach(), r_rejected.detach()
+        for key, value in (("loss", loss.item()), ("correct", pair_correct(r_chosen, r_rejected).sum().item()),
+                           ("pairs", batch.num_pairs), ("tokens", batch.num_tokens),
+                           ("computed_tokens", batch.computed_tokens), ("chosen", r_chosen.sum().item()),
+                           ("rejected", r_rejected.sum().item())):
+            sums[key] += value
+    engine.step()
+    return {**sums, "micro_batches": len(plan), "steps": 1}
+
+
 def train_loop_per_worker(loop_config: dict[str, Plan]) -> None:
     plan = loop_config["plan"]
     config = plan.config
@@ -117,28 +189,18 @@ def train_loop_per_worker(loop_config: dict[str, Plan]) -> None:
     rank, world_size = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
     ray.data.DataContext.get_current().enable_progress_bars = False  # keep the job log to btrm's lines
-    deepspeed = _import_deepspeed(plan.use_gpu)
     _seed_everything(config.seed)
 
     tokenizer = prepare_tokenizer(load_tokenizer(plan.model_path), plan.tokenization["chat_template"])
-    model = load_reward_model(plan.model_path, tokenizer.pad_token_id)
-    if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
-    from transformers import get_scheduler
-
-    optimizer = _optimizer(model, config, plan.use_gpu)
-    scheduler = get_scheduler(config.lr_scheduler_type, optimizer,
-                              num_warmup_steps=math.ceil(config.warmup_ratio * plan.total_steps),
-                              num_training_steps=plan.total_steps)
-    ds_config = fill_deepspeed_config(
-        plan.deepspeed_config, micro_batch=config.per_device_train_batch_size,
-        accumulation=config.gradient_accumulation_steps, world_size=world_size,
-        max_grad_norm=config.max_grad_norm, bf16=config.bf16 and plan.use_gpu,
-        hidden_size=getattr(model.config, "hidden_size", 1024),
-    )
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
-    zero3 = ds_config["zero_optimization"].get("stage", 0) == 3
+    classifier = load_reward_model(plan.model_path, tokenizer.pad_token_id)
+    engine = build_engine(classifier, config, plan.use_gpu, plan.total_steps, plan.deepspeed_config)
+    zero3 = engine.zero_optimization_partition_weights()
+    eval_batcher = micro_batcher(classifier, config, tokenizer.pad_token_id, config.per_device_eval_batch_size)
+    if rank == 0:
+        reason = config.packing and packing_unsupported(classifier)
+        print(f"[btrm] {config.per_device_train_batch_size * config.gradient_accumulation_steps} pairs per worker and "
+              f"optimizer step, in {micro_batcher(classifier, config, 0, config.per_device_train_batch_size).describe()}"
+              + (f" (no packing: {reason})" if reason else ""), flush=True)
 
     progress = Progress()
     checkpoint = ray.train.get_checkpoint()
@@ -173,8 +235,7 @@ def train_loop_per_worker(loop_config: dict[str, Plan]) -> None:
     def evaluate() -> dict[str, Any] | None:
         if eval_shard is None:
             return None
-        result = evaluate_pairs(engine, eval_shard, config.per_device_eval_batch_size, tokenizer.pad_token_id,
-                                device, lockstep=zero3)
+        result = evaluate_pairs(engine, eval_shard, eval_batcher, lockstep=zero3)
         if rank == 0:
             print(f"[btrm] eval @ step {progress.global_step}: accuracy {result['eval/accuracy']:.4f} over "
                   f"{result['eval/pairs']} pairs, loss {result['eval/loss']:.4f}", flush=True)
@@ -185,25 +246,17 @@ def train_loop_per_worker(loop_config: dict[str, Plan]) -> None:
         before = {f"{k}_before_training": v for k, v in (evaluate() or {}).items() if k != "rewards"}
         report(before)
 
+    pairs_per_step = config.per_device_train_batch_size * config.gradient_accumulation_steps
     done = progress.global_step >= plan.total_steps
     while not done and progress.epoch < config.num_train_epochs:
         engine.train()
-        batches = train_shard.iter_batches(batch_size=config.per_device_train_batch_size, batch_format="numpy",
-                                           prefetch_batches=2)
-        for micro, numpy_batch in enumerate(batches):
-            if micro < progress.micro_in_epoch:
-                continue  # resumed mid-epoch: these micro-batches were trained before the checkpoint
-            batch = collate_pairs(numpy_batch, tokenizer.pad_token_id).to(device)
-            r_chosen, r_rejected, loss = _pair_loss(engine, batch, config)
-            engine.backward(loss)
-            engine.step()
-            progress.micro_in_epoch = micro + 1
-            progress.pairs_seen += batch.num_pairs * world_size
-            window.add(loss=loss.item() * batch.num_pairs, correct=pair_correct(r_chosen, r_rejected).sum().item(),
-                       pairs=batch.num_pairs, tokens=batch.num_tokens, chosen=r_chosen.sum().item(),
-                       rejected=r_rejected.sum().item())
-            if engine.global_steps == progress.global_step:
-                continue  # still accumulating
+        steps = train_shard.iter_batches(batch_size=pairs_per_step, batch_format="numpy", prefetch_batches=2)
+        for index, pairs in enumerate(steps):
+            if index < progress.step_in_epoch:
+                continue  # resumed mid-epoch: these steps were trained before the checkpoint
+            window.add(**train_step(engine, pairs, config, tokenizer.pad_token_id))
+            progress.step_in_epoch = index + 1
+            progress.pairs_seen += len(pairs["prompt_ids"]) * world_size
             progress.global_step = engine.global_steps
             step = progress.global_step
             metrics: dict[str, float] = {}
@@ -224,7 +277,7 @@ def train_loop_per_worker(loop_config: dict[str, Plan]) -> None:
                 break
         else:
             progress.epoch += 1
-            progress.micro_in_epoch = 0
+            progress.step_in_epoch = 0
 
     final = evaluate() or {}
     metrics = {**before, **{k: v for k, v in final.items() if k != "rewards"}, "final": 1.0}
@@ -234,10 +287,12 @@ def train_loop_per_worker(loop_config: dict[str, Plan]) -> None:
         # publishes model/ at --output_path (rank 0 may run on another node than the driver).
         engine.save_checkpoint(directory, tag=CHECKPOINT_TAG, client_state={"progress": vars(progress)})
         # Every rank takes part in gathering ZeRO-3 shards; rank 0 writes the export.
-        state_dict = engine._zero3_consolidated_16bit_state_dict() if zero3 else engine.module.state_dict()
+        state_dict = engine._zero3_consolidated_16bit_state_dict() if zero3 else engine.module.classifier.state_dict()
         if rank == 0:
             export_dir = os.path.join(directory, EXPORT_DIR)
-            write_model_dir(export_dir, engine.module, state_dict, tokenizer, _manifest(plan, tokenizer, final, progress))
+            state_dict = {k.removeprefix("classifier."): v for k, v in state_dict.items()}
+            write_model_dir(export_dir, engine.module.classifier, state_dict, tokenizer,
+                            _manifest(plan, tokenizer, final, progress))
             _write_side_files(export_dir, plan.ledgers, history + [{**metrics, "step": progress.global_step}],
                               final.get("rewards"))
         report(metrics, directory)
@@ -255,14 +310,6 @@ def _write_side_files(export_dir: str, ledgers: dict[str, Any], history: list[di
         pq.write_table(rewards, os.path.join(export_dir, EVAL_REWARDS))
 
 
-def _pair_loss(engine, batch: PairBatch, config: TrainConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    rewards = forward_rewards(engine, batch.input_ids, batch.attention_mask)
-    r_chosen, r_rejected = rewards[: batch.num_pairs], rewards[batch.num_pairs :]
-    margin = batch.margin if config.use_margin else None
-    loss = bradley_terry_loss(r_chosen, r_rejected, margin, config.center_rewards_coefficient)
-    return r_chosen.detach(), r_rejected.detach(), loss
-
-
 def _train_metrics(sums: dict[str, float], engine, seconds: float) -> dict[str, float]:
     pairs = max(sums["pairs"], 1.0)
     grad_norm = engine.get_global_grad_norm()
@@ -276,6 +323,8 @@ def _train_metrics(sums: dict[str, float], engine, seconds: float) -> dict[str, 
         "train/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
         "train/pairs_per_second": sums["pairs"] / seconds,
         "train/tokens_per_second": sums["tokens"] / seconds,
+        "train/computed_tokens_per_second": sums["computed_tokens"] / seconds,
+        "train/micro_batches_per_step": sums["micro_batches"] / max(sums["steps"], 1.0),
     }
 
 
@@ -295,43 +344,39 @@ def _duration(seconds: float) -> str:
 
 
 @torch.no_grad()
-def evaluate_pairs(engine, shard, batch_size: int, pad_token_id: int, device: torch.device,
-                   lockstep: bool) -> dict[str, Any]:
+def evaluate_pairs(engine, shard, batcher: MicroBatcher, lockstep: bool) -> dict[str, Any]:
     """Rewards of every eval pair of this worker's shard, gathered on every rank; exact figures over all
     pairs (not a mean of batch means). ``lockstep`` (ZeRO-3: a forward is a collective) makes every
     rank run as many forwards as the busiest one."""
     engine.eval()
-    ids, chosen, rejected, losses = [], [], [], []
-    batches = list(shard.iter_batches(batch_size=batch_size, batch_format="numpy"))
-    count = torch.tensor([len(batches)], device=device)
+    ids, chosen, rejected = [], [], []
+    work = [take(pairs, indices) for pairs in shard.iter_batches(batch_size=4096, batch_format="numpy")
+            for indices in batcher.plan(pairs)]
+    count = torch.tensor([len(work)], device=engine.device)
     dist.all_reduce(count, op=dist.ReduceOp.MAX)
     for i in range(int(count.item())):
-        if i >= len(batches) and not lockstep:
+        if i >= len(work) and not lockstep:
             break
-        numpy_batch = batches[i] if i < len(batches) else None
-        batch = collate_pairs(numpy_batch, pad_token_id) if numpy_batch is not None else _filler_batch(pad_token_id)
-        batch = batch.to(device)
-        rewards = forward_rewards(engine, batch.input_ids, batch.attention_mask)
-        if numpy_batch is None:
+        pairs = work[i] if i < len(work) else _FILLER_PAIRS
+        batch = batcher.collate(pairs).to(engine.device)
+        r_c, r_r = batch.pair_rewards(engine(batch))
+        if i >= len(work):
             continue
-        r_c, r_r = rewards[: batch.num_pairs], rewards[batch.num_pairs :]
-        ids.extend(str(x) for x in numpy_batch["id"])
+        ids.extend(str(x) for x in pairs["id"])
         chosen.extend(r_c.tolist())
         rejected.extend(r_r.tolist())
-        losses.extend((-torch.nn.functional.logsigmoid(r_c - r_r)).tolist())
     engine.train()
     gathered: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, (ids, chosen, rejected, losses))
+    dist.all_gather_object(gathered, (ids, chosen, rejected))
     ids = [x for part in gathered for x in part[0]]
     r_c = np.array([x for part in gathered for x in part[1]], dtype=np.float64)
     r_r = np.array([x for part in gathered for x in part[2]], dtype=np.float64)
-    loss = np.array([x for part in gathered for x in part[3]], dtype=np.float64)
     if len(ids) == 0:
         return {}
     both = np.concatenate([r_c, r_r])
     return {
         "eval/accuracy": float(np.mean(r_c > r_r)),
-        "eval/loss": float(loss.mean()),
+        "eval/loss": float(np.mean(np.logaddexp(0.0, r_r - r_c))),  # -log(sigmoid(r_c - r_r)), stable
         "eval/pairs": len(ids),
         "eval/reward_chosen": float(r_c.mean()),
         "eval/reward_rejected": float(r_r.mean()),
@@ -341,9 +386,8 @@ def evaluate_pairs(engine, shard, batch_size: int, pad_token_id: int, device: to
     }
 
 
-def _filler_batch(pad_token_id: int) -> PairBatch:
-    one = torch.full((2, 1), pad_token_id, dtype=torch.long)
-    return PairBatch(one, torch.ones_like(one), torch.zeros(1), 1, 2)
+# A one-token pair: the forward a rank with no eval pairs left runs so that ZeRO-3's collectives pair up.
+_FILLER_PAIRS = {"prompt_ids": [[0]], "chosen_ids": [[0]], "rejected_ids": [[0]], "margin": np.zeros(1, np.float32)}
 
 
 def _manifest(plan: Plan, tokenizer, final: dict[str, Any], progress: Progress) -> dict[str, Any]:

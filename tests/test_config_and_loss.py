@@ -11,7 +11,6 @@ from btrm.batching import collate_pairs
 from btrm.config import TrainConfig, build_parser, parse_config
 from btrm.deepspeed_configs import SHIPPED, fill_deepspeed_config, load_deepspeed_config
 from btrm.loss import bradley_terry_loss, pair_correct
-from btrm.train_loop import _pair_loss
 
 
 def test_flags_override_yaml_override_defaults(tmp_path):
@@ -72,17 +71,13 @@ def test_loss_margin_and_centering():
     assert pair_correct(torch.tensor([1.0, 1.0]), torch.tensor([0.0, 1.0])).tolist() == [1.0, 0.0]  # a tie is wrong
 
 
-def test_training_step_uses_margin_and_centering_only_when_asked(tiny_qwen_dir):
-    from btrm.model import load_reward_model
-
-    model = load_reward_model(tiny_qwen_dir, pad_token_id=151643)
+def test_padded_batches_and_summed_loss():
     batch = collate_pairs({"prompt_ids": [[1, 2, 3], [4, 5]], "chosen_ids": [[6, 7], [8]], "rejected_ids": [[9], [10, 11, 12]],
                            "margin": [2.0, 1.0]}, pad_token_id=151643)
-    assert batch.input_ids.shape == (4, 5) and batch.num_tokens == 5 + 3 + 4 + 5
-    config = TrainConfig(train_set_path="x")
-    r_c, r_r, plain = _pair_loss(model, batch, config)
-    assert plain.item() == pytest.approx(bradley_terry_loss(r_c, r_r).item(), abs=1e-6)
-    config.use_margin, config.center_rewards_coefficient = True, 0.1
-    _, _, tuned = _pair_loss(model, batch, config)
-    expected = bradley_terry_loss(r_c, r_r, torch.tensor([2.0, 1.0]), 0.1)
-    assert tuned.item() == pytest.approx(expected.item(), abs=1e-6) and tuned.item() > plain.item()
+    assert batch.input_ids.shape == (4, 5) and batch.num_tokens == 5 + 3 + 4 + 5 and batch.computed_tokens == 20
+    assert batch.input_ids[1].tolist() == [4, 5, 8, 151643, 151643] and batch.attention_mask[1].tolist() == [1, 1, 1, 0, 0]
+    chosen, rejected = batch.pair_rewards(torch.tensor([1.0, 2.0, 3.0, 4.0]))
+    assert chosen.tolist() == [1.0, 2.0] and rejected.tolist() == [3.0, 4.0]
+    r_c, r_r = torch.tensor([2.0, 0.0]), torch.tensor([1.0, 1.0])
+    summed = bradley_terry_loss(r_c, r_r, batch.margin, 0.1, reduction="sum")
+    assert summed.item() == pytest.approx(2 * bradley_terry_loss(r_c, r_r, batch.margin, 0.1).item())

@@ -13,7 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from btrm.serving import (ServeCommand, ServiceOptions, app_builder, length_buckets, read_token, sigmoid)
+from btrm.scoring import length_buckets
+from btrm.serving import ServeCommand, ServiceOptions, app_builder, read_token, sigmoid
 from conftest import scoring_service
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,0 +1,185 @@
+"""Packed, prefix-shared batches: the rewards, loss and gradients of the plain two-sequence forward.
+
+Float32 on CPU, a tiny Qwen3 with the real tokenizer, real hh-rlhf pairs tokenized by btrm (some with
+their prompt truncated) and pairs whose answers share leading tokens.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+
+from btrm.batching import FLEX_BLOCK, collate_pairs, pack_groups, pack_pairs, plan_by_tokens, split_to
+from btrm.config import TrainConfig
+from btrm.loss import bradley_terry_loss
+from btrm.model import RewardModel, load_reward_model, load_tokenizer
+from btrm.tokenize import PairTokenizer, TokenizationSpec
+
+from conftest import free_port
+
+
+def _objects(values) -> np.ndarray:
+    """A numpy object array of lists, as Ray Data hands list columns over."""
+    values = [list(v) for v in values]
+    array = np.empty(len(values), dtype=object)
+    array[:] = values
+    return array
+
+
+@pytest.fixture(scope="module")
+def pairs(tiny_qwen_dir, hh_helpful) -> dict[str, np.ndarray]:
+    """Real pairs tokenized at max_length 160 (long prompts get cut), plus pairs whose answers start alike."""
+    tokenizer = PairTokenizer(load_tokenizer(tiny_qwen_dir), TokenizationSpec(max_length=160))
+    question = [{"role": "user", "content": "What is 2 + 2? Answer in one sentence."}]
+    alike = [("The answer is 4.", "The answer is 5."), ("Four, because 2 + 2 = 4.", "Four, because I counted.")]
+    conversations = [(p["chosen"], p["rejected"]) for p in hh_helpful["train"][:40]]
+    conversations += [(question + [{"role": "assistant", "content": c}], question + [{"role": "assistant", "content": r}])
+                      for c, r in alike]
+    encoded = [tokenizer.encode_group(list(pair)) for pair in conversations]
+    assert sum(e.truncated > 0 for e in encoded) >= 3
+    sharing = encoded[-2:]
+    # The answers' common leading tokens became part of the shared prompt, after the template's own.
+    assert all(len(e.prompt_ids) > len(tokenizer.encode_conversations([question])[0]) for e in sharing)
+    return {"prompt_ids": _objects(e.prompt_ids for e in encoded), "chosen_ids": _objects(e.tails[0] for e in encoded),
+            "rejected_ids": _objects(e.tails[1] for e in encoded), "margin": np.linspace(0, 1, len(encoded), dtype=np.float32),
+            "truncated": np.array([e.truncated for e in encoded])}
+
+
+@pytest.fixture(scope="module")
+def classifier(tiny_qwen_dir):
+    return load_reward_model(tiny_qwen_dir, load_tokenizer(tiny_qwen_dir).pad_token_id)
+
+
+def _alone(classifier, prompt, tail) -> float:
+    """The plain forward: one full sequence, no padding, no packing."""
+    ids = torch.tensor([list(prompt) + list(tail)])
+    with torch.no_grad():
+        return classifier(input_ids=ids).logits.item()
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+def test_packed_rewards_equal_each_sequence_scored_alone(classifier, pairs, implementation):
+    classifier.set_attn_implementation(implementation)
+    if implementation == "eager":
+        pairs = {k: v[-12:] for k, v in pairs.items()}  # eager materialises [heads, T, T] scores: keep T small
+    batch = pack_pairs(pairs, classifier.config.pad_token_id)
+    assert batch.computed_tokens == sum(len(p) + len(c) + len(r) for p, c, r in
+                                        zip(pairs["prompt_ids"], pairs["chosen_ids"], pairs["rejected_ids"]))
+    with torch.no_grad():
+        chosen, rejected = batch.pair_rewards(RewardModel(classifier)(batch))
+    for i in range(len(pairs["prompt_ids"])):
+        assert chosen[i].item() == pytest.approx(_alone(classifier, pairs["prompt_ids"][i], pairs["chosen_ids"][i]), abs=2e-5)
+        assert rejected[i].item() == pytest.approx(_alone(classifier, pairs["prompt_ids"][i], pairs["rejected_ids"][i]), abs=2e-5)
+
+
+def test_flex_attention_block_mask_gives_the_same_rewards(classifier, pairs):
+    """The GPU path's BlockMask, run forward on CPU (FlexAttention has no CPU backward)."""
+    classifier.set_attn_implementation("flex_attention")
+    subset = {k: v[:8] for k, v in pairs.items()}
+    batch = pack_pairs(subset, classifier.config.pad_token_id, pad_to_multiple=FLEX_BLOCK)
+    assert batch.computed_tokens == batch.input_ids.shape[1] and batch.computed_tokens % FLEX_BLOCK == 0
+    try:
+        with torch.no_grad():
+            packed = RewardModel(classifier)(batch)
+    finally:
+        classifier.set_attn_implementation("sdpa")
+    classifier_rewards = [_alone(classifier, subset["prompt_ids"][i], subset[side][i])
+                          for i in range(8) for side in ("chosen_ids", "rejected_ids")]
+    assert packed.tolist() == pytest.approx(classifier_rewards, abs=2e-5)
+
+
+def test_a_prompt_with_many_candidates_is_computed_once(classifier):
+    classifier.set_attn_implementation("sdpa")
+    prompt, candidates = [5, 6, 7, 8, 9], [[10], [11, 12], [13, 14, 15], [10, 16]]
+    batch = pack_groups([prompt, [20, 21]], [candidates, [[22], [23]]], classifier.config.pad_token_id)
+    assert batch.computed_tokens == 5 + 8 + 2 + 2 and batch.num_tokens == 4 * 5 + 8 + 2 * 2 + 2
+    with torch.no_grad():
+        rewards = RewardModel(classifier)(batch).tolist()
+    expected = [_alone(classifier, prompt, c) for c in candidates] + [_alone(classifier, [20, 21], [t]) for t in (22, 23)]
+    assert rewards == pytest.approx(expected, abs=2e-5)
+
+
+def _gradients(model: RewardModel, batches, count: int, use_margin: bool) -> tuple[float, list[torch.Tensor]]:
+    model.zero_grad()
+    total = 0.0
+    for batch in batches:
+        chosen, rejected = batch.pair_rewards(model(batch))
+        loss = bradley_terry_loss(chosen, rejected, batch.margin if use_margin else None, 0.1, reduction="sum") / count
+        loss.backward()
+        total += loss.item()
+    return total, [p.grad.clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("use_margin", [False, True])
+def test_packed_loss_and_gradients_equal_the_padded_forward(classifier, pairs, use_margin):
+    """One padded batch of every pair vs the same pairs packed under a token budget into several
+    micro-batches whose gradients accumulate: the same loss and the same gradient, to float32 rounding."""
+    classifier.set_attn_implementation("sdpa")
+    model = RewardModel(classifier).train()
+    count = len(pairs["prompt_ids"])
+    padded_loss, padded = _gradients(model, [collate_pairs(pairs, classifier.config.pad_token_id)], count, use_margin)
+    lengths = [len(p) + len(c) + len(r) for p, c, r in zip(pairs["prompt_ids"], pairs["chosen_ids"], pairs["rejected_ids"])]
+    plan = plan_by_tokens(lengths, 640)
+    assert len(plan) > 3
+    micro = [pack_pairs({k: v[indices] for k, v in pairs.items()}, classifier.config.pad_token_id) for indices in plan]
+    packed_loss, packed = _gradients(model, micro, count, use_margin)
+    assert packed_loss == pytest.approx(padded_loss, rel=1e-5)
+    for p, q in zip(packed, padded):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6)
+
+
+def test_token_budget_plans_are_full_and_can_be_split_to_match_other_workers():
+    lengths = [300, 20, 500, 120, 80, 480, 60, 1000]
+    plan = plan_by_tokens(lengths, 512)
+    assert sorted(i for b in plan for i in b) == list(range(8))
+    assert all(sum(lengths[i] for i in b) <= 512 for b in plan if len(b) > 1)  # the 1000-token pair goes alone
+    # First-fit decreasing: the longest first, each into the first micro-batch with room.
+    assert plan == [[7], [2], [1, 5], [0, 3, 4], [6]]
+    more = split_to(plan, 7, lengths)
+    assert len(more) == 7 and sorted(i for b in more for i in b) == list(range(8))
+    with pytest.raises(ValueError, match="cannot cut 8 items into 9"):
+        split_to(plan, 9, lengths)
+
+
+@pytest.fixture(scope="module")
+def process_group():
+    """A one-process gloo group, as a Ray Train worker has, for DeepSpeed engines in this process."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    dist.init_process_group("gloo")
+    yield
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("stage", ["zero2", "zero3"])
+def test_deepspeed_step_on_packed_pairs_equals_padded(process_group, tiny_qwen_dir, pairs, stage):
+    """The real training step (DeepSpeed engine, micro-batches, one optimizer step) on packed and on
+    padded pairs: the same loss, and after the step the same loss again (so the same update)."""
+    from btrm.train_loop import build_engine, train_step
+
+    losses = {}
+    for packing in (True, False):
+        classifier = load_reward_model(tiny_qwen_dir, load_tokenizer(tiny_qwen_dir).pad_token_id)
+        config = TrainConfig(train_set_path="unused", max_length=160, max_tokens_per_batch=640, packing=packing,
+                             per_device_train_batch_size=7, gradient_accumulation_steps=6, deepspeed=stage,
+                             learning_rate=1e-3, warmup_ratio=0.0, gradient_checkpointing=True,
+                             use_margin=True, center_rewards_coefficient=0.1)
+        if packing:  # the loss the step must report: the mean over all pairs, margin and centring included
+            with torch.no_grad():
+                chosen, rejected = RewardModel(classifier).eval()(pack_pairs(
+                    pairs, classifier.config.pad_token_id)).view(-1, 2).unbind(1)
+            expected = bradley_terry_loss(chosen, rejected, torch.from_numpy(pairs["margin"]), 0.1, reduction="sum").item()
+        engine = build_engine(classifier, config, use_gpu=False, total_steps=2)
+        first = train_step(engine, pairs, config, classifier.config.pad_token_id)
+        second = train_step(engine, pairs, config, classifier.config.pad_token_id)
+        assert first["pairs"] == len(pairs["prompt_ids"]) and engine.global_steps == 2
+        losses[packing] = (first["loss"], second["loss"], first["computed_tokens"], first["micro_batches"])
+    assert losses[True][0] == pytest.approx(expected, rel=1e-5)
+    assert losses[True][0] == pytest.approx(losses[False][0], rel=1e-5)
+    assert losses[True][1] == pytest.approx(losses[False][1], rel=1e-4)
+    assert losses[True][1] != pytest.approx(losses[True][0], rel=1e-4)  # the step did update the weights
+    assert losses[True][2] < 0.75 * losses[False][2]  # no padding, the prompt once
+    assert losses[False][3] == 6 and losses[True][3] >= 2
