@@ -164,7 +164,9 @@ def train_step(engine, pairs: dict[str, Any], config: TrainConfig, pad_token_id:
     most = torch.tensor([len(plan)], device=engine.device)
     dist.all_reduce(most, op=dist.ReduceOp.MAX)
     plan = split_to(plan, int(most.item()), batcher.lengths(pairs))
-    sums = dict.fromkeys(("loss", "correct", "pairs", "tokens", "computed_tokens", "chosen", "rejected"), 0.0)
+    # Summed on the device and read once per step: reading them per micro-batch would stall the GPU.
+    summed = torch.zeros(4, dtype=torch.float64, device=engine.device)  # loss, correct, chosen, rejected
+    tokens = computed_tokens = 0
     for i, indices in enumerate(plan):
         batch = batcher.collate(take(pairs, indices)).to(engine.device)
         engine.set_gradient_accumulation_boundary(i == len(plan) - 1)
@@ -173,13 +175,13 @@ def train_step(engine, pairs: dict[str, Any], config: TrainConfig, pad_token_id:
                                   config.center_rewards_coefficient, reduction="sum")
         engine.backward(loss / count, scale_wrt_gas=False)
         r_chosen, r_rejected = r_chosen.detach(), r_rejected.detach()
-        for key, value in (("loss", loss.item()), ("correct", pair_correct(r_chosen, r_rejected).sum().item()),
-                           ("pairs", batch.num_pairs), ("tokens", batch.num_tokens),
-                           ("computed_tokens", batch.computed_tokens), ("chosen", r_chosen.sum().item()),
-                           ("rejected", r_rejected.sum().item())):
-            sums[key] += value
+        summed += torch.stack([loss.detach(), pair_correct(r_chosen, r_rejected).sum(), r_chosen.sum(),
+                               r_rejected.sum()]).double()
+        tokens, computed_tokens = tokens + batch.num_tokens, computed_tokens + batch.computed_tokens
     engine.step()
-    return {**sums, "micro_batches": len(plan), "steps": 1}
+    loss, correct, chosen, rejected = summed.tolist()
+    return {"loss": loss, "correct": correct, "chosen": chosen, "rejected": rejected, "pairs": count,
+            "tokens": tokens, "computed_tokens": computed_tokens, "micro_batches": len(plan), "steps": 1}
 
 
 def train_loop_per_worker(loop_config: dict[str, Plan]) -> None:

@@ -6,8 +6,6 @@ their prompt truncated) and pairs whose answers share leading tokens.
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 import torch
@@ -148,10 +146,13 @@ def test_token_budget_plans_are_full_and_can_be_split_to_match_other_workers():
 @pytest.fixture(scope="module")
 def process_group():
     """A one-process gloo group, as a Ray Train worker has, for DeepSpeed engines in this process."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    dist.init_process_group("gloo")
-    yield
-    dist.destroy_process_group()
+    with pytest.MonkeyPatch.context() as environment:  # later subprocesses must not see a distributed job
+        for name, value in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1",
+                                LOCAL_RANK="0").items():
+            environment.setenv(name, value)
+        dist.init_process_group("gloo")
+        yield
+        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("stage", ["zero2", "zero3"])
@@ -183,3 +184,28 @@ def test_deepspeed_step_on_packed_pairs_equals_padded(process_group, tiny_qwen_d
     assert losses[True][1] != pytest.approx(losses[True][0], rel=1e-4)  # the step did update the weights
     assert losses[True][2] < 0.75 * losses[False][2]  # no padding, the prompt once
     assert losses[False][3] == 6 and losses[True][3] >= 2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: FlexAttention trains only on CUDA")
+def test_on_the_gpu_bf16_packed_flex_is_as_close_to_float32_as_the_plain_bf16_forward(tiny_qwen_dir, pairs):
+    """Rewards and gradients of the packed FlexAttention forward in bf16 against float32: no further from
+    it than the plain padded forward in bf16 is (twice its error, plus rounding slack)."""
+
+    def run(dtype: torch.dtype, packed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        classifier = load_reward_model(tiny_qwen_dir, load_tokenizer(tiny_qwen_dir).pad_token_id, dtype=dtype).cuda()
+        classifier.set_attn_implementation("flex_attention" if packed else "sdpa")
+        model = RewardModel(classifier).train()
+        pad = classifier.config.pad_token_id
+        batch = (pack_pairs(pairs, pad, pad_to_multiple=FLEX_BLOCK) if packed else collate_pairs(pairs, pad)).to("cuda")
+        chosen, rejected = batch.pair_rewards(model(batch))
+        bradley_terry_loss(chosen, rejected).backward()
+        gradient = torch.cat([p.grad.float().flatten() for p in model.parameters()])
+        return torch.cat([chosen, rejected]).detach().float(), gradient
+
+    reference, reference_gradient = run(torch.float32, packed=False)
+    plain, plain_gradient = run(torch.bfloat16, packed=False)
+    packed, packed_gradient = run(torch.bfloat16, packed=True)
+    plain_error = (plain - reference).abs().max().item()
+    assert (packed - reference).abs().max().item() <= 2 * plain_error + 1e-3
+    relative = lambda g: ((g - reference_gradient).norm() / reference_gradient.norm()).item()  # noqa: E731
+    assert relative(packed_gradient) <= 2 * relative(plain_gradient) + 1e-3

@@ -1,0 +1,39 @@
+"""benchmarks/train_throughput.py's tiny mode, end to end on the CPU, so that the benchmark keeps running."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_tiny_mode_prints_figures_for_both_systems(tmp_path):
+    report_path = tmp_path / "throughput.json"
+    command = [sys.executable, str(REPO / "benchmarks" / "train_throughput.py"), "--mode", "tiny",
+               "--json", str(report_path)]
+    run = subprocess.run(command, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True,
+                         text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+
+    report = json.loads(report_path.read_text())
+    rows = report["results"]
+    assert {row["system"] for row in rows} == {"btrm", "trl"}
+    lines = run.stdout.splitlines()
+    for row in rows:
+        assert not row["oom"], row
+        assert row["pairs_per_s"] > 0 and row["computed_tokens_per_step"] > 0, row
+        assert 0 <= row["padding_share"] < 1, row
+        assert row["peak_memory_gib"] is None and row["mfu"] is None  # CPU: n/a
+        # Both systems trained on exactly the same pairs: every token of them, no pair dropped.
+        pair_tokens = report["header"]["data"][row["data"]]["pair_tokens"]
+        assert round(row["pair_tokens_per_s"] * row["measured_s"]) == pair_tokens, row
+        # ... and the table shows the figures the JSON holds.
+        line = next(line for line in lines if line.startswith(row["system"]) and row["data"] in line
+                    and row["setting"] in line)
+        assert f"{row['pairs_per_s']:.2f}" in line and "n/a" in line, line
+    assert {row["setting"] for row in rows if row["system"] == "btrm"} == {"micro 4 x2", "1024 tokens"}
+    assert any("at 4 pairs per micro-batch btrm is" in line for line in lines), run.stdout
