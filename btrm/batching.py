@@ -23,6 +23,9 @@ import torch
 # FlexAttention computes in blocks of 128 tokens; packed rows are padded to a multiple of this so that
 # compiled kernels see few distinct shapes.
 FLEX_BLOCK = 128
+# Without FlexAttention (on CPUs) a packed row's mask is dense, [T, T], and attention spans the whole row:
+# rows stay this short there.
+DENSE_MASK_TOKENS = 4096
 
 
 @dataclass

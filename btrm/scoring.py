@@ -11,13 +11,10 @@ from typing import Any, Sequence
 
 import torch
 
-from btrm.batching import FLEX_BLOCK, pack_groups, pad_sequences, plan_by_tokens
+from btrm.batching import DENSE_MASK_TOKENS, FLEX_BLOCK, pack_groups, pad_sequences, plan_by_tokens
 from btrm.export import read_manifest
 from btrm.model import RewardModel, load_reward_model, load_tokenizer, packing_unsupported
 from btrm.tokenize import PairTokenizer, SharedPromptIds, TokenizationSpec
-
-# Without FlexAttention (on CPUs) a packed row's mask is dense, [T, T]: rows stay short there.
-DENSE_MASK_TOKENS = 4096
 
 
 def length_buckets(lengths: Sequence[int], max_padding_ratio: float = 2.0) -> list[list[int]]:

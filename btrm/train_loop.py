@@ -26,7 +26,7 @@ import ray.train
 import torch
 import torch.distributed as dist
 
-from btrm.batching import FLEX_BLOCK, MicroBatcher, split_to, take
+from btrm.batching import DENSE_MASK_TOKENS, FLEX_BLOCK, MicroBatcher, split_to, take
 from btrm.config import TrainConfig
 from btrm.deepspeed_configs import fill_deepspeed_config, load_deepspeed_config
 from btrm.export import write_model_dir
@@ -150,8 +150,8 @@ def build_engine(classifier, config: TrainConfig, use_gpu: bool, total_steps: in
 def micro_batcher(classifier, config: TrainConfig, pad_token_id: int, pairs_per_batch: int) -> MicroBatcher:
     packed = config.packing and packing_unsupported(classifier) is None
     flex = classifier.config._attn_implementation == "flex_attention"
-    return MicroBatcher(packed, pad_token_id, config.max_tokens_per_batch, pairs_per_batch,
-                        FLEX_BLOCK if flex else 1)
+    max_tokens = config.max_tokens_per_batch if flex else min(config.max_tokens_per_batch, DENSE_MASK_TOKENS)
+    return MicroBatcher(packed, pad_token_id, max_tokens, pairs_per_batch, FLEX_BLOCK if flex else 1)
 
 
 def train_step(engine, pairs: dict[str, Any], config: TrainConfig, pad_token_id: int) -> dict[str, float]:
