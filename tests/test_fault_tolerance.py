@@ -24,6 +24,17 @@ def _train_workers_of_this_session() -> list[psutil.Process]:
             if "RayTrainWorker" in " ".join(p.cmdline())]
 
 
+def _checkpoint_registered(run_dir) -> bool:
+    """Ray Train has registered a checkpoint: restarted workers get it. Its directory shows up in storage
+    earlier, while it is being uploaded; a worker killed then restarts from the beginning. The controller
+    records each registration in this snapshot file."""
+    try:
+        snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):  # not written yet, or being written
+        return False
+    return snapshot.get("latest_checkpoint_result") is not None
+
+
 def test_a_killed_worker_resumes_from_the_last_checkpoint(ray_session, tiny_qwen_dir, hh_helpful, tmp_path):
     # 320 pairs on 2 workers x 4 pairs x 2 accumulation: 20 steps an epoch, 60 in all; a checkpoint every 10.
     options = dict(num_train_epochs=3, save_steps=10, logging_steps=5, max_failures=1)
@@ -38,13 +49,10 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint(ray_session, tiny_qwen
 
     thread = threading.Thread(target=train)
     thread.start()
-    deadline, killed, checkpoint_seen = time.time() + 300, None, None
+    deadline, killed = time.time() + 300, None
     while thread.is_alive() and time.time() < deadline and killed is None:
-        if checkpoint_seen is None and list((tmp_path / "runs" / "tiny").glob("checkpoint_*")):
-            checkpoint_seen = time.time()
-        # A moment after the first checkpoint shows up in storage (it is registered once fully uploaded):
-        # the workers are past step 10 and have not reached step 20.
-        if checkpoint_seen and time.time() - checkpoint_seen > 2:
+        # Once the first checkpoint (step 10) is registered, the workers are past it.
+        if _checkpoint_registered(tmp_path / "runs" / "tiny"):
             workers = _train_workers_of_this_session()
             if workers:
                 killed = workers[-1].pid
