@@ -88,16 +88,18 @@ def run_training(config: TrainConfig) -> ray.train.Result:
 
     train_ds, train_ledger = pair_dataset("train", config.train_set_path, model_path, spec, config)
     ledgers = {"train": train_ledger}
-    # No progress bars in the coordinator that streams training pairs to the workers: Ray Data 2.60 closes
-    # them from its executor thread while the coordinator's thread may still update them, an AttributeError
-    # that fails the run at an epoch's end. The job log keeps btrm's own progress lines.
-    train_ds.context.enable_progress_bars = False
     eval_shards = []
     if config.eval_set_path:
         eval_ds, ledgers["eval"] = pair_dataset("eval", config.eval_set_path, model_path, spec, config)
         # Row-exact, disjoint shards (Dataset.split divides by blocks, and a small eval set is one block).
         count = eval_ds.count()
         eval_shards = eval_ds.split_at_indices([count * k // config.num_workers for k in range(1, config.num_workers)])
+    # No progress bars for what the workers read (each dataset carries its own context): the job log keeps
+    # btrm's own progress lines. For the training pairs it is also a fix: Ray Data 2.60's coordinator that
+    # streams them closes its bars from the executor thread while its own thread may still update them, an
+    # AttributeError that fails the run at an epoch's end.
+    for dataset in (train_ds, *eval_shards):
+        dataset.context.enable_progress_bars = False
 
     pairs = train_ds.count()
     per_worker = pairs // config.num_workers

@@ -489,6 +489,8 @@ def test_training_job_logs_progress_and_exports(trained):
     assert all(total == MAX_STEPS for _, total in steps), trained.run.describe()
     assert re.search(rf"\[btrm\] eval accuracy [0-9.]+ over {EVAL_PAIRS} pairs", logs), trained.run.describe()
     assert f"[btrm] model exported to {trained.model_dir}" in logs, trained.run.describe()
+    # Workers draw no Ray Data progress bars (tqdm's "Running Dataset <name>: 0 row [...]") into the job log.
+    assert "Running Dataset dataset_" not in logs, trained.run.describe()
     for name in ("config.json", "model.safetensors", "btrm.json", "eval_rewards.parquet", "tokenizer_config.json"):
         assert (trained.model_dir / name).is_file(), name
 
