@@ -1,5 +1,6 @@
 """Shared fixtures: one private local Ray per test session, the real Qwen3 tokenizer, tiny models built
-from a config, and real preference pairs from ../shared/data (tests skip with a reason without it)."""
+from a config, and real preference pairs from ../shared/data, or the folder $BTRM_TEST_DATA names (tests
+skip with a reason without it)."""
 
 from __future__ import annotations
 
@@ -20,13 +21,14 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("SWANLAB_MODE", "offline")
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
+SHARED_DATA = Path(os.environ.get("BTRM_TEST_DATA", REPO.parent / "shared" / "data"))
 
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
-        pytest.skip(f"{SHARED_DATA} is absent: these tests use the real data in ../shared/data")
+        pytest.skip(f"{SHARED_DATA} is absent: these tests use the real data in ../shared/data "
+                    "(or set BTRM_TEST_DATA to a copy of it)")
     return SHARED_DATA
 
 
