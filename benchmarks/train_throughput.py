@@ -33,10 +33,9 @@ import json
 import os
 import random
 import socket
-import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the models are built from a config; nothing is downloaded
@@ -298,6 +297,13 @@ def step_clock(device: torch.device):
     return StepClock()
 
 
+def checkpointing_option(config_class) -> str:
+    """transformers 5.24 renamed ``gradient_checkpointing`` to ``activation_checkpointing`` (the old name is a
+    deprecated alias there); GPU images may carry an older transformers that knows only the old name."""
+    names = {f.name for f in fields(config_class)}
+    return "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+
+
 def run_trl(config, pairs: dict, setting: Setting, args, device: torch.device) -> Measurement:
     from datasets import Dataset
     from transformers import PrinterCallback
@@ -315,7 +321,7 @@ def run_trl(config, pairs: dict, setting: Setting, args, device: torch.device) -
         trl_args = RewardConfig(
             output_dir=output_dir, max_length=args.max_length, per_device_train_batch_size=micro,
             gradient_accumulation_steps=accumulation, max_steps=2 * args.steps, learning_rate=2e-6,
-            bf16=gpu, use_cpu=not gpu, activation_checkpointing=True, optim="adamw_torch_fused",
+            bf16=gpu, use_cpu=not gpu, optim="adamw_torch_fused", **{checkpointing_option(RewardConfig): True},
             train_sampling_strategy="sequential",  # both passes, and btrm, see the pairs in this order
             dataloader_num_workers=0, report_to="none", save_strategy="no", eval_strategy="no",
             logging_strategy="no", disable_tqdm=True, seed=args.seed)
@@ -349,17 +355,12 @@ def init_single_process_group(gpu: bool) -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    if not gpu:
-        import deepspeed  # noqa: F401  (DS_ACCELERATOR=cpu is set in main, before any import of it)
-
-        # DeepSpeed's CPU backend JIT-builds a shared-memory all-reduce op on first use; gloo does the job.
-        sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
     dist.init_process_group("nccl" if gpu else "gloo")
 
 
 def run_btrm(config, pairs: dict, setting: Setting, args, device: torch.device) -> Measurement:
     from btrm.config import TrainConfig
-    from btrm.train_loop import build_engine, train_step
+    from btrm.train_loop import build_engine, micro_batcher, train_step
 
     gpu = device.type == "cuda"
     init_single_process_group(gpu)
@@ -372,11 +373,12 @@ def run_btrm(config, pairs: dict, setting: Setting, args, device: torch.device) 
     classifier = build_classifier(config, torch.float32, device)  # DeepSpeed keeps fp32 masters, computes in bf16
     reset_peak_memory(device)
     engine = build_engine(classifier, train_config, use_gpu=gpu, total_steps=2 * args.steps)
+    batcher = micro_batcher(classifier, train_config, QWEN3_PAD, train_config.per_device_train_batch_size)
     seconds, stats = [], []
     for step_pairs in step_slices(pairs, args.pairs_per_step) * 2:
         synchronize(device)
         start = time.perf_counter()
-        stats.append(train_step(engine, step_pairs, train_config, QWEN3_PAD))
+        stats.append(train_step(engine, step_pairs, batcher, train_config))
         synchronize(device)
         seconds.append(time.perf_counter() - start)
     second = stats[args.steps :]
@@ -530,11 +532,13 @@ def main(argv: list[str] | None = None) -> None:
         # A smoke run: one thread keeps it quick when other processes share the cores (oversubscribed
         # OpenMP threads spin-wait, and a 2-thread run on 2 busy cores was 10-20x slower).
         torch.set_num_threads(1)
-    import datasets
     import transformers
 
     transformers.logging.set_verbosity_error()
-    datasets.disable_progress_bars()
+    if "trl" in args.systems:
+        import datasets  # TRL's input; btrm alone runs without it
+
+        datasets.disable_progress_bars()
 
     config = model_config(args.mode)
     params, peak_flops = parameter_count(config), peak_bf16_flops(device)

@@ -94,6 +94,8 @@ class TrainConfig(DataOptions):
     compile_layers: str = option("auto", "torch.compile each decoder layer, fusing its element-wise work "
                                  "(norms, rotary, activations); auto: on GPUs below ZeRO-3.", ("auto", "true", "false"))
     gradient_checkpointing: bool = option(True, "Recompute activations in the backward pass to save memory.")
+    disable_dropout: bool = option(True, "Set the model's dropout to 0, as TRL's RewardTrainer does: a pair's "
+                                   "rewards then do not vary from one forward to the next.")
     deepspeed: str = option("zero2", "DeepSpeed config: a JSON path or a shipped name "
                             "(zero0, zero1, zero2, zero3, zero3_offload).")
     lr_scheduler_type: str = option("linear", "Learning-rate schedule after warm-up (transformers names).",

@@ -52,6 +52,14 @@ def load_reward_model(path: str, pad_token_id: int, dtype: torch.dtype = torch.f
     return model
 
 
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Every dropout probability to 0 (TRL's RewardTrainer does the same by default): a pair's rewards do
+    not change from one forward to the next, and attention kernels without dropout are the fast ones."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
 def packing_unsupported(classifier) -> str | None:
     """Why packed, prefix-shared batches cannot feed this classifier, or None when they can."""
     if reward_token_rule(classifier.config) != "last":

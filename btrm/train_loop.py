@@ -31,7 +31,7 @@ from btrm.config import TrainConfig
 from btrm.deepspeed_configs import fill_deepspeed_config, load_deepspeed_config
 from btrm.export import write_model_dir
 from btrm.loss import bradley_terry_loss, pair_correct
-from btrm.model import RewardModel, load_reward_model, load_tokenizer, packing_unsupported
+from btrm.model import RewardModel, disable_dropout, load_reward_model, load_tokenizer, packing_unsupported
 from btrm.tokenize import prepare_tokenizer
 from btrm.tracking import Tracker
 
@@ -113,7 +113,8 @@ def _optimizer(model, config: TrainConfig, use_gpu: bool) -> torch.optim.Optimiz
 def build_engine(classifier, config: TrainConfig, use_gpu: bool, total_steps: int,
                  deepspeed_config: dict[str, Any] | None = None):
     """A DeepSpeed engine around ``RewardModel(classifier)``: attention kernels for the batch layout,
-    gradient checkpointing, compiled layers, AdamW with a transformers schedule. Needs torch.distributed."""
+    dropout off (by default), gradient checkpointing, compiled layers, AdamW with a transformers schedule.
+    Needs torch.distributed."""
     deepspeed = _import_deepspeed(use_gpu)
     ds_config = fill_deepspeed_config(
         deepspeed_config or load_deepspeed_config(config.deepspeed), micro_batch=config.per_device_train_batch_size,
@@ -128,6 +129,8 @@ def build_engine(classifier, config: TrainConfig, use_gpu: bool, total_steps: in
         attention = "flex_attention" if packed and use_gpu else ("sdpa" if packed else None)
     if attention:
         classifier.set_attn_implementation(attention)
+    if config.disable_dropout:
+        disable_dropout(classifier)
     if config.gradient_checkpointing:
         classifier.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         classifier.config.use_cache = False
@@ -154,11 +157,11 @@ def micro_batcher(classifier, config: TrainConfig, pad_token_id: int, pairs_per_
     return MicroBatcher(packed, pad_token_id, max_tokens, pairs_per_batch, FLEX_BLOCK if flex else 1)
 
 
-def train_step(engine, pairs: dict[str, Any], config: TrainConfig, pad_token_id: int) -> dict[str, float]:
-    """One optimizer step over ``pairs`` (this worker's share): micro-batches, one backward each, one
-    DeepSpeed step. The loss is the mean over the step's pairs however they were cut; every worker runs
-    as many micro-batches as the busiest (ZeRO's collectives pair them up). Returns sums for the logs."""
-    batcher = micro_batcher(engine.module.classifier, config, pad_token_id, config.per_device_train_batch_size)
+def train_step(engine, pairs: dict[str, Any], batcher: MicroBatcher, config: TrainConfig) -> dict[str, float]:
+    """One optimizer step over ``pairs`` (this worker's share): micro-batches cut by ``batcher``, one
+    backward each, one DeepSpeed step. The loss is the mean over the step's pairs however they were cut;
+    every worker runs as many micro-batches as the busiest (ZeRO's collectives pair them up). Returns
+    sums for the logs."""
     count = len(pairs["prompt_ids"])
     plan = batcher.plan(pairs)
     most = torch.tensor([len(plan)], device=engine.device)
@@ -197,11 +200,12 @@ def train_loop_per_worker(loop_config: dict[str, Plan]) -> None:
     classifier = load_reward_model(plan.model_path, tokenizer.pad_token_id)
     engine = build_engine(classifier, config, plan.use_gpu, plan.total_steps, plan.deepspeed_config)
     zero3 = engine.zero_optimization_partition_weights()
+    train_batcher = micro_batcher(classifier, config, tokenizer.pad_token_id, config.per_device_train_batch_size)
     eval_batcher = micro_batcher(classifier, config, tokenizer.pad_token_id, config.per_device_eval_batch_size)
     if rank == 0:
         reason = config.packing and packing_unsupported(classifier)
         print(f"[btrm] {config.per_device_train_batch_size * config.gradient_accumulation_steps} pairs per worker and "
-              f"optimizer step, in {micro_batcher(classifier, config, 0, config.per_device_train_batch_size).describe()}"
+              f"optimizer step, in {train_batcher.describe()}"
               + (f" (no packing: {reason})" if reason else ""), flush=True)
 
     progress = Progress()
@@ -256,7 +260,7 @@ def train_loop_per_worker(loop_config: dict[str, Plan]) -> None:
         for index, pairs in enumerate(steps):
             if index < progress.step_in_epoch:
                 continue  # resumed mid-epoch: these steps were trained before the checkpoint
-            window.add(**train_step(engine, pairs, config, tokenizer.pad_token_id))
+            window.add(**train_step(engine, pairs, train_batcher, config))
             progress.step_in_epoch = index + 1
             progress.pairs_seen += len(pairs["prompt_ids"]) * world_size
             progress.global_step = engine.global_steps

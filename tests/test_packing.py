@@ -159,7 +159,7 @@ def process_group():
 def test_deepspeed_step_on_packed_pairs_equals_padded(process_group, tiny_qwen_dir, pairs, stage):
     """The real training step (DeepSpeed engine, micro-batches, one optimizer step) on packed and on
     padded pairs: the same loss, and after the step the same loss again (so the same update)."""
-    from btrm.train_loop import build_engine, train_step
+    from btrm.train_loop import build_engine, micro_batcher, train_step
 
     losses = {}
     for packing in (True, False):
@@ -174,8 +174,9 @@ def test_deepspeed_step_on_packed_pairs_equals_padded(process_group, tiny_qwen_d
                     pairs, classifier.config.pad_token_id)).view(-1, 2).unbind(1)
             expected = bradley_terry_loss(chosen, rejected, torch.from_numpy(pairs["margin"]), 0.1, reduction="sum").item()
         engine = build_engine(classifier, config, use_gpu=False, total_steps=2)
-        first = train_step(engine, pairs, config, classifier.config.pad_token_id)
-        second = train_step(engine, pairs, config, classifier.config.pad_token_id)
+        batcher = micro_batcher(classifier, config, classifier.config.pad_token_id, config.per_device_train_batch_size)
+        first = train_step(engine, pairs, batcher, config)
+        second = train_step(engine, pairs, batcher, config)
         assert first["pairs"] == len(pairs["prompt_ids"]) and engine.global_steps == 2
         losses[packing] = (first["loss"], second["loss"], first["computed_tokens"], first["micro_batches"])
     assert losses[True][0] == pytest.approx(expected, rel=1e-5)

