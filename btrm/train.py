@@ -17,7 +17,7 @@ from typing import Any
 import pyarrow.fs as pafs
 import ray
 import ray.train
-from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from btrm.config import TrainConfig
@@ -127,6 +127,9 @@ def run_training(config: TrainConfig) -> ray.train.Result:
             storage_path=storage_path,
             checkpoint_config=CheckpointConfig(num_to_keep=config.save_total_limit),
             failure_config=FailureConfig(max_failures=config.max_failures),
+            # Ray Train's own INFO lines (each worker's every report, its whole metrics dict) stay in the
+            # session's logs/train/ files; the console keeps btrm's progress lines and Ray's warnings.
+            logging_config=LoggingConfig(log_level="WARNING"),
         ),
         datasets={"train": train_ds},
         dataset_config=DataConfig(datasets_to_split=["train"]),

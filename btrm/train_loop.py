@@ -9,6 +9,7 @@ rejected together, Bradley-Terry loss, ``engine.backward`` per micro-batch and o
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import random
@@ -34,6 +35,10 @@ from btrm.loss import bradley_terry_loss, pair_correct
 from btrm.model import RewardModel, disable_dropout, load_reward_model, load_tokenizer, packing_unsupported
 from btrm.tokenize import prepare_tokenizer
 from btrm.tracking import Tracker
+
+# Workers log instead of printing: Ray Train 2.60 redirects a worker's print to the root logger and, since
+# Ray wraps the worker's stdout, also tees it to that stdout, so every printed line reached the job log twice.
+log = logging.getLogger(__name__)
 
 CHECKPOINT_TAG = "deepspeed"
 EXPORT_DIR = "model"
@@ -187,6 +192,15 @@ def train_step(engine, pairs: dict[str, Any], batcher: MicroBatcher, config: Tra
             "tokens": tokens, "computed_tokens": computed_tokens, "micro_batches": len(plan), "steps": 1}
 
 
+def _quiet_ray_train_reports() -> None:
+    """Ray Train 2.60 logs each ``ray.train.report`` of each worker at INFO, its whole metrics dict: about
+    two long lines per log step. Its logger is named by its file path, so RunConfig's LoggingConfig level
+    (which filters ``ray.train.*``) does not reach it. The reports themselves are btrm's progress lines."""
+    from ray.train.v2._internal.execution import context
+
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
 def train_loop_per_worker(loop_config: dict[str, Plan]) -> None:
     plan = loop_config["plan"]
     config = plan.config
@@ -194,6 +208,7 @@ def train_loop_per_worker(loop_config: dict[str, Plan]) -> None:
     rank, world_size = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
     ray.data.DataContext.get_current().enable_progress_bars = False  # keep the job log to btrm's lines
+    _quiet_ray_train_reports()
     _seed_everything(config.seed)
 
     tokenizer = prepare_tokenizer(load_tokenizer(plan.model_path), plan.tokenization["chat_template"])
@@ -204,9 +219,9 @@ def train_loop_per_worker(loop_config: dict[str, Plan]) -> None:
     eval_batcher = micro_batcher(classifier, config, tokenizer.pad_token_id, config.per_device_eval_batch_size)
     if rank == 0:
         reason = config.packing and packing_unsupported(classifier)
-        print(f"[btrm] {config.per_device_train_batch_size * config.gradient_accumulation_steps} pairs per worker and "
-              f"optimizer step, in {train_batcher.describe()}"
-              + (f" (no packing: {reason})" if reason else ""), flush=True)
+        log.info(f"[btrm] {config.per_device_train_batch_size * config.gradient_accumulation_steps} pairs per worker and "
+                 f"optimizer step, in {train_batcher.describe()}"
+                 + (f" (no packing: {reason})" if reason else ""))
 
     progress = Progress()
     checkpoint = ray.train.get_checkpoint()
@@ -215,8 +230,8 @@ def train_loop_per_worker(loop_config: dict[str, Plan]) -> None:
             _, client_state = engine.load_checkpoint(directory, tag=CHECKPOINT_TAG)
         progress = Progress(**client_state["progress"])
         if rank == 0:
-            print(f"[btrm] resumed from step {progress.global_step} (epoch {progress.epoch}, "
-                  f"{progress.pairs_seen} pairs seen)", flush=True)
+            log.info(f"[btrm] resumed from step {progress.global_step} (epoch {progress.epoch}, "
+                     f"{progress.pairs_seen} pairs seen)")
 
     tracker = (Tracker(config.report_to, config.project, config.run_name, vars(config), config.tracking_dir)
                if rank == 0 else None)
@@ -243,8 +258,8 @@ def train_loop_per_worker(loop_config: dict[str, Plan]) -> None:
             return None
         result = evaluate_pairs(engine, eval_shard, eval_batcher, lockstep=zero3)
         if rank == 0:
-            print(f"[btrm] eval @ step {progress.global_step}: accuracy {result['eval/accuracy']:.4f} over "
-                  f"{result['eval/pairs']} pairs, loss {result['eval/loss']:.4f}", flush=True)
+            log.info(f"[btrm] eval @ step {progress.global_step}: accuracy {result['eval/accuracy']:.4f} over "
+                     f"{result['eval/pairs']} pairs, loss {result['eval/loss']:.4f}")
         return result
 
     before: dict[str, float] = {}
@@ -271,7 +286,7 @@ def train_loop_per_worker(loop_config: dict[str, Plan]) -> None:
                 metrics = _train_metrics(window.reduce(device), engine, now - last_log_time)
                 last_log_time = now
                 if rank == 0:
-                    _print_progress(step, plan.total_steps, metrics, now - started, step - steps_at_start)
+                    _log_progress(step, plan.total_steps, metrics, now - started, step - steps_at_start)
             if config.eval_steps and step % config.eval_steps == 0 and step != plan.total_steps:
                 metrics.update({k: v for k, v in (evaluate() or {}).items() if k != "rewards"})
             if config.save_steps and step % config.save_steps == 0 and step != plan.total_steps:
@@ -334,13 +349,13 @@ def _train_metrics(sums: dict[str, float], engine, seconds: float) -> dict[str, 
     }
 
 
-def _print_progress(step: int, total: int, metrics: dict[str, float], elapsed: float, steps_done: int) -> None:
+def _log_progress(step: int, total: int, metrics: dict[str, float], elapsed: float, steps_done: int) -> None:
     eta = elapsed / max(steps_done, 1) * (total - step)
-    print(f"[btrm] step {step}/{total} ({step / total:.0%}) loss {metrics['train/loss']:.4f} "
-          f"acc {metrics['train/accuracy']:.3f} margin {metrics['train/margin']:+.3f} "
-          f"lr {metrics['train/learning_rate']:.2e} grad_norm {metrics['train/grad_norm']:.3f} "
-          f"{metrics['train/pairs_per_second']:.1f} pairs/s {metrics['train/tokens_per_second']:.0f} tok/s "
-          f"elapsed {_duration(elapsed)} ETA {_duration(eta)}", flush=True)
+    log.info(f"[btrm] step {step}/{total} ({step / total:.0%}) loss {metrics['train/loss']:.4f} "
+             f"acc {metrics['train/accuracy']:.3f} margin {metrics['train/margin']:+.3f} "
+             f"lr {metrics['train/learning_rate']:.2e} grad_norm {metrics['train/grad_norm']:.3f} "
+             f"{metrics['train/pairs_per_second']:.1f} pairs/s {metrics['train/tokens_per_second']:.0f} tok/s "
+             f"elapsed {_duration(elapsed)} ETA {_duration(eta)}")
 
 
 def _duration(seconds: float) -> str:

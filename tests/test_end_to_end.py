@@ -487,6 +487,8 @@ def test_training_job_logs_progress_and_exports(trained):
     steps = [(int(a), int(b)) for a, b in re.findall(r"\[btrm\] step (\d+)/(\d+) \(", logs)]
     assert steps and steps[-1] == (MAX_STEPS, MAX_STEPS), trained.run.describe()
     assert all(total == MAX_STEPS for _, total in steps), trained.run.describe()
+    assert len(steps) == len(set(steps)), trained.run.describe()  # each progress line once
+    assert "Reporting training result" not in logs, trained.run.describe()  # Ray Train's INFO noise stays out
     assert re.search(rf"\[btrm\] eval accuracy [0-9.]+ over {EVAL_PAIRS} pairs", logs), trained.run.describe()
     assert f"[btrm] model exported to {trained.model_dir}" in logs, trained.run.describe()
     # Workers draw no Ray Data progress bars (tqdm's "Running Dataset <name>: 0 row [...]") into the job log.
