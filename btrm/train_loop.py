@@ -207,7 +207,6 @@ def train_loop_per_worker(loop_config: dict[str, Plan]) -> None:
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
-    ray.data.DataContext.get_current().enable_progress_bars = False  # keep the job log to btrm's lines
     _quiet_ray_train_reports()
     _seed_everything(config.seed)
 
