@@ -205,9 +205,14 @@ def plan_by_tokens(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
     return [sorted(b) for b in bins]
 
 
-def plan_by_count(count: int, per_batch: int) -> list[list[int]]:
-    """Indices in order, ``per_batch`` at a time."""
-    return [list(range(start, min(start + per_batch, count))) for start in range(0, count, per_batch)]
+def plan_by_count(order: Sequence[int], per_batch: int) -> list[list[int]]:
+    """``order`` cut in turn, ``per_batch`` indices at a time."""
+    return [sorted(order[start : start + per_batch]) for start in range(0, len(order), per_batch)]
+
+
+def padded_length(batch: dict[str, Any], i: int) -> int:
+    """The row length pair ``i`` pads its micro-batch to: its longer sequence."""
+    return len(batch["prompt_ids"][i]) + max(len(batch["chosen_ids"][i]), len(batch["rejected_ids"][i]))
 
 
 def split_to(plan: list[list[int]], count: int, lengths: Sequence[int]) -> list[list[int]]:
@@ -244,14 +249,21 @@ class MicroBatcher:
     pad_to_multiple: int = 1  # packed rows for flex_attention: FLEX_BLOCK
 
     def lengths(self, pairs: dict[str, Any]) -> list[int]:
-        """What each pair costs its micro-batch: packed tokens, or padded rows' worth of pairs."""
-        count = len(pairs["prompt_ids"])
-        return [packed_length(pairs, i) for i in range(count)] if self.packed else [1] * count
+        """What each pair costs its micro-batch: its packed tokens, or the length of its padded rows."""
+        length = packed_length if self.packed else padded_length
+        return [length(pairs, i) for i in range(len(pairs["prompt_ids"]))]
 
     def plan(self, pairs: dict[str, Any]) -> list[list[int]]:
+        """Micro-batches of ``pairs`` (index lists). Padded ones are cut from the pairs in order of length,
+        so that each pads to a length close to all of its own: a step's loss and gradients are the same
+        however its pairs are cut, and on real data (answers of 10 to 1000 tokens) cutting in arrival
+        order computes 1.5-2x the tokens."""
         if self.packed and self.max_tokens:
             return plan_by_tokens(self.lengths(pairs), self.max_tokens)
-        return plan_by_count(len(pairs["prompt_ids"]), self.pairs_per_batch)
+        if self.packed:
+            return plan_by_count(range(len(pairs["prompt_ids"])), self.pairs_per_batch)
+        lengths = self.lengths(pairs)
+        return plan_by_count(sorted(range(len(lengths)), key=lambda i: -lengths[i]), self.pairs_per_batch)
 
     def collate(self, pairs: dict[str, Any]) -> PairBatch | PackedBatch:
         if self.packed:
@@ -262,4 +274,4 @@ class MicroBatcher:
         if self.packed:
             size = f"at most {self.max_tokens} tokens" if self.max_tokens else f"{self.pairs_per_batch} pair(s)"
             return f"packed micro-batches of {size}, the prompt computed once per pair"
-        return f"padded micro-batches of {self.pairs_per_batch} pair(s)"
+        return f"padded micro-batches of {self.pairs_per_batch} pair(s), the step's pairs taken in order of length"
