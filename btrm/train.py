@@ -93,7 +93,8 @@ def run_training(config: TrainConfig) -> ray.train.Result:
         eval_ds, ledgers["eval"] = pair_dataset("eval", config.eval_set_path, model_path, spec, config)
         # Row-exact, disjoint shards (Dataset.split divides by blocks, and a small eval set is one block).
         count = eval_ds.count()
-        eval_shards = eval_ds.split_at_indices([count * k // config.num_workers for k in range(1, config.num_workers)])
+        cuts = [count * k // config.num_workers for k in range(1, config.num_workers)]
+        eval_shards = eval_ds.split_at_indices(cuts) if cuts else [eval_ds]
     # No progress bars for what the workers read (each dataset carries its own context): the job log keeps
     # btrm's own progress lines. For the training pairs it is also a fix: Ray Data 2.60's coordinator that
     # streams them closes its bars from the executor thread while its own thread may still update them, an
