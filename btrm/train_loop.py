@@ -192,13 +192,29 @@ def train_step(engine, pairs: dict[str, Any], batcher: MicroBatcher, config: Tra
             "tokens": tokens, "computed_tokens": computed_tokens, "micro_batches": len(plan), "steps": 1}
 
 
-def _quiet_ray_train_reports() -> None:
-    """Ray Train 2.60 logs each ``ray.train.report`` of each worker at INFO, its whole metrics dict: about
-    two long lines per log step. Its logger is named by its file path, so RunConfig's LoggingConfig level
-    (which filters ``ray.train.*``) does not reach it. The reports themselves are btrm's progress lines."""
+def _quiet_worker_console() -> None:
+    """Keeps the job log to btrm's progress lines and what a user can act on. On each worker:
+
+    - Ray Train 2.60 logs each ``ray.train.report``, its whole metrics dict, at INFO: two long lines per
+      log step. Its logger is named by its file path, so RunConfig's LoggingConfig level (which filters
+      ``ray.train.*``) does not reach it.
+    - Ray Data logs each evaluation pass over the worker's eval shard (start, plan, finish) at INFO, and
+      warns once that progress bars are off (btrm turns them off: the job log has its own progress).
+    - transformers draws progress bars for loading and saving a few-megabyte model.
+    - DeepSpeed calls ``torch.distributed.all_gather_into_tensor``, deprecated in torch 2.13: a
+      FutureWarning per worker that only a DeepSpeed release can act on.
+    """
+    import warnings
+
     from ray.train.v2._internal.execution import context
+    from transformers.utils import logging as transformers_logging
 
     logging.getLogger(context.__file__).setLevel(logging.WARNING)
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
+    transformers_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", message="`torch.distributed.all_gather_into_tensor` is deprecated",
+                            category=FutureWarning)
 
 
 def train_loop_per_worker(loop_config: dict[str, Plan]) -> None:
@@ -207,7 +223,7 @@ def train_loop_per_worker(loop_config: dict[str, Plan]) -> None:
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
-    _quiet_ray_train_reports()
+    _quiet_worker_console()
     _seed_everything(config.seed)
 
     tokenizer = prepare_tokenizer(load_tokenizer(plan.model_path), plan.tokenization["chat_template"])
