@@ -253,16 +253,14 @@ class MicroBatcher:
         length = packed_length if self.packed else padded_length
         return [length(pairs, i) for i in range(len(pairs["prompt_ids"]))]
 
-    def plan(self, pairs: dict[str, Any]) -> list[list[int]]:
-        """Micro-batches of ``pairs`` (index lists). Padded ones are cut from the pairs in order of length,
-        so that each pads to a length close to all of its own: a step's loss and gradients are the same
-        however its pairs are cut, and on real data (answers of 10 to 1000 tokens) cutting in arrival
-        order computes 1.5-2x the tokens."""
+    def plan(self, lengths: Sequence[int]) -> list[list[int]]:
+        """Micro-batches (index lists) of pairs that cost ``lengths`` (see :meth:`lengths`). Padded ones
+        are cut from the pairs in order of length, so that each pads to a length close to all of its own;
+        a step's loss and gradients are the same however its pairs are cut."""
         if self.packed and self.max_tokens:
-            return plan_by_tokens(self.lengths(pairs), self.max_tokens)
+            return plan_by_tokens(lengths, self.max_tokens)
         if self.packed:
-            return plan_by_count(range(len(pairs["prompt_ids"])), self.pairs_per_batch)
-        lengths = self.lengths(pairs)
+            return plan_by_count(range(len(lengths)), self.pairs_per_batch)
         return plan_by_count(sorted(range(len(lengths)), key=lambda i: -lengths[i]), self.pairs_per_batch)
 
     def collate(self, pairs: dict[str, Any]) -> PairBatch | PackedBatch:

@@ -168,10 +168,11 @@ def train_step(engine, pairs: dict[str, Any], batcher: MicroBatcher, config: Tra
     every worker runs as many micro-batches as the busiest (ZeRO's collectives pair them up). Returns
     sums for the logs."""
     count = len(pairs["prompt_ids"])
-    plan = batcher.plan(pairs)
+    lengths = batcher.lengths(pairs)
+    plan = batcher.plan(lengths)
     most = torch.tensor([len(plan)], device=engine.device)
     dist.all_reduce(most, op=dist.ReduceOp.MAX)
-    plan = split_to(plan, int(most.item()), batcher.lengths(pairs))
+    plan = split_to(plan, int(most.item()), lengths)
     # Summed on the device and read once per step: reading them per micro-batch would stall the GPU.
     summed = torch.zeros(4, dtype=torch.float64, device=engine.device)  # loss, correct, chosen, rejected
     tokens = computed_tokens = 0
@@ -387,7 +388,7 @@ def evaluate_pairs(engine, shard, batcher: MicroBatcher, lockstep: bool) -> dict
     engine.eval()
     ids, chosen, rejected = [], [], []
     work = [take(pairs, indices) for pairs in shard.iter_batches(batch_size=4096, batch_format="numpy")
-            for indices in batcher.plan(pairs)]
+            for indices in batcher.plan(batcher.lengths(pairs))]
     count = torch.tensor([len(work)], device=engine.device)
     dist.all_reduce(count, op=dist.ReduceOp.MAX)
     for i in range(int(count.item())):
