@@ -10,7 +10,7 @@ import dataclasses
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence, TypeVar, get_type_hints
+from typing import Any, Callable, Sequence, TypeVar, get_type_hints
 
 import yaml
 
@@ -24,11 +24,38 @@ def option(default: Any, help: str, choices: Sequence[str] | None = None) -> Any
 def str2bool(value: str | bool) -> bool:
     if isinstance(value, bool):
         return value
-    if value.lower() in ("1", "true", "yes", "y", "on"):
+    if str(value).lower() in ("1", "true", "yes", "y", "on"):
         return True
-    if value.lower() in ("0", "false", "no", "n", "off"):
+    if str(value).lower() in ("0", "false", "no", "n", "off"):
         return False
     raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+
+
+def parse_int(value: str | int) -> int:
+    try:
+        if isinstance(value, (bool, float)):
+            raise ValueError
+        return int(value)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected an integer, got {value!r}") from None
+
+
+def parse_float(value: str | int | float) -> float:
+    try:
+        if isinstance(value, bool):
+            raise ValueError
+        return float(value)  # also YAML's 2e-6, which PyYAML reads as a string (YAML 1.1 wants 2.0e-6)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
+
+
+def parse_str(value: Any) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)  # YAML's `use_gpu: true` means "true"
+
+
+# How an option's value is read, from a flag's text and from a YAML scalar alike.
+VALUE_PARSERS: dict[Any, Callable[[Any], Any]] = {bool: str2bool, int: parse_int, float: parse_float,
+                                                  int | None: parse_int, float | None: parse_float}
 
 
 @dataclass
@@ -149,17 +176,12 @@ def build_parser(cls: type, description: str) -> argparse.ArgumentParser:
     hints = get_type_hints(cls)
     for f in dataclasses.fields(cls):
         kind = hints[f.name]
-        kwargs: dict[str, Any] = {"help": f.metadata.get("help", ""), "default": argparse.SUPPRESS}
+        kwargs: dict[str, Any] = {"help": f.metadata.get("help", ""), "default": argparse.SUPPRESS,
+                                  "type": VALUE_PARSERS.get(kind, parse_str)}
         if f.metadata.get("choices"):
             kwargs["choices"] = f.metadata["choices"]
         if kind is bool:
-            kwargs.update(type=str2bool, nargs="?", const=True, metavar="{true,false}")
-        elif kind in (int, float):
-            kwargs["type"] = kind
-        elif kind == (int | None):
-            kwargs["type"] = int
-        elif kind == (float | None):
-            kwargs["type"] = float
+            kwargs.update(nargs="?", const=True, metavar="{true,false}")
         parser.add_argument(f"--{f.name}", **kwargs)
     # Show the defaults in --help even though parsing suppresses them (so the YAML can fill them).
     for action in parser._actions:
@@ -190,8 +212,19 @@ def load_yaml(path: str, cls: type) -> dict[str, Any]:
     values = yaml.safe_load(text) or {}
     if not isinstance(values, dict):
         raise SystemExit(f"--config {path}: expected a mapping of option: value")
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
     if unknown:
         raise SystemExit(f"--config {path}: unknown option(s) {unknown}")
+    hints = get_type_hints(cls)
+    for name, value in values.items():
+        if value is None and fields[name].default is None:
+            continue
+        try:
+            values[name] = VALUE_PARSERS.get(hints[name], parse_str)(value)
+        except argparse.ArgumentTypeError as e:
+            raise SystemExit(f"--config {path}: {name}: {e}") from None
+        choices = fields[name].metadata.get("choices")
+        if choices and values[name] not in choices:
+            raise SystemExit(f"--config {path}: {name}: {value!r} is not one of {list(choices)}")
     return values

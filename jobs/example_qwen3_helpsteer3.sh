@@ -37,30 +37,18 @@ export RAY_ADDRESS
 STAMP="$(date +%Y%m%d-%H%M%S)"
 RUN_NAME="${RUN_NAME:-qwen3-helpsteer3}"
 
-# 1. Train: the reference trainer's settings (4096 tokens, lr 2e-6, 64-step accumulation, bf16, gradient
-#    checkpointing, ZeRO-3) on the HelpSteer3 processor. `ray job submit` follows the logs until the job ends
+# 1. Train: the reference trainer's settings (configs/qwen3_1.7b_rm.yaml: 4096 tokens, lr 2e-6, 64-step
+#    accumulation, bf16, gradient checkpointing, ZeRO-3) on the HelpSteer3 processor. `ray job submit` follows the logs until the job ends
 #    (Ctrl-C detaches, the job goes on: `ray job logs -f <submission id>`, `ray job list`). A run name already
 #    in $STORAGE is refused: RESUME=true continues it from its latest checkpoint, or pick another RUN_NAME.
 ray job submit --submission-id "$RUN_NAME-train-$STAMP" --working-dir . \
     --runtime-env-json "$RUNTIME_ENV" -- python jobs/train.py \
-    --model_name Qwen/Qwen3-1.7B \
+    --config configs/qwen3_1.7b_rm.yaml \
     --dataset_format helpsteer3 \
     --train_set_path "$TRAIN" \
     --eval_set_path "$EVAL" \
     --output_path "$MODEL" \
-    --max_length 4096 \
-    --learning_rate 2e-6 \
-    --num_train_epochs 1 \
-    --bf16 true \
-    --per_device_train_batch_size 1 \
-    --gradient_accumulation_steps 64 \
-    --gradient_checkpointing true \
-    --deepspeed zero3 \
     --num_workers "$NUM_WORKERS" \
-    --use_gpu true \
-    --logging_steps 1 \
-    --eval_steps 50 \
-    --save_steps 50 \
     --storage_path "${STORAGE:-$SHARED/runs}" \
     --run_name "$RUN_NAME" \
     --resume "${RESUME:-false}" \

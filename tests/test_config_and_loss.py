@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -33,6 +34,21 @@ def test_bad_options_are_refused_with_the_reason(tmp_path, capsys):
     (tmp_path / "bad.yaml").write_text("learnin_rate: 1\n")
     with pytest.raises(SystemExit, match="unknown option"):
         parse_config(TrainConfig, "t", ["--config", str(tmp_path / "bad.yaml")])
+
+
+def test_yaml_values_are_read_like_flags_and_bad_ones_name_the_option(tmp_path):
+    # PyYAML reads 2e-6 as a string and `true` as a bool: both mean what the same text means as a flag.
+    (tmp_path / "run.yaml").write_text("train_set_path: a\nlearning_rate: 2e-6\nuse_gpu: true\nmax_steps: '7'\n")
+    config = parse_config(TrainConfig, "t", ["--config", str(tmp_path / "run.yaml")])
+    assert (config.learning_rate, config.use_gpu, config.max_steps) == (2e-6, "true", 7)
+    for text, words in (("max_length: 2.5", "max_length: expected an integer, got 2.5"),
+                        ("learning_rate: fast", "learning_rate: expected a number, got 'fast'"),
+                        ("bf16: maybe", "bf16: expected true or false, got 'maybe'"),
+                        ("overlong: cut", "overlong: 'cut' is not one of ['truncate_prompt', 'drop']"),
+                        ("logging_steps: true", "logging_steps: expected an integer, got True")):
+        (tmp_path / "bad.yaml").write_text(f"train_set_path: a\n{text}\n")
+        with pytest.raises(SystemExit, match=re.escape(f"--config {tmp_path / 'bad.yaml'}: {words}")):
+            parse_config(TrainConfig, "t", ["--config", str(tmp_path / "bad.yaml")])
 
 
 def test_help_explains_every_option():
