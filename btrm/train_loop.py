@@ -162,6 +162,19 @@ def micro_batcher(classifier, config: TrainConfig, pad_token_id: int, pairs_per_
     return MicroBatcher(packed, pad_token_id, max_tokens, pairs_per_batch, FLEX_BLOCK if flex else 1)
 
 
+# Pairs a later epoch's reshuffle mixes at a time on each worker (Ray Data's local shuffle buffer; a
+# reference-length pair holds a few tens of kilobytes of token ids).
+RESHUFFLE_PAIRS = 4096
+
+
+def epoch_order(seed: int, epoch: int) -> dict[str, int]:
+    """``iter_batches`` options for an epoch's order. The first epoch reads the driver's global shuffle;
+    each later one mixes the pairs again, as a sampler's ``set_epoch`` does, so that no two epochs repeat
+    the same steps. Seeded by the epoch: a run resumed mid-epoch reads that epoch's order again and skips
+    exactly the steps it had trained."""
+    return {} if epoch == 0 else {"local_shuffle_buffer_size": RESHUFFLE_PAIRS, "local_shuffle_seed": seed + epoch}
+
+
 def train_step(engine, pairs: dict[str, Any], batcher: MicroBatcher, config: TrainConfig) -> dict[str, float]:
     """One optimizer step over ``pairs`` (this worker's share): micro-batches cut by ``batcher``, one
     backward each, one DeepSpeed step. The loss is the mean over the step's pairs however they were cut;
@@ -287,7 +300,8 @@ def train_loop_per_worker(loop_config: dict[str, Plan]) -> None:
     done = progress.global_step >= plan.total_steps
     while not done and progress.epoch < config.num_train_epochs:
         engine.train()
-        steps = train_shard.iter_batches(batch_size=pairs_per_step, batch_format="numpy", prefetch_batches=2)
+        steps = train_shard.iter_batches(batch_size=pairs_per_step, batch_format="numpy", prefetch_batches=2,
+                                         **epoch_order(config.seed, progress.epoch))
         for index, pairs in enumerate(steps):
             if index < progress.step_in_epoch:
                 continue  # resumed mid-epoch: these steps were trained before the checkpoint

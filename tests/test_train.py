@@ -9,6 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+from btrm.train_loop import epoch_order
 from conftest import train_tiny
 
 
@@ -106,3 +107,20 @@ def test_dropout_is_off_by_default_so_a_pair_scores_the_same_in_every_training_f
     assert not torch.equal(rewards(), rewards())  # dropout as the checkpoint configures it
     disable_dropout(classifier)
     torch.testing.assert_close(rewards(), rewards(), rtol=0, atol=0)
+
+
+def test_each_epoch_reads_the_pairs_in_its_own_order_and_again_the_same_on_resume(ray_session):
+    import ray.data
+
+    dataset = ray.data.range(1000, override_num_blocks=8).materialize()
+
+    def order(epoch: int) -> list[int]:
+        batches = dataset.iterator().iter_batches(batch_size=64, batch_format="numpy", **epoch_order(42, epoch))
+        return [int(x) for batch in batches for x in batch["id"]]
+
+    first, second, third = order(0), order(1), order(2)
+    assert first == [row["id"] for row in dataset.iter_rows()]  # the driver's shuffle, as materialized
+    assert sorted(second) == sorted(third) == list(range(1000))  # every pair once an epoch, none dropped
+    assert len({tuple(first), tuple(second), tuple(third)}) == 3
+    assert order(1) == second  # what a resumed run skips is what it had trained
+
