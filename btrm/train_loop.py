@@ -137,7 +137,12 @@ def build_engine(classifier, config: TrainConfig, use_gpu: bool, total_steps: in
     if config.disable_dropout:
         disable_dropout(classifier)
     if config.gradient_checkpointing:
-        classifier.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # transformers 5.24 (pinned) renamed it and warns at the old name; the GPU images seen ship 5.17,
+        # which knows only the old one.
+        if hasattr(classifier, "activation_checkpointing_enable"):
+            classifier.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            classifier.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         classifier.config.use_cache = False
     if config.compile_layers == "true" or (config.compile_layers == "auto" and use_gpu and not zero3):
         # Each layer compiled on its own: the element-wise work fuses, and checkpointing still wraps

@@ -6,6 +6,8 @@ their prompt truncated) and pairs whose answers share leading tokens.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -184,7 +186,10 @@ def test_deepspeed_step_on_packed_pairs_equals_padded(process_group, tiny_qwen_d
                 chosen, rejected = RewardModel(classifier).eval()(pack_pairs(
                     pairs, classifier.config.pad_token_id)).view(-1, 2).unbind(1)
             expected = bradley_terry_loss(chosen, rejected, torch.from_numpy(pairs["margin"]), 0.1, reduction="sum").item()
-        engine = build_engine(classifier, config, use_gpu=False, total_steps=2)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message="`gradient_checkpointing_enable` is deprecated", category=FutureWarning)
+            engine = build_engine(classifier, config, use_gpu=False, total_steps=2)
+        assert classifier.is_activation_checkpointing
         batcher = micro_batcher(classifier, config, classifier.config.pad_token_id, config.per_device_train_batch_size)
         first = train_step(engine, pairs, batcher, config)
         second = train_step(engine, pairs, batcher, config)
