@@ -23,6 +23,7 @@ import dataclasses
 import hmac
 import math
 import os
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -536,6 +537,10 @@ def app_builder(args: dict[str, Any]) -> serve.Application:
     return build_app(ServiceOptions(**args))
 
 
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> None:
     """``btrm serve --model_path DIR``: the service on this machine, until Ctrl-C."""
     import ray
@@ -546,18 +551,20 @@ def main(argv: list[str] | None = None) -> None:
         ray.init(address="local", include_dashboard=False)
     else:
         ray.init(address=command.ray_address)
-    app = build_app(service, num_replicas=command.num_replicas)
-    serve.start(http_options={"host": command.host, "port": command.port,
-                              "request_timeout_s": command.request_timeout_s})
-    serve.run(app, name=APP_NAME, route_prefix="/")
-    guarded = read_token(service) is not None
-    print(f"[btrm] serving {command.model_path} at http://{command.host}:{command.port} "
-          f"(API docs: /docs); bearer token {'required' if guarded else 'not set: every route is open'}; "
-          "Ctrl-C stops", flush=True)
-    if not guarded and command.host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"[btrm] WARNING: listening on {command.host} without a token: set ${command.token_env} or "
-              "--token_file", flush=True)
+    # A service manager's stop (docker stop, systemd, a pod's termination) is SIGTERM: shut down as on Ctrl-C,
+    # from start-up on (this replaces the handler ray.init installed, which dumps a stack trace and exits).
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
+        serve.start(http_options={"host": command.host, "port": command.port,
+                                  "request_timeout_s": command.request_timeout_s})
+        serve.run(build_app(service, num_replicas=command.num_replicas), name=APP_NAME, route_prefix="/")
+        guarded = read_token(service) is not None
+        print(f"[btrm] serving {command.model_path} at http://{command.host}:{command.port} "
+              f"(API docs: /docs); bearer token {'required' if guarded else 'not set: every route is open'}; "
+              "Ctrl-C stops", flush=True)
+        if not guarded and command.host not in ("127.0.0.1", "localhost", "::1"):
+            print(f"[btrm] WARNING: listening on {command.host} without a token: set ${command.token_env} or "
+                  "--token_file", flush=True)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:

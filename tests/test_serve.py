@@ -5,6 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
+import signal
+import subprocess
+import sys
+import threading
 import time
 from pathlib import Path
 
@@ -15,7 +20,7 @@ import yaml
 
 from btrm.scoring import length_buckets
 from btrm.serving import ServeCommand, ServiceOptions, app_builder, read_token, sigmoid
-from conftest import scoring_service
+from conftest import free_port, scoring_service
 
 REPO = Path(__file__).resolve().parents[1]
 TOKEN = "test-token-7f3a"
@@ -311,3 +316,43 @@ def test_dead_replica_fails_requests_in_flight_fast_and_is_replaced(service, eva
     assert after.status_code == 200
     for result, expected in zip(after.json()["results"], before, strict=True):
         assert result == pytest.approx(expected, abs=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------
+# `btrm serve`: the one-command service, as a user starts and stops it
+
+
+def test_btrm_serve_answers_on_loopback_and_stops_cleanly_on_sigterm(trained_model_dir):
+    """The console command on its own private Ray: it answers on 127.0.0.1, and a service manager's stop
+    (SIGTERM) shuts Serve and Ray down and exits 0, as Ctrl-C does."""
+    port = free_port()
+    command = [str(Path(sys.executable).parent / "btrm"), "serve", "--model_path", str(trained_model_dir),
+               "--port", str(port)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(process.stdout), daemon=True)
+    reader.start()
+    try:
+        deadline = time.time() + 180
+        while not any("[btrm] serving" in line for line in lines):
+            assert process.poll() is None, f"btrm serve exited with {process.returncode}:\n{''.join(lines)}"
+            assert time.time() < deadline, f"btrm serve did not start within 180 s:\n{''.join(lines)}"
+            time.sleep(1)
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+            assert client.get("/health").status_code == 200
+            response = client.post("/compare", json={"prompt": "What is 2+2?", "chosen": "4", "rejected": "5"})
+            assert response.status_code == 200, response.text
+            result = response.json()
+            assert result["p_chosen_better"] == pytest.approx(sigmoid(result["margin"]))
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=120)
+        reader.join(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    output = "".join(lines)
+    assert process.returncode == 0, output
+    assert f"serving {trained_model_dir} at http://127.0.0.1:{port}" in output
+    assert "[btrm] shutting down" in output and "SIGTERM received" not in output, output
