@@ -208,14 +208,14 @@ class PairPreprocessor:
                 pairs.append(pair)
                 places.append(row_number)
 
-        conversations = [side for pair in pairs for side in (pair["chosen"], pair["rejected"])]
-        ids = self.tokenizer.encode_conversations(conversations) if conversations else []
+        encoded = self.tokenizer.encode_groups([(pair["chosen"], pair["rejected"]) for pair in pairs]) if pairs else []
         out = []
-        for k, (pair, row_number) in enumerate(zip(pairs, places)):
-            try:
-                shared = self.tokenizer.share_prompt(ids[2 * k : 2 * k + 2])
-            except RowDropped as e:
-                drop(e.reason, row_number, str(e))
+        for pair, row_number, shared in zip(pairs, places, encoded):
+            if isinstance(shared, RowDropped):
+                drop(shared.reason, row_number, str(shared))
+                continue
+            if isinstance(shared, Exception):
+                drop("invalid", row_number, f"the chat template refuses the conversation: {shared}")
                 continue
             report.pairs += 1
             if shared.truncated:

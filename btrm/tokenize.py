@@ -18,6 +18,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+import jinja2
+
 from btrm.processors.base import RowDropped
 
 OVERLONG_POLICIES = ("truncate_prompt", "drop")
@@ -113,34 +115,58 @@ class PairTokenizer:
         return _template_ids(self.tokenizer, conversations)
 
     def encode_group(self, conversations: Sequence[Sequence[dict]]) -> SharedPromptIds:
-        """Tokenizes conversations that share a prompt. Raises RowDropped('overlong') when they cannot fit."""
-        sequences = self.encode_conversations(conversations)
-        if len(sequences) > 1:
-            return self.share_prompt(sequences)
-        # A lone answer shares nothing with a second one: its prompt is what the prompt alone templates to.
-        prompt = _template_ids(self.tokenizer, [conversations[0][:-1]], add_generation_prompt=True)[0]
-        return self.share_prompt(sequences, prompt_limit=_common_prefix_length([sequences[0], prompt]))
+        """Tokenizes conversations that share a prompt. Raises RowDropped('overlong') when they cannot fit,
+        jinja2.TemplateError when the chat template refuses them."""
+        return self._share_prompt(conversations, self.encode_conversations(conversations))
 
-    def share_prompt(self, sequences: list[list[int]], prompt_limit: int | None = None) -> SharedPromptIds:
-        shared = _common_prefix_length(sequences)
-        if prompt_limit is not None:
-            shared = min(shared, prompt_limit)
+    def encode_groups(self, groups: Sequence[Sequence[Sequence[dict]]]) -> list[SharedPromptIds | Exception]:
+        """Many groups in one batched call to the tokenizer. A group that cannot be encoded gets, in its place,
+        the reason (RowDropped: overlong; jinja2.TemplateError: the chat template refuses it, e.g. a system
+        turn or two user turns in a row); the other groups are unaffected."""
+        try:
+            ids = self.encode_conversations([conversation for group in groups for conversation in group])
+        except jinja2.TemplateError as e:
+            if len(groups) == 1:
+                return [e]
+            return [result for group in groups for result in self.encode_groups([group])]
+        results: list[SharedPromptIds | Exception] = []
+        start = 0
+        for group in groups:
+            try:
+                results.append(self._share_prompt(group, ids[start : start + len(group)]))
+            except RowDropped as e:
+                results.append(e)
+            start += len(group)
+        return results
+
+    def _prompt_length(self, conversation: Sequence[dict], sequence: list[int]) -> int:
+        """How many leading tokens of ``sequence`` are the conversation before its answer: what the prompt
+        alone templates to, up to the answer's turn opening."""
+        prompt = _template_ids(self.tokenizer, [conversation[:-1]], add_generation_prompt=True)[0]
+        return _common_prefix_length([sequence, prompt])
+
+    def _share_prompt(self, conversations: Sequence[Sequence[dict]], sequences: list[list[int]]) -> SharedPromptIds:
+        # A lone answer shares nothing with a second one: its prompt is what the prompt alone templates to.
+        shared = (_common_prefix_length(sequences) if len(sequences) > 1
+                  else self._prompt_length(conversations[0], sequences[0]))
         # Every member keeps at least one token of its own: its reward token ("last") sits there.
         shared = min(shared, min(len(s) for s in sequences) - 1)
         prompt, tails = sequences[0][:shared], [s[shared:] for s in sequences]
-        budget = self.spec.max_length - max(len(t) for t in tails)
-        if len(prompt) <= budget:
-            return SharedPromptIds(prompt, tails, 0)
         longest = max(len(t) for t in tails)
+        excess = len(prompt) + longest - self.spec.max_length
+        if excess <= 0:
+            return SharedPromptIds(prompt, tails, 0)
         if self.spec.overlong == "drop":
             raise RowDropped("overlong", f"{len(prompt) + longest} tokens > max_length {self.spec.max_length}")
-        if budget < 1:
-            raise RowDropped("overlong", f"an answer alone takes {longest} tokens, max_length is "
-                             f"{self.spec.max_length}, and answers are never truncated")
-        # An encoder's reward token opens the sequence: it stays, and the cut starts right after it.
+        # Only the conversation before the answers is cut, from its left: what the answers share at their
+        # start (their turn's opening, a common first sentence) belongs to them. An encoder's reward token
+        # opens the sequence: it stays, and the cut starts right after it.
         head = 1 if self.spec.reward_token == "first" else 0
-        kept = prompt[:head] + prompt[len(prompt) - (budget - head):]
-        return SharedPromptIds(kept, tails, len(prompt) - len(kept))
+        cuttable = min(shared, self._prompt_length(conversations[0], sequences[0])) - head
+        if excess > cuttable:
+            raise RowDropped("overlong", f"the answers with their shared opening take {len(prompt) - cuttable + longest} "
+                             f"tokens, max_length is {self.spec.max_length}, and answers are never truncated")
+        return SharedPromptIds(prompt[:head] + prompt[head + excess :], tails, excess)
 
 
 def _common_prefix_length(sequences: list[list[int]]) -> int:

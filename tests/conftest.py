@@ -138,7 +138,8 @@ def run_pipeline(path, tokenizer_dir: str, max_drop_fraction: float = 1.0, **opt
     from btrm.tokenize import TokenizationSpec
 
     tokenization = TokenizationSpec(max_length=options.pop("max_length", 1024),
-                                    overlong=options.pop("overlong", "truncate_prompt"))
+                                    overlong=options.pop("overlong", "truncate_prompt"),
+                                    chat_template=options.pop("chat_template", None))
     ledger = new_ledger("test", max_drop_fraction)
     spec = DataSpec(path=str(path), tokenizer_path=tokenizer_dir, tokenization=tokenization, **options)
     rows = build_pair_dataset(spec, ledger, num_actors=2, actor_cpus=0.5).take_all()

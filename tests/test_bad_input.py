@@ -32,6 +32,9 @@ MALFORMED = [
     ("NaN margin", {"chosen": Q + [A], "rejected": Q + [B], "margin": float("nan")}, "invalid", "field 'margin'"),
     ("far over max_length", {"chosen": Q + [{"role": "assistant", "content": "word " * 5000}], "rejected": Q + [B]},
      "overlong", "answers are never truncated"),
+    ("answers share an opening over max_length", {"chosen": Q + [{"role": "assistant", "content": "word " * 600 + "7"}],
+                                                  "rejected": Q + [{"role": "assistant", "content": "word " * 600 + "9"}]},
+     "overlong", "with their shared opening take"),
 ]
 
 
@@ -105,3 +108,19 @@ def test_an_empty_jsonl_file_fails_with_the_ledger(qwen_tokenizer_dir, tmp_path)
     (tmp_path / "empty.jsonl").write_text("")
     with pytest.raises(DataError, match="no usable pairs"):
         run_pipeline(tmp_path / "empty.jsonl", qwen_tokenizer_dir)
+
+
+def test_a_conversation_the_chat_template_refuses_costs_only_its_row(qwen_tokenizer_dir, tmp_path):
+    # As Gemma's template does: a system turn raises, for that row only, and the ledger says why.
+    template = ("{% for m in messages %}{% if m.role == 'system' %}{{ raise_exception('System role not supported') }}"
+                "{% endif %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+                "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    system = [{"role": "system", "content": "Be brief."}]
+    rows = [{"chosen": Q + [A], "rejected": Q + [B]}, {"chosen": system + Q + [A], "rejected": system + Q + [B]},
+            {"chosen": Q + [B], "rejected": Q + [A]}]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "system.parquet")
+    kept, ledger = run_pipeline(tmp_path / "system.parquet", qwen_tokenizer_dir, chat_template=template)
+    assert [row["row"] for row in kept] == [0, 2] and ledger["dropped"]["invalid"] == 1
+    (example,) = ledger["examples"]
+    assert example["row"] == 1 and "chat template refuses the conversation: System role not supported" in example["message"]
+

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jinja2
 import pytest
 from transformers import AutoTokenizer
 
@@ -51,6 +52,33 @@ def test_drop_policy_and_answers_that_cannot_fit(qwen):
     long_answer = PROMPT + [{"role": "assistant", "content": "word " * 200}]
     with pytest.raises(RowDropped, match="answers are never truncated"):
         PairTokenizer(qwen, TokenizationSpec(max_length=100)).encode_group([long_answer, CHOSEN])
+
+
+def test_truncation_never_cuts_what_the_answers_share_at_their_start(qwen):
+    opening = "The answer is a long preamble that both responses begin with, word for word the same. "
+    chosen, rejected = (PROMPT + [{"role": "assistant", "content": opening + answer}] for answer in ("Paris.", "Lyon."))
+    full = PairTokenizer(qwen, TokenizationSpec(max_length=4096)).encode_group([chosen, rejected])
+    prompt_alone = qwen.apply_chat_template(PROMPT, tokenize=True, add_generation_prompt=True)["input_ids"]
+    assert full.prompt_ids[: len(prompt_alone)] == prompt_alone
+    opening_tokens = len(full.prompt_ids) - len(prompt_alone)  # the answer's turn opening and the shared sentence
+    assert opening_tokens > 15
+    answers = opening_tokens + max(len(t) for t in full.tails)  # the least a sequence can keep
+    cut = PairTokenizer(qwen, TokenizationSpec(max_length=answers + 5)).encode_group([chosen, rejected])
+    assert cut.prompt_ids == full.prompt_ids[len(prompt_alone) - 5 :] and cut.truncated == len(prompt_alone) - 5
+    with pytest.raises(RowDropped, match="answers with their shared opening take"):
+        PairTokenizer(qwen, TokenizationSpec(max_length=answers - 1)).encode_group([chosen, rejected])
+
+
+def test_a_group_the_chat_template_refuses_costs_only_itself(qwen_tokenizer_dir):
+    strict = AutoTokenizer.from_pretrained(qwen_tokenizer_dir)
+    strict.chat_template = ("{% for m in messages %}{% if m.role == 'system' %}{{ raise_exception('System role not "
+                            "supported') }}{% endif %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+                            "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    tokenizer = PairTokenizer(strict, TokenizationSpec(max_length=4096))
+    without_system = [PROMPT[1:] + CHOSEN[-1:], PROMPT[1:] + REJECTED[-1:]]
+    results = tokenizer.encode_groups([without_system, [CHOSEN, REJECTED], without_system])
+    assert isinstance(results[1], jinja2.TemplateError) and "System role not supported" in str(results[1])
+    assert results[0] == results[2] == tokenizer.encode_group(without_system)
 
 
 def test_a_lone_answer_is_never_truncated_either(qwen):
