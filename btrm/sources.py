@@ -52,13 +52,33 @@ def _is_data_file(path: str) -> bool:
     return path.endswith(PARQUET_SUFFIXES + JSON_SUFFIXES)
 
 
+def _hidden(name: str) -> bool:
+    # Checkpoints, caches and job leftovers: .ipynb_checkpoints/, .cache/, Spark's _temporary/ and _SUCCESS.
+    return name.startswith((".", "_"))
+
+
+def _glob_match(parts: Sequence[str], pattern: Sequence[str]) -> bool:
+    """Path components against pattern components, as a shell matches: a wildcard stays within one
+    component, ``**`` spans any number of them, and only a pattern that names it matches a hidden name."""
+    if not pattern:
+        return not parts
+    if pattern[0] == "**":
+        return any(_glob_match(parts[i:], pattern[1:]) for i in range(len(parts) + 1)
+                   if not any(_hidden(part) for part in parts[:i]))
+    return (bool(parts) and fnmatch.fnmatchcase(parts[0], pattern[0])
+            and (not _hidden(parts[0]) or pattern[0][:1] == parts[0][:1])
+            and _glob_match(parts[1:], pattern[1:]))
+
+
 def list_data_files(source: str) -> list[str]:
-    """The data files a source names: a file, a directory (recursively), or a glob."""
+    """The data files a source names: a file, a directory (recursively, leaving out hidden files and
+    folders: names starting with . or _), or a glob."""
     fs, path = _filesystem(source)
     if any(ch in path for ch in "*?["):
         base = path[: min(path.index(ch) for ch in "*?[" if ch in path)].rsplit("/", 1)[0] or "/"
         infos = fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
-        files = sorted(i.path for i in infos if i.type == pafs.FileType.File and fnmatch.fnmatch(i.path, path))
+        files = sorted(i.path for i in infos
+                       if i.type == pafs.FileType.File and _glob_match(i.path.split("/"), path.split("/")))
         if not files:
             raise SourceError(f"{source}: the pattern matches no files")
         return [_display(f, source) for f in files]
@@ -69,7 +89,7 @@ def list_data_files(source: str) -> list[str]:
         return [_display(path, source)]
     infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
     files = sorted(i.path for i in infos if i.type == pafs.FileType.File and _is_data_file(i.path)
-                   and not os.path.basename(i.path).startswith((".", "_")))
+                   and not any(_hidden(part) for part in i.path[len(path):].split("/")))
     if not files:
         raise SourceError(f"{source}: the directory holds no data files "
                           f"({', '.join(PARQUET_SUFFIXES + JSON_SUFFIXES)})")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import random
 import textwrap
 
@@ -62,6 +63,21 @@ def test_glob_and_jsonl_read_the_same_pairs(hh_helpful, qwen_tokenizer_dir, tmp_
     from_jsonl, _ = run_pipeline(tmp_path / "pairs.jsonl", qwen_tokenizer_dir)
     strip = lambda rows: sorted((r["id"], tuple(r["prompt_ids"]), tuple(r["chosen_ids"])) for r in rows)
     assert strip(from_glob) == strip(from_jsonl) and len(from_glob) > 50
+
+
+def test_directories_and_globs_leave_out_hidden_files_and_wildcards_stay_in_their_folder(tmp_path):
+    from btrm.sources import list_data_files
+
+    for name in ("train.jsonl", "sub/more.jsonl", ".ipynb_checkpoints/train-checkpoint.jsonl",
+                 "_temporary/0/part-0.jsonl", ".hidden.jsonl", "sub/_partial.jsonl"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("{}\n")
+    found = lambda source: [os.path.relpath(f, tmp_path) for f in list_data_files(str(source))]  # noqa: E731
+    assert found(tmp_path) == ["sub/more.jsonl", "train.jsonl"]
+    assert found(tmp_path / "*.jsonl") == ["train.jsonl"]  # not the same names one folder down
+    assert found(tmp_path / "**" / "*.jsonl") == ["sub/more.jsonl", "train.jsonl"]
+    assert found(tmp_path / ".ipynb_checkpoints" / "*.jsonl") == [".ipynb_checkpoints/train-checkpoint.jsonl"]
+    assert found(tmp_path / "*" / "_*.jsonl") == ["sub/_partial.jsonl"]  # named, a hidden name is read
 
 
 def helpsteer3_rows(pairs, seed=0):
