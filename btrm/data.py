@@ -12,7 +12,6 @@ earlier report instead of counting twice.
 
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterator
 
@@ -204,13 +203,15 @@ class PairPreprocessor:
             except Exception as e:  # a user's processor failing on one row must not take the rest down
                 drop("invalid", row_number, f"processor {type(self.processor).__name__} raised {type(e).__name__}: {e}")
                 continue
-            for pair in converted:
+            for k, pair in enumerate(converted):
                 pairs.append(pair)
-                places.append(row_number)
+                # A pair without an id is named by its place: unique across files, and across the pairs of
+                # one row (a HelpSteer3 row with two rejected answers gives two).
+                places.append((row_number, f"{path}:{row_number}" + (f"/{k}" if len(converted) > 1 else "")))
 
         encoded = self.tokenizer.encode_groups([(pair["chosen"], pair["rejected"]) for pair in pairs]) if pairs else []
         out = []
-        for pair, row_number, shared in zip(pairs, places, encoded):
+        for pair, (row_number, place), shared in zip(pairs, places, encoded):
             if isinstance(shared, RowDropped):
                 drop(shared.reason, row_number, str(shared))
                 continue
@@ -222,7 +223,7 @@ class PairPreprocessor:
                 report.truncated += 1
                 report.truncated_tokens += shared.truncated
             out.append({
-                "id": pair["id"] if pair["id"] is not None else f"{os.path.basename(path)}:{row_number}",
+                "id": pair["id"] if pair["id"] is not None else place,
                 "source": pair["source"],
                 "file": path,
                 "row": row_number,

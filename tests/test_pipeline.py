@@ -114,6 +114,21 @@ def test_helpsteer3_both_layouts(hh_helpful, qwen, qwen_tokenizer_dir, tmp_path)
             assert row["has_margin"] == margins and (not margins or row["margin"] in (1, 2, 3))
 
 
+def test_pairs_without_an_id_are_named_by_file_row_and_pair(qwen_tokenizer_dir, tmp_path):
+    question = [{"role": "user", "content": "Name a prime number."}]
+    answers = [("Seven.", True), ("Nine.", False), ("Four.", False)]
+    row = {"input": question, "output": [{"answer": {"role": "assistant", "content": text}, "label": {"is_preferred": good}}
+                                         for text, good in answers]}
+    single = {"input": question, "output": [{"answer": {"role": "assistant", "content": text}, "label": {"is_preferred": good}}
+                                            for text, good in answers[:2]]}
+    for folder in ("a", "b"):  # the same file name in two folders of one source
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "part.jsonl").write_text(json.dumps(row) + "\n" + json.dumps(single) + "\n")
+    rows, _ = run_pipeline(tmp_path, qwen_tokenizer_dir, dataset_format="helpsteer3")
+    ids = [r["id"] for r in rows]
+    assert ids == [f"{tmp_path / folder / 'part.jsonl'}:{place}" for folder in ("a", "b") for place in ("0/0", "0/1", "1")]
+
+
 def test_hh_rlhf_transcripts_straight_from_the_gzip_file(shared_data, qwen, qwen_tokenizer_dir):
     path = shared_data / "hh-rlhf" / "harmless-base" / "test.jsonl.gz"
     rows, ledger = run_pipeline(path, qwen_tokenizer_dir, dataset_format="hh_rlhf", max_length=512)
