@@ -203,6 +203,10 @@ class PairPreprocessor:
             except Exception as e:  # a user's processor failing on one row must not take the rest down
                 drop("invalid", row_number, f"processor {type(self.processor).__name__} raised {type(e).__name__}: {e}")
                 continue
+            if not converted:  # the ledger must add up: a row gives pairs or a drop reason
+                drop("invalid", row_number, f"processor {type(self.processor).__name__} gave no pair for this row "
+                     "(a processor drops a row by raising RowDropped(reason) or RowError(field, message))")
+                continue
             for k, pair in enumerate(converted):
                 pairs.append(pair)
                 # A pair without an id is named by its place: unique across files, and across the pairs of

@@ -8,6 +8,7 @@ gs://, hdfs://); JSON/JSONL (optionally gzip-compressed) is a convenience for sm
 
 from __future__ import annotations
 
+import codecs
 import fnmatch
 import io
 import json
@@ -164,14 +165,14 @@ def _read_parquet(fragment: Fragment, batch_rows: int) -> Iterator[tuple[Sequenc
 
 def _decode_rows(batch: pa.RecordBatch) -> list[Any]:
     try:
-        return batch.to_pylist()
-    except (UnicodeDecodeError, pa.ArrowException):
+        return batch.to_pylist(maps_as_pydicts="strict")  # a MAP column (say, messages from Spark) as dicts
+    except (UnicodeDecodeError, KeyError, pa.ArrowException):
         # One bad value (say, invalid UTF-8) must not take its neighbours down: decode row by row.
         rows = []
         for i in range(batch.num_rows):
             try:
-                rows.append(batch.slice(i, 1).to_pylist()[0])
-            except (UnicodeDecodeError, pa.ArrowException) as e:
+                rows.append(batch.slice(i, 1).to_pylist(maps_as_pydicts="strict")[0])
+            except (UnicodeDecodeError, KeyError, pa.ArrowException) as e:  # KeyError: a map's key twice
                 rows.append(BadRow(f"cannot be decoded: {e}"))
         return rows
 
@@ -184,7 +185,7 @@ def _read_json(fragment: Fragment, batch_rows: int) -> Iterator[tuple[Sequence[i
             data = stream.read()
     except (pa.ArrowException, OSError) as e:
         raise SourceError(f"{fragment.path}: cannot be read ({e}); is it truncated or corrupt?") from e
-    if data.lstrip()[:1] == b"[":  # one JSON array
+    if data.removeprefix(codecs.BOM_UTF8).lstrip()[:1] == b"[":  # one JSON array (json.loads skips a BOM itself)
         try:
             rows = json.loads(data)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:

@@ -3,6 +3,8 @@ other rows down."""
 
 from __future__ import annotations
 
+import json
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -61,8 +63,6 @@ def test_each_malformed_row_is_dropped_counted_and_named(qwen_tokenizer_dir, tmp
 
 
 def test_invalid_utf8_and_broken_json_lines_only_cost_their_own_row(qwen_tokenizer_dir, tmp_path):
-    import json
-
     content = pa.array(["Seven.", "Eight.", "Nine."]).cast(pa.binary())
     bad = pa.array([b"Seven.", b"\xff\xfe not text", b"Nine."], pa.binary())
     table = pa.table({"answer": pa.Array.from_buffers(pa.string(), 3, bad.buffers()), "other": content})
@@ -123,4 +123,32 @@ def test_a_conversation_the_chat_template_refuses_costs_only_its_row(qwen_tokeni
     assert [row["row"] for row in kept] == [0, 2] and ledger["dropped"]["invalid"] == 1
     (example,) = ledger["examples"]
     assert example["row"] == 1 and "chat template refuses the conversation: System role not supported" in example["message"]
+
+
+def test_byte_order_marks_map_columns_and_rows_a_processor_leaves_empty(qwen_tokenizer_dir, tmp_path):
+    from btrm.data import DataSpec, PairPreprocessor
+    from btrm.sources import Fragment, read_fragment
+    from btrm.tokenize import TokenizationSpec
+
+    rows = [{"chosen": Q + [A], "rejected": Q + [B]}, {"chosen": Q + [B], "rejected": Q + [A]}]
+    (tmp_path / "array.json").write_bytes(b"\xef\xbb\xbf" + json.dumps(rows, indent=2).encode())  # as some editors save
+    assert [r for _, batch in read_fragment(Fragment(str(tmp_path / "array.json"), "json"), 100) for r in batch] == rows
+    message = pa.map_(pa.string(), pa.string())  # messages as Spark writes a map<string,string> column
+    table = pa.table({side: pa.array([[list(m.items()) for m in row[side]] for row in rows], pa.list_(message))
+                      for side in ("chosen", "rejected")})
+    pq.write_table(table, tmp_path / "maps.parquet")
+    kept, ledger = run_pipeline(tmp_path / "maps.parquet", qwen_tokenizer_dir)
+    assert ledger["pairs"] == 2 and [list(r["chosen_ids"]) != list(r["rejected_ids"]) for r in kept] == [True, True]
+
+    (tmp_path / "skip.py").write_text(
+        "from btrm.processors import BaseBradleyTerryTrainDataset\n"
+        "class SkipOdd(BaseBradleyTerryTrainDataset):\n"
+        "    def convert(self, row):\n"
+        "        return [] if row['n'] % 2 else {'chosen': row['chosen'], 'rejected': row['rejected']}\n")
+    spec = DataSpec(path="unused", tokenizer_path=qwen_tokenizer_dir, tokenization=TokenizationSpec(max_length=256),
+                    dataset_format="SkipOdd", custom_bt_dataset_path=str(tmp_path / "skip.py"))
+    table, report = PairPreprocessor(spec, ledger=None).process_rows("rows.jsonl", range(4),
+                                                                     [{**rows[0], "n": n} for n in range(4)])
+    assert table.num_rows == report.pairs == 2 and report.dropped["invalid"] == 2  # every row read is accounted for
+    assert "SkipOdd gave no pair for this row" in report.examples[0]["message"] and report.examples[0]["row"] == 1
 

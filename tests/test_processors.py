@@ -80,6 +80,10 @@ def test_helpsteer3_native_layout_direction_margin_ties():
         helpsteer3.pairs({**row, "overall_preference": None})
     with pytest.raises(RowError, match="-3..3"):
         helpsteer3.pairs({**row, "overall_preference": 5})
+    assert helpsteer3.pairs({**row, "overall_preference": 2.0})[0]["margin"] == 2  # parquet may store them as floats
+    for fraction in (-0.5, 1.7, "1", True):  # no silent tie, no silent rounding
+        with pytest.raises(RowError, match="must be an integer in -3..3"):
+            helpsteer3.pairs({**row, "overall_preference": fraction})
 
 
 def test_hh_rlhf_transcripts_become_messages(shared_data):

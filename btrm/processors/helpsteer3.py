@@ -64,9 +64,12 @@ class HelpSteer3Dataset(BaseBradleyTerryTrainDataset):
         if preference is None:
             raise RowDropped("missing_label", "overall_preference is missing")
         try:
-            preference = int(preference)
-        except (TypeError, ValueError):
-            raise RowError("overall_preference", f"must be an integer in -3..3, got {preference!r}") from None
+            integer = int(preference)
+        except (TypeError, ValueError, OverflowError):
+            integer = None
+        if integer is None or isinstance(preference, bool) or integer != preference:  # -0.5 is no tie, 1.7 no 1
+            raise RowError("overall_preference", f"must be an integer in -3..3, got {preference!r}")
+        preference = integer
         if not -3 <= preference <= 3:
             raise RowError("overall_preference", f"must be in -3..3, got {preference}")
         if preference == 0:
