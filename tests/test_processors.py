@@ -21,6 +21,10 @@ def test_standard_passes_valid_pairs_through_and_accepts_json_strings():
                                              "id": 7, "subset": "cooking"})
     assert pair == [{"chosen": PROMPT + [GOOD], "rejected": PROMPT + [BAD], "margin": None, "id": "7",
                      "source": "cooking"}]
+    # Shards of one source may differ in columns: a null `source` (a column another shard has) is no source.
+    [pair] = load_processor("standard").pairs({"chosen": PROMPT + [GOOD], "rejected": PROMPT + [BAD],
+                                               "source": None, "subset": "cooking"})
+    assert pair["source"] == "cooking"
 
 
 @pytest.mark.parametrize("row, field, words", [

@@ -70,6 +70,11 @@ def require(row: dict[str, Any], field: str) -> Any:
     return row[field]
 
 
+def first_given(row: dict[str, Any], *fields: str) -> Any:
+    """The first of ``fields`` the row has a value for (a null column counts as absent), else None."""
+    return next((row[f] for f in fields if row.get(f) is not None), None)
+
+
 def as_messages(value: Any, field: str) -> list[dict[str, Any]]:
     """A list of messages; a JSON string of one is accepted (a common way to store them in parquet)."""
     if isinstance(value, str):

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from btrm.processors.base import BaseBradleyTerryTrainDataset, RowDropped, RowError, as_message, as_messages, require
+from btrm.processors.base import (BaseBradleyTerryTrainDataset, RowDropped, RowError, as_message, as_messages,
+                                  first_given, require)
 
 
 class HelpSteer3Dataset(BaseBradleyTerryTrainDataset):
@@ -52,7 +53,7 @@ class HelpSteer3Dataset(BaseBradleyTerryTrainDataset):
                 "chosen": prompt + preferred,
                 "rejected": prompt + [answer],
                 "id": None if row_id is None else (str(row_id) if len(other) == 1 else f"{row_id}/{k}"),
-                "source": row.get("source", row.get("domain")),
+                "source": first_given(row, "source", "domain"),
             }
             for k, answer in enumerate(other)
         ]
@@ -80,5 +81,5 @@ class HelpSteer3Dataset(BaseBradleyTerryTrainDataset):
             "rejected": context + [{"role": "assistant", "content": worse}],
             "margin": abs(preference),
             "id": row.get("id"),
-            "source": row.get("domain", row.get("source")),
+            "source": first_given(row, "domain", "source"),
         }

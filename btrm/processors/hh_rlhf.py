@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from btrm.processors.base import BaseBradleyTerryTrainDataset, RowError, require
+from btrm.processors.base import BaseBradleyTerryTrainDataset, RowError, first_given, require
 
 _TURN = re.compile(r"\n\n(Human|Assistant): ")
 _ROLE = {"Human": "user", "Assistant": "assistant"}
@@ -30,5 +30,5 @@ class HHRLHFDataset(BaseBradleyTerryTrainDataset):
             "chosen": parse_transcript(require(row, "chosen"), "chosen"),
             "rejected": parse_transcript(require(row, "rejected"), "rejected"),
             "id": row.get("id"),
-            "source": row.get("source", row.get("subset")),
+            "source": first_given(row, "source", "subset"),
         }

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from btrm.processors.base import BaseBradleyTerryTrainDataset
+from btrm.processors.base import BaseBradleyTerryTrainDataset, first_given
 
 
 class StandardDataset(BaseBradleyTerryTrainDataset):
@@ -20,5 +20,5 @@ class StandardDataset(BaseBradleyTerryTrainDataset):
             "rejected": row.get("rejected"),
             "margin": row.get("margin"),
             "id": row.get("id"),
-            "source": row.get("source", row.get("subset")),
+            "source": first_given(row, "source", "subset"),
         }
