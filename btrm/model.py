@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import os
 from pathlib import Path
 
@@ -66,9 +67,20 @@ def packing_unsupported(classifier) -> str | None:
         return "an encoder reads its reward at the first token, which sees every answer in a packed row"
     if not hasattr(classifier, "score") or not hasattr(classifier, "base_model"):
         return f"{type(classifier).__name__} has no `score` head over a base model"
-    layer_types = set(getattr(classifier.config, "layer_types", None) or ["full_attention"])
-    if layer_types != {"full_attention"}:
-        return f"sliding-window attention layers ({sorted(layer_types)}) need a mask of their own"
+    config = classifier.config
+    # A packed row places each answer after its prompt through position_ids; a model that positions tokens
+    # by their place in the row (ALiBi: Bloom, MPT, Falcon's alibi variant) would see other pairs' lengths.
+    if "position_ids" not in inspect.signature(classifier.base_model.forward).parameters or getattr(config, "alibi", False):
+        return f"{config.model_type} positions tokens by their place in the row (ALiBi), not by position_ids"
+    if not (getattr(classifier, "_supports_sdpa", False) and getattr(classifier, "_supports_flex_attn", False)):
+        # A packed row's mask goes to sdpa on CPUs and to FlexAttention on GPUs.
+        return f"transformers has no sdpa and FlexAttention kernels for {config.model_type}, which a packed row's mask needs"
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None and set(layer_types) != {"full_attention"}:
+        return f"sliding-window attention layers ({sorted(set(layer_types))}) need a mask of their own"
+    # Configs without layer_types (Mistral, Phi-3, Starcoder2) state a window on their own.
+    if layer_types is None and getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
+        return f"sliding-window attention (a window of {config.sliding_window} tokens) needs a mask of its own"
     return None
 
 

@@ -17,7 +17,7 @@ from btrm.batching import (FLEX_BLOCK, MicroBatcher, collate_pairs, pack_groups,
                            take)
 from btrm.config import TrainConfig
 from btrm.loss import bradley_terry_loss
-from btrm.model import RewardModel, load_reward_model, load_tokenizer
+from btrm.model import RewardModel, load_reward_model, load_tokenizer, packing_unsupported
 from btrm.tokenize import PairTokenizer, TokenizationSpec
 
 from conftest import free_port
@@ -75,6 +75,48 @@ def test_packed_rewards_equal_each_sequence_scored_alone(classifier, pairs, impl
     for i in range(len(pairs["prompt_ids"])):
         assert chosen[i].item() == pytest.approx(_alone(classifier, pairs["prompt_ids"][i], pairs["chosen_ids"][i]), abs=2e-5)
         assert rejected[i].item() == pytest.approx(_alone(classifier, pairs["prompt_ids"][i], pairs["rejected_ids"][i]), abs=2e-5)
+
+
+def _tiny_classifier(model_type: str, **options):
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    sizes = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, n_layer=2, n_head=4, n_embd=32, d_model=32, n_layers=2, n_heads=4)
+    config = AutoConfig.for_model(model_type, **sizes, **options, num_labels=1, pad_token_id=0, bos_token_id=1,
+                                  eos_token_id=2)
+    torch.manual_seed(0)
+    return AutoModelForSequenceClassification.from_config(config, attn_implementation="eager").eval()
+
+
+@pytest.mark.parametrize("model_type, options, refusal", [
+    ("llama", {}, None),
+    ("mistral", {"sliding_window": None}, None),
+    ("mistral", {"sliding_window": 8}, "sliding-window attention (a window of 8 tokens)"),
+    ("phi3", {"sliding_window": 8}, "sliding-window attention (a window of 8 tokens)"),
+    ("starcoder2", {"sliding_window": 8}, "sliding-window attention (a window of 8 tokens)"),
+    ("gemma2", {"sliding_window": 8, "head_dim": 8}, "no sdpa and FlexAttention kernels for gemma2"),
+    ("gpt2", {}, "no sdpa and FlexAttention kernels for gpt2"),
+    ("bloom", {}, "bloom positions tokens by their place in the row (ALiBi)"),
+    ("mpt", {}, "mpt positions tokens by their place in the row (ALiBi)"),
+    ("falcon", {"alibi": True}, "falcon positions tokens by their place in the row (ALiBi)"),
+])
+def test_packing_serves_only_architectures_it_computes_exactly(model_type, options, refusal):
+    """What packing_unsupported lets through packs to the rewards of each sequence alone (sequences longer
+    than the windows above, where a packed mask without the window would differ); the rest train padded."""
+    classifier = _tiny_classifier(model_type, **options)
+    reason = packing_unsupported(classifier)
+    if refusal is not None:
+        assert reason is not None and refusal in reason
+        return
+    assert reason is None
+    classifier.set_attn_implementation("sdpa")
+    generator = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 128, (n,), generator=generator).tolist() for n in (12, 5)]
+    answers = [[torch.randint(3, 128, (n,), generator=generator).tolist() for n in lengths] for lengths in ((15, 9), (4, 11))]
+    with torch.no_grad():
+        packed = RewardModel(classifier)(pack_groups(prompts, answers, pad_token_id=0)).tolist()
+    alone = [_alone(classifier, prompt, answer) for prompt, group in zip(prompts, answers) for answer in group]
+    assert packed == pytest.approx(alone, abs=1e-5)
 
 
 def test_flex_attention_block_mask_gives_the_same_rewards(classifier, pairs):
