@@ -258,11 +258,15 @@ def train_loop_per_worker(loop_config: dict[str, Plan]) -> None:
                  + (f" (no packing: {reason})" if reason else ""))
 
     progress = Progress()
+    history: list[dict[str, Any]] = []  # the log lines, exported as training_log.jsonl
+    before: dict[str, float] = {}  # the untrained model's eval figures (--eval_before_training)
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as directory:
             _, client_state = engine.load_checkpoint(directory, tag=CHECKPOINT_TAG)
         progress = Progress(**client_state["progress"])
+        # A resumed run (--resume, or Ray Train restarting failed workers) exports the whole log, not its own part.
+        history, before = client_state.get("history", []), client_state.get("before", {})  # (older checkpoints: none)
         if rank == 0:
             log.info(f"[btrm] resumed from step {progress.global_step} (epoch {progress.epoch}, "
                      f"{progress.pairs_seen} pairs seen)")
@@ -272,19 +276,28 @@ def train_loop_per_worker(loop_config: dict[str, Plan]) -> None:
     train_shard = ray.train.get_dataset_shard("train")
     eval_shard = plan.eval_shards[rank] if plan.eval_shards else None
     window = Window()
-    history: list[dict[str, Any]] = []  # rank 0's log lines, exported as training_log.jsonl
-    started, last_log_time, steps_at_start = time.time(), time.time(), progress.global_step
+    # Throughput counts the time in training steps only, not evaluations and checkpoints between logs.
+    started, train_seconds, steps_at_start = time.time(), 0.0, progress.global_step
 
-    def report(metrics: dict[str, float], checkpoint_dir: str | None = None) -> None:
+    def record(metrics: dict[str, float]) -> None:
+        """Into the tracker and the log."""
         if tracker:
             tracker.log(metrics, step=progress.global_step)
         history.append({**metrics, "step": progress.global_step})
+
+    def report(metrics: dict[str, float], checkpoint_dir: str | None = None) -> None:
+        """To Ray Train, with the checkpoint directory to persist, if any."""
         ray.train.report({**metrics, "step": progress.global_step, "epoch": progress.epoch},
                          checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None)
 
+    def save_state(directory: str) -> None:
+        engine.save_checkpoint(directory, tag=CHECKPOINT_TAG,
+                               client_state={"progress": vars(progress), "history": history, "before": before})
+
     def save_checkpoint(metrics: dict[str, float]) -> None:
+        record(metrics)  # first: the checkpoint's log includes this step's line
         with tempfile.TemporaryDirectory() as directory:
-            engine.save_checkpoint(directory, tag=CHECKPOINT_TAG, client_state={"progress": vars(progress)})
+            save_state(directory)
             report(metrics, directory)
 
     def evaluate() -> dict[str, Any] | None:
@@ -296,9 +309,9 @@ def train_loop_per_worker(loop_config: dict[str, Plan]) -> None:
                      f"{result['eval/pairs']} pairs, loss {result['eval/loss']:.4f}")
         return result
 
-    before: dict[str, float] = {}
     if config.eval_before_training and progress.global_step == 0:
         before = {f"{k}_before_training": v for k, v in (evaluate() or {}).items() if k != "rewards"}
+        record(before)
         report(before)
 
     pairs_per_step = config.per_device_train_batch_size * config.gradient_accumulation_steps
@@ -310,23 +323,25 @@ def train_loop_per_worker(loop_config: dict[str, Plan]) -> None:
         for index, pairs in enumerate(steps):
             if index < progress.step_in_epoch:
                 continue  # resumed mid-epoch: these steps were trained before the checkpoint
-            window.add(**train_step(engine, pairs, train_batcher, config))
+            step_started = time.time()
+            window.add(**train_step(engine, pairs, train_batcher, config))  # returns once the step is done
+            train_seconds += time.time() - step_started
             progress.step_in_epoch = index + 1
             progress.pairs_seen += len(pairs["prompt_ids"]) * world_size
             progress.global_step = engine.global_steps
             step = progress.global_step
             metrics: dict[str, float] = {}
             if step % config.logging_steps == 0 or step == plan.total_steps:
-                now = time.time()
-                metrics = _train_metrics(window.reduce(device), engine, now - last_log_time)
-                last_log_time = now
+                metrics = _train_metrics(window.reduce(device), engine, train_seconds)
+                train_seconds = 0.0
                 if rank == 0:
-                    _log_progress(step, plan.total_steps, metrics, now - started, step - steps_at_start)
+                    _log_progress(step, plan.total_steps, metrics, time.time() - started, step - steps_at_start)
             if config.eval_steps and step % config.eval_steps == 0 and step != plan.total_steps:
                 metrics.update({k: v for k, v in (evaluate() or {}).items() if k != "rewards"})
             if config.save_steps and step % config.save_steps == 0 and step != plan.total_steps:
                 save_checkpoint(metrics)
             elif metrics:
+                record(metrics)
                 report(metrics)
             if step >= plan.total_steps:
                 done = True
@@ -337,11 +352,12 @@ def train_loop_per_worker(loop_config: dict[str, Plan]) -> None:
 
     final = evaluate() or {}
     metrics = {**before, **{k: v for k, v in final.items() if k != "rewards"}, "final": 1.0}
+    record(metrics)
     with tempfile.TemporaryDirectory() as directory:
-        # The final checkpoint holds the DeepSpeed state (a later run under the same name continues from
-        # it) and, under model/, the export. Ray Train persists it to storage, from where the driver
+        # The final checkpoint holds the DeepSpeed state and the log (a later run under the same name continues
+        # from it) and, under model/, the export. Ray Train persists it to storage, from where the driver
         # publishes model/ at --output_path (rank 0 may run on another node than the driver).
-        engine.save_checkpoint(directory, tag=CHECKPOINT_TAG, client_state={"progress": vars(progress)})
+        save_state(directory)
         # Every rank takes part in gathering ZeRO-3 shards; rank 0 writes the export.
         state_dict = engine._zero3_consolidated_16bit_state_dict() if zero3 else engine.module.classifier.state_dict()
         if rank == 0:
@@ -349,8 +365,7 @@ def train_loop_per_worker(loop_config: dict[str, Plan]) -> None:
             state_dict = {k.removeprefix("classifier."): v for k, v in state_dict.items()}
             write_model_dir(export_dir, engine.module.classifier, state_dict, tokenizer,
                             _manifest(plan, tokenizer, final, progress))
-            _write_side_files(export_dir, plan.ledgers, history + [{**metrics, "step": progress.global_step}],
-                              final.get("rewards"))
+            _write_side_files(export_dir, plan.ledgers, history, final.get("rewards"))
         report(metrics, directory)
     if tracker:
         tracker.finish()

@@ -69,21 +69,27 @@ def test_eval_cadence_resume_and_options(ray_session, tiny_qwen_dir, hh_helpful,
     rows, held_out = hh_helpful["train"][:200], hh_helpful["test"][:40]
     tracking = tmp_path / "tracking"
     _, model_dir = train_tiny(tmp_path, tiny_qwen_dir, rows, held_out, max_steps=6, eval_steps=3, save_steps=3,
-                              logging_steps=3, report_to="wandb", tracking_dir=str(tracking), num_workers=1)
+                              logging_steps=3, report_to="wandb", tracking_dir=str(tracking), num_workers=1,
+                              eval_before_training=True)
     log = _log(model_dir)
     assert [line["step"] for line in log if "eval/accuracy" in line] == [3, 6]
+    first_run = log
     [wandb_run] = (tracking / "wandb").glob("offline-run-*")  # offline: no API key in tests
     assert list(wandb_run.glob("*.wandb"))
     eval_pairs = json.loads((model_dir / "btrm.json").read_text())["data"]["eval"]["pairs"]
     assert [line["eval/pairs"] for line in log if "eval/pairs" in line] == [eval_pairs, eval_pairs] and eval_pairs > 30
+    assert log[0] == {**log[0], "step": 0} and log[0]["eval/pairs_before_training"] == eval_pairs
     with pytest.raises(SystemExit, match="already exists .* pass --resume"):
         train_tiny(tmp_path, tiny_qwen_dir, rows, held_out, max_steps=10, num_workers=1)
     result, model_dir = train_tiny(tmp_path, tiny_qwen_dir, rows, held_out, max_steps=10, logging_steps=2,
                                    use_margin=True, center_rewards_coefficient=0.1, report_to="swanlab",
                                    tracking_dir=str(tracking), resume=True, num_workers=1)
     log = _log(model_dir)
-    assert [line["step"] for line in log if "train/loss" in line] == [8, 10]  # 7..10 trained, 1..6 restored
+    # The resumed run's log goes on from the first run's, its end included: every line once.
+    assert log[: len(first_run)] == first_run
+    assert [line["step"] for line in log if "train/loss" in line] == [3, 6, 8, 10]  # 7..10 trained, 1..6 restored
     assert result.metrics["step"] == 10
+    assert result.metrics["eval/accuracy_before_training"] == first_run[0]["eval/accuracy_before_training"]
     assert json.loads((model_dir / "btrm.json").read_text())["training"]["steps"] == 10
     assert any(p.is_file() for p in tracking.rglob("*") if "wandb" not in p.parts)  # swanlab's offline files
 
