@@ -88,7 +88,16 @@ class RewardScorer:
     def group_rewards(self, groups: Sequence[SharedPromptIds], max_batch_tokens: int = 32768) -> list[list[float]]:
         """Rewards of groups (a prompt and its answers: a pair, or candidates), each group's in answer
         order. Decoders: packed rows of at most ``max_batch_tokens`` tokens, each prompt computed once per
-        row (a group too long for one row is split, the prompt repeated); encoders: padded sequences."""
+        row (a group too long for one row is split, the prompt repeated); encoders: padded sequences. A
+        group's identical answers are scored once: they get exactly one reward (in a packed row their places
+        would make them differ in the last bits, and a ranking would put one first)."""
+        unique = [list(dict.fromkeys(map(tuple, group.tails))) for group in groups]
+        if any(len(answers) < len(group.tails) for answers, group in zip(unique, groups)):
+            distinct = [SharedPromptIds(group.prompt_ids, [list(t) for t in answers], group.truncated)
+                        for group, answers in zip(groups, unique)]
+            rewards = self.group_rewards(distinct, max_batch_tokens)
+            return [[scores[answers.index(tuple(tail))] for tail in group.tails]
+                    for group, answers, scores in zip(groups, unique, rewards)]
         if not self.packed:
             flat = iter(self.rewards([g.sequence(k) for g in groups for k in range(len(g.tails))], max_batch_tokens))
             return [[next(flat) for _ in g.tails] for g in groups]

@@ -82,6 +82,18 @@ def test_scores_equal_the_trained_engine_and_the_scorer(service, eval_pairs, tra
         assert result["truncated_prompt_tokens"] == encoded.truncated
 
 
+def test_identical_candidates_tie_exactly_and_keep_request_order(service):
+    # A policy sampling N answers often repeats one; packed side by side, each copy would differ in the last bits.
+    candidates = ["Paris.", "It is Lyon.", "Paris.", "Marseille, of course.", "Paris."]
+    with service.client() as client:
+        response = client.post("/score", json={"prompt": "What is the capital of France?", "candidates": candidates})
+    assert response.status_code == 200, response.text
+    rewards, ranking = response.json()["rewards"], response.json()["ranking"]
+    assert rewards[0] == rewards[2] == rewards[4] and len(set(rewards)) == 3
+    copies = [k for k in ranking if candidates[k] == "Paris."]
+    assert copies == [0, 2, 4] and ranking.index(4) - ranking.index(0) == 2  # adjacent, in request order
+
+
 def test_single_and_concurrent_requests_agree_with_batches(service, eval_pairs):
     """Requests sent one by one and 24 at once (batched together by the replica) get the batch's scores."""
     pairs = [pair for pair, _ in eval_pairs[:24]]
