@@ -11,6 +11,7 @@ renamed into place at the end, so an interrupted export never leaves a directory
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import uuid
@@ -33,13 +34,25 @@ def versions() -> dict[str, str]:
             "deepspeed": deepspeed.__version__, "ray": ray.__version__}
 
 
+def json_safe(value: Any) -> Any:
+    """``value`` with NaN and infinities as None: strict JSON readers (and the service's /info) refuse them,
+    and a diverged run or a step without a gradient norm produces them."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
 def write_model_dir(directory: str | Path, model, state_dict, tokenizer, manifest: dict[str, Any]) -> None:
     """Writes model, tokenizer and manifest into ``directory`` (a staging directory)."""
     directory = Path(directory)
     model.save_pretrained(directory, state_dict=state_dict, safe_serialization=True)
     tokenizer.save_pretrained(directory)
     manifest = {"created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "versions": versions(), **manifest}
-    (directory / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
+    (directory / MANIFEST).write_text(json.dumps(json_safe(manifest), indent=2, default=str, allow_nan=False))
 
 
 def publish_dir(source: str | Path, destination: str | Path) -> Path:

@@ -30,7 +30,7 @@ import torch.distributed as dist
 from btrm.batching import DENSE_MASK_TOKENS, FLEX_BLOCK, MicroBatcher, split_to, take
 from btrm.config import TrainConfig
 from btrm.deepspeed_configs import fill_deepspeed_config, load_deepspeed_config
-from btrm.export import write_model_dir
+from btrm.export import json_safe, write_model_dir
 from btrm.loss import bradley_terry_loss, pair_correct
 from btrm.model import RewardModel, disable_dropout, load_reward_model, load_tokenizer, packing_unsupported
 from btrm.tokenize import prepare_tokenizer
@@ -376,7 +376,7 @@ def _write_side_files(export_dir: str, ledgers: dict[str, Any], history: list[di
         with open(os.path.join(export_dir, f"ledger_{name}.json"), "w") as f:
             json.dump(ledger, f, indent=2)
     with open(os.path.join(export_dir, TRAINING_LOG), "w") as f:
-        f.writelines(json.dumps(line) + "\n" for line in history)
+        f.writelines(json.dumps(json_safe(line), allow_nan=False) + "\n" for line in history)
     if rewards is not None:
         pq.write_table(rewards, os.path.join(export_dir, EVAL_REWARDS))
 

@@ -3,11 +3,12 @@ and a finished one replaces the previous export only once it is complete."""
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
 
-from btrm.export import publish_dir
+from btrm.export import json_safe, publish_dir
 
 
 def _export(directory, marker: str):
@@ -51,3 +52,12 @@ def test_publish_replaces_an_earlier_export_only_when_complete(tmp_path, monkeyp
     publish_dir(source, destination)
     assert (destination / "btrm.json").read_text() == "new"
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["model"]
+
+
+def test_manifest_and_log_values_are_strict_json():
+    """A diverged run's NaN loss, or a step without a gradient norm, is written as null, not as NaN (which
+    strict JSON readers, and the service's /info, refuse)."""
+    line = {"step": 3, "train/loss": float("nan"), "train/grad_norm": float("inf"), "eval": {"std": [1.0, -float("inf")]}}
+    assert json_safe(line) == {"step": 3, "train/loss": None, "train/grad_norm": None, "eval": {"std": [1.0, None]}}
+    assert json.loads(json.dumps(json_safe(line), allow_nan=False)) == json_safe(line)
+
