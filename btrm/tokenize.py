@@ -147,8 +147,8 @@ class PairTokenizer:
 
     def _share_prompt(self, conversations: Sequence[Sequence[dict]], sequences: list[list[int]]) -> SharedPromptIds:
         # A lone answer shares nothing with a second one: its prompt is what the prompt alone templates to.
-        shared = (_common_prefix_length(sequences) if len(sequences) > 1
-                  else self._prompt_length(conversations[0], sequences[0]))
+        prompt_length = self._prompt_length(conversations[0], sequences[0]) if len(sequences) == 1 else None
+        shared = _common_prefix_length(sequences) if prompt_length is None else prompt_length
         # Every member keeps at least one token of its own: its reward token ("last") sits there.
         shared = min(shared, min(len(s) for s in sequences) - 1)
         prompt, tails = sequences[0][:shared], [s[shared:] for s in sequences]
@@ -162,7 +162,9 @@ class PairTokenizer:
         # start (their turn's opening, a common first sentence) belongs to them. An encoder's reward token
         # opens the sequence: it stays, and the cut starts right after it.
         head = 1 if self.spec.reward_token == "first" else 0
-        cuttable = min(shared, self._prompt_length(conversations[0], sequences[0])) - head
+        if prompt_length is None:
+            prompt_length = self._prompt_length(conversations[0], sequences[0])
+        cuttable = min(shared, prompt_length) - head
         if excess > cuttable:
             raise RowDropped("overlong", f"the answers with their shared opening take {len(prompt) - cuttable + longest} "
                              f"tokens, max_length is {self.spec.max_length}, and answers are never truncated")
