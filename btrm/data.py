@@ -213,7 +213,8 @@ class PairPreprocessor:
                 # one row (a HelpSteer3 row with two rejected answers gives two).
                 places.append((row_number, f"{path}:{row_number}" + (f"/{k}" if len(converted) > 1 else "")))
 
-        encoded = self.tokenizer.encode_groups([(pair["chosen"], pair["rejected"]) for pair in pairs]) if pairs else []
+        encoded = self.tokenizer.encode_groups([(pair["chosen"], pair["rejected"]) for pair in pairs],
+                                               [pair["tools"] for pair in pairs]) if pairs else []
         out = []
         for pair, (row_number, place), shared in zip(pairs, places, encoded):
             if isinstance(shared, RowDropped):

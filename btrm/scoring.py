@@ -14,7 +14,7 @@ import torch
 from btrm.batching import DENSE_MASK_TOKENS, FLEX_BLOCK, pack_groups, pad_sequences, plan_by_tokens
 from btrm.export import read_manifest
 from btrm.model import RewardModel, load_reward_model, load_tokenizer, packing_unsupported
-from btrm.tokenize import PairTokenizer, SharedPromptIds, TokenizationSpec
+from btrm.tokenize import PairTokenizer, SharedPromptIds, TokenizationSpec, Tools
 
 
 def length_buckets(lengths: Sequence[int], max_padding_ratio: float = 2.0) -> list[list[int]]:
@@ -123,10 +123,12 @@ class RewardScorer:
         rewards = self.group_rewards(groups, max_batch_tokens)
         return [r[0] for r in rewards], [r[1] for r in rewards]
 
-    def encode_group(self, conversations: Sequence[Sequence[dict]]) -> SharedPromptIds:
-        """Conversations sharing a prompt → token ids under the manifest's policy (RowDropped if overlong)."""
-        return self.tokenizer.encode_group(conversations)
+    def encode_group(self, conversations: Sequence[Sequence[dict]], tools: Tools = None) -> SharedPromptIds:
+        """Conversations sharing a prompt (offering ``tools``) → token ids under the manifest's policy
+        (RowDropped if overlong)."""
+        return self.tokenizer.encode_group(conversations, tools)
 
-    def score_group(self, conversations: Sequence[Sequence[dict]]) -> tuple[list[float], SharedPromptIds]:
-        encoded = self.encode_group(conversations)
+    def score_group(self, conversations: Sequence[Sequence[dict]],
+                    tools: Tools = None) -> tuple[list[float], SharedPromptIds]:
+        encoded = self.encode_group(conversations, tools)
         return self.group_rewards([encoded])[0], encoded

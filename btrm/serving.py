@@ -29,7 +29,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Awaitable, Callable, Literal
 
-import jinja2
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exception_handlers import request_validation_exception_handler
 from fastapi.exceptions import RequestValidationError
@@ -42,7 +41,7 @@ from starlette.responses import JSONResponse
 import btrm
 from btrm.config import option, parse_config
 from btrm.processors.base import ROLES, RowDropped, RowError, check_conversation
-from btrm.tokenize import SharedPromptIds
+from btrm.tokenize import TEMPLATE_ERRORS, SharedPromptIds
 
 APP_NAME = "btrm"
 DEFAULT_TOKEN_ENV = "BTRM_API_TOKEN"
@@ -290,7 +289,7 @@ def build_api(scorer, options: ServiceOptions, token: str | None, score_groups: 
         except RowDropped as e:
             raise HTTPException(413, f"{what}: too long for the model's max_length={spec.max_length} tokens "
                                      f"(overlong policy {spec.overlong!r}; answers are never cut): {e.detail}") from None
-        except jinja2.TemplateError as e:
+        except TEMPLATE_ERRORS as e:
             raise HTTPException(422, f"{what}: the model's chat template rejects this conversation: {e}") from None
 
     @api.exception_handler(RequestValidationError)

@@ -14,15 +14,19 @@ such as BERT, whose classification head pools the first token). Truncation never
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import jinja2
 
 from btrm.processors.base import RowDropped
 
 OVERLONG_POLICIES = ("truncate_prompt", "drop")
+# What a chat template raises when it refuses a conversation: its own exception (raise_exception, an undefined
+# attribute), or a TypeError from an expression over values of the wrong type (a tool schema it did not expect).
+TEMPLATE_ERRORS = (jinja2.TemplateError, TypeError)
 REWARD_TOKENS = ("last", "first")
 
 
@@ -98,9 +102,14 @@ def prepare_tokenizer(tokenizer, chat_template: str | None = None):
     return tokenizer
 
 
-def _template_ids(tokenizer, conversations: Sequence[Sequence[dict]], add_generation_prompt: bool = False) -> list[list[int]]:
+Tools = Optional[list[dict]]  # the tool schemas a conversation offers (None: none), as apply_chat_template takes them
+
+
+def _template_ids(tokenizer, conversations: Sequence[Sequence[dict]], tools: Tools = None,
+                  add_generation_prompt: bool = False) -> list[list[int]]:
     # Equivalent to apply_chat_template(tokenize=True), but one batched call to the Rust tokenizer.
-    texts = tokenizer.apply_chat_template(list(conversations), tokenize=False, add_generation_prompt=add_generation_prompt)
+    texts = tokenizer.apply_chat_template(list(conversations), tools=tools, tokenize=False,
+                                          add_generation_prompt=add_generation_prompt)
     return tokenizer(texts, add_special_tokens=False)["input_ids"]
 
 
@@ -111,43 +120,57 @@ class PairTokenizer:
         self.tokenizer = prepare_tokenizer(tokenizer, spec.chat_template)
         self.spec = spec
 
-    def encode_conversations(self, conversations: Sequence[Sequence[dict]]) -> list[list[int]]:
-        return _template_ids(self.tokenizer, conversations)
+    def encode_conversations(self, conversations: Sequence[Sequence[dict]], tools: Tools = None) -> list[list[int]]:
+        return _template_ids(self.tokenizer, conversations, tools)
 
-    def encode_group(self, conversations: Sequence[Sequence[dict]]) -> SharedPromptIds:
-        """Tokenizes conversations that share a prompt. Raises RowDropped('overlong') when they cannot fit,
-        jinja2.TemplateError when the chat template refuses them."""
-        return self._share_prompt(conversations, self.encode_conversations(conversations))
+    def encode_group(self, conversations: Sequence[Sequence[dict]], tools: Tools = None) -> SharedPromptIds:
+        """Tokenizes conversations that share a prompt (and the ``tools`` it offers). Raises
+        RowDropped('overlong') when they cannot fit, one of TEMPLATE_ERRORS when the chat template refuses them."""
+        return self._share_prompt(conversations, self.encode_conversations(conversations, tools), tools)
 
-    def encode_groups(self, groups: Sequence[Sequence[Sequence[dict]]]) -> list[SharedPromptIds | Exception]:
-        """Many groups in one batched call to the tokenizer. A group that cannot be encoded gets, in its place,
-        the reason (RowDropped: overlong; jinja2.TemplateError: the chat template refuses it, e.g. a system
-        turn or two user turns in a row); the other groups are unaffected."""
+    def encode_groups(self, groups: Sequence[Sequence[Sequence[dict]]],
+                      tools: Sequence[Tools] | None = None) -> list[SharedPromptIds | Exception]:
+        """Many groups (with ``tools[k]``, the tools group k offers) in one batched call to the tokenizer. A
+        group that cannot be encoded gets, in its place, the reason (RowDropped: overlong; TEMPLATE_ERRORS:
+        the chat template refuses it, e.g. a system turn or two user turns in a row); the others are unaffected."""
+        tools = list(tools) if tools is not None else [None] * len(groups)
+        kinds = {_tools_key(t): [] for t in tools}
+        if len(kinds) > 1:  # a template call takes one set of tools: one call per distinct set
+            for k, t in enumerate(tools):
+                kinds[_tools_key(t)].append(k)
+            results: list[SharedPromptIds | Exception] = [None] * len(groups)  # type: ignore[list-item]
+            for members in kinds.values():
+                encoded = self.encode_groups([groups[k] for k in members], [tools[k] for k in members])
+                for k, result in zip(members, encoded):
+                    results[k] = result
+            return results
+        offered = tools[0] if tools else None
         try:
-            ids = self.encode_conversations([conversation for group in groups for conversation in group])
-        except jinja2.TemplateError as e:
+            ids = self.encode_conversations([conversation for group in groups for conversation in group], offered)
+        except TEMPLATE_ERRORS as e:
             if len(groups) == 1:
                 return [e]
-            return [result for group in groups for result in self.encode_groups([group])]
-        results: list[SharedPromptIds | Exception] = []
+            return [result for group in groups for result in self.encode_groups([group], [offered])]
+        results = []
         start = 0
         for group in groups:
             try:
-                results.append(self._share_prompt(group, ids[start : start + len(group)]))
+                results.append(self._share_prompt(group, ids[start : start + len(group)], offered))
             except RowDropped as e:
                 results.append(e)
             start += len(group)
         return results
 
-    def _prompt_length(self, conversation: Sequence[dict], sequence: list[int]) -> int:
+    def _prompt_length(self, conversation: Sequence[dict], sequence: list[int], tools: Tools) -> int:
         """How many leading tokens of ``sequence`` are the conversation before its answer: what the prompt
         alone templates to, up to the answer's turn opening."""
-        prompt = _template_ids(self.tokenizer, [conversation[:-1]], add_generation_prompt=True)[0]
+        prompt = _template_ids(self.tokenizer, [conversation[:-1]], tools, add_generation_prompt=True)[0]
         return _common_prefix_length([sequence, prompt])
 
-    def _share_prompt(self, conversations: Sequence[Sequence[dict]], sequences: list[list[int]]) -> SharedPromptIds:
+    def _share_prompt(self, conversations: Sequence[Sequence[dict]], sequences: list[list[int]],
+                      tools: Tools) -> SharedPromptIds:
         # A lone answer shares nothing with a second one: its prompt is what the prompt alone templates to.
-        prompt_length = self._prompt_length(conversations[0], sequences[0]) if len(sequences) == 1 else None
+        prompt_length = self._prompt_length(conversations[0], sequences[0], tools) if len(sequences) == 1 else None
         shared = _common_prefix_length(sequences) if prompt_length is None else prompt_length
         # Every member keeps at least one token of its own: its reward token ("last") sits there.
         shared = min(shared, min(len(s) for s in sequences) - 1)
@@ -163,12 +186,16 @@ class PairTokenizer:
         # opens the sequence: it stays, and the cut starts right after it.
         head = 1 if self.spec.reward_token == "first" else 0
         if prompt_length is None:
-            prompt_length = self._prompt_length(conversations[0], sequences[0])
+            prompt_length = self._prompt_length(conversations[0], sequences[0], tools)
         cuttable = min(shared, prompt_length) - head
         if excess > cuttable:
             raise RowDropped("overlong", f"the answers with their shared opening take {len(prompt) - cuttable + longest} "
                              f"tokens, max_length is {self.spec.max_length}, and answers are never truncated")
         return SharedPromptIds(prompt[:head] + prompt[head + excess :], tails, excess)
+
+
+def _tools_key(tools: Tools) -> str:
+    return json.dumps(tools, sort_keys=True) if tools else ""
 
 
 def _common_prefix_length(sequences: list[list[int]]) -> int:

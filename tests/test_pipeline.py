@@ -55,6 +55,47 @@ def test_standard_shards_match_apply_chat_template(hh_helpful, qwen, qwen_tokeni
     assert {r["truncated"] > 0 for r in rows} == {True, False}
 
 
+def test_tool_use_pairs_from_parquet_match_apply_chat_template_with_their_tools(hh_helpful, qwen, qwen_tokenizer_dir,
+                                                                               tmp_path):
+    """Agent transcripts in OpenAI's layout (tool calls, tool replies, offered tools as a JSON string), stored as
+    parquet struct columns beside plain pairs: each pair is templated with its own tools, and a malformed tool
+    call costs only its row."""
+    tools = [{"type": "function", "function": {"name": "search", "description": "Search the web",
+              "parameters": {"type": "object", "properties": {"query": {"type": "string"}}, "required": ["query"]}}}]
+    rows, expected = [], []
+    for k, pair in enumerate(hh_helpful["test"][:24]):
+        question = pair["chosen"][-2]["content"]
+        if k % 3:  # a plain pair, no tools
+            rows.append(dict(pair, tools=None))
+            expected.append((pair["chosen"], pair["rejected"], None))
+            continue
+        arguments = {"query": question[:60]}
+        call = {"role": "assistant", "content": None, "tool_calls": [
+            {"id": f"call_{k}", "type": "function", "function": {"name": "search", "arguments": json.dumps(arguments)}}]}
+        reply = {"role": "tool", "content": f"Result {k}: {pair['chosen'][-1]['content'][:80]}", "tool_call_id": f"call_{k}"}
+        prompt = pair["chosen"][:-1] + [call, reply]
+        rows.append({"chosen": prompt + [pair["chosen"][-1]], "rejected": prompt + [pair["rejected"][-1]],
+                     "tools": json.dumps(tools), "id": f"tool-{k}"})
+        as_hf = [dict(m, content=m["content"] or "") for m in prompt]
+        as_hf[-2]["tool_calls"] = [dict(c, function=dict(c["function"], arguments=arguments)) for c in call["tool_calls"]]
+        expected.append((as_hf + [pair["chosen"][-1]], as_hf + [pair["rejected"][-1]], tools))
+    broken = json.loads(json.dumps(rows[0]))
+    broken["chosen"][-3]["tool_calls"][0]["function"]["arguments"] = "{query"
+    broken["rejected"] = broken["chosen"][:-1] + [rows[0]["rejected"][-1]]
+    write_parquet_shards(rows + [broken], tmp_path / "agents")
+    out, ledger = run_pipeline(tmp_path / "agents", qwen_tokenizer_dir, max_length=4096)
+    assert len(out) == ledger["pairs"] == len(rows) - sum(p["chosen"] == p["rejected"] for p in hh_helpful["test"][:24])
+    [example] = ledger["examples"]
+    assert (example["row"], example["field"]) == (len(rows), "chosen[{}].tool_calls[0].function.arguments".format(
+        len(broken["chosen"]) - 3))
+    for row in out:
+        chosen, rejected, offered = expected[row["row"]]
+        for side, conversation in (("chosen_ids", chosen), ("rejected_ids", rejected)):
+            ids = qwen.apply_chat_template(conversation, tools=offered, tokenize=True)["input_ids"]
+            assert list(row["prompt_ids"]) + list(row[side]) == ids
+    assert sum("<tool_call>" in qwen.decode(row["prompt_ids"]) for row in out) == 8
+
+
 def test_glob_and_jsonl_read_the_same_pairs(hh_helpful, qwen_tokenizer_dir, tmp_path):
     pairs = hh_helpful["test"][:60]
     write_parquet_shards(pairs, tmp_path / "a", shards=2)

@@ -19,7 +19,7 @@ BAD = {"role": "assistant", "content": "Eggs are birds."}
 def test_standard_passes_valid_pairs_through_and_accepts_json_strings():
     pair = load_processor("standard").pairs({"chosen": json.dumps(PROMPT + [GOOD]), "rejected": PROMPT + [BAD],
                                              "id": 7, "subset": "cooking"})
-    assert pair == [{"chosen": PROMPT + [GOOD], "rejected": PROMPT + [BAD], "margin": None, "id": "7",
+    assert pair == [{"chosen": PROMPT + [GOOD], "rejected": PROMPT + [BAD], "tools": None, "margin": None, "id": "7",
                      "source": "cooking"}]
     # Shards of one source may differ in columns: a null `source` (a column another shard has) is no source.
     [pair] = load_processor("standard").pairs({"chosen": PROMPT + [GOOD], "rejected": PROMPT + [BAD],
@@ -40,6 +40,16 @@ def test_standard_passes_valid_pairs_through_and_accepts_json_strings():
     ({"chosen": PROMPT + [GOOD], "rejected": PROMPT + [BAD], "margin": -1}, "margin", ">= 0"),
     ({"chosen": PROMPT + [GOOD], "rejected": PROMPT + [BAD], "margin": float("nan")}, "margin", "finite"),
     ({"chosen": [GOOD, GOOD], "rejected": [GOOD, BAD]}, "chosen", "no user message"),
+    ({"chosen": PROMPT + [{"role": "assistant", "content": None}], "rejected": PROMPT + [BAD]}, "chosen[1].content", "string"),
+    ({"chosen": [{**PROMPT[0], "tool_calls": [{"function": {"name": "f"}}]}, GOOD], "rejected": PROMPT + [BAD]},
+     "chosen[0].tool_calls", "only an assistant"),
+    ({"chosen": PROMPT + [{"role": "assistant", "tool_calls": [{"function": {"arguments": {}}}]}], "rejected": PROMPT + [BAD]},
+     "chosen[1].tool_calls[0]", "'name'"),
+    ({"chosen": PROMPT + [{"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": "{city"}}]}],
+      "rejected": PROMPT + [BAD]}, "chosen[1].tool_calls[0].function.arguments", "not JSON"),
+    ({"chosen": PROMPT + [{"role": "assistant", "tool_calls": []}], "rejected": PROMPT + [BAD]}, "chosen[1].tool_calls", "empty"),
+    ({"chosen": PROMPT + [GOOD], "rejected": PROMPT + [BAD], "tools": "get_weather"}, "tools", "not a JSON list"),
+    ({"chosen": PROMPT + [GOOD], "rejected": PROMPT + [BAD], "tools": [3]}, "tools[0]", "JSON schema object"),
 ])
 def test_standard_rejects_malformed_rows_naming_the_field(row, field, words):
     with pytest.raises(RowError) as error:
@@ -51,6 +61,37 @@ def test_identical_answers_are_dropped_not_invalid():
     with pytest.raises(RowDropped) as dropped:
         validate_pair({"chosen": PROMPT + [GOOD], "rejected": PROMPT + [dict(GOOD)]})
     assert dropped.value.reason == "identical"
+
+
+WEATHER = [{"type": "function", "function": {
+    "name": "get_weather", "description": "The current weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+ASK = {"role": "user", "content": "Is it raining in Paris?"}
+
+
+def weather_call(arguments, **layout):
+    return {"role": "assistant", "tool_calls": [{"id": "call_1", "type": "function",
+                                                 "function": {"name": "get_weather", "arguments": arguments}}], **layout}
+
+
+def test_tool_use_is_normalised_to_what_chat_templates_expect():
+    """OpenAI's layout (a null content, arguments as a JSON string, every key of a parquet struct present
+    with nulls) becomes Hugging Face's: content "", arguments a mapping; tools parse from a JSON string."""
+    openai_call = weather_call('{"city": "Paris"}', content=None, tool_call_id=None, name=None)
+    tool_reply = {"role": "tool", "content": "Rain, 12 C", "tool_call_id": "call_1", "name": "get_weather", "tool_calls": None}
+    row = {"chosen": [ASK, openai_call, tool_reply, {"role": "assistant", "content": "Yes: rain, 12 C."}],
+           "rejected": [ASK, openai_call, tool_reply, {"role": "assistant", "content": "No idea."}],
+           "tools": json.dumps(WEATHER)}
+    [pair] = load_processor("standard").pairs(row)
+    call = weather_call({"city": "Paris"}, content="")
+    assert pair["chosen"][:3] == pair["rejected"][:3] == [
+        ASK, call, {"role": "tool", "content": "Rain, 12 C", "tool_call_id": "call_1", "name": "get_weather"}]
+    assert pair["tools"] == WEATHER
+    # A tool call can be the answer judged; two calls differ by their arguments, not by their (empty) text.
+    pair = validate_pair({"chosen": [ASK, call], "rejected": [ASK, weather_call({"city": "Lyon"})], "tools": WEATHER})
+    assert pair["chosen"][-1] == call and pair["rejected"][-1]["tool_calls"][0]["function"]["arguments"] == {"city": "Lyon"}
+    with pytest.raises(RowDropped, match="identical"):
+        validate_pair({"chosen": [ASK, call], "rejected": [ASK, openai_call]})
 
 
 def rm_gallery_row(chosen_first=True, labels=(True, False)):

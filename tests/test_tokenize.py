@@ -35,6 +35,30 @@ def test_ids_equal_apply_chat_template_and_share_the_prompt(qwen):
     assert encoded.tails[0][-1] == encoded.tails[1][-1] != qwen.pad_token_id
 
 
+def test_tool_use_templates_like_apply_chat_template_with_tools(qwen):
+    """Tools reach the template per group: a batch mixing groups with and without tools (and with other
+    tools) gives each group the ids apply_chat_template(..., tools=its tools) gives."""
+    weather = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}}}}]
+    search = [{"type": "function", "function": {"name": "search", "parameters": {"type": "object", "properties": {}}}}]
+    ask = [{"role": "user", "content": "Is it raining in Paris?"}]
+    call = {"role": "assistant", "content": "", "tool_calls": [
+        {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]}
+    called = ask + [call, {"role": "tool", "content": "Rain, 12 C", "tool_call_id": "call_1"}]
+    groups = [(ask + [call], ask + [{"role": "assistant", "content": "I cannot know."}]),
+              (CHOSEN, REJECTED),
+              (called + [{"role": "assistant", "content": "Yes."}], called + [{"role": "assistant", "content": "No."}]),
+              (ask + [{"role": "assistant", "content": "Let me search."}], ask + [call])]
+    offered = [weather, None, weather, search]
+    tokenizer = PairTokenizer(qwen, TokenizationSpec(max_length=4096))
+    results = tokenizer.encode_groups(groups, offered)
+    for group, tools, encoded in zip(groups, offered, results):
+        assert encoded == tokenizer.encode_group(group, tools)
+        for k, conversation in enumerate(group):
+            assert encoded.sequence(k) == qwen.apply_chat_template(conversation, tools=tools, tokenize=True)["input_ids"]
+    assert "get_weather" in qwen.decode(results[0].prompt_ids) and "get_weather" not in qwen.decode(results[1].prompt_ids)
+
+
 def test_truncation_cuts_the_shared_prompt_from_the_left_and_keeps_answers(qwen):
     full = PairTokenizer(qwen, TokenizationSpec(max_length=4096)).encode_group([CHOSEN, REJECTED])
     max_length = 80

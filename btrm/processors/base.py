@@ -3,11 +3,15 @@
 A processor turns one row of some source (a dict of that source's columns) into one or more pairs
 in the standard format::
 
-    {"chosen": [messages], "rejected": [messages], "margin": float | None, "id": str | None,
-     "source": str | None}
+    {"chosen": [messages], "rejected": [messages], "tools": [schemas] | None, "margin": float | None,
+     "id": str | None, "source": str | None}
 
 where ``messages`` are ``{"role": ..., "content": ...}`` dicts, both sides share every message but the
 last one, and the last one is the assistant answer being judged.
+
+Tool use: an assistant message may carry ``tool_calls`` (OpenAI's or Hugging Face's layout; its content may
+then be empty), a ``tool`` message its ``tool_call_id`` and ``name``, and a pair the ``tools`` it offers (a
+list of JSON schemas, or a JSON string of one): the chat template renders them as it would for generation.
 """
 
 from __future__ import annotations
@@ -77,29 +81,86 @@ def first_given(row: dict[str, Any], *fields: str) -> Any:
 
 def as_messages(value: Any, field: str) -> list[dict[str, Any]]:
     """A list of messages; a JSON string of one is accepted (a common way to store them in parquet)."""
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError:
-            raise RowError(field, "is a string that is not a JSON list of messages") from None
-    if hasattr(value, "tolist"):  # numpy arrays from Arrow list columns
-        value = value.tolist()
-    if not isinstance(value, (list, tuple)):
-        raise RowError(field, f"must be a list of messages, got {type(value).__name__}")
-    return [as_message(m, f"{field}[{i}]") for i, m in enumerate(value)]
+    return [as_message(m, f"{field}[{i}]") for i, m in enumerate(_as_list(value, field, "messages"))]
 
 
 def as_message(value: Any, field: str) -> dict[str, Any]:
+    # A null key counts as absent: Arrow gives every message of a list<struct> column every key of the struct.
     if not isinstance(value, dict):
         raise RowError(field, f"must be a message {{'role', 'content'}}, got {type(value).__name__}")
     role, content = value.get("role"), value.get("content")
     if role not in ROLES:
         raise RowError(f"{field}.role", f"unknown role {role!r}; expected one of {list(ROLES)}")
+    message: dict[str, Any] = {"role": role}
+    if value.get("tool_calls") is not None:
+        if role != "assistant":
+            raise RowError(f"{field}.tool_calls", f"only an assistant message calls tools, not a {role!r} one")
+        message["tool_calls"] = as_tool_calls(value["tool_calls"], f"{field}.tool_calls")
+        content = "" if content is None else content
     if not isinstance(content, str):
         raise RowError(f"{field}.content", f"must be a string, got {type(content).__name__}")
-    if not content.strip():
+    # A tool may return nothing, and a tool call may come without words; any other turn must say something.
+    if not content.strip() and role != "tool" and "tool_calls" not in message:
         raise RowError(f"{field}.content", "is empty")
-    return {"role": role, "content": content}
+    message["content"] = content
+    if role == "tool":
+        for key in ("tool_call_id", "name"):
+            if value.get(key) is not None:
+                if not isinstance(value[key], str):
+                    raise RowError(f"{field}.{key}", f"must be a string, got {type(value[key]).__name__}")
+                message[key] = value[key]
+    return message
+
+
+def _as_list(value: Any, field: str, what: str) -> list:
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            raise RowError(field, f"is a string that is not a JSON list of {what}") from None
+    if hasattr(value, "tolist"):  # numpy arrays from Arrow list columns
+        value = value.tolist()
+    if not isinstance(value, (list, tuple)):
+        raise RowError(field, f"must be a list of {what}, got {type(value).__name__}")
+    return list(value)
+
+
+def as_tool_calls(value: Any, field: str) -> list[dict[str, Any]]:
+    """Tool calls in Hugging Face's layout, ``{"type": "function", "function": {"name", "arguments": {...}}}``.
+    OpenAI's layout stores arguments as a JSON string: it is parsed, as chat templates expect a mapping (most
+    render it with ``tojson``; a string would come out quoted)."""
+    calls = _as_list(value, field, "tool calls")
+    if not calls:
+        raise RowError(field, "is an empty list (leave the key out for a message without tool calls)")
+    normalised = []
+    for i, call in enumerate(calls):
+        place = f"{field}[{i}]"
+        function = call.get("function", call) if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"]:
+            raise RowError(place, "must be {'type': 'function', 'function': {'name': str, 'arguments': {...}}}")
+        arguments = function.get("arguments")
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments)
+            except json.JSONDecodeError:
+                raise RowError(f"{place}.function.arguments", "is a string that is not JSON") from None
+        arguments = {} if arguments is None else arguments
+        if not isinstance(arguments, dict):
+            raise RowError(f"{place}.function.arguments", f"must be an object, got {type(arguments).__name__}")
+        normalised.append({"type": "function", "function": {"name": function["name"], "arguments": arguments},
+                           **({"id": call["id"]} if call.get("id") is not None else {})})
+    return normalised
+
+
+def as_tools(value: Any, field: str = "tools") -> list[dict[str, Any]] | None:
+    """The tools a conversation offers (JSON schemas, passed to the chat template as ``tools``), or None."""
+    if value is None:
+        return None
+    tools = _as_list(value, field, "tool schemas")
+    for i, tool in enumerate(tools):
+        if not isinstance(tool, dict):
+            raise RowError(f"{field}[{i}]", f"must be a JSON schema object, got {type(tool).__name__}")
+    return tools or None
 
 
 def as_margin(value: Any, field: str = "margin") -> float | None:
@@ -133,13 +194,14 @@ def validate_pair(pair: dict[str, Any]) -> dict[str, Any]:
             "chosen and rejected must share the same prompt (every message but the final answer); "
             f"they differ at message {first}",
         )
-    if chosen[-1]["content"] == rejected[-1]["content"]:
+    if chosen[-1] == rejected[-1]:
         raise RowDropped("identical", "chosen and rejected answers are the same")
     source = pair.get("source")
     pair_id = pair.get("id")
     return {
         "chosen": chosen,
         "rejected": rejected,
+        "tools": as_tools(pair.get("tools")),
         "margin": as_margin(pair.get("margin")),
         "id": None if pair_id is None else str(pair_id),
         "source": None if source is None else str(source),

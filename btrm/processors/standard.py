@@ -8,8 +8,8 @@ from btrm.processors.base import BaseBradleyTerryTrainDataset, first_given
 
 
 class StandardDataset(BaseBradleyTerryTrainDataset):
-    """``{"chosen": [messages], "rejected": [messages]}`` with optional ``margin``, ``id``, ``source``
-    (or ``subset``)."""
+    """``{"chosen": [messages], "rejected": [messages]}`` with optional ``tools``, ``margin``, ``id``,
+    ``source`` (or ``subset``)."""
 
     name = "standard"
     required_fields = ("chosen", "rejected")
@@ -18,6 +18,7 @@ class StandardDataset(BaseBradleyTerryTrainDataset):
         return {
             "chosen": row.get("chosen"),
             "rejected": row.get("rejected"),
+            "tools": row.get("tools"),
             "margin": row.get("margin"),
             "id": row.get("id"),
             "source": first_given(row, "source", "subset"),
