@@ -40,7 +40,7 @@ from starlette.responses import JSONResponse
 
 import btrm
 from btrm.config import option, parse_config
-from btrm.processors.base import ROLES, RowDropped, RowError, check_conversation
+from btrm.processors.base import ROLES, RowDropped, RowError, as_message, check_conversation
 from btrm.tokenize import TEMPLATE_ERRORS, SharedPromptIds
 
 APP_NAME = "btrm"
@@ -158,17 +158,83 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+# Tool schemas and call arguments are free JSON that the chat template renders: bounded in depth (the
+# template's tojson recurses) and made of text the tokenizer can encode.
+MAX_JSON_DEPTH = 32
+
+
+def _plain_json(value: Any, depth: int = 0) -> Any:
+    if depth > MAX_JSON_DEPTH:
+        raise ValueError(f"is nested deeper than {MAX_JSON_DEPTH} levels")
+    if isinstance(value, str):
+        _unicode(value)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _unicode(key)
+            _plain_json(item, depth + 1)
+    elif isinstance(value, list):
+        for item in value:
+            _plain_json(item, depth + 1)
+    return value
+
+
+JSONObject = Annotated[dict[str, Any], AfterValidator(_plain_json)]
+
+
+class FunctionCall(_Strict):
+    name: Text
+    arguments: JSONObject | Annotated[str, AfterValidator(_unicode)] = Field(
+        default_factory=dict, description="An object, or a JSON string of one (OpenAI's layout).")
+
+
+class ToolCall(_Strict):
+    id: Annotated[str, AfterValidator(_unicode)] | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class Message(_Strict):
+    """A chat message. ``content`` may be empty (or left out) in an assistant message that calls tools and
+    in a tool's reply; ``tool_call_id`` and ``name`` belong to tool replies."""
+
     role: Literal[ROLES]  # type: ignore[valid-type]
-    content: Text
+    content: Annotated[str, AfterValidator(_unicode)] | None = None
+    tool_calls: list[ToolCall] | None = Field(None, min_length=1)
+    tool_call_id: Annotated[str, AfterValidator(_unicode)] | None = None
+    name: Annotated[str, AfterValidator(_unicode)] | None = None
+
+    @model_validator(mode="after")
+    def _well_formed(self):
+        self.as_dict()
+        return self
+
+    def as_dict(self) -> dict[str, Any]:
+        """The message as training saw it (the same validation and normalisation: arguments as an object)."""
+        try:
+            return as_message(self.model_dump(exclude_none=True), "message")
+        except RowError as e:
+            raise ValueError(str(e)) from None
+
+
+def _an_answer(message: Message) -> Message:
+    if message.role != "assistant":
+        raise ValueError(f"an answer is an assistant message, not a {message.role!r} one")
+    return message
+
+
+Answer = Annotated[Text | Annotated[Message, AfterValidator(_an_answer)], Field(
+    description="The answer's text, or the assistant's message (one that calls tools, say).")]
 
 
 class Conversation(_Strict):
-    """The prompt every answer is judged against: a plain ``prompt`` (one user turn) or ``messages``."""
+    """The prompt every answer is judged against: a plain ``prompt`` (one user turn) or ``messages``, and
+    the ``tools`` it offers."""
 
     prompt: Text | None = Field(None, description="A single user turn; the same as messages=[{role: user, ...}].")
     messages: list[Message] | None = Field(None, min_length=1, description="The conversation before the answer; "
                                            "its last turn is a user (or tool) message.")
+    tools: list[JSONObject] | None = Field(None, description="Tool schemas the conversation offers (as "
+                                           "apply_chat_template's tools), as in the training data.")
 
     @model_validator(mode="after")
     def _one_well_formed_prompt(self):
@@ -180,18 +246,18 @@ class Conversation(_Strict):
             raise ValueError(str(e)) from None
         return self
 
-    def conversation(self, answer: str) -> list[dict[str, str]]:
+    def conversation(self, answer: str | Message) -> list[dict[str, Any]]:
         """The prompt followed by ``answer`` as the assistant's reply: what the model scores."""
         prompt = [{"role": "user", "content": self.prompt}] if self.prompt is not None else \
-            [m.model_dump() for m in self.messages]
-        return prompt + [{"role": "assistant", "content": answer}]
+            [m.as_dict() for m in self.messages]
+        return prompt + [answer.as_dict() if isinstance(answer, Message) else {"role": "assistant", "content": answer}]
 
 
 class ComparePair(Conversation):
     id: Annotated[str, AfterValidator(_unicode)] | None = Field(
         None, description="Echoed back, to match results to pairs.")
-    chosen: Text
-    rejected: Text
+    chosen: Answer
+    rejected: Answer
 
 
 class CompareBatch(_Strict):
@@ -210,7 +276,7 @@ CompareRequest = Annotated[
 
 
 class ScoreRequest(Conversation):
-    candidates: list[Text] = Field(min_length=1, description="Answers to the prompt, scored independently.")
+    candidates: list[Answer] = Field(min_length=1, description="Answers to the prompt, scored independently.")
 
 
 class Truncation(BaseModel):
@@ -281,11 +347,11 @@ def build_api(scorer, options: ServiceOptions, token: str | None, score_groups: 
                     + (" Every route but /health needs `Authorization: Bearer <token>`." if token else ""),
     )
 
-    def encode(conversations: list[list[dict]], what: str) -> SharedPromptIds:
+    def encode(request: Conversation, answers: list[str | Message], what: str) -> SharedPromptIds:
         # Tokenized here, on the replica's event loop, never in the scoring thread: a fast tokenizer
         # must not be used from two threads at once.
         try:
-            return scorer.encode_group(conversations)
+            return scorer.encode_group([request.conversation(a) for a in answers], request.tools or None)
         except RowDropped as e:
             raise HTTPException(413, f"{what}: too long for the model's max_length={spec.max_length} tokens "
                                      f"(overlong policy {spec.overlong!r}; answers are never cut): {e.detail}") from None
@@ -320,8 +386,7 @@ def build_api(scorer, options: ServiceOptions, token: str | None, score_groups: 
         pairs = request.pairs if isinstance(request, CompareBatch) else [request]
         if len(pairs) > options.max_pairs:
             raise HTTPException(413, f"{len(pairs)} pairs in one request; the limit is max_pairs={options.max_pairs}")
-        encoded = [encode([p.conversation(p.chosen), p.conversation(p.rejected)],
-                          f"pair {i}" if isinstance(request, CompareBatch) else "the pair")
+        encoded = [encode(p, [p.chosen, p.rejected], f"pair {i}" if isinstance(request, CompareBatch) else "the pair")
                    for i, p in enumerate(pairs)]
         rewards = await score_groups(encoded)
         results = []
@@ -338,7 +403,7 @@ def build_api(scorer, options: ServiceOptions, token: str | None, score_groups: 
         if len(request.candidates) > options.max_candidates:
             raise HTTPException(413, f"{len(request.candidates)} candidates in one request; the limit is "
                                      f"max_candidates={options.max_candidates}")
-        encoded = encode([request.conversation(c) for c in request.candidates], "the candidates")
+        encoded = encode(request, request.candidates, "the candidates")
         [rewards] = await score_groups([encoded])
         ranking = sorted(range(len(rewards)), key=lambda k: -rewards[k])
         return ScoreResult(rewards=rewards, ranking=ranking, truncated=encoded.truncated > 0,

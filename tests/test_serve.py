@@ -4,6 +4,7 @@ exported by the real training code, reached by real HTTP requests."""
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import os
 import signal
@@ -131,6 +132,43 @@ def test_score_ranks_candidates_like_compare(service):
     assert [pair.json()["reward_chosen"], pair.json()["reward_rejected"]] == pytest.approx(rewards[:2], abs=1e-4)
 
 
+SEARCH = [{"type": "function", "function": {"name": "search", "description": "Search the web", "parameters": {
+    "type": "object", "properties": {"query": {"type": "string"}}, "required": ["query"]}}}]
+
+
+def search_call(arguments, **layout) -> dict:
+    return {"role": "assistant", "tool_calls": [{"id": "call_1", "type": "function",
+                                                 "function": {"name": "search", "arguments": arguments}}], **layout}
+
+
+def test_tool_use_is_scored_as_training_tokenizes_it(service, trained_model_dir):
+    """An agent's transcript in OpenAI's layout (null content, arguments as a JSON string) with the tools it
+    offers: rewards equal the scorer's on the normalised conversations (the data path's), answers may be
+    tool calls, and the same call in either layout is the same answer."""
+    from btrm.scoring import RewardScorer
+
+    ask = {"role": "user", "content": "Who won the 1998 World Cup?"}
+    messages = [ask, search_call('{"query": "1998 World Cup winner"}', content=None),
+                {"role": "tool", "content": "France beat Brazil 3-0 in the final.", "tool_call_id": "call_1"}]
+    answers = ["France won it, beating Brazil 3-0.", "Brazil won it."]
+    followup = search_call({"query": "1998 World Cup final score"})
+    candidates = [answers[0], followup, search_call('{"query": "1998 World Cup final score"}', content=None)]
+    with service.client() as client:
+        pair = client.post("/compare", json={"messages": messages, "tools": SEARCH, "chosen": answers[0], "rejected": answers[1]})
+        scored = client.post("/score", json={"messages": messages, "tools": SEARCH, "candidates": candidates})
+        untooled = client.post("/score", json={"messages": messages, "candidates": candidates})
+    assert pair.status_code == scored.status_code == untooled.status_code == 200, (pair.text, scored.text, untooled.text)
+    normalised = [ask, search_call({"query": "1998 World Cup winner"}, content=""), messages[2]]
+    scorer = RewardScorer(str(trained_model_dir), device="cpu")
+    expected, _ = scorer.score_group([normalised + [{"role": "assistant", "content": a}] for a in answers], SEARCH)
+    assert [pair.json()["reward_chosen"], pair.json()["reward_rejected"]] == pytest.approx(expected, abs=1e-4)
+    expected, _ = scorer.score_group([normalised + [{"role": "assistant", "content": answers[0]}],
+                                      normalised + [dict(followup, content="")]], SEARCH)
+    rewards = scored.json()["rewards"]
+    assert rewards[:2] == pytest.approx(expected, abs=1e-4) and rewards[1] == rewards[2]
+    assert untooled.json()["rewards"] != pytest.approx(rewards, abs=1e-4)  # the offered tools are part of the prompt
+
+
 def test_overlong_prompt_is_cut_and_flagged(service, trained_model_dir):
     from btrm.scoring import RewardScorer
 
@@ -175,6 +213,14 @@ BAD_REQUESTS = [
     ("/score", {"prompt": "hi", "candidates": ["a"] * 9}, 413, "max_candidates=8"),
     ("/score", {"prompt": "hi", "candidates": ["a", "word " * 300]}, 413, "answers are never cut"),
     ("/score", [1, 2], 422, "valid dictionary"),
+    # Tool use
+    ("/compare", {**GOOD_PAIR, "chosen": {"role": "user", "content": "hello"}}, 422, "an answer is an assistant message"),
+    ("/compare", {**GOOD_PAIR, "rejected": {"role": "assistant", "content": " "}}, 422, "is empty"),
+    ("/score", {"prompt": "hi", "candidates": [search_call("{query")]}, 422, "not JSON"),
+    ("/compare", {"messages": [{"role": "user", "content": "hi", "tool_calls": search_call({})["tool_calls"]}],
+                  "chosen": "a", "rejected": "b"}, 422, "only an assistant message calls tools"),
+    ("/compare", {**GOOD_PAIR, "tools": ["search"]}, 422, "tools"),
+    ("/compare", {**GOOD_PAIR, "tools": [{"deep": json.loads("[" * 40 + "]" * 40)}]}, 422, "nested deeper than 32"),
 ]
 
 
