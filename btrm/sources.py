@@ -94,6 +94,14 @@ def list_data_files(source: str) -> list[str]:
     if not files:
         raise SourceError(f"{source}: the directory holds no data files "
                           f"({', '.join(PARQUET_SUFFIXES + JSON_SUFFIXES)})")
+    json_files = [f for f in files if f.endswith(JSON_SUFFIXES)]
+    if json_files and len(json_files) < len(files):
+        # Parquet shards with JSON beside them: most likely metadata (dataset_info.json, a manifest) that
+        # would be read as rows of pairs. Which files are data is the user's call: a glob says it.
+        shown = ", ".join(_display(f, source) for f in json_files[:3]) + (", ..." if len(json_files) > 3 else "")
+        raise SourceError(f"{source}: the directory mixes {len(files) - len(json_files)} parquet and "
+                          f"{len(json_files)} JSON file(s) ({shown}); name the data with a glob, e.g. "
+                          f"{source.rstrip('/')}/**/*.parquet")
     return [_display(f, source) for f in files]
 
 

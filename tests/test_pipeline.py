@@ -107,7 +107,7 @@ def test_glob_and_jsonl_read_the_same_pairs(hh_helpful, qwen_tokenizer_dir, tmp_
 
 
 def test_directories_and_globs_leave_out_hidden_files_and_wildcards_stay_in_their_folder(tmp_path):
-    from btrm.sources import list_data_files
+    from btrm.sources import SourceError, list_data_files
 
     for name in ("train.jsonl", "sub/more.jsonl", ".ipynb_checkpoints/train-checkpoint.jsonl",
                  "_temporary/0/part-0.jsonl", ".hidden.jsonl", "sub/_partial.jsonl"):
@@ -119,6 +119,15 @@ def test_directories_and_globs_leave_out_hidden_files_and_wildcards_stay_in_thei
     assert found(tmp_path / "**" / "*.jsonl") == ["sub/more.jsonl", "train.jsonl"]
     assert found(tmp_path / ".ipynb_checkpoints" / "*.jsonl") == [".ipynb_checkpoints/train-checkpoint.jsonl"]
     assert found(tmp_path / "*" / "_*.jsonl") == ["sub/_partial.jsonl"]  # named, a hidden name is read
+    # Parquet shards with a JSON file beside them (metadata, most likely): which is data is asked, not guessed.
+    shards = tmp_path / "shards"
+    for name in ("part-0.parquet", "part-1.parquet", "dataset_info.json"):
+        (shards / name).parent.mkdir(exist_ok=True)
+        (shards / name).write_text("{}\n")
+    with pytest.raises(SourceError, match=r"mixes 2 parquet and 1 JSON file\(s\) \(.*dataset_info.json\); name the data "
+                                          r"with a glob, e.g. .*shards/\*\*/\*.parquet"):
+        list_data_files(str(shards))
+    assert found(shards / "**" / "*.parquet") == ["shards/part-0.parquet", "shards/part-1.parquet"]
 
 
 def helpsteer3_rows(pairs, seed=0):
