@@ -59,6 +59,9 @@ def disable_dropout(model: torch.nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
+        # Decoders (Llama, Qwen, Mistral, ...) keep attention dropout as a float the attention kernel takes.
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
 
 
 def packing_unsupported(classifier) -> str | None:

@@ -115,6 +115,27 @@ def test_dropout_is_off_by_default_so_a_pair_scores_the_same_in_every_training_f
     torch.testing.assert_close(rewards(), rewards(), rtol=0, atol=0)
 
 
+def test_disable_dropout_reaches_a_decoders_attention_dropout():
+    """Llama-style attention takes its dropout as a float (config.attention_dropout), not an nn.Dropout."""
+    from transformers import AutoModelForSequenceClassification, Qwen3Config
+
+    from btrm.model import disable_dropout
+
+    config = Qwen3Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=16, attention_dropout=0.5, pad_token_id=0, num_labels=1)
+    torch.manual_seed(0)
+    classifier = AutoModelForSequenceClassification.from_config(config, attn_implementation="sdpa").train()
+    input_ids = torch.randint(1, 128, (2, 24))
+
+    def rewards() -> torch.Tensor:
+        with torch.no_grad():
+            return classifier(input_ids=input_ids).logits.squeeze(-1)
+
+    assert not torch.equal(rewards(), rewards())
+    disable_dropout(classifier)
+    torch.testing.assert_close(rewards(), rewards(), rtol=0, atol=0)
+
+
 def test_each_epoch_reads_the_pairs_in_its_own_order_and_again_the_same_on_resume(ray_session):
     import ray.data
 
