@@ -21,6 +21,10 @@ def option(default: Any, help: str, choices: Sequence[str] | None = None) -> Any
     return field(default=default, metadata={"help": help, "choices": choices})
 
 
+# Scoring an exported model (evaluation, serving): see btrm.scoring.scoring_dtype.
+SCORING_DTYPES = ("auto", "bfloat16", "float32")
+
+
 def str2bool(value: str | bool) -> bool:
     if isinstance(value, bool):
         return value

@@ -25,7 +25,7 @@ import ray
 import ray.data
 
 from btrm.batching import take
-from btrm.config import DataOptions, option, parse_config
+from btrm.config import SCORING_DTYPES, DataOptions, option, parse_config
 from btrm.data import DataSpec, build_pair_dataset, close_ledger, new_ledger
 from btrm.export import read_manifest
 from btrm.scoring import RewardScorer
@@ -81,6 +81,8 @@ class EvalConfig(DataOptions):
     num_scorers: int | None = option(None, "Scoring actors, each holding a copy of the model; "
                                      "unset: one per GPU of the cluster, or 1 without GPUs.")
     scorer_cpus: float = option(1.0, "CPUs reserved by each scoring actor when scoring on CPU.")
+    dtype: str = option("auto", "Weights and activations when scoring: auto (bfloat16 on GPUs that have it, "
+                        "float32 on CPUs), bfloat16 or float32.", SCORING_DTYPES)
     show: int = option(0, "Print the first N pairs with their question and rewards.")
 
     def validate(self) -> None:
@@ -108,8 +110,8 @@ def summary_path(output: str | Path) -> Path:
 class PairScorer:
     """A Ray Data actor holding the model: batches of tokenized pairs in, one result row per pair out."""
 
-    def __init__(self, model_dir: str, max_length: int, max_batch_tokens: int):
-        self.scorer = RewardScorer(model_dir, max_length=max_length)
+    def __init__(self, model_dir: str, max_length: int, max_batch_tokens: int, dtype: str = "auto"):
+        self.scorer = RewardScorer(model_dir, max_length=max_length, dtype=dtype)
         self.max_batch_tokens = max_batch_tokens
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
@@ -310,7 +312,7 @@ def score_pairs(config: EvalConfig, model_path: str, spec: TokenizationSpec, led
     scored = pairs.map_batches(
         PairScorer,
         fn_constructor_kwargs={"model_dir": model_path, "max_length": spec.max_length,
-                               "max_batch_tokens": config.max_batch_tokens},
+                               "max_batch_tokens": config.max_batch_tokens, "dtype": config.dtype},
         batch_size=config.batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=num_scorers),

@@ -12,6 +12,7 @@ from typing import Any, Sequence
 import torch
 
 from btrm.batching import DENSE_MASK_TOKENS, FLEX_BLOCK, pack_groups, pad_sequences, plan_by_tokens
+from btrm.config import SCORING_DTYPES
 from btrm.export import read_manifest
 from btrm.model import RewardModel, load_reward_model, load_tokenizer, packing_unsupported
 from btrm.tokenize import PairTokenizer, SharedPromptIds, TokenizationSpec, Tools
@@ -42,10 +43,21 @@ def _answer_parts(group: SharedPromptIds, max_tokens: int) -> list[list[int]]:
     return parts
 
 
+def scoring_dtype(name: str, device: torch.device) -> torch.dtype:
+    """auto: bfloat16 on a GPU that has it (as training computed its rewards there, at half the memory and
+    twice the speed of float32), float32 on CPUs (their bfloat16 matrix products are slow)."""
+    if name not in SCORING_DTYPES:
+        raise ValueError(f"dtype {name!r}: expected one of {list(SCORING_DTYPES)}")
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    return getattr(torch, name)
+
+
 class RewardScorer:
     """An exported model ready to score token sequences and conversations."""
 
-    def __init__(self, model_dir: str, device: str | torch.device | None = None, max_length: int | None = None):
+    def __init__(self, model_dir: str, device: str | torch.device | None = None, max_length: int | None = None,
+                 dtype: str = "auto"):
         self.manifest = read_manifest(model_dir)
         tokenization = dict(self.manifest["tokenization"])
         if max_length is not None:
@@ -53,7 +65,8 @@ class RewardScorer:
         self.spec = TokenizationSpec(**tokenization)
         self.tokenizer = PairTokenizer(load_tokenizer(model_dir), self.spec)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model = load_reward_model(model_dir, self.tokenizer.tokenizer.pad_token_id).to(self.device).eval()
+        self.dtype = scoring_dtype(dtype, self.device)
+        self.model = load_reward_model(model_dir, self.tokenizer.tokenizer.pad_token_id, self.dtype).to(self.device).eval()
         self.packed = packing_unsupported(self.model) is None
         self.flex = self.packed and self.device.type == "cuda"
         if self.packed:

@@ -39,7 +39,7 @@ from starlette.datastructures import Headers
 from starlette.responses import JSONResponse
 
 import btrm
-from btrm.config import option, parse_config
+from btrm.config import SCORING_DTYPES, option, parse_config
 from btrm.processors.base import ROLES, RowDropped, RowError, as_message, check_conversation
 from btrm.tokenize import TEMPLATE_ERRORS, SharedPromptIds
 
@@ -71,6 +71,8 @@ class ServiceOptions:
                                    "rows, each prompt computed once; on CPUs at most 4096).")
     replica_cpus: float = option(1.0, "CPUs reserved by each replica (its torch threads).")
     replica_gpus: str = option("auto", "GPUs per replica: auto (1 when the cluster has a GPU, else 0) or a number.")
+    dtype: str = option("auto", "Weights and activations: auto (bfloat16 on GPUs that have it, float32 on CPUs), "
+                        "bfloat16 or float32.", SCORING_DTYPES)
 
     def validate(self) -> None:
         if not self.model_path:
@@ -85,6 +87,8 @@ class ServiceOptions:
                              f"and 2 x max_pairs ({largest_request}): the largest request is scored in one batch")
         if self.batch_wait_timeout_s < 0:
             raise ValueError("--batch_wait_timeout_s must be >= 0")
+        if self.dtype not in SCORING_DTYPES:  # flags check choices; a Serve config's args reach only this
+            raise ValueError(f"--dtype {self.dtype!r}: expected one of {list(SCORING_DTYPES)}")
         if self.replica_gpus != "auto":
             try:
                 gpus = float(self.replica_gpus)
@@ -314,6 +318,7 @@ class Info(BaseModel):
     overlong: str
     reward_token: str
     device: str
+    dtype: str
     limits: dict[str, int]
     manifest: dict[str, Any] = Field(description="The model's btrm.json: tokenization, eval statistics, training.")
 
@@ -377,7 +382,8 @@ def build_api(scorer, options: ServiceOptions, token: str | None, score_groups: 
     async def info() -> Info:
         return Info(model_path=str(options.model_path), base_model=scorer.manifest.get("base_model"),
                     version=btrm.__version__, max_length=spec.max_length, overlong=spec.overlong,
-                    reward_token=spec.reward_token, device=str(scorer.device), limits=options.limits(),
+                    reward_token=spec.reward_token, device=str(scorer.device),
+                    dtype=str(scorer.dtype).removeprefix("torch."), limits=options.limits(),
                     manifest=scorer.manifest)
 
     @api.post("/compare", response_model=PairResult | BatchResult,
@@ -541,7 +547,7 @@ class RewardModelDeployment:
 
         self.options = options
         self.token = token
-        self.scorer = RewardScorer(options.model_path)
+        self.scorer = RewardScorer(options.model_path, dtype=options.dtype)
         self.rewards_of_batch.set_max_batch_size(options.max_batch_sequences)
         self.rewards_of_batch.set_batch_wait_timeout_s(options.batch_wait_timeout_s)
 

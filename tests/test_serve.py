@@ -83,6 +83,24 @@ def test_scores_equal_the_trained_engine_and_the_scorer(service, eval_pairs, tra
         assert result["truncated_prompt_tokens"] == encoded.truncated
 
 
+def test_bfloat16_scoring_ranks_as_float32_does(trained_model_dir, eval_pairs):
+    """--dtype bfloat16 (auto's choice on GPUs) loads bfloat16 weights and computes packed rewards close to
+    float32's; auto stays float32 on CPUs."""
+    import torch
+
+    from btrm.scoring import RewardScorer
+
+    full = RewardScorer(str(trained_model_dir), device="cpu")
+    half = RewardScorer(str(trained_model_dir), device="cpu", dtype="bfloat16")
+    assert full.dtype == next(full.model.parameters()).dtype == torch.float32
+    assert half.dtype == next(half.model.parameters()).dtype == torch.bfloat16
+    groups = [full.encode_group([pair["chosen"], pair["rejected"]]) for pair, _ in eval_pairs[:32]]
+    exact, approx = full.group_rewards(groups), half.group_rewards(groups)
+    assert [r for g in approx for r in g] == pytest.approx([r for g in exact for r in g], abs=0.1)
+    margins = [(a - b, c - d) for (a, b), (c, d) in zip(exact, approx) if abs(a - b) > 0.1]
+    assert margins and all((x > 0) == (y > 0) for x, y in margins)
+
+
 def test_identical_candidates_tie_exactly_and_keep_request_order(service):
     # A policy sampling N answers often repeats one; packed side by side, each copy would differ in the last bits.
     candidates = ["Paris.", "It is Lyon.", "Paris.", "Marseille, of course.", "Paris."]
@@ -275,7 +293,7 @@ def test_info_and_openapi_schema(service, trained_model_dir):
         schema = client.get("/openapi.json").json()
     assert info["manifest"] == json.loads((trained_model_dir / "btrm.json").read_text())
     assert (info["max_length"], info["overlong"], info["reward_token"]) == (256, "truncate_prompt", "last")
-    assert info["limits"]["max_candidates"] == 8 and info["version"] and info["device"] == "cpu"
+    assert info["limits"]["max_candidates"] == 8 and info["version"] and (info["device"], info["dtype"]) == ("cpu", "float32")
     assert set(schema["paths"]) == {"/compare", "/score", "/health", "/info"}
     assert schema["components"]["securitySchemes"]["bearer"] == {"type": "http", "scheme": "bearer"}
     assert "security" not in schema["paths"]["/health"]["get"]
@@ -298,6 +316,8 @@ def test_serve_config_file_builds_this_application():
     options = ServiceOptions(**application.args)
     options.model_path = "somewhere"
     options.validate()
+    with pytest.raises(ValueError, match="--dtype 'float16': expected one of"):
+        ServiceOptions(model_path="somewhere", dtype="float16").validate()
     with pytest.raises(ValueError, match="unknown application args"):
         app_builder({"model_path": "x", "max_candidate": 3})
 
