@@ -223,6 +223,10 @@ class PairPreprocessor:
             if isinstance(shared, Exception):
                 drop("invalid", row_number, f"the chat template refuses the conversation: {shared}")
                 continue
+            if shared.tails[0] == shared.tails[1]:  # a pair the model cannot tell apart teaches nothing
+                drop("identical", row_number, "the answers template to the same tokens: they differ only in what "
+                     "the chat template does not render (the Qwen3 template strips leading newlines, say)")
+                continue
             report.pairs += 1
             if shared.truncated:
                 report.truncated += 1

@@ -30,6 +30,8 @@ MALFORMED = [
     ("prompts differ", {"chosen": Q + [A], "rejected": [{"role": "user", "content": "Another?"}, B]}, "invalid",
      "share the same prompt"),
     ("identical answers", {"chosen": Q + [A], "rejected": Q + [A]}, "identical", "answers are the same"),
+    ("answers the template renders alike", {"chosen": Q + [A], "rejected": Q + [{"role": "assistant", "content": "\n\nSeven."}]},
+     "identical", "template to the same tokens"),
     ("negative margin", {"chosen": Q + [A], "rejected": Q + [B], "margin": -1.0}, "invalid", "field 'margin'"),
     ("NaN margin", {"chosen": Q + [A], "rejected": Q + [B], "margin": float("nan")}, "invalid", "field 'margin'"),
     ("far over max_length", {"chosen": Q + [{"role": "assistant", "content": "word " * 5000}], "rejected": Q + [B]},
