@@ -204,6 +204,8 @@ class Message(_Strict):
     role: Literal[ROLES]  # type: ignore[valid-type]
     content: Annotated[str, AfterValidator(_unicode)] | None = None
     tool_calls: list[ToolCall] | None = Field(None, min_length=1)
+    reasoning_content: Annotated[str, AfterValidator(_unicode)] | None = Field(
+        None, description="An assistant's thinking, apart from its answer (rendered as the chat template does).")
     tool_call_id: Annotated[str, AfterValidator(_unicode)] | None = None
     name: Annotated[str, AfterValidator(_unicode)] | None = None
 

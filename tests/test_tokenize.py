@@ -59,6 +59,18 @@ def test_tool_use_templates_like_apply_chat_template_with_tools(qwen):
     assert "get_weather" in qwen.decode(results[0].prompt_ids) and "get_weather" not in qwen.decode(results[1].prompt_ids)
 
 
+def test_reasoning_content_reaches_the_template(qwen):
+    """An answer's thinking kept apart (reasoning_content) lands in its <think> block, as apply_chat_template puts it."""
+    from btrm.processors import validate_pair
+
+    thinking = {"role": "assistant", "content": "Paris.", "reasoning_content": "France's capital is Paris."}
+    pair = validate_pair({"chosen": PROMPT + [thinking], "rejected": REJECTED})
+    assert pair["chosen"][-1] == thinking
+    encoded = PairTokenizer(qwen, TokenizationSpec(max_length=4096)).encode_group([pair["chosen"], pair["rejected"]])
+    assert encoded.sequence(0) == template_ids(qwen, PROMPT + [thinking])
+    assert "France's capital is Paris.\n</think>" in qwen.decode(encoded.tails[0])
+
+
 def test_truncation_cuts_the_shared_prompt_from_the_left_and_keeps_answers(qwen):
     full = PairTokenizer(qwen, TokenizationSpec(max_length=4096)).encode_group([CHOSEN, REJECTED])
     max_length = 80

@@ -9,9 +9,10 @@ in the standard format::
 where ``messages`` are ``{"role": ..., "content": ...}`` dicts, both sides share every message but the
 last one, and the last one is the assistant answer being judged.
 
-Tool use: an assistant message may carry ``tool_calls`` (OpenAI's or Hugging Face's layout; its content may
-then be empty), a ``tool`` message its ``tool_call_id`` and ``name``, and a pair the ``tools`` it offers (a
-list of JSON schemas, or a JSON string of one): the chat template renders them as it would for generation.
+An assistant message may carry ``reasoning_content`` (a reasoning model's thinking) and ``tool_calls``
+(OpenAI's or Hugging Face's layout; its content may then be empty), a ``tool`` message its ``tool_call_id``
+and ``name``, and a pair the ``tools`` it offers (a list of JSON schemas, or a JSON string of one): the chat
+template renders them as it would for generation.
 """
 
 from __future__ import annotations
@@ -103,6 +104,11 @@ def as_message(value: Any, field: str) -> dict[str, Any]:
     if not content.strip() and role != "tool" and "tool_calls" not in message:
         raise RowError(f"{field}.content", "is empty")
     message["content"] = content
+    # A reasoning model's thinking, kept apart from the answer (the Qwen3 template renders it in <think>).
+    if role == "assistant" and value.get("reasoning_content") is not None:
+        if not isinstance(value["reasoning_content"], str):
+            raise RowError(f"{field}.reasoning_content", f"must be a string, got {type(value['reasoning_content']).__name__}")
+        message["reasoning_content"] = value["reasoning_content"]
     if role == "tool":
         for key in ("tool_call_id", "name"):
             if value.get(key) is not None:
