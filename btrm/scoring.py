@@ -44,12 +44,12 @@ def _answer_parts(group: SharedPromptIds, max_tokens: int) -> list[list[int]]:
 
 
 def scoring_dtype(name: str, device: torch.device) -> torch.dtype:
-    """auto: bfloat16 on a GPU that has it (as training computed its rewards there, at half the memory and
-    twice the speed of float32), float32 on CPUs (their bfloat16 matrix products are slow)."""
+    """auto: bfloat16 on a GPU that computes in it natively (as bf16 training computes its rewards, at half
+    the memory and twice the speed of float32), float32 elsewhere (CPUs and older GPUs only emulate it)."""
     if name not in SCORING_DTYPES:
         raise ValueError(f"dtype {name!r}: expected one of {list(SCORING_DTYPES)}")
     if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False) else torch.float32
     return getattr(torch, name)
 
 

@@ -40,7 +40,7 @@ from starlette.responses import JSONResponse
 
 import btrm
 from btrm.config import SCORING_DTYPES, option, parse_config
-from btrm.processors.base import ROLES, RowDropped, RowError, as_message, check_conversation
+from btrm.processors.base import ROLES, RowDropped, RowError, as_message, as_tools, check_conversation
 from btrm.tokenize import TEMPLATE_ERRORS, SharedPromptIds
 
 APP_NAME = "btrm"
@@ -162,33 +162,10 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-# Tool schemas and call arguments are free JSON that the chat template renders: bounded in depth (the
-# template's tojson recurses) and made of text the tokenizer can encode.
-MAX_JSON_DEPTH = 32
-
-
-def _plain_json(value: Any, depth: int = 0) -> Any:
-    if depth > MAX_JSON_DEPTH:
-        raise ValueError(f"is nested deeper than {MAX_JSON_DEPTH} levels")
-    if isinstance(value, str):
-        _unicode(value)
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            _unicode(key)
-            _plain_json(item, depth + 1)
-    elif isinstance(value, list):
-        for item in value:
-            _plain_json(item, depth + 1)
-    return value
-
-
-JSONObject = Annotated[dict[str, Any], AfterValidator(_plain_json)]
-
-
 class FunctionCall(_Strict):
     name: Text
-    arguments: JSONObject | Annotated[str, AfterValidator(_unicode)] = Field(
-        default_factory=dict, description="An object, or a JSON string of one (OpenAI's layout).")
+    arguments: dict[str, Any] | str = Field(default_factory=dict,
+                                            description="An object, or a JSON string of one (OpenAI's layout).")
 
 
 class ToolCall(_Strict):
@@ -198,12 +175,12 @@ class ToolCall(_Strict):
 
 
 class Message(_Strict):
-    """A chat message. ``content`` may be empty (or left out) in an assistant message that calls tools and
-    in a tool's reply; ``tool_call_id`` and ``name`` belong to tool replies."""
+    """A chat message. ``content`` may be empty in a tool's reply and empty or left out in an assistant
+    message that calls tools; ``tool_call_id`` and ``name`` belong to tool replies."""
 
     role: Literal[ROLES]  # type: ignore[valid-type]
     content: Annotated[str, AfterValidator(_unicode)] | None = None
-    tool_calls: list[ToolCall] | None = Field(None, min_length=1)
+    tool_calls: list[ToolCall] | None = None
     reasoning_content: Annotated[str, AfterValidator(_unicode)] | None = Field(
         None, description="An assistant's thinking, apart from its answer (rendered as the chat template does).")
     tool_call_id: Annotated[str, AfterValidator(_unicode)] | None = None
@@ -228,8 +205,16 @@ def _an_answer(message: Message) -> Message:
     return message
 
 
-Answer = Annotated[Text | Annotated[Message, AfterValidator(_an_answer)], Field(
-    description="The answer's text, or the assistant's message (one that calls tools, say).")]
+def _answer_kind(value: Any) -> str:
+    return "message" if isinstance(value, (dict, Message)) else "text"
+
+
+# Told apart by their JSON type, so that a bad answer's errors are those of the form it meant.
+Answer = Annotated[
+    Annotated[Text, Tag("text")] | Annotated[Message, AfterValidator(_an_answer), Tag("message")],
+    Discriminator(_answer_kind),
+    Field(description="The answer's text, or the assistant's message (one that calls tools, say)."),
+]
 
 
 class Conversation(_Strict):
@@ -239,7 +224,7 @@ class Conversation(_Strict):
     prompt: Text | None = Field(None, description="A single user turn; the same as messages=[{role: user, ...}].")
     messages: list[Message] | None = Field(None, min_length=1, description="The conversation before the answer; "
                                            "its last turn is a user (or tool) message.")
-    tools: list[JSONObject] | None = Field(None, description="Tool schemas the conversation offers (as "
+    tools: list[dict[str, Any]] | None = Field(None, description="Tool schemas the conversation offers (as "
                                            "apply_chat_template's tools), as in the training data.")
 
     @model_validator(mode="after")
@@ -248,9 +233,14 @@ class Conversation(_Strict):
             raise ValueError("give exactly one of 'prompt' (a string) or 'messages' (a list of messages)")
         try:
             check_conversation(self.conversation("an answer"), "messages")
+            self.offered_tools()
         except RowError as e:
             raise ValueError(str(e)) from None
         return self
+
+    def offered_tools(self) -> list[dict[str, Any]] | None:
+        """The tools as training passes them to the chat template (checked as plain JSON; [] is none)."""
+        return as_tools(self.tools)
 
     def conversation(self, answer: str | Message) -> list[dict[str, Any]]:
         """The prompt followed by ``answer`` as the assistant's reply: what the model scores."""
@@ -358,7 +348,7 @@ def build_api(scorer, options: ServiceOptions, token: str | None, score_groups: 
         # Tokenized here, on the replica's event loop, never in the scoring thread: a fast tokenizer
         # must not be used from two threads at once.
         try:
-            return scorer.encode_group([request.conversation(a) for a in answers], request.tools or None)
+            return scorer.encode_group([request.conversation(a) for a in answers], request.offered_tools())
         except RowDropped as e:
             raise HTTPException(413, f"{what}: too long for the model's max_length={spec.max_length} tokens "
                                      f"(overlong policy {spec.overlong!r}; answers are never cut): {e.detail}") from None

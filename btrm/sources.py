@@ -99,9 +99,10 @@ def list_data_files(source: str) -> list[str]:
         # Parquet shards with JSON beside them: most likely metadata (dataset_info.json, a manifest) that
         # would be read as rows of pairs. Which files are data is the user's call: a glob says it.
         shown = ", ".join(_display(f, source) for f in json_files[:3]) + (", ..." if len(json_files) > 3 else "")
+        suffix = next(s for s in PARQUET_SUFFIXES if any(f.endswith(s) for f in files))
         raise SourceError(f"{source}: the directory mixes {len(files) - len(json_files)} parquet and "
                           f"{len(json_files)} JSON file(s) ({shown}); name the data with a glob, e.g. "
-                          f"{source.rstrip('/')}/**/*.parquet")
+                          f"{source.rstrip('/')}/**/*{suffix}")
     return [_display(f, source) for f in files]
 
 

@@ -27,6 +27,17 @@ def test_standard_passes_valid_pairs_through_and_accepts_json_strings():
     assert pair["source"] == "cooking"
 
 
+WEATHER = [{"type": "function", "function": {
+    "name": "get_weather", "description": "The current weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+ASK = {"role": "user", "content": "Is it raining in Paris?"}
+
+
+def weather_call(arguments, **layout):
+    return {"role": "assistant", "tool_calls": [{"id": "call_1", "type": "function",
+                                                 "function": {"name": "get_weather", "arguments": arguments}}], **layout}
+
+
 @pytest.mark.parametrize("row, field, words", [
     ({"rejected": PROMPT + [BAD]}, "chosen", "missing"),
     ({"chosen": "not json", "rejected": PROMPT + [BAD]}, "chosen", "not a JSON list"),
@@ -47,7 +58,15 @@ def test_standard_passes_valid_pairs_through_and_accepts_json_strings():
      "chosen[1].tool_calls[0]", "'name'"),
     ({"chosen": PROMPT + [{"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": "{city"}}]}],
       "rejected": PROMPT + [BAD]}, "chosen[1].tool_calls[0].function.arguments", "not JSON"),
-    ({"chosen": PROMPT + [{"role": "assistant", "tool_calls": []}], "rejected": PROMPT + [BAD]}, "chosen[1].tool_calls", "empty"),
+    ({"chosen": PROMPT + [{"role": "assistant", "tool_calls": []}], "rejected": PROMPT + [BAD]}, "chosen[1].content", "string"),
+    ({"chosen": PROMPT + [weather_call('{"city": ' * 2000)], "rejected": PROMPT + [BAD]},
+     "chosen[1].tool_calls[0].function.arguments", "not JSON"),
+    ({"chosen": PROMPT + [weather_call({"city": "\ud800"})], "rejected": PROMPT + [BAD]},
+     "chosen[1].tool_calls[0].function.arguments.city", "lone surrogate"),
+    ({"chosen": PROMPT + [GOOD], "rejected": PROMPT + [BAD], "tools": [{"a": {"b": __import__("datetime").date(2026, 1, 1)}}]},
+     "tools[0].a.b", "not JSON"),
+    ({"chosen": PROMPT + [GOOD], "rejected": PROMPT + [BAD], "tools": [{1: "x"}]}, "tools[0]", "key that is not text"),
+    ({"chosen": PROMPT + [GOOD], "rejected": PROMPT + [BAD], "tools": [json.loads("[" * 40 + "]" * 40)]}, "tools", "nested deeper"),
     ({"chosen": PROMPT + [GOOD], "rejected": PROMPT + [BAD], "tools": "get_weather"}, "tools", "not a JSON list"),
     ({"chosen": PROMPT + [GOOD], "rejected": PROMPT + [BAD], "tools": [3]}, "tools[0]", "JSON schema object"),
 ])
@@ -61,17 +80,6 @@ def test_identical_answers_are_dropped_not_invalid():
     with pytest.raises(RowDropped) as dropped:
         validate_pair({"chosen": PROMPT + [GOOD], "rejected": PROMPT + [dict(GOOD)]})
     assert dropped.value.reason == "identical"
-
-
-WEATHER = [{"type": "function", "function": {
-    "name": "get_weather", "description": "The current weather in a city",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
-ASK = {"role": "user", "content": "Is it raining in Paris?"}
-
-
-def weather_call(arguments, **layout):
-    return {"role": "assistant", "tool_calls": [{"id": "call_1", "type": "function",
-                                                 "function": {"name": "get_weather", "arguments": arguments}}], **layout}
 
 
 def test_tool_use_is_normalised_to_what_chat_templates_expect():
@@ -90,8 +98,17 @@ def test_tool_use_is_normalised_to_what_chat_templates_expect():
     # A tool call can be the answer judged; two calls differ by their arguments, not by their (empty) text.
     pair = validate_pair({"chosen": [ASK, call], "rejected": [ASK, weather_call({"city": "Lyon"})], "tools": WEATHER})
     assert pair["chosen"][-1] == call and pair["rejected"][-1]["tool_calls"][0]["function"]["arguments"] == {"city": "Lyon"}
-    with pytest.raises(RowDropped, match="identical"):
-        validate_pair({"chosen": [ASK, call], "rejected": [ASK, openai_call]})
+    with pytest.raises(RowDropped, match="identical"):  # the same call, whatever its layout and random id
+        validate_pair({"chosen": [ASK, call], "rejected": [ASK, dict(openai_call, tool_calls=[
+            dict(openai_call["tool_calls"][0], id="call_9")])]})
+    # "No tool calls" and "no tools", as exports write them; numpy arrays from a custom processor are plain JSON.
+    pair = validate_pair({"chosen": [ASK, dict(GOOD, tool_calls=[])], "rejected": [ASK, BAD], "tools": ""})
+    assert pair["chosen"][-1] == GOOD and pair["tools"] is None
+    import numpy as np
+    schema = {"type": "object", "required": np.array(["city"]), "properties": {"city": {"type": "string"}}}
+    pair = validate_pair({"chosen": [ASK, GOOD], "rejected": [ASK, BAD], "tools": np.array([{"type": "function", "function": {
+        "name": "get_weather", "parameters": schema}}])})
+    assert pair["tools"][0]["function"]["parameters"]["required"] == ["city"]
 
 
 def rm_gallery_row(chosen_first=True, labels=(True, False)):

@@ -267,10 +267,16 @@ NOT_JSON_BODIES = [
      JSON, {422}),
     ("surrogate-candidate", "/score", b'{"prompt": "hi", "candidates": ["ok", "\\ud83d"]}', JSON, {422}),
     ("surrogate-key", "/compare", b'{"prompt": "hi", "chosen": "a", "rejected": "b", "\\ud800": 1}', JSON, {422}),
+    ("surrogate-in-tools", "/compare", b'{"prompt": "hi", "chosen": "a", "rejected": "b", "tools": [{"x": ["\\ud800"]}]}',
+     JSON, {422}),
+    ("surrogate-in-arguments", "/score", b'{"prompt": "hi", "candidates": [{"role": "assistant", "tool_calls": '
+     b'[{"function": {"name": "f", "arguments": "{\\"q\\": \\"\\\\ud800\\"}"}}]}]}', JSON, {422}),
     # Nesting just under Python's recursion limit parsed, then the 422's echo of it overflowed: a 500.
     *[(f"nested-{d}", "/compare", _nested(d), JSON, {400, 422}) for d in (500, 900, 940, 950, 960, 980, 1000, 100_000)],
     *[(f"nested-{d}-in-prompt", "/compare", b'{"prompt": ' + _nested(d) + b', "chosen": "a", "rejected": "b"}', JSON,
        {400, 422}) for d in (900, 950, 960, 980)],
+    *[(f"nested-{d}-in-tools", "/compare", b'{"prompt": "hi", "chosen": "a", "rejected": "b", "tools": [{"x": '
+       + _nested(d) + b"}]}", JSON, {400, 422}) for d in (40, 900, 960)],
     ("nested-NaN", "/score", b'{"prompt": "hi", "candidates": ' + _nested(950, b"NaN") + b"}", JSON, {400, 422}),
     ("unclosed-100k", "/score", b"[" * 100_000, JSON, {400, 422}),
 ]

@@ -93,10 +93,11 @@ def as_message(value: Any, field: str) -> dict[str, Any]:
     if role not in ROLES:
         raise RowError(f"{field}.role", f"unknown role {role!r}; expected one of {list(ROLES)}")
     message: dict[str, Any] = {"role": role}
-    if value.get("tool_calls") is not None:
+    calls = as_tool_calls(value["tool_calls"], f"{field}.tool_calls") if _given(value.get("tool_calls")) else []
+    if calls:
         if role != "assistant":
             raise RowError(f"{field}.tool_calls", f"only an assistant message calls tools, not a {role!r} one")
-        message["tool_calls"] = as_tool_calls(value["tool_calls"], f"{field}.tool_calls")
+        message["tool_calls"] = calls
         content = "" if content is None else content
     if not isinstance(content, str):
         raise RowError(f"{field}.content", f"must be a string, got {type(content).__name__}")
@@ -118,12 +119,55 @@ def as_message(value: Any, field: str) -> dict[str, Any]:
     return message
 
 
+def _given(value: Any) -> bool:
+    # Exports write "no tool calls" as null, [] or "": all mean absent.
+    return value is not None and not (hasattr(value, "__len__") and len(value) == 0)
+
+
+def _parse_json(text: str, field: str, what: str) -> Any:
+    try:
+        return json.loads(text)
+    except (json.JSONDecodeError, RecursionError):
+        raise RowError(field, f"is a string that is not {what}") from None
+
+
+MAX_JSON_DEPTH = 32
+
+
+def as_plain_json(value: Any, field: str) -> Any:
+    """``value`` as plain JSON (objects with string keys, lists, text, numbers, booleans, null), bounded in
+    depth: what a chat template's ``tojson`` renders alike in training and serving. Tool schemas and call
+    arguments are free JSON from users and their parquet columns (numpy arrays among them)."""
+    return _plain_json(value, field, field, 0)
+
+
+def _plain_json(value: Any, top: str, field: str, depth: int) -> Any:
+    if depth > MAX_JSON_DEPTH:
+        raise RowError(top, f"is nested deeper than {MAX_JSON_DEPTH} levels")
+    if hasattr(value, "tolist"):  # numpy arrays and scalars
+        value = value.tolist()
+    if isinstance(value, dict):
+        bad_key = next((key for key in value if not isinstance(key, str)), None)
+        if bad_key is not None:
+            raise RowError(field, f"has a key that is not text: {bad_key!r}")
+        return {key: _plain_json(item, top, f"{field}.{key}", depth + 1) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain_json(item, top, f"{field}[{i}]", depth + 1) for i, item in enumerate(value)]
+    if isinstance(value, str):
+        if not value.isascii():
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise RowError(field, "is not valid Unicode text (a lone surrogate such as \\ud800)") from None
+        return value
+    if value is None or isinstance(value, (bool, int, float)):
+        return value
+    raise RowError(field, f"holds a {type(value).__name__}, which is not JSON")
+
+
 def _as_list(value: Any, field: str, what: str) -> list:
     if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError:
-            raise RowError(field, f"is a string that is not a JSON list of {what}") from None
+        value = _parse_json(value, field, f"a JSON list of {what}")
     if hasattr(value, "tolist"):  # numpy arrays from Arrow list columns
         value = value.tolist()
     if not isinstance(value, (list, tuple)):
@@ -136,8 +180,6 @@ def as_tool_calls(value: Any, field: str) -> list[dict[str, Any]]:
     OpenAI's layout stores arguments as a JSON string: it is parsed, as chat templates expect a mapping (most
     render it with ``tojson``; a string would come out quoted)."""
     calls = _as_list(value, field, "tool calls")
-    if not calls:
-        raise RowError(field, "is an empty list (leave the key out for a message without tool calls)")
     normalised = []
     for i, call in enumerate(calls):
         place = f"{field}[{i}]"
@@ -146,11 +188,8 @@ def as_tool_calls(value: Any, field: str) -> list[dict[str, Any]]:
             raise RowError(place, "must be {'type': 'function', 'function': {'name': str, 'arguments': {...}}}")
         arguments = function.get("arguments")
         if isinstance(arguments, str):
-            try:
-                arguments = json.loads(arguments)
-            except json.JSONDecodeError:
-                raise RowError(f"{place}.function.arguments", "is a string that is not JSON") from None
-        arguments = {} if arguments is None else arguments
+            arguments = _parse_json(arguments, f"{place}.function.arguments", "JSON")
+        arguments = {} if arguments is None else as_plain_json(arguments, f"{place}.function.arguments")
         if not isinstance(arguments, dict):
             raise RowError(f"{place}.function.arguments", f"must be an object, got {type(arguments).__name__}")
         normalised.append({"type": "function", "function": {"name": function["name"], "arguments": arguments},
@@ -160,9 +199,9 @@ def as_tool_calls(value: Any, field: str) -> list[dict[str, Any]]:
 
 def as_tools(value: Any, field: str = "tools") -> list[dict[str, Any]] | None:
     """The tools a conversation offers (JSON schemas, passed to the chat template as ``tools``), or None."""
-    if value is None:
+    if not _given(value):
         return None
-    tools = _as_list(value, field, "tool schemas")
+    tools = as_plain_json(_as_list(value, field, "tool schemas"), field)
     for i, tool in enumerate(tools):
         if not isinstance(tool, dict):
             raise RowError(f"{field}[{i}]", f"must be a JSON schema object, got {type(tool).__name__}")
@@ -200,7 +239,7 @@ def validate_pair(pair: dict[str, Any]) -> dict[str, Any]:
             "chosen and rejected must share the same prompt (every message but the final answer); "
             f"they differ at message {first}",
         )
-    if chosen[-1] == rejected[-1]:
+    if _without_call_ids(chosen[-1]) == _without_call_ids(rejected[-1]):
         raise RowDropped("identical", "chosen and rejected answers are the same")
     source = pair.get("source")
     pair_id = pair.get("id")
@@ -212,6 +251,13 @@ def validate_pair(pair: dict[str, Any]) -> dict[str, Any]:
         "id": None if pair_id is None else str(pair_id),
         "source": None if source is None else str(source),
     }
+
+
+def _without_call_ids(message: dict[str, Any]) -> dict[str, Any]:
+    # A call's id is drawn at random by the model that made it: two answers making the same call are the same.
+    if "tool_calls" not in message:
+        return message
+    return {**message, "tool_calls": [{k: v for k, v in call.items() if k != "id"} for call in message["tool_calls"]]}
 
 
 def check_conversation(messages: list[dict[str, Any]], side: str) -> None:
