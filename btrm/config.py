@@ -101,6 +101,9 @@ class TrainConfig(DataOptions):
     train_set_path: str | None = option(None, "Training pairs: a parquet file, a directory of shards, a glob, "
                                         "a cloud URI (s3://, gs://) or JSON/JSONL.")
     eval_set_path: str | None = option(None, "Held-out pairs, read like --train_set_path.")
+    eval_split_ratio: float = option(0.0, "Without --eval_set_path: hold out this share of the training questions "
+                                     "for evaluation, every pair of a held-out question (so no prompt is both "
+                                     "trained on and evaluated); chosen by --seed. 0: none.")
     output_path: str = option("./outputs/reward_model", "Where the final Hugging Face model, tokenizer and "
                               "manifest (btrm.json) are written.")
     learning_rate: float = option(2e-6, "Peak learning rate.")
@@ -172,6 +175,11 @@ class TrainConfig(DataOptions):
             raise ValueError("--resume needs the --run_name of the run to continue")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if not 0 <= self.eval_split_ratio < 1:
+            raise ValueError(f"--eval_split_ratio must be in [0, 1), got {self.eval_split_ratio}")
+        if self.eval_split_ratio and self.eval_set_path:
+            raise ValueError("--eval_split_ratio holds out training pairs for evaluation; with --eval_set_path "
+                             "there is an evaluation set already: give one or the other")
 
 
 def build_parser(cls: type, description: str) -> argparse.ArgumentParser:

@@ -12,6 +12,7 @@ earlier report instead of counting twice.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterator
 
@@ -267,6 +268,25 @@ def build_pair_dataset(spec: DataSpec, ledger, num_actors: int = 2, actor_cpus: 
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, min(num_actors, len(items)))),
         num_cpus=actor_cpus,
     )
+
+
+def _held_out(question: str, ratio: float, seed: int) -> bool:
+    digest = hashlib.blake2b(f"{seed}\0{question}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") < ratio * 2**64
+
+
+def _one_side(batch: pa.Table, ratio: float, seed: int, held_out: bool) -> pa.Table:
+    return batch.filter(pa.array([_held_out(q, ratio, seed) == held_out for q in batch["question"].to_pylist()]))
+
+
+def split_by_question(dataset: "ray.data.Dataset", ratio: float, seed: int) -> tuple["ray.data.Dataset", "ray.data.Dataset"]:
+    """(the rest, the held-out pairs): about ``ratio`` of the questions, chosen by a hash of the question and
+    ``seed``, go to the held-out side with every pair they have, so no prompt sits on both sides (HelpSteer3
+    and hh-rlhf hold many pairs per question). Order is kept; the same seed gives the same split."""
+    def side(held_out: bool) -> "ray.data.Dataset":
+        return dataset.map_batches(_one_side, fn_kwargs={"ratio": ratio, "seed": seed, "held_out": held_out},
+                                   batch_format="pyarrow", batch_size=None)
+    return side(False), side(True)
 
 
 def new_ledger(name: str, max_drop_fraction: float):

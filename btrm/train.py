@@ -21,7 +21,7 @@ from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from btrm.config import TrainConfig
-from btrm.data import DataSpec, build_pair_dataset, close_ledger, new_ledger
+from btrm.data import DataSpec, build_pair_dataset, close_ledger, new_ledger, split_by_question
 from btrm.deepspeed_configs import load_deepspeed_config
 from btrm.export import publish_dir
 from btrm.model import load_tokenizer, resolve_model_path, reward_token_rule
@@ -46,18 +46,25 @@ def tokenization_for(model_path: str, config) -> TokenizationSpec:
     return spec
 
 
-def pair_dataset(name: str, path: str, model_path: str, spec: TokenizationSpec, config) -> tuple[Any, dict]:
+def pair_dataset(name: str, path: str, model_path: str, spec: TokenizationSpec, config,
+                 hold_out: float = 0.0) -> tuple[Any, dict, Any]:
     """Tokenized pairs, materialized (each epoch rereads them; Ray spills to disk what memory cannot
-    hold), with the closed ledger."""
+    hold), with the closed ledger and, with ``hold_out``, the pairs of that share of the questions, held
+    out of the rest (else None)."""
     ledger = new_ledger(name, config.max_drop_fraction)
     data_spec = DataSpec(path=path, tokenizer_path=model_path, tokenization=spec,
                          dataset_format=config.processor_name(), custom_bt_dataset_path=config.custom_bt_dataset_path)
     dataset = build_pair_dataset(data_spec, ledger, config.num_data_workers, config.data_worker_cpus)
+    held_out = None
+    if hold_out:
+        # The pipeline runs once for both sides: the ledger counts every row once.
+        dataset, held_out = split_by_question(dataset.materialize(), hold_out, config.seed)
+        held_out = held_out.materialize()
     if name == "train":
         dataset = dataset.random_shuffle(seed=config.seed)
     dataset = dataset.materialize()
     summary = close_ledger(ledger, config.max_drop_fraction)
-    return dataset, summary
+    return dataset, summary, held_out
 
 
 def check_run_directory(storage_path: str, run_name: str, resume: bool) -> None:
@@ -86,11 +93,22 @@ def run_training(config: TrainConfig) -> ray.train.Result:
         print("[btrm] --bf16 needs GPUs; these CPU workers train in float32", flush=True)
     deepspeed_config = load_deepspeed_config(config.deepspeed)
 
-    train_ds, train_ledger = pair_dataset("train", config.train_set_path, model_path, spec, config)
+    train_ds, train_ledger, eval_ds = pair_dataset("train", config.train_set_path, model_path, spec, config,
+                                                   hold_out=config.eval_split_ratio)
     ledgers = {"train": train_ledger}
+    if eval_ds is not None:
+        held_out = eval_ds.count()
+        if held_out == 0:
+            raise SystemExit(f"--eval_split_ratio {config.eval_split_ratio} held out none of the training questions; "
+                             "raise it, or give --eval_set_path")
+        train_ledger["held_out_for_eval"] = {"pairs": held_out, "eval_split_ratio": config.eval_split_ratio,
+                                             "seed": config.seed}
+        print(f"[btrm] {held_out} of the {train_ledger['pairs']} training pairs held out for evaluation "
+              f"(--eval_split_ratio {config.eval_split_ratio}: every pair of a held-out question)", flush=True)
     eval_shards = []
     if config.eval_set_path:
-        eval_ds, ledgers["eval"] = pair_dataset("eval", config.eval_set_path, model_path, spec, config)
+        eval_ds, ledgers["eval"], _ = pair_dataset("eval", config.eval_set_path, model_path, spec, config)
+    if eval_ds is not None:
         # Row-exact, disjoint shards (Dataset.split divides by blocks, and a small eval set is one block).
         count = eval_ds.count()
         cuts = [count * k // config.num_workers for k in range(1, config.num_workers)]

@@ -27,7 +27,10 @@ def test_bad_options_are_refused_with_the_reason(tmp_path, capsys):
     for argv, words in ((["--learning_rate", "1e-5"], "--train_set_path is required"),
                         (["--train_set_path", "x", "--custom_bt_dataset_path", "p.py"], "go together"),
                         (["--train_set_path", "x", "--overlong", "cut"], "invalid choice"),
-                        (["--train_set_path", "x", "--gradient_accumulation_steps", "0"], "at least 1")):
+                        (["--train_set_path", "x", "--gradient_accumulation_steps", "0"], "at least 1"),
+                        (["--train_set_path", "x", "--eval_split_ratio", "1"], "must be in [0, 1)"),
+                        (["--train_set_path", "x", "--eval_set_path", "y", "--eval_split_ratio", "0.1"],
+                         "give one or the other")):
         with pytest.raises(SystemExit):
             parse_config(TrainConfig, "t", argv)
         assert words in capsys.readouterr().err

@@ -148,6 +148,27 @@ def helpsteer3_rows(pairs, seed=0):
     return rm_gallery, native
 
 
+def test_held_out_split_keeps_each_question_on_one_side():
+    """--eval_split_ratio: about that share of the questions, all of their pairs, on the held-out side; every
+    pair on exactly one side, in order; the same seed, the same split."""
+    import ray.data
+
+    from btrm.data import split_by_question
+
+    rows = [{"id": f"pair-{k}", "question": f"question {k // 3}"} for k in range(900)]  # 3 pairs a question
+    dataset = ray.data.from_items(rows, override_num_blocks=4).materialize()
+
+    def split(seed: int) -> tuple[list[dict], list[dict]]:
+        rest, held_out = split_by_question(dataset, 0.2, seed)
+        return rest.take_all(), held_out.take_all()
+
+    rest, held_out = split(42)
+    assert sorted(r["id"] for r in rest + held_out) == sorted(r["id"] for r in rows)  # each pair once
+    assert not {r["question"] for r in rest} & {r["question"] for r in held_out}
+    assert 0.12 < len({r["question"] for r in held_out}) / 300 < 0.28
+    assert split(42) == (rest, held_out) and split(7)[1] != held_out
+
+
 def test_helpsteer3_both_layouts(hh_helpful, qwen, qwen_tokenizer_dir, tmp_path):
     pairs = [p for p in hh_helpful["train"][:200] if p["chosen"] != p["rejected"]]
     rm_gallery, native = helpsteer3_rows(pairs)

@@ -63,6 +63,24 @@ def test_loss_falls_and_steps_follow_accumulation(trained_model_dir):
     assert log[-1]["eval/pairs"] == log[0]["eval/pairs_before_training"] > 80
 
 
+def test_eval_split_ratio_holds_out_whole_questions_for_evaluation(ray_session, tiny_qwen_dir, hh_helpful, tmp_path):
+    """Without an eval set: the held-out share of the training questions is evaluated, and none of its
+    questions is trained on (the ledger says how many pairs were held out)."""
+    rows = hh_helpful["train"][:120]
+    # 40 questions with a second pair (another rejected answer): the split must keep both pairs together.
+    rows = rows + [dict(p, id=f"{p['id']}-again", rejected=p["chosen"][:-1] + q["rejected"][-1:])
+                   for p, q in zip(rows[:40], rows[40:80])]
+    _, model_dir = train_tiny(tmp_path, tiny_qwen_dir, rows, None, eval_split_ratio=0.25, max_steps=2, num_workers=1)
+    manifest = json.loads((model_dir / "btrm.json").read_text())
+    held_out = manifest["data"]["train"]["held_out_for_eval"]
+    evaluated = pq.read_table(model_dir / "eval_rewards.parquet").to_pylist()
+    assert held_out["pairs"] == len(evaluated) == manifest["eval"]["pairs"] and 10 < len(evaluated) < 80
+    questions = {p["id"]: p["chosen"][-2]["content"] for p in rows}
+    held_questions = {questions[row["id"]] for row in evaluated}
+    trained = [p for p in rows if questions[p["id"]] not in held_questions and p["chosen"] != p["rejected"]]
+    assert len(trained) + len(evaluated) == manifest["data"]["train"]["pairs"]  # every kept pair on one side
+
+
 def test_eval_cadence_resume_and_options(ray_session, tiny_qwen_dir, hh_helpful, tmp_path):
     """eval_steps/save_steps cadence; a second run under the same name resumes and continues the step count.
     One worker (the default, as on a one-GPU machine): its shard of the eval pairs is all of them."""
