@@ -260,7 +260,7 @@ def build_pair_dataset(spec: DataSpec, ledger, num_actors: int = 2, actor_cpus: 
     processor = load_processor(spec.dataset_format, spec.custom_bt_dataset_path)
     fragments = plan_fragments(spec.path, processor.required_fields)
     items = [{"fragment": asdict(f)} for f in fragments]
-    return ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+    dataset = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
         PairPreprocessor,
         fn_constructor_kwargs={"spec": spec, "ledger": ledger},
         batch_size=1,
@@ -268,6 +268,11 @@ def build_pair_dataset(spec: DataSpec, ledger, num_actors: int = 2, actor_cpus: 
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, min(num_actors, len(items)))),
         num_cpus=actor_cpus,
     )
+    # Pairs come out in file and row order, not in the order the actors finish: the same data gives the
+    # same dataset, so a resumed run's shuffle (seeded) is the one it trained on, and it skips exactly the
+    # steps it had trained.
+    dataset.context.execution_options.preserve_order = True
+    return dataset
 
 
 def _held_out(question: str, ratio: float, seed: int) -> bool:
