@@ -105,11 +105,27 @@ def prepare_tokenizer(tokenizer, chat_template: str | None = None):
 Tools = Optional[list[dict]]  # the tool schemas a conversation offers (None: none), as apply_chat_template takes them
 
 
+class UnrenderedToolUse(jinja2.TemplateError):
+    """The chat template left out offered tools or tool calls (a template without tool support): the
+    model would judge answers without seeing what they answer or do."""
+
+
+def _tool_names(conversation: Sequence[dict], tools: Tools) -> set[str]:
+    offered = {tool.get("function", tool).get("name") for tool in tools or () if isinstance(tool.get("function", tool), dict)}
+    called = {call["function"]["name"] for message in conversation for call in message.get("tool_calls", ())}
+    return {name for name in offered | called if isinstance(name, str) and name}
+
+
 def _template_ids(tokenizer, conversations: Sequence[Sequence[dict]], tools: Tools = None,
                   add_generation_prompt: bool = False) -> list[list[int]]:
     # Equivalent to apply_chat_template(tokenize=True), but one batched call to the Rust tokenizer.
     texts = tokenizer.apply_chat_template(list(conversations), tools=tools, tokenize=False,
                                           add_generation_prompt=add_generation_prompt)
+    for conversation, text in zip(conversations, texts):
+        missing = sorted(name for name in _tool_names(conversation, tools) if name not in text)
+        if missing:
+            raise UnrenderedToolUse(f"it leaves out the tools or tool calls {missing} (a template without tool "
+                                    "support): give a --chat_template that renders them")
     return tokenizer(texts, add_special_tokens=False)["input_ids"]
 
 
