@@ -281,7 +281,8 @@ def _held_out(question: str, ratio: float, seed: int) -> bool:
 
 
 def _one_side(batch: pa.Table, ratio: float, seed: int, held_out: bool) -> pa.Table:
-    return batch.filter(pa.array([_held_out(q, ratio, seed) == held_out for q in batch["question"].to_pylist()]))
+    mask = [_held_out(q, ratio, seed) == held_out for q in batch["question"].to_pylist()]
+    return batch.filter(pa.array(mask, type=pa.bool_()))
 
 
 def split_by_question(dataset: "ray.data.Dataset", ratio: float, seed: int) -> tuple["ray.data.Dataset", "ray.data.Dataset"]:

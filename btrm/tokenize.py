@@ -122,7 +122,9 @@ def _template_ids(tokenizer, conversations: Sequence[Sequence[dict]], tools: Too
     texts = tokenizer.apply_chat_template(list(conversations), tools=tools, tokenize=False,
                                           add_generation_prompt=add_generation_prompt)
     for conversation, text in zip(conversations, texts):
-        missing = sorted(name for name in _tool_names(conversation, tools) if name not in text)
+        # (tojson escapes quotes and backslashes in a name: either spelling counts as rendered)
+        missing = sorted(name for name in _tool_names(conversation, tools)
+                         if name not in text and json.dumps(name)[1:-1] not in text)
         if missing:
             raise UnrenderedToolUse(f"it leaves out the tools or tool calls {missing} (a template without tool "
                                     "support): give a --chat_template that renders them")
@@ -172,7 +174,7 @@ class PairTokenizer:
         for group in groups:
             try:
                 results.append(self._share_prompt(group, ids[start : start + len(group)], offered))
-            except RowDropped as e:
+            except (RowDropped, *TEMPLATE_ERRORS) as e:  # templating the prompt alone can fail too
                 results.append(e)
             start += len(group)
         return results

@@ -67,6 +67,16 @@ def pair_dataset(name: str, path: str, model_path: str, spec: TokenizationSpec, 
     return dataset, summary, held_out
 
 
+def train_data_config() -> DataConfig:
+    """The training pairs split among the workers in order, never by where their blocks happen to sit: a
+    run restarted or resumed on other nodes deals every worker the same pairs, so it skips exactly the
+    steps it had trained (Ray Train's default ingest options take the driver's preserve_order=False, and
+    locality hints then route blocks by node)."""
+    ingest = DataConfig.default_ingest_options()
+    ingest.preserve_order = True
+    return DataConfig(datasets_to_split=["train"], execution_options={"train": ingest})
+
+
 def check_run_directory(storage_path: str, run_name: str, resume: bool) -> None:
     """Ray Train continues any run it finds under STORAGE/NAME; make that a choice, not a surprise."""
     filesystem, root = pafs.FileSystem.from_uri(storage_path) if "://" in storage_path else (pafs.LocalFileSystem(), storage_path)
@@ -123,7 +133,9 @@ def run_training(config: TrainConfig) -> ray.train.Result:
     pairs = train_ds.count()
     per_worker = pairs // config.num_workers
     if per_worker < 1:
-        raise SystemExit(f"{pairs} training pairs are too few for {config.num_workers} workers")
+        raise SystemExit(f"{pairs} training pairs are too few for {config.num_workers} workers"
+                         + (f" (after --eval_split_ratio {config.eval_split_ratio} held some out)"
+                            if config.eval_split_ratio else ""))
     # An epoch's last step takes the pairs that are left, fewer than a full step: none is skipped.
     steps_per_epoch = math.ceil(per_worker / (config.per_device_train_batch_size * config.gradient_accumulation_steps))
     total_steps = steps_per_epoch * config.num_train_epochs
@@ -151,7 +163,7 @@ def run_training(config: TrainConfig) -> ray.train.Result:
             logging_config=LoggingConfig(log_level="WARNING"),
         ),
         datasets={"train": train_ds},
-        dataset_config=DataConfig(datasets_to_split=["train"]),
+        dataset_config=train_data_config(),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
     )
     result = trainer.fit()

@@ -172,6 +172,23 @@ def micro_batcher(classifier, config: TrainConfig, pad_token_id: int, pairs_per_
 RESHUFFLE_PAIRS = 4096
 
 
+def data_order(plan: Plan) -> dict[str, Any]:
+    """What decides which pairs each worker reads, in which order: a resumed run must read them as the run it
+    continues did, or skipping the steps already trained would skip others."""
+    config = plan.config
+    return {"train_set_path": config.train_set_path, "pairs": plan.ledgers["train"]["pairs"], "seed": config.seed,
+            "eval_split_ratio": config.eval_split_ratio, "num_workers": config.num_workers}
+
+
+def check_data_order(saved: dict[str, Any] | None, now: dict[str, Any]) -> None:
+    if saved is None:  # a checkpoint from before btrm recorded it
+        return
+    changed = [f"{key}: {saved.get(key)!r} then, {now[key]!r} now" for key in now if saved.get(key) != now[key]]
+    if changed:
+        raise ValueError("--resume: the run being continued read its training pairs otherwise (" + "; ".join(changed)
+                         + "). Resume with the same data and options, or start a new run (another --run_name)")
+
+
 def epoch_order(seed: int, epoch: int) -> dict[str, int]:
     """``iter_batches`` options for an epoch's order. The first epoch reads the driver's global shuffle;
     each later one mixes the pairs again, as a sampler's ``set_epoch`` does, so that no two epochs repeat
@@ -267,6 +284,7 @@ def train_loop_per_worker(loop_config: dict[str, Plan]) -> None:
         progress = Progress(**client_state["progress"])
         # A resumed run (--resume, or Ray Train restarting failed workers) exports the whole log, not its own part.
         history, before = client_state.get("history", []), client_state.get("before", {})  # (older checkpoints: none)
+        check_data_order(client_state.get("data_order"), data_order(plan))
         if rank == 0:
             log.info(f"[btrm] resumed from step {progress.global_step} (epoch {progress.epoch}, "
                      f"{progress.pairs_seen} pairs seen)")
@@ -292,7 +310,8 @@ def train_loop_per_worker(loop_config: dict[str, Plan]) -> None:
 
     def save_state(directory: str) -> None:
         engine.save_checkpoint(directory, tag=CHECKPOINT_TAG,
-                               client_state={"progress": vars(progress), "history": history, "before": before})
+                               client_state={"progress": vars(progress), "history": history, "before": before,
+                                             "data_order": data_order(plan)})
 
     def save_checkpoint(metrics: dict[str, float]) -> None:
         record(metrics)  # first: the checkpoint's log includes this step's line

@@ -64,6 +64,11 @@ def test_tool_use_templates_like_apply_chat_template_with_tools(qwen):
     assert [type(r).__name__ for r in results] == ["UnrenderedToolUse", "SharedPromptIds", "UnrenderedToolUse",
                                                    "UnrenderedToolUse"]
     assert "leaves out the tools or tool calls ['get_weather']" in str(results[0]) and "--chat_template" in str(results[0])
+    # Answers that name the tool while the prompt, templated alone to find where to cut it, does not show it.
+    mention = [PROMPT + [{"role": "assistant", "content": "Call get_weather."}],
+               PROMPT + [{"role": "assistant", "content": "Never call get_weather."}]]
+    [refused] = PairTokenizer(other, TokenizationSpec(max_length=60, chat_template=toolless)).encode_groups([mention], [weather])
+    assert type(refused).__name__ == "UnrenderedToolUse"
 
 
 def test_reasoning_content_reaches_the_template(qwen):

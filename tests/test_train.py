@@ -154,6 +154,20 @@ def test_disable_dropout_reaches_a_decoders_attention_dropout():
     torch.testing.assert_close(rewards(), rewards(), rtol=0, atol=0)
 
 
+def test_workers_are_dealt_pairs_in_order_and_a_resume_must_read_them_as_before():
+    """Ray Train's default ingest options leave order to chance (and to where blocks sit on a cluster);
+    the checkpoint records what decides the order, and a --resume that would read it otherwise stops."""
+    from btrm.train import train_data_config
+    from btrm.train_loop import check_data_order
+
+    assert train_data_config()._resolve_execution_options("train").preserve_order
+    saved = {"train_set_path": "s3://b/train/", "pairs": 1000, "seed": 42, "eval_split_ratio": 0.05, "num_workers": 8}
+    check_data_order(saved, dict(saved))
+    check_data_order(None, saved)  # a checkpoint written before btrm recorded it
+    with pytest.raises(ValueError, match=r"seed: 42 then, 7 now; num_workers: 8 then, 4 now\). Resume with the same"):
+        check_data_order(saved, dict(saved, seed=7, num_workers=4))
+
+
 def test_each_epoch_reads_the_pairs_in_its_own_order_and_again_the_same_on_resume(ray_session):
     import ray.data
 
