@@ -33,14 +33,14 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.exception_handlers import request_validation_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
-from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, PrivateAttr, Tag, model_validator
 from ray import serve
 from starlette.datastructures import Headers
 from starlette.responses import JSONResponse
 
 import btrm
 from btrm.config import SCORING_DTYPES, option, parse_config
-from btrm.processors.base import ROLES, RowDropped, RowError, as_message, as_tools, check_conversation
+from btrm.processors.base import ROLES, RowDropped, RowError, as_message, as_tools, check_conversation, is_unicode
 from btrm.tokenize import TEMPLATE_ERRORS, SharedPromptIds
 
 APP_NAME = "btrm"
@@ -137,12 +137,8 @@ def read_token(options: ServiceOptions) -> str | None:
 
 
 def _unicode(text: str) -> str:
-    # A JSON escape such as \ud800 puts a lone surrogate in a str: not text the tokenizer or a JSON answer can encode.
-    if not text.isascii():
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError:
-            raise ValueError("must be valid Unicode text (a lone surrogate escape such as \\ud800 is not)") from None
+    if not is_unicode(text):
+        raise ValueError("must be valid Unicode text (a lone surrogate escape such as \\ud800 is not)")
     return text
 
 
@@ -186,17 +182,19 @@ class Message(_Strict):
     tool_call_id: Annotated[str, AfterValidator(_unicode)] | None = None
     name: Annotated[str, AfterValidator(_unicode)] | None = None
 
+    _normalised: dict[str, Any] = PrivateAttr()
+
     @model_validator(mode="after")
     def _well_formed(self):
-        self.as_dict()
+        try:
+            self._normalised = as_message(self.model_dump(exclude_none=True), "message")
+        except RowError as e:
+            raise ValueError(str(e)) from None
         return self
 
     def as_dict(self) -> dict[str, Any]:
         """The message as training saw it (the same validation and normalisation: arguments as an object)."""
-        try:
-            return as_message(self.model_dump(exclude_none=True), "message")
-        except RowError as e:
-            raise ValueError(str(e)) from None
+        return self._normalised
 
 
 def _an_answer(message: Message) -> Message:
@@ -227,26 +225,30 @@ class Conversation(_Strict):
     tools: list[dict[str, Any]] | None = Field(None, description="Tool schemas the conversation offers (as "
                                            "apply_chat_template's tools), as in the training data.")
 
+    _prompt: list[dict[str, Any]] = PrivateAttr()
+    _tools: list[dict[str, Any]] | None = PrivateAttr()
+
     @model_validator(mode="after")
     def _one_well_formed_prompt(self):
         if (self.prompt is None) == (self.messages is None):
             raise ValueError("give exactly one of 'prompt' (a string) or 'messages' (a list of messages)")
+        # Normalised once here, as training normalises them: every answer of the request shares them.
+        self._prompt = [{"role": "user", "content": self.prompt}] if self.prompt is not None else \
+            [m.as_dict() for m in self.messages]
         try:
             check_conversation(self.conversation("an answer"), "messages")
-            self.offered_tools()
+            self._tools = as_tools(self.tools)
         except RowError as e:
             raise ValueError(str(e)) from None
         return self
 
     def offered_tools(self) -> list[dict[str, Any]] | None:
         """The tools as training passes them to the chat template (checked as plain JSON; [] is none)."""
-        return as_tools(self.tools)
+        return self._tools
 
     def conversation(self, answer: str | Message) -> list[dict[str, Any]]:
         """The prompt followed by ``answer`` as the assistant's reply: what the model scores."""
-        prompt = [{"role": "user", "content": self.prompt}] if self.prompt is not None else \
-            [m.as_dict() for m in self.messages]
-        return prompt + [answer.as_dict() if isinstance(answer, Message) else {"role": "assistant", "content": answer}]
+        return self._prompt + [answer.as_dict() if isinstance(answer, Message) else {"role": "assistant", "content": answer}]
 
 
 class ComparePair(Conversation):

@@ -154,15 +154,24 @@ def _plain_json(value: Any, top: str, field: str, depth: int) -> Any:
     if isinstance(value, (list, tuple)):
         return [_plain_json(item, top, f"{field}[{i}]", depth + 1) for i, item in enumerate(value)]
     if isinstance(value, str):
-        if not value.isascii():
-            try:
-                value.encode("utf-8")
-            except UnicodeEncodeError:
-                raise RowError(field, "is not valid Unicode text (a lone surrogate such as \\ud800)") from None
+        if not is_unicode(value):
+            raise RowError(field, "is not valid Unicode text (a lone surrogate such as \\ud800)")
         return value
     if value is None or isinstance(value, (bool, int, float)):
         return value
     raise RowError(field, f"holds a {type(value).__name__}, which is not JSON")
+
+
+def is_unicode(text: str) -> bool:
+    """False for a str holding a lone surrogate (a JSON escape such as \\ud800): not text a tokenizer or a JSON
+    answer can encode."""
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _as_list(value: Any, field: str, what: str) -> list:
