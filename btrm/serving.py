@@ -181,6 +181,13 @@ class Message(_Strict):
         None, description="An assistant's thinking, apart from its answer (rendered as the chat template does).")
     tool_call_id: Annotated[str, AfterValidator(_unicode)] | None = None
     name: Annotated[str, AfterValidator(_unicode)] | None = None
+    # The rest of OpenAI's chat-completion message, so that one can be sent as it came; scored as training
+    # reads them (as_message).
+    refusal: Annotated[str, AfterValidator(_unicode)] | None = Field(
+        None, description="OpenAI's place for a refusal: scored as the message's content.")
+    function_call: FunctionCall | None = Field(None, description="OpenAI's older single tool call: a tool call.")
+    annotations: list[dict[str, Any]] | None = Field(None, description="Citations of the content: ignored.")
+    audio: dict[str, Any] | None = Field(None, description="Refused unless null: a text model cannot score audio.")
 
     _normalised: dict[str, Any] = PrivateAttr()
 
@@ -222,8 +229,9 @@ class Conversation(_Strict):
     prompt: Text | None = Field(None, description="A single user turn; the same as messages=[{role: user, ...}].")
     messages: list[Message] | None = Field(None, min_length=1, description="The conversation before the answer; "
                                            "its last turn is a user (or tool) message.")
-    tools: list[dict[str, Any]] | None = Field(None, description="Tool schemas the conversation offers (as "
-                                           "apply_chat_template's tools), as in the training data.")
+    tools: list[dict[str, Any]] | str | None = Field(None, description="Tool schemas the conversation offers (as "
+                                                 "apply_chat_template's tools), or a JSON string of that list, "
+                                                 "as in the training data.")
 
     _prompt: list[dict[str, Any]] = PrivateAttr()
     _tools: list[dict[str, Any]] | None = PrivateAttr()

@@ -69,6 +69,11 @@ def weather_call(arguments, **layout):
     ({"chosen": PROMPT + [GOOD], "rejected": PROMPT + [BAD], "tools": [json.loads("[" * 40 + "]" * 40)]}, "tools", "nested deeper"),
     ({"chosen": PROMPT + [GOOD], "rejected": PROMPT + [BAD], "tools": "get_weather"}, "tools", "not a JSON list"),
     ({"chosen": PROMPT + [GOOD], "rejected": PROMPT + [BAD], "tools": [3]}, "tools[0]", "JSON schema object"),
+    ({"chosen": PROMPT + [dict(GOOD, audio={"id": "a1", "transcript": "Paris."})], "rejected": PROMPT + [BAD]},
+     "chosen[1].audio", "transcript as content"),
+    ({"chosen": PROMPT + [dict(GOOD, refusal="I can't say.")], "rejected": PROMPT + [BAD]}, "chosen[1].refusal", "not both"),
+    ({"chosen": PROMPT + [weather_call({}, function_call={"name": "get_weather", "arguments": "{}"})],
+      "rejected": PROMPT + [BAD]}, "chosen[1].function_call", "not both"),
 ])
 def test_standard_rejects_malformed_rows_naming_the_field(row, field, words):
     with pytest.raises(RowError) as error:
@@ -109,6 +114,22 @@ def test_tool_use_is_normalised_to_what_chat_templates_expect():
     pair = validate_pair({"chosen": [ASK, GOOD], "rejected": [ASK, BAD], "tools": np.array([{"type": "function", "function": {
         "name": "get_weather", "parameters": schema}}])})
     assert pair["tools"][0]["function"]["parameters"]["required"] == ["city"]
+
+
+def test_openai_response_messages_train_as_they_came():
+    """A message as OpenAI's API returns it (every key present, most null): a refusal is the content, the
+    older function_call a tool call, annotations change nothing."""
+    def response(**keys):
+        return {"role": "assistant", "content": None, "refusal": None, "annotations": [], "audio": None,
+                "function_call": None, "tool_calls": None, **keys}
+
+    pair = validate_pair({"chosen": [ASK, response(content="Yes, light rain.", annotations=[{"type": "url_citation"}])],
+                          "rejected": [ASK, response(refusal="I can't check the weather.")]})
+    assert pair["chosen"][-1] == {"role": "assistant", "content": "Yes, light rain."}
+    assert pair["rejected"][-1] == {"role": "assistant", "content": "I can't check the weather."}
+    legacy = response(function_call={"name": "get_weather", "arguments": '{"city": "Paris"}'})
+    with pytest.raises(RowDropped, match="identical"):  # the same call as tool_calls makes
+        validate_pair({"chosen": [ASK, legacy], "rejected": [ASK, weather_call({"city": "Paris"})]})
 
 
 def rm_gallery_row(chosen_first=True, labels=(True, False)):

@@ -187,6 +187,26 @@ def test_tool_use_is_scored_as_training_tokenizes_it(service, trained_model_dir)
     assert untooled.json()["rewards"] != pytest.approx(rewards, abs=1e-4)  # the offered tools are part of the prompt
 
 
+def test_messages_from_an_openai_response_score_as_they_came(service):
+    """A chat completion's message posted as it came (refusal, annotations, audio, function_call keys, most
+    null) and tools as a JSON string score as their plain forms do; the data path reads them alike."""
+    def response(**keys):
+        return {"role": "assistant", "content": None, "refusal": None, "annotations": [], "audio": None,
+                "function_call": None, "tool_calls": None, **keys}
+
+    ask = {"role": "user", "content": "Who won the 1998 World Cup?"}
+    legacy_call = response(function_call={"name": "search", "arguments": '{"query": "1998 World Cup"}'})
+    as_sent = [response(content="France."), response(refusal="I can't help with that."), legacy_call]
+    plain = ["France.", "I can't help with that.", search_call({"query": "1998 World Cup"})]
+    with service.client() as client:
+        sent = client.post("/score", json={"messages": [ask], "tools": json.dumps(SEARCH), "candidates": as_sent})
+        expected = client.post("/score", json={"messages": [ask], "tools": SEARCH, "candidates": plain})
+        audio = client.post("/score", json={"messages": [ask], "candidates": [response(audio={"id": "a1"})]})
+    assert sent.status_code == expected.status_code == 200, (sent.text, expected.text)
+    assert sent.json()["rewards"] == pytest.approx(expected.json()["rewards"], abs=1e-5)
+    assert audio.status_code == 422 and "transcript as content" in audio.text
+
+
 def test_overlong_prompt_is_cut_and_flagged(service, trained_model_dir):
     from btrm.scoring import RewardScorer
 

@@ -12,7 +12,8 @@ last one, and the last one is the assistant answer being judged.
 An assistant message may carry ``reasoning_content`` (a reasoning model's thinking) and ``tool_calls``
 (OpenAI's or Hugging Face's layout; its content may then be empty), a ``tool`` message its ``tool_call_id``
 and ``name``, and a pair the ``tools`` it offers (a list of JSON schemas, or a JSON string of one): the chat
-template renders them as it would for generation.
+template renders them as it would for generation. The keys of OpenAI's chat-completion message that templates
+do not read (``refusal``, ``function_call``, ``annotations``, ``audio``) are taken in too: see :func:`as_message`.
 """
 
 from __future__ import annotations
@@ -93,10 +94,13 @@ def as_message(value: Any, field: str) -> dict[str, Any]:
     if role not in ROLES:
         raise RowError(f"{field}.role", f"unknown role {role!r}; expected one of {list(ROLES)}")
     message: dict[str, Any] = {"role": role}
-    calls = as_tool_calls(value["tool_calls"], f"{field}.tool_calls") if _given(value.get("tool_calls")) else []
+    content = _with_refusal(value, content, field)
+    if _given(value.get("audio")):
+        raise RowError(f"{field}.audio", "an audio answer cannot be scored by a text model; give its transcript as content")
+    calls, calls_field = _calls(value, field)
     if calls:
         if role != "assistant":
-            raise RowError(f"{field}.tool_calls", f"only an assistant message calls tools, not a {role!r} one")
+            raise RowError(calls_field, f"only an assistant message calls tools, not a {role!r} one")
         message["tool_calls"] = calls
         content = "" if content is None else content
     if not isinstance(content, str):
@@ -117,6 +121,31 @@ def as_message(value: Any, field: str) -> dict[str, Any]:
                     raise RowError(f"{field}.{key}", f"must be a string, got {type(value[key]).__name__}")
                 message[key] = value[key]
     return message
+
+
+# OpenAI's chat-completion message carries keys chat templates do not render. Those that hold what the
+# assistant said are moved where templates look (a refusal is its content, the older function_call a tool
+# call); "annotations" (citations of the content) change nothing rendered and are ignored.
+def _with_refusal(value: dict[str, Any], content: Any, field: str) -> Any:
+    refusal = value.get("refusal")
+    if not _given(refusal):
+        return content
+    if not isinstance(refusal, str):
+        raise RowError(f"{field}.refusal", f"must be a string, got {type(refusal).__name__}")
+    if _given(content):
+        raise RowError(f"{field}.refusal", "a message has content or a refusal, not both")
+    return refusal
+
+
+def _calls(value: dict[str, Any], field: str) -> tuple[list[dict[str, Any]], str]:
+    """The message's tool calls and the field they came from."""
+    if _given(value.get("function_call")):
+        if _given(value.get("tool_calls")):
+            raise RowError(f"{field}.function_call", "give tool_calls or the older function_call, not both")
+        return as_tool_calls([value["function_call"]], f"{field}.function_call"), f"{field}.function_call"
+    if _given(value.get("tool_calls")):
+        return as_tool_calls(value["tool_calls"], f"{field}.tool_calls"), f"{field}.tool_calls"
+    return [], f"{field}.tool_calls"
 
 
 def _given(value: Any) -> bool:
