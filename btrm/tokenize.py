@@ -116,15 +116,47 @@ def _tool_names(conversation: Sequence[dict], tools: Tools) -> set[str]:
     return {name for name in offered | called if isinstance(name, str) and name}
 
 
+def _renamed(conversation: Sequence[dict], tools: Tools, alias: dict[str, str]) -> tuple[list[dict], Tools]:
+    """The conversation and tools with every offered tool and called function renamed by ``alias``."""
+    def renamed(function: dict) -> dict:
+        name = function.get("name")
+        return {**function, "name": alias[name]} if isinstance(name, str) and name in alias else function
+
+    messages = [{**m, "tool_calls": [{**c, "function": renamed(c["function"])} for c in m["tool_calls"]]}
+                if "tool_calls" in m else m for m in conversation]
+    offered = None if tools is None else [
+        {**tool, "function": renamed(tool["function"])} if isinstance(tool.get("function"), dict) else renamed(tool)
+        for tool in tools]
+    return messages, offered
+
+
+def _unrendered_tool_names(tokenizer, conversation: Sequence[dict], tools: Tools, text: str,
+                           add_generation_prompt: bool) -> list[str]:
+    """The offered tools and called functions whose names the template left out of ``text``."""
+    names = _tool_names(conversation, tools)
+    # (tojson escapes quotes and backslashes in a name: either spelling counts as rendered)
+    missing = {name for name in names if name not in text and json.dumps(name)[1:-1] not in text}
+    # A name the conversation says elsewhere (an answer's "let me search", a tool reply's name, a longer
+    # name) proves nothing of the template: those names are given aliases in the tools and calls and the
+    # conversation is rendered again, where the aliases must show.
+    alias = {name: f"btrm_tool_alias_{i}" for i, name in enumerate(sorted(names - missing))}
+    messages, offered = _renamed(conversation, tools, alias)
+    elsewhere = json.dumps([messages, offered], ensure_ascii=False)
+    said = {name for name in alias if name in elsewhere or any(name in other and other != name for other in names)}
+    if said:
+        again = tokenizer.apply_chat_template(messages, tools=offered, tokenize=False,
+                                              add_generation_prompt=add_generation_prompt)
+        missing |= {name for name in said if alias[name] not in again}
+    return sorted(missing)
+
+
 def _template_ids(tokenizer, conversations: Sequence[Sequence[dict]], tools: Tools = None,
                   add_generation_prompt: bool = False) -> list[list[int]]:
     # Equivalent to apply_chat_template(tokenize=True), but one batched call to the Rust tokenizer.
     texts = tokenizer.apply_chat_template(list(conversations), tools=tools, tokenize=False,
                                           add_generation_prompt=add_generation_prompt)
     for conversation, text in zip(conversations, texts):
-        # (tojson escapes quotes and backslashes in a name: either spelling counts as rendered)
-        missing = sorted(name for name in _tool_names(conversation, tools)
-                         if name not in text and json.dumps(name)[1:-1] not in text)
+        missing = _unrendered_tool_names(tokenizer, conversation, tools, text, add_generation_prompt)
         if missing:
             raise UnrenderedToolUse(f"it leaves out the tools or tool calls {missing} (a template without tool "
                                     "support): give a --chat_template that renders them")

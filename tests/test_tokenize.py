@@ -69,6 +69,16 @@ def test_tool_use_templates_like_apply_chat_template_with_tools(qwen):
                PROMPT + [{"role": "assistant", "content": "Never call get_weather."}]]
     [refused] = PairTokenizer(other, TokenizationSpec(max_length=60, chat_template=toolless)).encode_groups([mention], [weather])
     assert type(refused).__name__ == "UnrenderedToolUse"
+    # The conversation's own words name the tools ("research" holds "search"), or one name holds another and
+    # the template shows only the longer one: neither stands for the template rendering every tool.
+    words = ask + [{"role": "assistant", "content": "I would research it, then call get_weather."}]
+    longer = [{"type": "function", "function": {"name": "get_weather_by_city", "parameters": {}}}]
+    last_tool_only = "{% if tools %}{{ tools[-1].function.name }}{% endif %}" + toolless
+    for template, tools in [(toolless, weather + search), (last_tool_only, weather + longer)]:
+        pair = [words, ask + [{"role": "assistant", "content": "No."}]]
+        with pytest.raises(jinja2.TemplateError, match="leaves out the tools or tool calls .'get_weather'"):
+            PairTokenizer(other, TokenizationSpec(max_length=4096, chat_template=template)).encode_group(pair, tools)
+        assert tokenizer.encode_group(pair, tools).sequence(0) == qwen.apply_chat_template(words, tools=tools)["input_ids"]
 
 
 def test_reasoning_content_reaches_the_template(qwen):
