@@ -75,6 +75,12 @@ def test_deepspeed_configs_fill_auto_values_and_refuse_contradictions():
     with pytest.raises(ValueError, match="train_micro_batch_size_per_gpu=4 but the job's options give 2"):
         fill_deepspeed_config({"train_micro_batch_size_per_gpu": 4}, micro_batch=2, accumulation=1, world_size=1,
                               max_grad_norm=1.0, bf16=False, hidden_size=64)
+    offload = fill_deepspeed_config(load_deepspeed_config("zero3_offload"), micro_batch=2, accumulation=1,
+                                    world_size=1, max_grad_norm=1.0, bf16=False, hidden_size=64)
+    assert offload["zero_force_ds_cpu_optimizer"] is False  # btrm's AdamW is meant (a step test trains with it)
+    with pytest.raises(ValueError, match=r"remove the \['optimizer'\] section"):
+        fill_deepspeed_config({"optimizer": {"type": "AdamW"}}, micro_batch=2, accumulation=1, world_size=1,
+                              max_grad_norm=1.0, bf16=False, hidden_size=64)
     with pytest.raises(FileNotFoundError, match="neither a shipped config"):
         load_deepspeed_config("zero9")
 

@@ -210,7 +210,7 @@ def process_group():
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("stage", ["zero2", "zero3"])
+@pytest.mark.parametrize("stage", ["zero2", "zero3", "zero3_offload"])
 def test_deepspeed_step_on_packed_pairs_equals_padded(process_group, tiny_qwen_dir, pairs, stage):
     """The real training step (DeepSpeed engine, micro-batches, one optimizer step) on packed and on
     padded pairs: the same loss, and after the step the same loss again (so the same update)."""

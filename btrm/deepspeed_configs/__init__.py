@@ -23,6 +23,10 @@ def fill_deepspeed_config(raw: dict[str, Any], *, micro_batch: int, accumulation
                           max_grad_norm: float, bf16: bool, hidden_size: int) -> dict[str, Any]:
     """Replaces "auto" with values derived from the job's options (as the transformers integration does)."""
     config = json.loads(json.dumps(raw))
+    given = [key for key in ("optimizer", "scheduler") if key in config]
+    if given:
+        raise ValueError(f"DeepSpeed config: btrm builds the optimizer and schedule from its options (--learning_rate, "
+                         f"--weight_decay, --lr_scheduler_type, --warmup_ratio): remove the {given} section(s)")
     values = {
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": accumulation,
@@ -47,6 +51,10 @@ def fill_deepspeed_config(raw: dict[str, Any], *, micro_batch: int, accumulation
     for key, value in zero_auto.items():
         if zero.get(key) == "auto":
             zero[key] = value
+    if zero.get("offload_optimizer", {}).get("device", "none") != "none":
+        # DeepSpeed refuses a client optimizer beside an offloaded one unless told it is meant: the Adam step
+        # of the CPU-held fp32 weights is then torch's AdamW there (no DeepSpeedCPUAdam build needed).
+        config.setdefault("zero_force_ds_cpu_optimizer", False)
     leftover = [k for k, v in _walk(config) if v == "auto"]
     if leftover:
         raise ValueError(f"DeepSpeed config: btrm cannot fill \"auto\" for {leftover}; give values")
