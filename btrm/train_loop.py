@@ -177,13 +177,14 @@ def data_order(plan: Plan) -> dict[str, Any]:
     continues did, or skipping the steps already trained would skip others."""
     config = plan.config
     return {"train_set_path": config.train_set_path, "pairs": plan.ledgers["train"]["pairs"], "seed": config.seed,
-            "eval_split_ratio": config.eval_split_ratio, "num_workers": config.num_workers}
+            "eval_split_ratio": config.eval_split_ratio, "num_workers": config.num_workers,
+            "pairs_per_step": config.per_device_train_batch_size * config.gradient_accumulation_steps}
 
 
 def check_data_order(saved: dict[str, Any] | None, now: dict[str, Any]) -> None:
     if saved is None:  # a checkpoint from before btrm recorded it
         return
-    changed = [f"{key}: {saved.get(key)!r} then, {now[key]!r} now" for key in now if saved.get(key) != now[key]]
+    changed = [f"{key}: {saved[key]!r} then, {now[key]!r} now" for key in now if key in saved and saved[key] != now[key]]
     if changed:
         raise ValueError("--resume: the run being continued read its training pairs otherwise (" + "; ".join(changed)
                          + "). Resume with the same data and options, or start a new run (another --run_name)")
@@ -294,8 +295,6 @@ def train_loop_per_worker(loop_config: dict[str, Plan]) -> None:
     train_shard = ray.train.get_dataset_shard("train")
     eval_shard = plan.eval_shards[rank] if plan.eval_shards else None
     window = Window()
-    # Throughput counts the time in training steps only, not evaluations and checkpoints between logs.
-    started, train_seconds, steps_at_start = time.time(), 0.0, progress.global_step
 
     def record(metrics: dict[str, float]) -> None:
         """Into the tracker and the log."""
@@ -314,7 +313,8 @@ def train_loop_per_worker(loop_config: dict[str, Plan]) -> None:
                                              "data_order": data_order(plan)})
 
     def save_checkpoint(metrics: dict[str, float]) -> None:
-        record(metrics)  # first: the checkpoint's log includes this step's line
+        if metrics:
+            record(metrics)  # first: the checkpoint's log includes this step's line
         with tempfile.TemporaryDirectory() as directory:
             save_state(directory)
             report(metrics, directory)
@@ -333,6 +333,9 @@ def train_loop_per_worker(loop_config: dict[str, Plan]) -> None:
         record(before)
         report(before)
 
+    # Throughput counts the time in training steps only, not evaluations and checkpoints between logs; the
+    # ETA, the time since training began (the evaluation of the untrained model is no training step's).
+    started, train_seconds, steps_at_start = time.time(), 0.0, progress.global_step
     pairs_per_step = config.per_device_train_batch_size * config.gradient_accumulation_steps
     done = progress.global_step >= plan.total_steps
     while not done and progress.epoch < config.num_train_epochs:
@@ -343,6 +346,7 @@ def train_loop_per_worker(loop_config: dict[str, Plan]) -> None:
             if index < progress.step_in_epoch:
                 continue  # resumed mid-epoch: these steps were trained before the checkpoint
             step_started = time.time()
+            learning_rate = engine.get_lr()[0]  # the step's own: engine.step() moves the schedule on
             window.add(**train_step(engine, pairs, train_batcher, config))  # returns once the step is done
             train_seconds += time.time() - step_started
             progress.step_in_epoch = index + 1
@@ -351,7 +355,7 @@ def train_loop_per_worker(loop_config: dict[str, Plan]) -> None:
             step = progress.global_step
             metrics: dict[str, float] = {}
             if step % config.logging_steps == 0 or step == plan.total_steps:
-                metrics = _train_metrics(window.reduce(device), engine, train_seconds)
+                metrics = _train_metrics(window.reduce(device), engine, train_seconds, learning_rate)
                 train_seconds = 0.0
                 if rank == 0:
                     _log_progress(step, plan.total_steps, metrics, time.time() - started, step - steps_at_start)
@@ -400,7 +404,7 @@ def _write_side_files(export_dir: str, ledgers: dict[str, Any], history: list[di
         pq.write_table(rewards, os.path.join(export_dir, EVAL_REWARDS))
 
 
-def _train_metrics(sums: dict[str, float], engine, seconds: float) -> dict[str, float]:
+def _train_metrics(sums: dict[str, float], engine, seconds: float, learning_rate: float) -> dict[str, float]:
     pairs = max(sums["pairs"], 1.0)
     grad_norm = engine.get_global_grad_norm()
     return {
@@ -409,7 +413,7 @@ def _train_metrics(sums: dict[str, float], engine, seconds: float) -> dict[str, 
         "train/reward_chosen": sums["chosen"] / pairs,
         "train/reward_rejected": sums["rejected"] / pairs,
         "train/margin": (sums["chosen"] - sums["rejected"]) / pairs,
-        "train/learning_rate": engine.get_lr()[0],
+        "train/learning_rate": learning_rate,
         "train/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
         "train/pairs_per_second": sums["pairs"] / seconds,
         "train/tokens_per_second": sums["tokens"] / seconds,

@@ -60,6 +60,9 @@ def test_loss_falls_and_steps_follow_accumulation(trained_model_dir):
     # The second pass over the same pairs: the model has learned them.
     assert sum(second_epoch) / len(second_epoch) < sum(first_epoch) / len(first_epoch) - 0.02, (first_epoch, second_epoch)
     assert all(line["train/grad_norm"] > 0 and line["train/tokens_per_second"] > 0 for line in train)
+    # The learning rate each logged step trained at (linear decay from 2e-3 over 20 steps, no warm-up).
+    assert [line["train/learning_rate"] for line in train] == pytest.approx(
+        [2e-3 * (1 - (line["step"] - 1) / 20) for line in train])
     assert log[-1]["eval/pairs"] == log[0]["eval/pairs_before_training"] > 80
 
 
@@ -99,13 +102,14 @@ def test_eval_cadence_resume_and_options(ray_session, tiny_qwen_dir, hh_helpful,
     assert log[0] == {**log[0], "step": 0} and log[0]["eval/pairs_before_training"] == eval_pairs
     with pytest.raises(SystemExit, match="already exists .* pass --resume"):
         train_tiny(tmp_path, tiny_qwen_dir, rows, held_out, max_steps=10, num_workers=1)
-    result, model_dir = train_tiny(tmp_path, tiny_qwen_dir, rows, held_out, max_steps=10, logging_steps=2,
+    result, model_dir = train_tiny(tmp_path, tiny_qwen_dir, rows, held_out, max_steps=10, logging_steps=2, save_steps=3,
                                    use_margin=True, center_rewards_coefficient=0.1, report_to="swanlab",
                                    tracking_dir=str(tracking), resume=True, num_workers=1)
     log = _log(model_dir)
     # The resumed run's log goes on from the first run's, its end included: every line once.
     assert log[: len(first_run)] == first_run
     assert [line["step"] for line in log if "train/loss" in line] == [3, 6, 8, 10]  # 7..10 trained, 1..6 restored
+    assert all(set(line) - {"step"} for line in log)  # (step 9 only checkpointed: it has no line)
     assert result.metrics["step"] == 10
     assert result.metrics["eval/accuracy_before_training"] == first_run[0]["eval/accuracy_before_training"]
     assert json.loads((model_dir / "btrm.json").read_text())["training"]["steps"] == 10
@@ -161,11 +165,16 @@ def test_workers_are_dealt_pairs_in_order_and_a_resume_must_read_them_as_before(
     from btrm.train_loop import check_data_order
 
     assert train_data_config()._resolve_execution_options("train").preserve_order
-    saved = {"train_set_path": "s3://b/train/", "pairs": 1000, "seed": 42, "eval_split_ratio": 0.05, "num_workers": 8}
+    saved = {"train_set_path": "s3://b/train/", "pairs": 1000, "seed": 42, "eval_split_ratio": 0.05, "num_workers": 8,
+             "pairs_per_step": 64}
     check_data_order(saved, dict(saved))
     check_data_order(None, saved)  # a checkpoint written before btrm recorded it
+    check_data_order({k: v for k, v in saved.items() if k != "pairs_per_step"}, saved)  # ... or recorded less
     with pytest.raises(ValueError, match=r"seed: 42 then, 7 now; num_workers: 8 then, 4 now\). Resume with the same"):
         check_data_order(saved, dict(saved, seed=7, num_workers=4))
+    # Steps already trained are skipped by count: steps of another size would skip other pairs.
+    with pytest.raises(ValueError, match=r"pairs_per_step: 64 then, 32 now"):
+        check_data_order(saved, dict(saved, pairs_per_step=32))
 
 
 def test_each_epoch_reads_the_pairs_in_its_own_order_and_again_the_same_on_resume(ray_session):
