@@ -13,6 +13,7 @@ error and place and left out of the figures; rows the pipeline cannot turn into 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -116,6 +117,11 @@ class PairScorer:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         r_chosen, r_rejected, errors = self._score(batch)
+        for i, (chosen, rejected) in enumerate(zip(r_chosen, r_rejected)):
+            if errors[i] is None and not (math.isfinite(chosen) and math.isfinite(rejected)):
+                # A diverged model's NaN would make every figure of the summary NaN (and is not JSON).
+                errors[i] = f"the model's rewards are not finite ({chosen}, {rejected}): has its training diverged?"
+                r_chosen[i] = r_rejected[i] = None
         margins = [None if c is None else c - r for c, r in zip(r_chosen, r_rejected)]
         return pa.table({
             "id": batch["id"],

@@ -233,6 +233,12 @@ def test_a_pair_the_model_fails_on_is_reported_and_the_rest_are_scored(trained_m
     assert summary["unscored_pairs"] == [{"file": "test.parquet", "row": 2, "id": rows.id[2], "error": rows.error[2]}]
     assert summary["accuracy"] == pytest.approx((rows.reward_margin[ok] > 0).mean())
     assert "not scored: test.parquet row 2" in format_summary(summary)
+    # A diverged model (NaN weights): its pairs are reported unscored, not NaN figures (nor NaN in JSON).
+    torch.nn.init.constant_(scorer.scorer.model.score.weight, float("nan"))
+    batch = _tokenized_batch(scorer, hh_helpful["test"][:4])
+    diverged = scorer(batch).to_pandas()
+    assert diverged.error.str.contains("not finite").all() and diverged.reward_chosen.isna().all()
+    assert summarize(scorer(batch))["unscored"] == 4
 
 
 def test_options_are_checked_before_any_work(trained_model_dir, tiny_qwen_dir, tmp_path):
