@@ -21,6 +21,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hmac
+import json
+import logging
 import math
 import os
 import signal
@@ -64,6 +66,8 @@ class ServiceOptions:
     max_candidates: int = option(64, "Most candidate answers one /score request may carry (more: 413).")
     max_pairs: int = option(64, "Most pairs one batch /compare request may carry (more: 413).")
     max_body_bytes: int = option(8 * 1024 * 1024, "Largest request body in bytes (larger: 413).")
+    max_request_chars: int = option(4 * 1024 * 1024, "Most characters one request has templated, its prompt counted "
+                                    "once per answer (more: 413): a replica tokenizes one request at a time.")
     max_batch_sequences: int = option(128, "Most answers scored in one batch across concurrent requests; "
                                       "at least max_candidates and 2 x max_pairs.")
     batch_wait_timeout_s: float = option(0.005, "How long the first request of a batch waits for others to join.")
@@ -77,7 +81,8 @@ class ServiceOptions:
     def validate(self) -> None:
         if not self.model_path:
             raise ValueError("--model_path is required (a model directory exported by `btrm train`)")
-        for name in ("max_candidates", "max_pairs", "max_body_bytes", "max_batch_sequences", "max_batch_tokens"):
+        for name in ("max_candidates", "max_pairs", "max_body_bytes", "max_request_chars", "max_batch_sequences",
+                     "max_batch_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be at least 1")
         # Serve refuses a request larger than a whole batch: the biggest request must fit in one.
@@ -99,7 +104,8 @@ class ServiceOptions:
 
     def limits(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in
-                ("max_candidates", "max_pairs", "max_body_bytes", "max_batch_sequences", "max_batch_tokens")}
+                ("max_candidates", "max_pairs", "max_body_bytes", "max_request_chars", "max_batch_sequences",
+                 "max_batch_tokens")}
 
 
 @dataclass
@@ -125,11 +131,15 @@ def read_token(options: ServiceOptions) -> str | None:
         path = Path(options.token_file)
         if not path.is_file():
             raise FileNotFoundError(f"--token_file {path}: no such file")
-        token = path.read_text().strip()
+        token, source = path.read_text().strip(), f"--token_file {path}"
         if not token:
-            raise ValueError(f"--token_file {path} is empty")
-        return token
-    return os.environ.get(options.token_env, "").strip() or None
+            raise ValueError(f"{source} is empty")
+    else:
+        token, source = os.environ.get(options.token_env, "").strip(), f"${options.token_env}"
+    # An HTTP header carries bytes a server reads as Latin-1: a token of other characters would never match.
+    if not (token.isascii() and token.isprintable()):
+        raise ValueError(f"{source}: the bearer token must be printable ASCII characters")
+    return token or None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -250,6 +260,9 @@ class Conversation(_Strict):
             raise ValueError(str(e)) from None
         return self
 
+    def prompt_and_tools(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
+        return self._prompt, self._tools
+
     def offered_tools(self) -> list[dict[str, Any]] | None:
         """The tools as training passes them to the chat template (checked as plain JSON; [] is none)."""
         return self._tools
@@ -329,6 +342,12 @@ class Info(BaseModel):
 # The HTTP application
 
 
+def _chars(value: Any) -> int:
+    """Characters of ``value`` (text, a message or the prompt and tools) as JSON: about what a template renders."""
+    return len(value) if isinstance(value, str) else len(json.dumps(
+        value.as_dict() if isinstance(value, Message) else value, ensure_ascii=False))
+
+
 def sigmoid(x: float) -> float:
     if x >= 0:
         return 1.0 / (1.0 + math.exp(-x))
@@ -353,6 +372,16 @@ def build_api(scorer, options: ServiceOptions, token: str | None, score_groups: 
         description=f"Bradley-Terry reward model `{scorer.manifest.get('base_model')}`, max_length {spec.max_length}."
                     + (" Every route but /health needs `Authorization: Bearer <token>`." if token else ""),
     )
+
+    def check_size(groups: list[tuple[Conversation, list[str | Message]]]) -> None:
+        # Every answer is templated with its whole prompt (the exact ids training saw): a long prompt with many
+        # candidates multiplies, and would hold the replica's event loop for minutes.
+        chars = sum(len(answers) * _chars(request.prompt_and_tools()) + sum(_chars(a) for a in answers)
+                    for request, answers in groups)
+        if chars > options.max_request_chars:
+            raise HTTPException(413, f"{chars} characters to template (the prompt once per answer); the limit is "
+                                     f"max_request_chars={options.max_request_chars}: send fewer answers per request "
+                                     "or a shorter prompt")
 
     def encode(request: Conversation, answers: list[str | Message], what: str) -> SharedPromptIds:
         # Tokenized here, on the replica's event loop, never in the scoring thread: a fast tokenizer
@@ -394,6 +423,7 @@ def build_api(scorer, options: ServiceOptions, token: str | None, score_groups: 
         pairs = request.pairs if isinstance(request, CompareBatch) else [request]
         if len(pairs) > options.max_pairs:
             raise HTTPException(413, f"{len(pairs)} pairs in one request; the limit is max_pairs={options.max_pairs}")
+        check_size([(p, [p.chosen, p.rejected]) for p in pairs])
         encoded = [encode(p, [p.chosen, p.rejected], f"pair {i}" if isinstance(request, CompareBatch) else "the pair")
                    for i, p in enumerate(pairs)]
         rewards = await score_groups(encoded)
@@ -411,6 +441,7 @@ def build_api(scorer, options: ServiceOptions, token: str | None, score_groups: 
         if len(request.candidates) > options.max_candidates:
             raise HTTPException(413, f"{len(request.candidates)} candidates in one request; the limit is "
                                      f"max_candidates={options.max_candidates}")
+        check_size([(request, request.candidates)])
         encoded = encode(request, request.candidates, "the candidates")
         [rewards] = await score_groups([encoded])
         ranking = sorted(range(len(rewards)), key=lambda k: -rewards[k])
@@ -606,7 +637,14 @@ def app_builder(args: dict[str, Any]) -> serve.Application:
     unknown = sorted(set(args) - known)
     if unknown:
         raise ValueError(f"unknown application args {unknown}; expected some of {sorted(known)}")
-    return build_app(ServiceOptions(**args))
+    options = ServiceOptions(**args)
+    if read_token(options) is None:
+        # Read where the application is built (on the cluster for `serve deploy`, not in the deploying shell),
+        # and the config's host may face a network.
+        logging.getLogger("ray.serve").warning(
+            f"btrm: no bearer token (${options.token_env} is not set where the application is built, and no "
+            "token_file): every route of the service is open")
+    return build_app(options)
 
 
 def _interrupt(signum: int, frame: Any) -> None:

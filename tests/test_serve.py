@@ -27,7 +27,8 @@ REPO = Path(__file__).resolve().parents[1]
 TOKEN = "test-token-7f3a"
 APP = "btrm-test"
 # Small limits, so that requests over them are cheap to build.
-LIMITS = dict(max_candidates=8, max_pairs=32, max_batch_sequences=64, max_body_bytes=1024 * 1024)
+LIMITS = dict(max_candidates=8, max_pairs=32, max_batch_sequences=64, max_body_bytes=1024 * 1024,
+              max_request_chars=64 * 1024)
 
 
 @pytest.fixture(scope="module")
@@ -250,6 +251,9 @@ BAD_REQUESTS = [
     ("/score", {"prompt": "hi", "candidates": "one answer"}, 422, "candidates"),
     ("/score", {"prompt": "hi", "candidates": ["a"] * 9}, 413, "max_candidates=8"),
     ("/score", {"prompt": "hi", "candidates": ["a", "word " * 300]}, 413, "answers are never cut"),
+    # A long prompt is templated once per answer: 11,000 characters x 8 candidates, x 4 pairs x 2 answers.
+    ("/score", {"prompt": "many words " * 1000, "candidates": ["a"] * 8}, 413, "max_request_chars=65536"),
+    ("/compare", {"pairs": [{**GOOD_PAIR, "prompt": "many words " * 1000}] * 4}, 413, "max_request_chars=65536"),
     ("/score", [1, 2], 422, "valid dictionary"),
     # Tool use
     ("/compare", {**GOOD_PAIR, "chosen": {"role": "user", "content": "hello"}}, 422, "an answer is an assistant message"),
@@ -262,6 +266,7 @@ BAD_REQUESTS = [
                   "chosen": "a", "rejected": "b"}, 422, "only an assistant message calls tools"),
     ("/compare", {**GOOD_PAIR, "tools": ["search"]}, 422, "tools"),
     ("/compare", {**GOOD_PAIR, "tools": [{"deep": json.loads("[" * 40 + "]" * 40)}]}, 422, "nested deeper than 32"),
+    ("/compare", {**GOOD_PAIR, "tools": '[{"\\ud800": 1}]'}, 422, "key that is not valid Unicode text"),
 ]
 
 
@@ -329,7 +334,7 @@ def test_info_and_openapi_schema(service, trained_model_dir):
 # Options, config file, helpers (no Serve needed)
 
 
-def test_serve_config_file_builds_this_application():
+def test_serve_config_file_builds_this_application(trained_model_dir, monkeypatch, caplog):
     from ray.serve.schema import ServeDeploySchema
 
     config = ServeDeploySchema.model_validate(yaml.safe_load((REPO / "serve" / "config.yaml").read_text()))
@@ -343,6 +348,14 @@ def test_serve_config_file_builds_this_application():
         ServiceOptions(model_path="somewhere", dtype="float16").validate()
     with pytest.raises(ValueError, match="unknown application args"):
         app_builder({"model_path": "x", "max_candidate": 3})
+    # `serve deploy` reads the token on the cluster: an application built there without one says so.
+    monkeypatch.delenv("BTRM_API_TOKEN", raising=False)
+    app_builder({"model_path": str(trained_model_dir)})
+    monkeypatch.setenv("BTRM_API_TOKEN", "secret")
+    app_builder({"model_path": str(trained_model_dir)})
+    assert [r.getMessage() for r in caplog.records].count(
+        "btrm: no bearer token ($BTRM_API_TOKEN is not set where the application is built, and no token_file): "
+        "every route of the service is open") == 1
 
 
 def test_options_and_token_sources(tmp_path, monkeypatch):
@@ -365,6 +378,9 @@ def test_options_and_token_sources(tmp_path, monkeypatch):
         read_token(ServiceOptions(token_file=str(tmp_path / "empty")))
     with pytest.raises(FileNotFoundError):
         read_token(ServiceOptions(token_file=str(tmp_path / "absent")))
+    monkeypatch.setenv("BTRM_API_TOKEN", "pässwörd")  # headers are Latin-1 bytes: it could never match
+    with pytest.raises(ValueError, match="BTRM_API_TOKEN: the bearer token must be printable ASCII"):
+        read_token(ServiceOptions())
 
 
 def test_length_buckets_and_sigmoid():

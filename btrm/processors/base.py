@@ -176,9 +176,9 @@ def _plain_json(value: Any, top: str, field: str, depth: int) -> Any:
     if hasattr(value, "tolist"):  # numpy arrays and scalars
         value = value.tolist()
     if isinstance(value, dict):
-        bad_key = next((key for key in value if not isinstance(key, str)), None)
+        bad_key = next((key for key in value if not isinstance(key, str) or not is_unicode(key)), None)
         if bad_key is not None:
-            raise RowError(field, f"has a key that is not text: {bad_key!r}")
+            raise RowError(field, f"has a key that is not valid Unicode text: {bad_key!r}")
         return {key: _plain_json(item, top, f"{field}.{key}", depth + 1) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
         return [_plain_json(item, top, f"{field}[{i}]", depth + 1) for i, item in enumerate(value)]
