@@ -134,6 +134,8 @@ def _unrendered_tool_names(tokenizer, conversation: Sequence[dict], tools: Tools
                            add_generation_prompt: bool) -> list[str]:
     """The offered tools and called functions whose names the template left out of ``text``."""
     names = _tool_names(conversation, tools)
+    if not names:  # most conversations: nothing to look for
+        return []
     # (tojson escapes quotes and backslashes in a name: either spelling counts as rendered)
     missing = {name for name in names if name not in text and json.dumps(name)[1:-1] not in text}
     # A name the conversation says elsewhere (an answer's "let me search", a tool reply's name, a longer
