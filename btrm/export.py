@@ -19,6 +19,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs as pafs
+
 MANIFEST = "btrm.json"
 
 
@@ -55,16 +57,22 @@ def write_model_dir(directory: str | Path, model, state_dict, tokenizer, manifes
     (directory / MANIFEST).write_text(json.dumps(json_safe(manifest), indent=2, default=str, allow_nan=False))
 
 
-def publish_dir(source: str | Path, destination: str | Path) -> Path:
+def publish_dir(source: str | Path, destination: str | Path, filesystem: pafs.FileSystem | None = None) -> Path:
     """Copies a finished directory to ``destination`` atomically (stage next to it, then rename).
 
-    An existing destination is replaced only once the new copy is complete.
+    ``source`` may live on another ``filesystem`` (a checkpoint in cloud storage): only that directory is
+    read, not the whole checkpoint around it, which also holds DeepSpeed's optimizer state (~12 bytes per
+    parameter). An existing destination is replaced only once the new copy is complete.
     """
     destination = Path(destination).resolve()
     destination.parent.mkdir(parents=True, exist_ok=True)
     staging = destination.parent / f".{destination.name}.staging-{uuid.uuid4().hex[:8]}"
     try:
-        shutil.copytree(source, staging)
+        if filesystem is None or isinstance(filesystem, pafs.LocalFileSystem):
+            shutil.copytree(source, staging)
+        else:
+            pafs.copy_files(str(source), str(staging), source_filesystem=filesystem,
+                            destination_filesystem=pafs.LocalFileSystem())
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)  # an interrupted copy leaves nothing behind
         raise

@@ -167,8 +167,8 @@ def run_training(config: TrainConfig) -> ray.train.Result:
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
     )
     result = trainer.fit()
-    with result.checkpoint.as_directory() as checkpoint_dir:
-        destination = publish_dir(os.path.join(checkpoint_dir, EXPORT_DIR), config.output_path)
+    checkpoint = result.checkpoint
+    destination = publish_dir(f"{checkpoint.path}/{EXPORT_DIR}", config.output_path, filesystem=checkpoint.filesystem)
     metrics = result.metrics or {}
     if "eval/accuracy" in metrics:
         before = metrics.get("eval/accuracy_before_training")

@@ -61,3 +61,34 @@ def test_manifest_and_log_values_are_strict_json():
     assert json_safe(line) == {"step": 3, "train/loss": None, "train/grad_norm": None, "eval": {"std": [1.0, None]}}
     assert json.loads(json.dumps(json_safe(line), allow_nan=False)) == json_safe(line)
 
+
+
+def test_publish_from_remote_storage_reads_only_the_export(tmp_path):
+    """A checkpoint in cloud storage also holds DeepSpeed's optimizer state (~12 bytes per parameter):
+    publishing the export reads the export's files and nothing else of the checkpoint."""
+    import fsspec
+    import pyarrow.fs as pafs
+
+    checkpoint = tmp_path / "bucket" / "checkpoint_000003"
+    _export(checkpoint / "model", "new")
+    (checkpoint / "model" / "tokenizer").mkdir()
+    (checkpoint / "model" / "tokenizer" / "tokenizer.json").write_text("{}")
+    _export(checkpoint / "deepspeed" / "global_step3", "optimizer state")
+    opened = []
+
+    class Recording(pafs.FSSpecHandler):  # a filesystem that is not pyarrow's LocalFileSystem, like S3's
+        def open_input_stream(self, path):
+            opened.append(path)
+            return super().open_input_stream(path)
+
+        def open_input_file(self, path):
+            opened.append(path)
+            return super().open_input_file(path)
+
+    remote = pafs.PyFileSystem(Recording(fsspec.filesystem("file")))
+    destination = publish_dir(f"{checkpoint}/model", tmp_path / "out" / "model", filesystem=remote)
+    assert sorted(str(p.relative_to(destination)) for p in destination.rglob("*") if p.is_file()) == [
+        "btrm.json", "config.json", "model.safetensors", "tokenizer/tokenizer.json"]
+    assert (destination / "btrm.json").read_text() == "new"
+    assert opened and all("/model/" in path for path in opened)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["model"]
