@@ -42,8 +42,8 @@ from starlette.responses import JSONResponse
 
 import btrm
 from btrm.config import SCORING_DTYPES, option, parse_config
-from btrm.processors.base import ROLES, RowDropped, RowError, as_message, as_tools, check_conversation, is_unicode
-from btrm.tokenize import TEMPLATE_ERRORS, SharedPromptIds
+from btrm.processors.base import ROLES, RowError, as_message, as_tools, check_conversation, is_unicode
+from btrm.tokenize import TEMPLATE_ERRORS, AnswersTooLong, SharedPromptIds
 
 APP_NAME = "btrm"
 DEFAULT_TOKEN_ENV = "BTRM_API_TOKEN"
@@ -383,16 +383,29 @@ def build_api(scorer, options: ServiceOptions, token: str | None, score_groups: 
                                      f"max_request_chars={options.max_request_chars}: send fewer answers per request "
                                      "or a shorter prompt")
 
-    def encode(request: Conversation, answers: list[str | Message], what: str) -> SharedPromptIds:
+    def encode(request: Conversation, answers: list[str | Message], what: str, names: list[str]) -> SharedPromptIds:
+        """``what``: the request's part being encoded; ``names``: its answers', for the 413 of one too long."""
         # Tokenized here, on the replica's event loop, never in the scoring thread: a fast tokenizer
         # must not be used from two threads at once.
         try:
             return scorer.encode_group([request.conversation(a) for a in answers], request.offered_tools())
-        except RowDropped as e:
-            raise HTTPException(413, f"{what}: too long for the model's max_length={spec.max_length} tokens "
-                                     f"(overlong policy {spec.overlong!r}; answers are never cut): {e.detail}") from None
+        except AnswersTooLong as e:
+            raise HTTPException(413, f"{', '.join(names[k] for k in e.answers)}: too long for the model's "
+                                     f"max_length={spec.max_length} tokens (overlong policy {spec.overlong!r}; "
+                                     f"answers are never cut): {e.detail}") from None
         except TEMPLATE_ERRORS as e:
             raise HTTPException(422, f"{what}: the model's chat template rejects this conversation: {e}") from None
+
+    async def rewards_of(encoded: list[SharedPromptIds], names: list[list[str]]) -> list[list[float]]:
+        """Each group's rewards; ``names``: each group's answers', for the error of a reward not finite."""
+        rewards = await score_groups(encoded)
+        broken = [name for group, group_names in zip(rewards, names) for r, name in zip(group, group_names)
+                  if not math.isfinite(r)]
+        if broken:  # JSON has no NaN: without this, a bare "Internal Server Error" that says nothing
+            raise HTTPException(500, f"the model's rewards are not finite for {', '.join(broken)}: has its training "
+                                     f"diverged? Check the model at {options.model_path} (its training log's "
+                                     "train/loss and eval/accuracy)")
+        return rewards
 
     @api.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -424,9 +437,12 @@ def build_api(scorer, options: ServiceOptions, token: str | None, score_groups: 
         if len(pairs) > options.max_pairs:
             raise HTTPException(413, f"{len(pairs)} pairs in one request; the limit is max_pairs={options.max_pairs}")
         check_size([(p, [p.chosen, p.rejected]) for p in pairs])
-        encoded = [encode(p, [p.chosen, p.rejected], f"pair {i}" if isinstance(request, CompareBatch) else "the pair")
-                   for i, p in enumerate(pairs)]
-        rewards = await score_groups(encoded)
+        encoded, names = [], []
+        for i, p in enumerate(pairs):
+            what = f"pair {i}" if isinstance(request, CompareBatch) else "the pair"
+            names.append([f"{what}'s chosen answer", f"{what}'s rejected answer"])
+            encoded.append(encode(p, [p.chosen, p.rejected], what, names[-1]))
+        rewards = await rewards_of(encoded, names)
         results = []
         for pair, e, (chosen, rejected) in zip(pairs, encoded, rewards):
             results.append(PairResult(id=pair.id, reward_chosen=chosen, reward_rejected=rejected,
@@ -442,8 +458,9 @@ def build_api(scorer, options: ServiceOptions, token: str | None, score_groups: 
             raise HTTPException(413, f"{len(request.candidates)} candidates in one request; the limit is "
                                      f"max_candidates={options.max_candidates}")
         check_size([(request, request.candidates)])
-        encoded = encode(request, request.candidates, "the candidates")
-        [rewards] = await score_groups([encoded])
+        names = [f"candidate {k}" for k in range(len(request.candidates))]
+        encoded = encode(request, request.candidates, "the candidates", names)
+        [rewards] = await rewards_of([encoded], [names])
         ranking = sorted(range(len(rewards)), key=lambda k: -rewards[k])
         return ScoreResult(rewards=rewards, ranking=ranking, truncated=encoded.truncated > 0,
                            truncated_prompt_tokens=encoded.truncated)

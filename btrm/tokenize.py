@@ -232,7 +232,8 @@ class PairTokenizer:
         if excess <= 0:
             return SharedPromptIds(prompt, tails, 0)
         if self.spec.overlong == "drop":
-            raise RowDropped("overlong", f"{len(prompt) + longest} tokens > max_length {self.spec.max_length}")
+            raise AnswersTooLong(self._too_long(tails, len(prompt)),
+                                 f"{len(prompt) + longest} tokens > max_length {self.spec.max_length}")
         # Only the conversation before the answers is cut, from its left: what the answers share at their
         # start (their turn's opening, a common first sentence) belongs to them. An encoder's reward token
         # opens the sequence: it stays, and the cut starts right after it.
@@ -241,9 +242,22 @@ class PairTokenizer:
             prompt_length = self._prompt_length(conversations[0], sequences[0], tools)
         cuttable = min(shared, prompt_length) - head
         if excess > cuttable:
-            raise RowDropped("overlong", f"the answers with their shared opening take {len(prompt) - cuttable + longest} "
-                             f"tokens, max_length is {self.spec.max_length}, and answers are never truncated")
+            raise AnswersTooLong(self._too_long(tails, len(prompt) - cuttable),
+                                 f"the answers with their shared opening take {len(prompt) - cuttable + longest} "
+                                 f"tokens, max_length is {self.spec.max_length}, and answers are never truncated")
         return SharedPromptIds(prompt[:head] + prompt[head + excess :], tails, excess)
+
+    def _too_long(self, tails: list[list[int]], least_prompt: int) -> list[int]:
+        return [k for k, tail in enumerate(tails) if least_prompt + len(tail) > self.spec.max_length]
+
+
+class AnswersTooLong(RowDropped):
+    """A group that cannot fit max_length with the least of its prompt it may keep; ``answers``: the
+    positions of the answers too long (a service names them to its client)."""
+
+    def __init__(self, answers: list[int], detail: str):
+        super().__init__("overlong", detail)
+        self.answers = answers
 
 
 def _tools_key(tools: Tools) -> str:

@@ -246,11 +246,14 @@ BAD_REQUESTS = [
     ("/compare", {"pairs": [GOOD_PAIR, {**GOOD_PAIR, "prompt": ""}]}, 422, '"pairs",1,"prompt"'),
     ("/compare", {"pairs": []}, 422, "pairs"),
     ("/compare", {"pairs": [GOOD_PAIR] * 33}, 413, "max_pairs=32"),
-    ("/compare", {"prompt": "hi", "chosen": "word " * 300, "rejected": "b"}, 413, "max_length=256"),
+    ("/compare", {"prompt": "hi", "chosen": "word " * 300, "rejected": "b"}, 413,
+     "the pair's chosen answer: too long for the model's max_length=256"),
+    ("/compare", {"pairs": [GOOD_PAIR, {**GOOD_PAIR, "rejected": "word " * 300}]}, 413, "pair 1's rejected answer: too long"),
     ("/score", {"prompt": "hi", "candidates": []}, 422, "candidates"),
     ("/score", {"prompt": "hi", "candidates": "one answer"}, 422, "candidates"),
     ("/score", {"prompt": "hi", "candidates": ["a"] * 9}, 413, "max_candidates=8"),
-    ("/score", {"prompt": "hi", "candidates": ["a", "word " * 300]}, 413, "answers are never cut"),
+    ("/score", {"prompt": "hi", "candidates": ["a", "word " * 300, "b", "word " * 400]}, 413,
+     "candidate 1, candidate 3: too long"),
     # A long prompt is templated once per answer: 11,000 characters x 8 candidates, x 4 pairs x 2 answers.
     ("/score", {"prompt": "many words " * 1000, "candidates": ["a"] * 8}, 413, "max_request_chars=65536"),
     ("/compare", {"pairs": [{**GOOD_PAIR, "prompt": "many words " * 1000}] * 4}, 413, "max_request_chars=65536"),
@@ -392,6 +395,35 @@ def test_length_buckets_and_sigmoid():
     assert buckets[0] == [0, 2, 3]
     assert sigmoid(0.0) == 0.5 and sigmoid(-1000.0) == 0.0 and sigmoid(1000.0) == 1.0
     assert sigmoid(-2.0) == pytest.approx(1 - sigmoid(2.0), abs=1e-15)
+
+
+def test_a_diverged_model_gets_a_500_that_says_so(service, trained_model_dir, tmp_path):
+    """A model whose training diverged scores NaN: the client hears that, and which answers, as JSON, not a bare
+    "Internal Server Error" (JSON has no NaN to send)."""
+    import shutil
+
+    import torch
+    from ray import serve
+    from safetensors.torch import load_file, save_file
+
+    diverged = tmp_path / "diverged"
+    shutil.copytree(trained_model_dir, diverged)
+    weights = load_file(diverged / "model.safetensors")
+    head = next(name for name in weights if name.startswith("score."))
+    weights[head] = torch.full_like(weights[head], float("nan"))
+    save_file(weights, diverged / "model.safetensors", metadata={"format": "pt"})
+    # A second application on the running Serve, beside the test service.
+    serve.run(app_builder(dict(model_path=str(diverged))), name="diverged",
+              route_prefix="/diverged")
+    try:
+        with service.client(token=None) as client:
+            compared = client.post("/diverged/compare", json={"pairs": [GOOD_PAIR, GOOD_PAIR]})
+            scored = client.post("/diverged/score", json={"prompt": "hi", "candidates": ["a", "b"]})
+    finally:
+        serve.delete("diverged")
+    assert compared.status_code == scored.status_code == 500, (compared.text, scored.text)
+    assert "pair 1's rejected answer" in compared.json()["detail"] and "training diverged" in compared.json()["detail"]
+    assert "candidate 0, candidate 1" in scored.json()["detail"]
 
 
 # ----------------------------------------------------------------------------------------------
