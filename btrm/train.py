@@ -27,7 +27,7 @@ from btrm.export import publish_dir
 from btrm.model import load_tokenizer, resolve_model_path, reward_token_rule
 from btrm.tokenize import TokenizationSpec, prepare_tokenizer, read_chat_template
 from btrm.tracking import check_tracker
-from btrm.train_loop import EXPORT_DIR, Plan, train_loop_per_worker
+from btrm.train_loop import EXPORT_DIR, Plan, check_data_order, data_order, recorded_data_order, train_loop_per_worker
 
 
 def tokenization_for(model_path: str, config) -> TokenizationSpec:
@@ -148,6 +148,8 @@ def run_training(config: TrainConfig) -> ray.train.Result:
     plan = Plan(config=config, model_path=model_path, tokenization=spec.to_dict(), deepspeed_config=deepspeed_config,
                 use_gpu=use_gpu, total_steps=total_steps,
                 eval_shards=eval_shards, ledgers=ledgers)
+    if config.resume:  # before any worker starts: steps already trained are skipped by count
+        check_data_order(recorded_data_order(f"{storage_path}/{config.run_name}"), data_order(plan))
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"plan": plan},

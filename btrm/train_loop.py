@@ -44,6 +44,7 @@ CHECKPOINT_TAG = "deepspeed"
 EXPORT_DIR = "model"
 EVAL_REWARDS = "eval_rewards.parquet"
 TRAINING_LOG = "training_log.jsonl"
+DATA_ORDER = "data_order.json"  # beside DeepSpeed's state: the driver checks a --resume against it before starting
 
 
 @dataclass
@@ -181,12 +182,28 @@ def data_order(plan: Plan) -> dict[str, Any]:
             "pairs_per_step": config.per_device_train_batch_size * config.gradient_accumulation_steps}
 
 
+def recorded_data_order(run_dir: str) -> dict[str, Any] | None:
+    """The data order recorded by the latest checkpoint of the Ray Train run at ``run_dir`` (the one a resume
+    continues from); None when there is none yet (a resume then starts from the beginning)."""
+    try:
+        checkpoint = ray.train.Result.from_path(run_dir).checkpoint
+    except RuntimeError:  # the run stopped before Ray Train recorded any checkpoint
+        return None
+    if checkpoint is None:
+        return None
+    try:
+        with checkpoint.filesystem.open_input_stream(f"{checkpoint.path}/{DATA_ORDER}") as f:
+            return json.loads(f.read())
+    except FileNotFoundError:  # a checkpoint from before btrm recorded it
+        return None
+
+
 def check_data_order(saved: dict[str, Any] | None, now: dict[str, Any]) -> None:
-    if saved is None:  # a checkpoint from before btrm recorded it
+    if saved is None:
         return
     changed = [f"{key}: {saved[key]!r} then, {now[key]!r} now" for key in now if key in saved and saved[key] != now[key]]
     if changed:
-        raise ValueError("--resume: the run being continued read its training pairs otherwise (" + "; ".join(changed)
+        raise SystemExit("--resume: the run being continued read its training pairs otherwise (" + "; ".join(changed)
                          + "). Resume with the same data and options, or start a new run (another --run_name)")
 
 
@@ -284,8 +301,7 @@ def train_loop_per_worker(loop_config: dict[str, Plan]) -> None:
             _, client_state = engine.load_checkpoint(directory, tag=CHECKPOINT_TAG)
         progress = Progress(**client_state["progress"])
         # A resumed run (--resume, or Ray Train restarting failed workers) exports the whole log, not its own part.
-        history, before = client_state.get("history", []), client_state.get("before", {})  # (older checkpoints: none)
-        check_data_order(client_state.get("data_order"), data_order(plan))
+        history, before = client_state["history"], client_state["before"]
         if rank == 0:
             log.info(f"[btrm] resumed from step {progress.global_step} (epoch {progress.epoch}, "
                      f"{progress.pairs_seen} pairs seen)")
@@ -309,8 +325,10 @@ def train_loop_per_worker(loop_config: dict[str, Plan]) -> None:
 
     def save_state(directory: str) -> None:
         engine.save_checkpoint(directory, tag=CHECKPOINT_TAG,
-                               client_state={"progress": vars(progress), "history": history, "before": before,
-                                             "data_order": data_order(plan)})
+                               client_state={"progress": vars(progress), "history": history, "before": before})
+        if rank == 0:
+            with open(os.path.join(directory, DATA_ORDER), "w") as f:
+                json.dump(data_order(plan), f)
 
     def save_checkpoint(metrics: dict[str, float]) -> None:
         if metrics:

@@ -102,6 +102,10 @@ def test_eval_cadence_resume_and_options(ray_session, tiny_qwen_dir, hh_helpful,
     assert log[0] == {**log[0], "step": 0} and log[0]["eval/pairs_before_training"] == eval_pairs
     with pytest.raises(SystemExit, match="already exists .* pass --resume"):
         train_tiny(tmp_path, tiny_qwen_dir, rows, held_out, max_steps=10, num_workers=1)
+    # A resume that would read the pairs otherwise stops on the driver, before any worker starts.
+    with pytest.raises(SystemExit, match=r"seed: 42 then, 7 now; num_workers: 1 then, 2 now; pairs_per_step: 8 then, 4"):
+        train_tiny(tmp_path, tiny_qwen_dir, rows, held_out, max_steps=10, resume=True, num_workers=2, seed=7,
+                   gradient_accumulation_steps=1)
     result, model_dir = train_tiny(tmp_path, tiny_qwen_dir, rows, held_out, max_steps=10, logging_steps=2, save_steps=3,
                                    use_margin=True, center_rewards_coefficient=0.1, report_to="swanlab",
                                    tracking_dir=str(tracking), resume=True, num_workers=1)
@@ -170,10 +174,10 @@ def test_workers_are_dealt_pairs_in_order_and_a_resume_must_read_them_as_before(
     check_data_order(saved, dict(saved))
     check_data_order(None, saved)  # a checkpoint written before btrm recorded it
     check_data_order({k: v for k, v in saved.items() if k != "pairs_per_step"}, saved)  # ... or recorded less
-    with pytest.raises(ValueError, match=r"seed: 42 then, 7 now; num_workers: 8 then, 4 now\). Resume with the same"):
+    with pytest.raises(SystemExit, match=r"seed: 42 then, 7 now; num_workers: 8 then, 4 now\). Resume with the same"):
         check_data_order(saved, dict(saved, seed=7, num_workers=4))
     # Steps already trained are skipped by count: steps of another size would skip other pairs.
-    with pytest.raises(ValueError, match=r"pairs_per_step: 64 then, 32 now"):
+    with pytest.raises(SystemExit, match=r"pairs_per_step: 64 then, 32 now"):
         check_data_order(saved, dict(saved, pairs_per_step=32))
 
 
