@@ -240,6 +240,13 @@ def train_step(engine, pairs: dict[str, Any], batcher: MicroBatcher, config: Tra
         summed += torch.stack([loss.detach(), pair_correct(r_chosen, r_rejected).sum(), r_chosen.sum(),
                                r_rejected.sum()]).double()
         tokens, computed_tokens = tokens + batch.num_tokens, computed_tokens + batch.computed_tokens
+    if not (engine.zero_optimization() or engine.bfloat16_enabled() or engine.fp16_enabled()):
+        # DeepSpeed's ZeRO and 16-bit optimizers measure the gradient norm (before clipping) and the engine
+        # takes it from their _global_grad_norm after the step; a plain optimizer (zero0 in float32) has none,
+        # and the log would say NaN. Measured here, on the gradients averaged across workers, before step()
+        # clips and clears them.
+        engine.optimizer._global_grad_norm = torch.nn.utils.get_total_norm(
+            [p.grad for p in engine.module.parameters() if p.grad is not None]).item()
     engine.step()
     loss, correct, chosen, rejected = summed.tolist()
     return {"loss": loss, "correct": correct, "chosen": chosen, "rejected": rejected, "pairs": count,
