@@ -180,13 +180,35 @@ class ToolCall(_Strict):
     function: FunctionCall
 
 
+class FlatToolCall(FunctionCall):
+    """A call without the ``function`` wrapper, as some exports (and training data) write it."""
+
+    id: Annotated[str, AfterValidator(_unicode)] | None = None
+    type: Literal["function"] = "function"
+
+
+def _call_layout(value: Any) -> str:
+    return "flat" if isinstance(value, dict) and "function" not in value and "name" in value else "wrapped"
+
+
+# The tags pydantic puts in an error's loc for the request's unions: those told apart by a Discriminator, and the
+# members' types in the others (tools, arguments: an object or a JSON string). None is the name of a field:
+# invalid_request drops them, so that a loc is the path into the JSON sent.
+UNION_TAGS = frozenset({"wrapped", "flat", "text", "message", "pair", "batch", "str", "dict[str,any]",
+                        "list[dict[str,any]]"})
+
+# Told apart by the "function" key, so that a bad call's errors name the fields of the layout it meant.
+AnyToolCall = Annotated[Annotated[ToolCall, Tag("wrapped")] | Annotated[FlatToolCall, Tag("flat")],
+                        Discriminator(_call_layout)]
+
+
 class Message(_Strict):
     """A chat message. ``content`` may be empty in a tool's reply and empty or left out in an assistant
     message that calls tools; ``tool_call_id`` and ``name`` belong to tool replies."""
 
     role: Literal[ROLES]  # type: ignore[valid-type]
     content: Annotated[str, AfterValidator(_unicode)] | None = None
-    tool_calls: list[ToolCall] | None = None
+    tool_calls: list[AnyToolCall] | None = None
     reasoning_content: Annotated[str, AfterValidator(_unicode)] | None = Field(
         None, description="An assistant's thinking, apart from its answer (rendered as the chat template does).")
     tool_call_id: Annotated[str, AfterValidator(_unicode)] | None = None
@@ -409,6 +431,10 @@ def build_api(scorer, options: ServiceOptions, token: str | None, score_groups: 
 
     @api.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # Each error's loc as the path into the JSON the client sent: pydantic adds the tag of each union the
+        # value went through ("pair", "message", ...), which names no field of the request.
+        exc = RequestValidationError([{**e, "loc": tuple(part for part in e["loc"] if part not in UNION_TAGS)}
+                                      for e in exc.errors()], body=exc.body)
         try:
             return await request_validation_exception_handler(request, exc)
         except (ValueError, RecursionError):

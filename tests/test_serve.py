@@ -163,7 +163,7 @@ def search_call(arguments, **layout) -> dict:
 def test_tool_use_is_scored_as_training_tokenizes_it(service, trained_model_dir):
     """An agent's transcript in OpenAI's layout (null content, arguments as a JSON string) with the tools it
     offers: rewards equal the scorer's on the normalised conversations (the data path's), answers may be
-    tool calls, and the same call in either layout is the same answer."""
+    tool calls, and the same call in any layout (OpenAI's, Hugging Face's, flat) is the same answer."""
     from btrm.scoring import RewardScorer
 
     ask = {"role": "user", "content": "Who won the 1998 World Cup?"}
@@ -171,7 +171,9 @@ def test_tool_use_is_scored_as_training_tokenizes_it(service, trained_model_dir)
                 {"role": "tool", "content": "France beat Brazil 3-0 in the final.", "tool_call_id": "call_1"}]
     answers = ["France won it, beating Brazil 3-0.", "Brazil won it."]
     followup = search_call({"query": "1998 World Cup final score"})
-    candidates = [answers[0], followup, search_call('{"query": "1998 World Cup final score"}', content=None)]
+    flat = {"role": "assistant", "tool_calls": [{"id": "call_1", "type": "function", "name": "search",
+                                                  "arguments": '{"query": "1998 World Cup final score"}'}]}
+    candidates = [answers[0], followup, search_call('{"query": "1998 World Cup final score"}', content=None), flat]
     with service.client() as client:
         pair = client.post("/compare", json={"messages": messages, "tools": SEARCH, "chosen": answers[0], "rejected": answers[1]})
         scored = client.post("/score", json={"messages": messages, "tools": SEARCH, "candidates": candidates})
@@ -184,7 +186,7 @@ def test_tool_use_is_scored_as_training_tokenizes_it(service, trained_model_dir)
     expected, _ = scorer.score_group([normalised + [{"role": "assistant", "content": answers[0]}],
                                       normalised + [dict(followup, content="")]], SEARCH)
     rewards = scored.json()["rewards"]
-    assert rewards[:2] == pytest.approx(expected, abs=1e-4) and rewards[1] == rewards[2]
+    assert rewards[:2] == pytest.approx(expected, abs=1e-4) and rewards[1] == rewards[2] == rewards[3]
     assert untooled.json()["rewards"] != pytest.approx(rewards, abs=1e-4)  # the offered tools are part of the prompt
 
 
@@ -230,7 +232,7 @@ GOOD_PAIR = {"prompt": "hi", "chosen": "hello", "rejected": "go away"}
 
 BAD_REQUESTS = [
     # (path, body, status, text the error must contain)
-    ("/compare", {"prompt": "hi", "chosen": "hello"}, 422, "rejected"),
+    ("/compare", {"prompt": "hi", "chosen": "hello"}, 422, '"loc":["body","rejected"]'),
     ("/compare", {**GOOD_PAIR, "messages": [{"role": "user", "content": "hi"}]}, 422, "exactly one of 'prompt'"),
     ("/compare", {"chosen": "a", "rejected": "b"}, 422, "exactly one of 'prompt'"),
     ("/compare", {**GOOD_PAIR, "chosen": "   "}, 422, "chosen"),
@@ -264,10 +266,16 @@ BAD_REQUESTS = [
     ("/score", {"prompt": "hi", "candidates": [search_call("{query")]}, 422, "not JSON"),
     ("/score", {"prompt": "hi", "candidates": [search_call('{"query": ' + "[" * 3000)]}, 422, "not JSON"),
     ("/compare", {**GOOD_PAIR, "chosen": {"role": "assistant", "tool_calls": [{"function": {"name": ""}}]}}, 422,
-     '"chosen","message","tool_calls",0,"function","name"'),
+     '"body","chosen","tool_calls",0,"function","name"'),
+    ("/compare", {**GOOD_PAIR, "chosen": {"role": "assistant", "tool_calls": [{"name": "", "arguments": {}}]}}, 422,
+     '"body","chosen","tool_calls",0,"name"'),
+    ("/compare", {"pairs": [GOOD_PAIR, {**GOOD_PAIR, "chosen": {"role": "assistant", "tool_calls": [{"name": "s"}],
+                                                                 "extra": 1}}]}, 422, '"body","pairs",1,"chosen","extra"'),
     ("/compare", {"messages": [{"role": "user", "content": "hi", "tool_calls": search_call({})["tool_calls"]}],
                   "chosen": "a", "rejected": "b"}, 422, "only an assistant message calls tools"),
-    ("/compare", {**GOOD_PAIR, "tools": ["search"]}, 422, "tools"),
+    ("/compare", {**GOOD_PAIR, "tools": ["search"]}, 422, '"loc":["body","tools",0]'),
+    ("/compare", {**GOOD_PAIR, "rejected": {"role": "assistant", "tool_calls": [{"name": "s", "arguments": 5}]}}, 422,
+     '"loc":["body","rejected","tool_calls",0,"arguments"]'),
     ("/compare", {**GOOD_PAIR, "tools": [{"deep": json.loads("[" * 40 + "]" * 40)}]}, 422, "nested deeper than 32"),
     ("/compare", {**GOOD_PAIR, "tools": '[{"\\ud800": 1}]'}, 422, "key that is not valid Unicode text"),
 ]
