@@ -43,7 +43,7 @@ from starlette.responses import JSONResponse
 import btrm
 from btrm.config import SCORING_DTYPES, option, parse_config
 from btrm.processors.base import ROLES, RowError, as_message, as_tools, check_conversation, is_unicode
-from btrm.tokenize import TEMPLATE_ERRORS, AnswersTooLong, SharedPromptIds
+from btrm.tokenize import TEMPLATE_ERRORS, AnswersTooLong, SharedPromptIds, tool_names
 
 APP_NAME = "btrm"
 DEFAULT_TOKEN_ENV = "BTRM_API_TOKEN"
@@ -68,6 +68,8 @@ class ServiceOptions:
     max_body_bytes: int = option(8 * 1024 * 1024, "Largest request body in bytes (larger: 413).")
     max_request_chars: int = option(4 * 1024 * 1024, "Most characters one request has templated, its prompt counted "
                                     "once per answer (more: 413): a replica tokenizes one request at a time.")
+    max_tools: int = option(128, "Most tool names (offered or called) in one conversation (more: 413), as in "
+                            "OpenAI's API: checking that the template renders them all grows with their square.")
     max_batch_sequences: int = option(128, "Most answers scored in one batch across concurrent requests; "
                                       "at least max_candidates and 2 x max_pairs.")
     batch_wait_timeout_s: float = option(0.005, "How long the first request of a batch waits for others to join.")
@@ -81,8 +83,8 @@ class ServiceOptions:
     def validate(self) -> None:
         if not self.model_path:
             raise ValueError("--model_path is required (a model directory exported by `btrm train`)")
-        for name in ("max_candidates", "max_pairs", "max_body_bytes", "max_request_chars", "max_batch_sequences",
-                     "max_batch_tokens"):
+        for name in ("max_candidates", "max_pairs", "max_body_bytes", "max_request_chars", "max_tools",
+                     "max_batch_sequences", "max_batch_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be at least 1")
         # Serve refuses a request larger than a whole batch: the biggest request must fit in one.
@@ -104,8 +106,8 @@ class ServiceOptions:
 
     def limits(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in
-                ("max_candidates", "max_pairs", "max_body_bytes", "max_request_chars", "max_batch_sequences",
-                 "max_batch_tokens")}
+                ("max_candidates", "max_pairs", "max_body_bytes", "max_request_chars", "max_tools",
+                 "max_batch_sequences", "max_batch_tokens")}
 
 
 @dataclass
@@ -404,6 +406,11 @@ def build_api(scorer, options: ServiceOptions, token: str | None, score_groups: 
             raise HTTPException(413, f"{chars} characters to template (the prompt once per answer); the limit is "
                                      f"max_request_chars={options.max_request_chars}: send fewer answers per request "
                                      "or a shorter prompt")
+        for request, answers in groups:
+            names = set().union(*(tool_names(request.conversation(a), request.offered_tools()) for a in answers))
+            if len(names) > options.max_tools:
+                raise HTTPException(413, f"{len(names)} tool names offered or called in one conversation; the limit is "
+                                         f"max_tools={options.max_tools}")
 
     def encode(request: Conversation, answers: list[str | Message], what: str, names: list[str]) -> SharedPromptIds:
         """``what``: the request's part being encoded; ``names``: its answers', for the 413 of one too long."""

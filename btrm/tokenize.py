@@ -110,7 +110,8 @@ class UnrenderedToolUse(jinja2.TemplateError):
     model would judge answers without seeing what they answer or do."""
 
 
-def _tool_names(conversation: Sequence[dict], tools: Tools) -> set[str]:
+def tool_names(conversation: Sequence[dict], tools: Tools) -> set[str]:
+    """The names of the tools a conversation offers and of the functions it calls."""
     offered = {tool.get("function", tool).get("name") for tool in tools or () if isinstance(tool.get("function", tool), dict)}
     called = {call["function"]["name"] for message in conversation for call in message.get("tool_calls", ())}
     return {name for name in offered | called if isinstance(name, str) and name}
@@ -133,7 +134,7 @@ def _renamed(conversation: Sequence[dict], tools: Tools, alias: dict[str, str]) 
 def _unrendered_tool_names(tokenizer, conversation: Sequence[dict], tools: Tools, text: str,
                            add_generation_prompt: bool) -> list[str]:
     """The offered tools and called functions whose names the template left out of ``text``."""
-    names = _tool_names(conversation, tools)
+    names = tool_names(conversation, tools)
     if not names:  # most conversations: nothing to look for
         return []
     # (tojson escapes quotes and backslashes in a name: either spelling counts as rendered)

@@ -28,7 +28,7 @@ TOKEN = "test-token-7f3a"
 APP = "btrm-test"
 # Small limits, so that requests over them are cheap to build.
 LIMITS = dict(max_candidates=8, max_pairs=32, max_batch_sequences=64, max_body_bytes=1024 * 1024,
-              max_request_chars=64 * 1024)
+              max_request_chars=64 * 1024, max_tools=4)
 
 
 @pytest.fixture(scope="module")
@@ -273,6 +273,11 @@ BAD_REQUESTS = [
                                                                  "extra": 1}}]}, 422, '"body","pairs",1,"chosen","extra"'),
     ("/compare", {"messages": [{"role": "user", "content": "hi", "tool_calls": search_call({})["tool_calls"]}],
                   "chosen": "a", "rejected": "b"}, 422, "only an assistant message calls tools"),
+    # Checking that the template renders every tool name grows with their square: a few thousand took minutes.
+    ("/score", {"prompt": "hi", "tools": [{"type": "function", "function": {"name": f"t{i}"}} for i in range(5)],
+                "candidates": ["a"]}, 413, "5 tool names offered or called in one conversation; the limit is max_tools=4"),
+    ("/compare", {**GOOD_PAIR, "tools": SEARCH * 4, "chosen": {"role": "assistant", "tool_calls": [
+        {"name": f"t{i}"} for i in range(4)]}}, 413, "max_tools=4"),
     ("/compare", {**GOOD_PAIR, "tools": ["search"]}, 422, '"loc":["body","tools",0]'),
     ("/compare", {**GOOD_PAIR, "rejected": {"role": "assistant", "tool_calls": [{"name": "s", "arguments": 5}]}}, 422,
      '"loc":["body","rejected","tool_calls",0,"arguments"]'),
