@@ -165,9 +165,15 @@ class TrainConfig(DataOptions):
         if not self.train_set_path:
             raise ValueError("--train_set_path is required")
         for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
-                     "num_train_epochs", "num_workers", "logging_steps"):
+                     "num_train_epochs", "num_workers", "logging_steps", "save_total_limit"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be at least 1")
+        for name in ("eval_steps", "save_steps", "max_failures"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name} must be at least 0")
+        if "://" in self.output_path:
+            raise ValueError(f"--output_path {self.output_path}: a local directory (on the machine running the job); "
+                             "the run's checkpoints in --storage_path, which may be a cloud URI, hold the model too")
         if self.packing and 0 < self.max_tokens_per_batch < 2 * self.max_length or self.max_tokens_per_batch < 0:
             raise ValueError(f"--max_tokens_per_batch {self.max_tokens_per_batch} is less than 2 x --max_length "
                              f"({2 * self.max_length}): a pair of that length would not fit one micro-batch")

@@ -94,6 +94,8 @@ class EvalConfig(DataOptions):
             raise ValueError("--data_path is required")
         if not self.output.endswith(OUTPUT_SUFFIXES):
             raise ValueError(f"--output {self.output}: must end in {' or '.join(OUTPUT_SUFFIXES)}")
+        if "://" in self.output:
+            raise ValueError(f"--output {self.output}: a local file (on the machine running the job)")
         for name in ("batch_size", "max_batch_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be at least 1")

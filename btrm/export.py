@@ -57,13 +57,28 @@ def write_model_dir(directory: str | Path, model, state_dict, tokenizer, manifes
     (directory / MANIFEST).write_text(json.dumps(json_safe(manifest), indent=2, default=str, allow_nan=False))
 
 
+def check_replaceable(destination: str | Path) -> None:
+    """Refuses a destination that is something other than nothing, an empty directory or an earlier export:
+    publishing replaces it whole."""
+    destination = Path(destination)
+    if not destination.exists() and not destination.is_symlink():
+        return
+    if not destination.is_dir():
+        raise SystemExit(f"{destination} exists and is not a directory: give a new directory for the model")
+    if any(destination.iterdir()) and not (destination / MANIFEST).is_file():
+        raise SystemExit(f"{destination} holds files but no {MANIFEST}: it is not a model exported by btrm, and "
+                         "exporting replaces the whole directory. Give a new directory (or an earlier export's)")
+
+
 def publish_dir(source: str | Path, destination: str | Path, filesystem: pafs.FileSystem | None = None) -> Path:
     """Copies a finished directory to ``destination`` atomically (stage next to it, then rename).
 
     ``source`` may live on another ``filesystem`` (a checkpoint in cloud storage): only that directory is
     read, not the whole checkpoint around it, which also holds DeepSpeed's optimizer state (~12 bytes per
-    parameter). An existing destination is replaced only once the new copy is complete.
+    parameter). An existing destination (an earlier export: check_replaceable) is replaced only once the new
+    copy is complete.
     """
+    check_replaceable(destination)
     destination = Path(destination).resolve()
     destination.parent.mkdir(parents=True, exist_ok=True)
     staging = destination.parent / f".{destination.name}.staging-{uuid.uuid4().hex[:8]}"

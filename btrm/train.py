@@ -22,8 +22,8 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from btrm.config import TrainConfig
 from btrm.data import DataSpec, build_pair_dataset, close_ledger, new_ledger, split_by_question
-from btrm.deepspeed_configs import load_deepspeed_config
-from btrm.export import publish_dir
+from btrm.deepspeed_configs import fill_deepspeed_config, load_deepspeed_config
+from btrm.export import check_replaceable, publish_dir
 from btrm.model import load_tokenizer, resolve_model_path, reward_token_rule
 from btrm.tokenize import TokenizationSpec, prepare_tokenizer, read_chat_template
 from btrm.tracking import check_tracker
@@ -95,6 +95,7 @@ def run_training(config: TrainConfig) -> ray.train.Result:
     config.run_name = config.run_name or time.strftime("btrm-%Y%m%d-%H%M%S")
     storage_path = config.storage_path if "://" in config.storage_path else os.path.abspath(config.storage_path)
     check_run_directory(storage_path, config.run_name, config.resume)
+    check_replaceable(config.output_path)  # now, not after the training it would take to find out
     config.tracking_dir = os.path.abspath(config.tracking_dir)  # workers have another working directory
     model_path = resolve_model_path(config.model_name)
     spec = tokenization_for(model_path, config)
@@ -102,6 +103,12 @@ def run_training(config: TrainConfig) -> ray.train.Result:
     if config.bf16 and not use_gpu:
         print("[btrm] --bf16 needs GPUs; these CPU workers train in float32", flush=True)
     deepspeed_config = load_deepspeed_config(config.deepspeed)
+    try:  # each worker fills it (with the model's sizes); what is wrong with it shows now, before any data is read
+        fill_deepspeed_config(deepspeed_config, micro_batch=config.per_device_train_batch_size,
+                              accumulation=config.gradient_accumulation_steps, world_size=config.num_workers,
+                              max_grad_norm=config.max_grad_norm, bf16=config.bf16 and use_gpu, hidden_size=1)
+    except ValueError as e:
+        raise SystemExit(f"--deepspeed {config.deepspeed}: {e}") from None
 
     train_ds, train_ledger, eval_ds = pair_dataset("train", config.train_set_path, model_path, spec, config,
                                                    hold_out=config.eval_split_ratio)

@@ -30,7 +30,10 @@ def test_bad_options_are_refused_with_the_reason(tmp_path, capsys):
                         (["--train_set_path", "x", "--gradient_accumulation_steps", "0"], "at least 1"),
                         (["--train_set_path", "x", "--eval_split_ratio", "1"], "must be in [0, 1)"),
                         (["--train_set_path", "x", "--eval_set_path", "y", "--eval_split_ratio", "0.1"],
-                         "give one or the other")):
+                         "give one or the other"),
+                        (["--train_set_path", "x", "--save_total_limit", "0"], "--save_total_limit must be at least 1"),
+                        (["--train_set_path", "x", "--eval_steps", "-5"], "--eval_steps must be at least 0"),
+                        (["--train_set_path", "x", "--output_path", "s3://b/rm"], "a local directory")):
         with pytest.raises(SystemExit):
             parse_config(TrainConfig, "t", argv)
         assert words in capsys.readouterr().err

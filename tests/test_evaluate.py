@@ -241,16 +241,18 @@ def test_a_pair_the_model_fails_on_is_reported_and_the_rest_are_scored(trained_m
     assert summarize(scorer(batch))["unscored"] == 4
 
 
-def test_options_are_checked_before_any_work(trained_model_dir, tiny_qwen_dir, tmp_path):
+def test_options_are_checked_before_any_work(trained_model_dir, tiny_qwen_dir, tmp_path, capsys):
     def parse(*argv):
         return parse_config(EvalConfig, "test", list(argv))
 
     config = parse("--model_path", str(trained_model_dir), "--data_path", "x.parquet")
     assert config.max_length is None and config.overlong is None and config.output.endswith(".parquet")
-    for argv in (["--data_path", "x"], ["--model_path", "m"],
-                 ["--model_path", "m", "--data_path", "x", "--output", "scores.csv"]):
+    for argv, words in ((["--data_path", "x"], "--model_path is required"), (["--model_path", "m"], "--data_path"),
+                        (["--model_path", "m", "--data_path", "x", "--output", "scores.csv"], "must end in"),
+                        (["--model_path", "m", "--data_path", "x", "--output", "s3://b/s.parquet"], "a local file")):
         with pytest.raises(SystemExit):
             parse(*argv)
+        assert words in capsys.readouterr().err
     with pytest.raises(ValueError, match="4096 positions"):
         eval_tokenization(parse("--model_path", "m", "--data_path", "x", "--max_length", "5000"),
                           json.loads((trained_model_dir / "btrm.json").read_text()), str(trained_model_dir))

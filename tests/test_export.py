@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from btrm.export import json_safe, publish_dir
+from btrm.export import check_replaceable, json_safe, publish_dir
 
 
 def _export(directory, marker: str):
@@ -92,3 +92,20 @@ def test_publish_from_remote_storage_reads_only_the_export(tmp_path):
     assert (destination / "btrm.json").read_text() == "new"
     assert opened and all("/model/" in path for path in opened)
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["model"]
+
+
+def test_publish_replaces_only_an_earlier_export_or_nothing(tmp_path):
+    """--output_path ~/models (meant as "put it in there") must not wipe the models already there."""
+    source = _export(tmp_path / "staged", "new")
+    folder = tmp_path / "models"
+    (folder / "other_model").mkdir(parents=True)
+    (folder / "other_model" / "weights").write_text("keep")
+    with pytest.raises(SystemExit, match="holds files but no btrm.json"):
+        publish_dir(source, folder)
+    assert (folder / "other_model" / "weights").read_text() == "keep"
+    (tmp_path / "a_file").write_text("keep")
+    with pytest.raises(SystemExit, match="is not a directory"):
+        check_replaceable(tmp_path / "a_file")
+    (tmp_path / "empty").mkdir()
+    for destination in (tmp_path / "empty", tmp_path / "new", folder / "rm"):
+        assert (publish_dir(source, destination) / "btrm.json").read_text() == "new"

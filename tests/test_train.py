@@ -162,6 +162,22 @@ def test_disable_dropout_reaches_a_decoders_attention_dropout():
     torch.testing.assert_close(rewards(), rewards(), rtol=0, atol=0)
 
 
+def test_the_driver_refuses_at_once_what_would_fail_after_training(ray_session, tiny_qwen_dir, hh_helpful, tmp_path):
+    """An output path that is not an earlier export (exporting replaces it whole) and a DeepSpeed config that
+    the workers would refuse stop the job before any data is read or any worker starts."""
+    rows = hh_helpful["train"][:40]
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "notes.txt").write_text("keep")
+    with pytest.raises(SystemExit, match="holds files but no btrm.json"):
+        train_tiny(tmp_path, tiny_qwen_dir, rows, None)
+    assert (tmp_path / "model" / "notes.txt").read_text() == "keep"
+    config = tmp_path / "ds.json"
+    config.write_text(json.dumps({"zero_optimization": {"stage": 2}, "train_batch_size": 4096}))
+    with pytest.raises(SystemExit, match=r"--deepspeed .*ds.json: DeepSpeed config sets train_batch_size=4096 but"):
+        train_tiny(tmp_path, tiny_qwen_dir, rows, None, deepspeed=str(config), output_path=str(tmp_path / "new"))
+    assert not (tmp_path / "runs").exists()
+
+
 def test_workers_are_dealt_pairs_in_order_and_a_resume_must_read_them_as_before():
     """Ray Train's default ingest options leave order to chance (and to where blocks sit on a cluster);
     the checkpoint records what decides the order, and a --resume that would read it otherwise stops."""
