@@ -27,7 +27,7 @@ from btrm.export import check_replaceable, publish_dir
 from btrm.model import load_tokenizer, resolve_model_path, reward_token_rule
 from btrm.tokenize import TokenizationSpec, prepare_tokenizer, read_chat_template
 from btrm.tracking import check_tracker
-from btrm.train_loop import EXPORT_DIR, Plan, check_data_order, data_order, recorded_data_order, train_loop_per_worker
+from btrm.train_loop import EXPORT_DIR, Plan, check_resume_terms, recorded_resume_terms, resume_terms, train_loop_per_worker
 
 
 def tokenization_for(model_path: str, config) -> TokenizationSpec:
@@ -156,7 +156,7 @@ def run_training(config: TrainConfig) -> ray.train.Result:
                 use_gpu=use_gpu, total_steps=total_steps,
                 eval_shards=eval_shards, ledgers=ledgers)
     if config.resume:  # before any worker starts: steps already trained are skipped by count
-        check_data_order(recorded_data_order(f"{storage_path}/{config.run_name}"), data_order(plan))
+        check_resume_terms(recorded_resume_terms(f"{storage_path}/{config.run_name}"), resume_terms(plan))
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"plan": plan},

@@ -44,7 +44,7 @@ CHECKPOINT_TAG = "deepspeed"
 EXPORT_DIR = "model"
 EVAL_REWARDS = "eval_rewards.parquet"
 TRAINING_LOG = "training_log.jsonl"
-DATA_ORDER = "data_order.json"  # beside DeepSpeed's state: the driver checks a --resume against it before starting
+RESUME_TERMS = "resume_terms.json"  # beside DeepSpeed's state: the driver checks a --resume against it before starting
 
 
 @dataclass
@@ -173,17 +173,20 @@ def micro_batcher(classifier, config: TrainConfig, pad_token_id: int, pairs_per_
 RESHUFFLE_PAIRS = 4096
 
 
-def data_order(plan: Plan) -> dict[str, Any]:
-    """What decides which pairs each worker reads, in which order: a resumed run must read them as the run it
-    continues did, or skipping the steps already trained would skip others."""
+def resume_terms(plan: Plan) -> dict[str, Any]:
+    """What a resumed run must keep of the run it continues: what decides which pairs each worker reads, in
+    which order (or skipping the steps already trained would skip others), and the layout of DeepSpeed's state
+    (its ZeRO stage and precision: load_checkpoint reads the shards back as they were written)."""
     config = plan.config
     return {"train_set_path": config.train_set_path, "pairs": plan.ledgers["train"]["pairs"], "seed": config.seed,
             "eval_split_ratio": config.eval_split_ratio, "num_workers": config.num_workers,
-            "pairs_per_step": config.per_device_train_batch_size * config.gradient_accumulation_steps}
+            "pairs_per_step": config.per_device_train_batch_size * config.gradient_accumulation_steps,
+            "zero_stage": plan.deepspeed_config.get("zero_optimization", {}).get("stage", 0),
+            "bf16": config.bf16 and plan.use_gpu}
 
 
-def recorded_data_order(run_dir: str) -> dict[str, Any] | None:
-    """The data order recorded by the latest checkpoint of the Ray Train run at ``run_dir`` (the one a resume
+def recorded_resume_terms(run_dir: str) -> dict[str, Any] | None:
+    """The resume terms recorded by the latest checkpoint of the Ray Train run at ``run_dir`` (the one a resume
     continues from); None when there is none yet (a resume then starts from the beginning)."""
     try:
         checkpoint = ray.train.Result.from_path(run_dir).checkpoint
@@ -192,19 +195,20 @@ def recorded_data_order(run_dir: str) -> dict[str, Any] | None:
     if checkpoint is None:
         return None
     try:
-        with checkpoint.filesystem.open_input_stream(f"{checkpoint.path}/{DATA_ORDER}") as f:
+        with checkpoint.filesystem.open_input_stream(f"{checkpoint.path}/{RESUME_TERMS}") as f:
             return json.loads(f.read())
     except FileNotFoundError:  # a checkpoint from before btrm recorded it
         return None
 
 
-def check_data_order(saved: dict[str, Any] | None, now: dict[str, Any]) -> None:
+def check_resume_terms(saved: dict[str, Any] | None, now: dict[str, Any]) -> None:
     if saved is None:
         return
     changed = [f"{key}: {saved[key]!r} then, {now[key]!r} now" for key in now if key in saved and saved[key] != now[key]]
     if changed:
-        raise SystemExit("--resume: the run being continued read its training pairs otherwise (" + "; ".join(changed)
-                         + "). Resume with the same data and options, or start a new run (another --run_name)")
+        raise SystemExit("--resume: the run being continued was trained otherwise (" + "; ".join(changed)
+                         + "). Resume with the same data and options (a resume reads the pairs in the same order and "
+                         "DeepSpeed's state in the same layout), or start a new run (another --run_name)")
 
 
 def epoch_order(seed: int, epoch: int) -> dict[str, int]:
@@ -334,8 +338,8 @@ def train_loop_per_worker(loop_config: dict[str, Plan]) -> None:
         engine.save_checkpoint(directory, tag=CHECKPOINT_TAG,
                                client_state={"progress": vars(progress), "history": history, "before": before})
         if rank == 0:
-            with open(os.path.join(directory, DATA_ORDER), "w") as f:
-                json.dump(data_order(plan), f)
+            with open(os.path.join(directory, RESUME_TERMS), "w") as f:
+                json.dump(resume_terms(plan), f)
 
     def save_checkpoint(metrics: dict[str, float]) -> None:
         if metrics:

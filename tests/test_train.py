@@ -103,9 +103,10 @@ def test_eval_cadence_resume_and_options(ray_session, tiny_qwen_dir, hh_helpful,
     with pytest.raises(SystemExit, match="already exists .* pass --resume"):
         train_tiny(tmp_path, tiny_qwen_dir, rows, held_out, max_steps=10, num_workers=1)
     # A resume that would read the pairs otherwise stops on the driver, before any worker starts.
-    with pytest.raises(SystemExit, match=r"seed: 42 then, 7 now; num_workers: 1 then, 2 now; pairs_per_step: 8 then, 4"):
+    with pytest.raises(SystemExit, match=r"seed: 42 then, 7 now; num_workers: 1 then, 2 now; pairs_per_step: 8 then, 4 "
+                                         r"now; zero_stage: 2 then, 3 now\)"):
         train_tiny(tmp_path, tiny_qwen_dir, rows, held_out, max_steps=10, resume=True, num_workers=2, seed=7,
-                   gradient_accumulation_steps=1)
+                   gradient_accumulation_steps=1, deepspeed="zero3")
     result, model_dir = train_tiny(tmp_path, tiny_qwen_dir, rows, held_out, max_steps=10, logging_steps=2, save_steps=3,
                                    use_margin=True, center_rewards_coefficient=0.1, report_to="swanlab",
                                    tracking_dir=str(tracking), resume=True, num_workers=1)
@@ -180,21 +181,25 @@ def test_the_driver_refuses_at_once_what_would_fail_after_training(ray_session, 
 
 def test_workers_are_dealt_pairs_in_order_and_a_resume_must_read_them_as_before():
     """Ray Train's default ingest options leave order to chance (and to where blocks sit on a cluster);
-    the checkpoint records what decides the order, and a --resume that would read it otherwise stops."""
+    the checkpoint records what decides the order (and the layout of DeepSpeed's state), and a --resume that
+    would read them otherwise stops."""
     from btrm.train import train_data_config
-    from btrm.train_loop import check_data_order
+    from btrm.train_loop import check_resume_terms
 
     assert train_data_config()._resolve_execution_options("train").preserve_order
     saved = {"train_set_path": "s3://b/train/", "pairs": 1000, "seed": 42, "eval_split_ratio": 0.05, "num_workers": 8,
-             "pairs_per_step": 64}
-    check_data_order(saved, dict(saved))
-    check_data_order(None, saved)  # a checkpoint written before btrm recorded it
-    check_data_order({k: v for k, v in saved.items() if k != "pairs_per_step"}, saved)  # ... or recorded less
+             "pairs_per_step": 64, "zero_stage": 2, "bf16": True}
+    check_resume_terms(saved, dict(saved))
+    check_resume_terms(None, saved)  # a checkpoint written before btrm recorded it
+    check_resume_terms({k: v for k, v in saved.items() if k != "pairs_per_step"}, saved)  # ... or recorded less
     with pytest.raises(SystemExit, match=r"seed: 42 then, 7 now; num_workers: 8 then, 4 now\). Resume with the same"):
-        check_data_order(saved, dict(saved, seed=7, num_workers=4))
+        check_resume_terms(saved, dict(saved, seed=7, num_workers=4))
     # Steps already trained are skipped by count: steps of another size would skip other pairs.
     with pytest.raises(SystemExit, match=r"pairs_per_step: 64 then, 32 now"):
-        check_data_order(saved, dict(saved, pairs_per_step=32))
+        check_resume_terms(saved, dict(saved, pairs_per_step=32))
+    # DeepSpeed reads its state back in the layout it was written in.
+    with pytest.raises(SystemExit, match=r"zero_stage: 2 then, 3 now; bf16: True then, False now"):
+        check_resume_terms(saved, dict(saved, zero_stage=3, bf16=False))
 
 
 def test_each_epoch_reads_the_pairs_in_its_own_order_and_again_the_same_on_resume(ray_session):
