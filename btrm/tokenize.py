@@ -234,7 +234,8 @@ class PairTokenizer:
             return SharedPromptIds(prompt, tails, 0)
         if self.spec.overlong == "drop":
             raise AnswersTooLong(self._too_long(tails, len(prompt)),
-                                 f"{len(prompt) + longest} tokens > max_length {self.spec.max_length}")
+                                 f"the prompt's {len(prompt)} tokens and the longest answer's {longest} are "
+                                 f"{len(prompt) + longest} > max_length {self.spec.max_length}")
         # Only the conversation before the answers is cut, from its left: what the answers share at their
         # start (their turn's opening, a common first sentence) belongs to them. An encoder's reward token
         # opens the sequence: it stays, and the cut starts right after it.

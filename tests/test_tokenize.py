@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import jinja2
 import pytest
 from transformers import AutoTokenizer
@@ -107,9 +109,11 @@ def test_drop_policy_and_answers_that_cannot_fit(qwen):
     with pytest.raises(RowDropped) as dropped:
         PairTokenizer(qwen, TokenizationSpec(max_length=80, overlong="drop")).encode_group([CHOSEN, REJECTED])
     assert dropped.value.reason == "overlong"
+    assert re.fullmatch(r"the prompt's \d+ tokens and the longest answer's \d+ are \d+ > max_length 80", dropped.value.detail)
     long_answer = PROMPT + [{"role": "assistant", "content": "word " * 200}]
-    with pytest.raises(RowDropped, match="answers are never truncated"):
+    with pytest.raises(RowDropped, match="answers are never truncated") as dropped:
         PairTokenizer(qwen, TokenizationSpec(max_length=100)).encode_group([long_answer, CHOSEN])
+    assert dropped.value.answers == [0]  # the service names it to its client
 
 
 def test_truncation_never_cuts_what_the_answers_share_at_their_start(qwen):
