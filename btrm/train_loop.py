@@ -367,6 +367,9 @@ def train_loop_per_worker(loop_config: dict[str, Plan]) -> None:
     started, train_seconds, steps_at_start = time.time(), 0.0, progress.global_step
     pairs_per_step = config.per_device_train_batch_size * config.gradient_accumulation_steps
     done = progress.global_step >= plan.total_steps
+    if done and rank == 0:
+        log.info(f"[btrm] the run had trained its {progress.global_step} steps already: nothing more to train (raise "
+                 "--max_steps or --num_train_epochs to go on); evaluating and exporting it again")
     while not done and progress.epoch < config.num_train_epochs:
         engine.train()
         steps = train_shard.iter_batches(batch_size=pairs_per_step, batch_format="numpy", prefetch_batches=2,
@@ -404,6 +407,8 @@ def train_loop_per_worker(loop_config: dict[str, Plan]) -> None:
 
     final = evaluate() or {}
     metrics = {**before, **{k: v for k, v in final.items() if k != "rewards"}, "final": 1.0}
+    if history and history[-1].get("final") and history[-1]["step"] == progress.global_step:
+        history.pop()  # a finished run resumed with nothing more to train: its final line once, the latest
     record(metrics)
     with tempfile.TemporaryDirectory() as directory:
         # The final checkpoint holds the DeepSpeed state and the log (a later run under the same name continues

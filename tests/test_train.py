@@ -119,6 +119,11 @@ def test_eval_cadence_resume_and_options(ray_session, tiny_qwen_dir, hh_helpful,
     assert result.metrics["eval/accuracy_before_training"] == first_run[0]["eval/accuracy_before_training"]
     assert json.loads((model_dir / "btrm.json").read_text())["training"]["steps"] == 10
     assert any(p.is_file() for p in tracking.rglob("*") if "wandb" not in p.parts)  # swanlab's offline files
+    # A finished run resumed with nothing more to train is evaluated and exported again; its log keeps one
+    # final line per end of training.
+    _, model_dir = train_tiny(tmp_path, tiny_qwen_dir, rows, held_out, max_steps=10, resume=True, num_workers=1)
+    again = _log(model_dir)
+    assert again[:-1] == log[:-1] and [line["step"] for line in again if "final" in line] == [6, 10]
 
 
 def test_dropout_is_off_by_default_so_a_pair_scores_the_same_in_every_training_forward():
