@@ -380,8 +380,19 @@ def sigmoid(x: float) -> float:
 
 
 # FastAPI's own answer to a body that its JSON parser fails on with other than a JSON syntax error (that is a 422).
-_UNPARSABLE_BODY: dict[int | str, dict[str, Any]] = {
-    400: {"description": "The body could not be parsed at all (not UTF-8, a number over 4300 digits, nested too deep)"}}
+class Refusal(BaseModel):
+    detail: str = Field(description="What is wrong, where, and how to fix it.")
+
+
+def _refusal(description: str) -> dict[str, Any]:
+    return {"description": description, "model": Refusal}
+
+
+# What both scoring routes may answer besides 200 and 422 (every 422 has FastAPI's list of errors).
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: _refusal("The body could not be parsed at all (not UTF-8, a number over 4300 digits, nested too deep)"),
+    500: _refusal("The model failed: a reward that is not finite (has its training diverged?)"),
+}
 
 ScoreGroups = Callable[[list[SharedPromptIds]], Awaitable[list[list[float]]]]
 
@@ -412,8 +423,10 @@ def build_api(scorer, options: ServiceOptions, token: str | None, score_groups: 
                 raise HTTPException(413, f"{len(names)} tool names offered or called in one conversation; the limit is "
                                          f"max_tools={options.max_tools}")
 
-    def encode(request: Conversation, answers: list[str | Message], what: str, names: list[str]) -> SharedPromptIds:
-        """``what``: the request's part being encoded; ``names``: its answers', for the 413 of one too long."""
+    def encode(request: Conversation, answers: list[str | Message], loc: list[str | int],
+               names: list[str]) -> SharedPromptIds:
+        """``loc``: where the conversation is in the request, for the 422 of a template that refuses it;
+        ``names``: its answers', for the 413 of one too long."""
         # Tokenized here, on the replica's event loop, never in the scoring thread: a fast tokenizer
         # must not be used from two threads at once.
         try:
@@ -422,8 +435,9 @@ def build_api(scorer, options: ServiceOptions, token: str | None, score_groups: 
             raise HTTPException(413, f"{', '.join(names[k] for k in e.answers)}: too long for the model's "
                                      f"max_length={spec.max_length} tokens (overlong policy {spec.overlong!r}; "
                                      f"answers are never cut): {e.detail}") from None
-        except TEMPLATE_ERRORS as e:
-            raise HTTPException(422, f"{what}: the model's chat template rejects this conversation: {e}") from None
+        except TEMPLATE_ERRORS as e:  # (a 422 like every other: a list of errors, each with its loc)
+            raise HTTPException(422, [{"type": "chat_template", "loc": loc,
+                                       "msg": f"the model's chat template rejects this conversation: {e}"}]) from None
 
     async def rewards_of(encoded: list[SharedPromptIds], names: list[list[str]]) -> list[list[float]]:
         """Each group's rewards; ``names``: each group's answers', for the error of a reward not finite."""
@@ -464,7 +478,7 @@ def build_api(scorer, options: ServiceOptions, token: str | None, score_groups: 
                     manifest=scorer.manifest)
 
     @api.post("/compare", response_model=PairResult | BatchResult,
-              responses={**_UNPARSABLE_BODY, 413: {"description": "Too many pairs, or a pair too long for the model"}})
+              responses={**_ERRORS, 413: _refusal("Too many pairs, or a pair too long for the model")})
     async def compare(request: CompareRequest) -> PairResult | BatchResult:
         pairs = request.pairs if isinstance(request, CompareBatch) else [request]
         if len(pairs) > options.max_pairs:
@@ -472,9 +486,10 @@ def build_api(scorer, options: ServiceOptions, token: str | None, score_groups: 
         check_size([(p, [p.chosen, p.rejected]) for p in pairs])
         encoded, names = [], []
         for i, p in enumerate(pairs):
-            what = f"pair {i}" if isinstance(request, CompareBatch) else "the pair"
+            batch = isinstance(request, CompareBatch)
+            what = f"pair {i}" if batch else "the pair"
             names.append([f"{what}'s chosen answer", f"{what}'s rejected answer"])
-            encoded.append(encode(p, [p.chosen, p.rejected], what, names[-1]))
+            encoded.append(encode(p, [p.chosen, p.rejected], ["body", "pairs", i] if batch else ["body"], names[-1]))
         rewards = await rewards_of(encoded, names)
         results = []
         for pair, e, (chosen, rejected) in zip(pairs, encoded, rewards):
@@ -484,15 +499,14 @@ def build_api(scorer, options: ServiceOptions, token: str | None, score_groups: 
         return BatchResult(results=results) if isinstance(request, CompareBatch) else results[0]
 
     @api.post("/score", response_model=ScoreResult,
-              responses={**_UNPARSABLE_BODY,
-                         413: {"description": "Too many candidates, or a candidate too long for the model"}})
+              responses={**_ERRORS, 413: _refusal("Too many candidates, or a candidate too long for the model")})
     async def score(request: ScoreRequest) -> ScoreResult:
         if len(request.candidates) > options.max_candidates:
             raise HTTPException(413, f"{len(request.candidates)} candidates in one request; the limit is "
                                      f"max_candidates={options.max_candidates}")
         check_size([(request, request.candidates)])
         names = [f"candidate {k}" for k in range(len(request.candidates))]
-        encoded = encode(request, request.candidates, "the candidates", names)
+        encoded = encode(request, request.candidates, ["body"], names)
         [rewards] = await rewards_of([encoded], [names])
         ranking = sorted(range(len(rewards)), key=lambda k: -rewards[k])
         return ScoreResult(rewards=rewards, ranking=ranking, truncated=encoded.truncated > 0,

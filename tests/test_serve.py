@@ -410,33 +410,44 @@ def test_length_buckets_and_sigmoid():
     assert sigmoid(-2.0) == pytest.approx(1 - sigmoid(2.0), abs=1e-15)
 
 
-def test_a_diverged_model_gets_a_500_that_says_so(service, trained_model_dir, tmp_path):
-    """A model whose training diverged scores NaN: the client hears that, and which answers, as JSON, not a bare
-    "Internal Server Error" (JSON has no NaN to send)."""
+def test_what_the_model_refuses_or_fails_at_is_said_as_json(service, trained_model_dir, tmp_path):
+    """A model whose chat template refuses a system turn (as Gemma's does) and whose training diverged (it
+    scores NaN): the client hears which, and where, as JSON: a 422 like every other (a list of errors with
+    their loc), a 500 naming the answers, not a bare "Internal Server Error" (JSON has no NaN to send)."""
     import shutil
 
     import torch
     from ray import serve
     from safetensors.torch import load_file, save_file
 
-    diverged = tmp_path / "diverged"
-    shutil.copytree(trained_model_dir, diverged)
-    weights = load_file(diverged / "model.safetensors")
+    broken = tmp_path / "broken"
+    shutil.copytree(trained_model_dir, broken)
+    weights = load_file(broken / "model.safetensors")
     head = next(name for name in weights if name.startswith("score."))
     weights[head] = torch.full_like(weights[head], float("nan"))
-    save_file(weights, diverged / "model.safetensors", metadata={"format": "pt"})
+    save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
+    manifest = json.loads((broken / "btrm.json").read_text())
+    manifest["tokenization"]["chat_template"] = ("{%- if messages[0].role == 'system' %}{{ raise_exception('System "
+                                                 "role not supported') }}{%- endif %}"
+                                                 + manifest["tokenization"]["chat_template"])
+    (broken / "btrm.json").write_text(json.dumps(manifest))
     # A second application on the running Serve, beside the test service.
-    serve.run(app_builder(dict(model_path=str(diverged))), name="diverged",
-              route_prefix="/diverged")
+    serve.run(app_builder(dict(model_path=str(broken))), name="broken", route_prefix="/broken")
+    system = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
     try:
         with service.client(token=None) as client:
-            compared = client.post("/diverged/compare", json={"pairs": [GOOD_PAIR, GOOD_PAIR]})
-            scored = client.post("/diverged/score", json={"prompt": "hi", "candidates": ["a", "b"]})
+            compared = client.post("/broken/compare", json={"pairs": [GOOD_PAIR, GOOD_PAIR]})
+            scored = client.post("/broken/score", json={"prompt": "hi", "candidates": ["a", "b"]})
+            refused = client.post("/broken/compare", json={"pairs": [GOOD_PAIR, {**GOOD_PAIR, "prompt": None,
+                                                                                  "messages": system}]})
     finally:
-        serve.delete("diverged")
+        serve.delete("broken")
     assert compared.status_code == scored.status_code == 500, (compared.text, scored.text)
     assert "pair 1's rejected answer" in compared.json()["detail"] and "training diverged" in compared.json()["detail"]
     assert "candidate 0, candidate 1" in scored.json()["detail"]
+    assert refused.status_code == 422, refused.text
+    [error] = refused.json()["detail"]
+    assert error["loc"] == ["body", "pairs", 1] and "System role not supported" in error["msg"]
 
 
 # ----------------------------------------------------------------------------------------------
