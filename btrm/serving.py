@@ -45,6 +45,8 @@ from btrm.config import SCORING_DTYPES, option, parse_config
 from btrm.processors.base import ROLES, RowError, as_message, as_tools, check_conversation, is_unicode
 from btrm.tokenize import TEMPLATE_ERRORS, AnswersTooLong, SharedPromptIds, tool_names
 
+logger = logging.getLogger("ray.serve")  # Serve's logger: lines reach the replica's log, as Ray's docs say
+
 APP_NAME = "btrm"
 DEFAULT_TOKEN_ENV = "BTRM_API_TOKEN"
 UNGUARDED_PATHS = ("/health",)
@@ -441,7 +443,12 @@ def build_api(scorer, options: ServiceOptions, token: str | None, score_groups: 
 
     async def rewards_of(encoded: list[SharedPromptIds], names: list[list[str]]) -> list[list[float]]:
         """Each group's rewards; ``names``: each group's answers', for the error of a reward not finite."""
-        rewards = await score_groups(encoded)
+        try:
+            rewards = await score_groups(encoded)
+        except Exception as e:  # the model's own failure on this request (a replica that dies is Serve's 500)
+            raise HTTPException(500, f"the model failed to score this request: {type(e).__name__}: {e} (the "
+                                     "replica's log has the traceback; requests batched with it were scored "
+                                     "without it)") from None
         broken = [name for group, group_names in zip(rewards, names) for r, name in zip(group, group_names)
                   if not math.isfinite(r)]
         if broken:  # JSON has no NaN: without this, a bare "Internal Server Error" that says nothing
@@ -649,22 +656,50 @@ class RewardModelDeployment:
         self.rewards_of_batch.set_batch_wait_timeout_s(options.batch_wait_timeout_s)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
-        return build_api(self.scorer, self.options, self.token, self.rewards_of_batch)
+        return build_api(self.scorer, self.options, self.token, self.score_groups)
+
+    async def score_groups(self, groups: list[SharedPromptIds]) -> list[list[float]]:
+        """One request's tokenized groups → their rewards, scored in one batch with concurrent requests'."""
+        rewards = await self.rewards_of_batch(groups)
+        if isinstance(rewards, Exception):  # this request's own failure, from a batch that failed (below)
+            raise rewards
+        return rewards
+
+    async def _rewards(self, groups: list[SharedPromptIds]) -> list[list[float]]:
+        try:
+            # In a thread: the event loop keeps accepting and tokenizing the next requests meanwhile.
+            return await asyncio.to_thread(self.scorer.group_rewards, groups, self.options.max_batch_tokens)
+        except Exception:
+            logger.exception("btrm: scoring %d groups of answers failed", len(groups))
+            raise
 
     # The batch size counts answers, not requests: a /score request with 64 candidates weighs 64. The
     # decorator's values are replaced in __init__ by the options.
     @serve.batch(max_batch_size=128, batch_wait_timeout_s=0.005, batch_size_fn=_answer_count)
-    async def rewards_of_batch(self, requests: list[list[SharedPromptIds]]) -> list[list[list[float]]]:
+    async def rewards_of_batch(self, requests: list[list[SharedPromptIds]]) -> list[list[list[float]] | Exception]:
         """The tokenized groups of many concurrent requests → each request's rewards, group by group
-        (packed together where the model allows it, else padded by length: RewardScorer.group_rewards)."""
-        groups = [group for request in requests for group in request]
-        # In a thread: the event loop keeps accepting and tokenizing the next requests meanwhile.
-        rewards = await asyncio.to_thread(self.scorer.group_rewards, groups, self.options.max_batch_tokens)
+        (packed together where the model allows it, else padded by length: RewardScorer.group_rewards),
+        or the error of a request the model fails on."""
+        try:
+            rewards = await self._rewards([group for request in requests for group in request])
+        except Exception:
+            if len(requests) == 1:
+                raise
+            # One request can fail the forward of every request batched with it (an input the model cannot
+            # take, a batch too big for the GPU's memory): each is scored again alone, and only one that
+            # fails alone hears of it. Serve hands each request its own result, an error object included.
+            return [await self._alone(request) for request in requests]
         per_request, start = [], 0
         for request in requests:
             per_request.append(rewards[start : start + len(request)])
             start += len(request)
         return per_request
+
+    async def _alone(self, request: list[SharedPromptIds]) -> list[list[float]] | Exception:
+        try:
+            return await self._rewards(request)
+        except Exception as e:
+            return e
 
 
 def _replica_gpus(setting: str) -> float:
@@ -705,7 +740,7 @@ def app_builder(args: dict[str, Any]) -> serve.Application:
     if read_token(options) is None:
         # Read where the application is built (on the cluster for `serve deploy`, not in the deploying shell),
         # and the config's host may face a network.
-        logging.getLogger("ray.serve").warning(
+        logger.warning(
             f"btrm: no bearer token (${options.token_env} is not set where the application is built, and no "
             "token_file): every route of the service is open")
     return build_app(options)

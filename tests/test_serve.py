@@ -450,6 +450,47 @@ def test_what_the_model_refuses_or_fails_at_is_said_as_json(service, trained_mod
     assert error["loc"] == ["body", "pairs", 1] and "System role not supported" in error["msg"]
 
 
+def test_a_request_the_model_fails_on_fails_alone_not_the_requests_batched_with_it(service, tmp_path,
+                                                                                    trained_model_dir):
+    """A tokenizer that knows a token the model's embedding lacks (extended, never resized): the forward fails
+    on a request holding it. The requests batched with it are scored as they are alone; it gets a JSON 500
+    that names the failure, batched or alone."""
+    import shutil
+
+    from ray import serve
+    from transformers import AutoTokenizer
+
+    extended = tmp_path / "extended"
+    shutil.copytree(trained_model_dir, extended)
+    tokenizer = AutoTokenizer.from_pretrained(extended)
+    tokenizer.add_tokens(["<unseen>"])
+    tokenizer.save_pretrained(extended)
+    # The first request of a batch waits a second for others: the concurrent requests below share one batch.
+    serve.run(app_builder(dict(model_path=str(extended), batch_wait_timeout_s=1.0)), name="extended",
+              route_prefix="/extended")
+    good = [{"prompt": f"question {i}", "candidates": ["yes", f"no, {i}"]} for i in range(3)]
+    bad = {"prompt": "question", "candidates": ["<unseen> yes", "no"]}
+
+    async def concurrently(bodies: list[dict]) -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=service.url, timeout=60) as client:
+            return await asyncio.gather(*(client.post("/extended/score", json=body) for body in bodies))
+
+    try:
+        batched = asyncio.run(concurrently([good[0], bad, *good[1:]]))
+        with service.client(token=None) as client:
+            alone = client.post("/extended/score", json=bad)
+    finally:
+        serve.delete("extended")
+    with service.client() as client:
+        expected = [client.post("/score", json=body).json()["rewards"] for body in good]
+    for response, rewards in zip([batched[0], *batched[2:]], expected, strict=True):
+        assert response.status_code == 200, response.text
+        assert response.json()["rewards"] == pytest.approx(rewards, abs=1e-4)
+    for response in (batched[1], alone):
+        assert response.status_code == 500
+        assert "the model failed to score this request: IndexError" in response.json()["detail"], response.text
+
+
 # ----------------------------------------------------------------------------------------------
 # Last: it replaces the replica
 
