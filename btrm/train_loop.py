@@ -107,6 +107,30 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _rng_file(directory: str, rank: int) -> str:
+    return os.path.join(directory, f"rng_state_{rank}.pt")
+
+
+def save_rng_state(directory: str, rank: int) -> None:
+    """This worker's random-number state (what draws its dropout masks), beside DeepSpeed's in a checkpoint:
+    a resumed run draws the masks the uninterrupted run would have (as the Hugging Face Trainer does)."""
+    torch.save({"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None},
+               _rng_file(directory, rank))
+
+
+def restore_rng_state(directory: str, rank: int) -> None:
+    """The state :func:`save_rng_state` saved; a checkpoint from before btrm saved it keeps the seeded one."""
+    if not os.path.exists(_rng_file(directory, rank)):
+        return
+    state = torch.load(_rng_file(directory, rank), weights_only=False)  # (numpy's state is no tensor)
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
 def _optimizer(model, config: TrainConfig, use_gpu: bool) -> torch.optim.Optimizer:
     decay, no_decay = [], []
     for name, parameter in model.named_parameters():
@@ -310,6 +334,7 @@ def train_loop_per_worker(loop_config: dict[str, Plan]) -> None:
     if checkpoint:
         with checkpoint.as_directory() as directory:
             _, client_state = engine.load_checkpoint(directory, tag=CHECKPOINT_TAG)
+            restore_rng_state(directory, rank)
         progress = Progress(**client_state["progress"])
         # A resumed run (--resume, or Ray Train restarting failed workers) exports the whole log, not its own part.
         history, before = client_state["history"], client_state["before"]
@@ -337,6 +362,7 @@ def train_loop_per_worker(loop_config: dict[str, Plan]) -> None:
     def save_state(directory: str) -> None:
         engine.save_checkpoint(directory, tag=CHECKPOINT_TAG,
                                client_state={"progress": vars(progress), "history": history, "before": before})
+        save_rng_state(directory, rank)
         if rank == 0:
             with open(os.path.join(directory, RESUME_TERMS), "w") as f:
                 json.dump(resume_terms(plan), f)

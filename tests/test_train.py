@@ -147,6 +147,34 @@ def test_dropout_is_off_by_default_so_a_pair_scores_the_same_in_every_training_f
     torch.testing.assert_close(rewards(), rewards(), rtol=0, atol=0)
 
 
+def test_a_checkpoint_keeps_a_workers_random_state_so_a_resume_draws_the_same_dropout_masks(tmp_path):
+    import random
+
+    import numpy as np
+
+    from btrm.train_loop import restore_rng_state, save_rng_state
+
+    dropout = torch.nn.Dropout(0.5)
+
+    def seed() -> None:  # as every worker starts
+        torch.manual_seed(42), random.seed(42), np.random.seed(42)
+
+    def draws() -> tuple:
+        return dropout(torch.ones(64)).tolist(), random.random(), float(np.random.rand())
+
+    seed()
+    seeded = draws()
+    draws()  # a run some steps on, checkpointed by its rank 1
+    save_rng_state(str(tmp_path), rank=1)
+    expected = draws()  # what the uninterrupted run draws next
+    seed()
+    restore_rng_state(str(tmp_path), rank=1)
+    assert draws() == expected != seeded
+    seed()
+    restore_rng_state(str(tmp_path), rank=0)  # none saved (a checkpoint from before btrm saved it): seeded stays
+    assert draws() == seeded
+
+
 def test_disable_dropout_reaches_a_decoders_attention_dropout():
     """Llama-style attention takes its dropout as a float (config.attention_dropout), not an nn.Dropout."""
     from transformers import AutoModelForSequenceClassification, Qwen3Config
