@@ -217,10 +217,11 @@ class PairTokenizer:
             start += len(group)
         return results
 
-    def _prompt_length(self, conversation: Sequence[dict], sequence: list[int], tools: Tools) -> int:
+    def _prompt_length(self, conversation: Sequence[dict], sequence: list[int], tools: Tools,
+                       answer_opening: bool = True) -> int:
         """How many leading tokens of ``sequence`` are the conversation before its answer: what the prompt
-        alone templates to, up to the answer's turn opening."""
-        prompt = _template_ids(self.tokenizer, [conversation[:-1]], tools, add_generation_prompt=True)[0]
+        alone templates to, with the answer's turn opening (``<|im_start|>assistant\n``) or without."""
+        prompt = _template_ids(self.tokenizer, [conversation[:-1]], tools, add_generation_prompt=answer_opening)[0]
         return _common_prefix_length([sequence, prompt])
 
     def _share_prompt(self, conversations: Sequence[Sequence[dict]], sequences: list[list[int]],
@@ -243,9 +244,7 @@ class PairTokenizer:
         # start (their turn's opening, a common first sentence) belongs to them. An encoder's reward token
         # opens the sequence: it stays, and the cut starts right after it.
         head = 1 if self.spec.reward_token == "first" else 0
-        if prompt_length is None:
-            prompt_length = self._prompt_length(conversations[0], sequences[0], tools)
-        cuttable = min(shared, prompt_length) - head
+        cuttable = min(shared, self._prompt_length(conversations[0], sequences[0], tools, answer_opening=False)) - head
         if excess > cuttable:
             raise AnswersTooLong(self._too_long(tails, len(prompt) - cuttable),
                                  f"the answers with their shared opening take {len(prompt) - cuttable + longest} "

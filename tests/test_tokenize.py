@@ -120,15 +120,18 @@ def test_truncation_never_cuts_what_the_answers_share_at_their_start(qwen):
     opening = "The answer is a long preamble that both responses begin with, word for word the same. "
     chosen, rejected = (PROMPT + [{"role": "assistant", "content": opening + answer}] for answer in ("Paris.", "Lyon."))
     full = PairTokenizer(qwen, TokenizationSpec(max_length=4096)).encode_group([chosen, rejected])
-    prompt_alone = qwen.apply_chat_template(PROMPT, tokenize=True, add_generation_prompt=True)["input_ids"]
-    assert full.prompt_ids[: len(prompt_alone)] == prompt_alone
-    opening_tokens = len(full.prompt_ids) - len(prompt_alone)  # the answer's turn opening and the shared sentence
-    assert opening_tokens > 15
-    answers = opening_tokens + max(len(t) for t in full.tails)  # the least a sequence can keep
+    before = qwen.apply_chat_template(PROMPT, tokenize=True)["input_ids"]  # the turns before the answers
+    assert full.prompt_ids[: len(before)] == before
+    shared_start = qwen.decode(full.prompt_ids[len(before) :])  # the answers' turn opening, the shared sentence
+    assert shared_start.startswith("<|im_start|>assistant\n") and shared_start.endswith(opening.rstrip())
+    answers = len(full.prompt_ids) - len(before) + max(len(t) for t in full.tails)  # the least a sequence can keep
     cut = PairTokenizer(qwen, TokenizationSpec(max_length=answers + 5)).encode_group([chosen, rejected])
-    assert cut.prompt_ids == full.prompt_ids[len(prompt_alone) - 5 :] and cut.truncated == len(prompt_alone) - 5
-    with pytest.raises(RowDropped, match="answers with their shared opening take"):
-        PairTokenizer(qwen, TokenizationSpec(max_length=answers - 1)).encode_group([chosen, rejected])
+    assert cut.prompt_ids == full.prompt_ids[len(before) - 5 :] and cut.truncated == len(before) - 5
+    exact = PairTokenizer(qwen, TokenizationSpec(max_length=answers)).encode_group([chosen, rejected])
+    assert exact.prompt_ids == full.prompt_ids[len(before) :]  # the whole conversation cut, the opening kept
+    for max_length in (answers - 1, answers - 5):  # (not by cutting the turn's "<|im_start|>assistant\n")
+        with pytest.raises(RowDropped, match="answers with their shared opening take"):
+            PairTokenizer(qwen, TokenizationSpec(max_length=max_length)).encode_group([chosen, rejected])
 
 
 def test_a_group_the_chat_template_refuses_costs_only_itself(qwen_tokenizer_dir):
