@@ -209,6 +209,9 @@ class PairPreprocessor:
                      "(a processor drops a row by raising RowDropped(reason) or RowError(field, message))")
                 continue
             for k, pair in enumerate(converted):
+                if isinstance(pair, RowDropped):
+                    drop(pair.reason, row_number, str(pair))
+                    continue
                 pairs.append(pair)
                 # A pair without an id is named by its place: unique across files, and across the pairs of
                 # one row (a HelpSteer3 row with two rejected answers gives two).

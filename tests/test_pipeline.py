@@ -220,6 +220,19 @@ def test_pairs_without_an_id_are_named_by_file_row_and_pair(qwen_tokenizer_dir, 
     assert ids == [f"{tmp_path / folder / 'part.jsonl'}:{place}" for folder in ("a", "b") for place in ("0/0", "0/1", "1")]
 
 
+def test_a_copy_of_the_chosen_answer_costs_its_own_pair_not_the_rows_others(qwen_tokenizer_dir, tmp_path):
+    question = [{"role": "user", "content": "Name a prime number."}]
+    answers = [("Seven.", True), ("Nine.", False), ("Seven.", False)]
+    row = {"input": question, "output": [{"answer": {"role": "assistant", "content": text}, "label": {"is_preferred": good}}
+                                         for text, good in answers]}
+    (tmp_path / "part.jsonl").write_text(json.dumps(row) + "\n")
+    rows, ledger = run_pipeline(tmp_path, qwen_tokenizer_dir, dataset_format="helpsteer3")
+    assert [(r["id"], r["row"]) for r in rows] == [(f"{tmp_path / 'part.jsonl'}:0/0", 0)]
+    assert ledger["rows_read"] == 1 and ledger["pairs"] == 1 and ledger["dropped"]["identical"] == 1
+    [example] = ledger["examples"]
+    assert example["reason"] == "identical" and example["row"] == 0
+
+
 def test_hh_rlhf_transcripts_straight_from_the_gzip_file(shared_data, qwen, qwen_tokenizer_dir):
     path = shared_data / "hh-rlhf" / "harmless-base" / "test.jsonl.gz"
     rows, ledger = run_pipeline(path, qwen_tokenizer_dir, dataset_format="hh_rlhf", max_length=512)

@@ -58,11 +58,12 @@ class BaseBradleyTerryTrainDataset:
     def convert(self, row: dict[str, Any]) -> dict[str, Any] | Iterable[dict[str, Any]]:
         raise NotImplementedError
 
-    def pairs(self, row: dict[str, Any]) -> list[dict[str, Any]]:
-        """Runs :meth:`convert` and checks every pair it returns against the standard format."""
+    def pairs(self, row: dict[str, Any]) -> list[dict[str, Any] | RowDropped]:
+        """Runs :meth:`convert` and checks every pair it returns against the standard format: each comes
+        back normalised, or as the RowDropped of a pair whose answers are the same, which costs that pair
+        and not the row's others (a HelpSteer3 row with two rejected answers, one a copy of the chosen)."""
         converted = self.convert(row)
-        pairs = [converted] if isinstance(converted, dict) else list(converted)
-        return [validate_pair(pair) for pair in pairs]
+        return [_checked(pair) for pair in ([converted] if isinstance(converted, dict) else converted)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -256,6 +257,13 @@ def as_margin(value: Any, field: str = "margin") -> float | None:
     if not math.isfinite(margin) or margin < 0:
         raise RowError(field, f"must be a finite number >= 0 (a preference strength), got {value!r}")
     return margin
+
+
+def _checked(pair: dict[str, Any]) -> dict[str, Any] | RowDropped:
+    try:
+        return validate_pair(pair)
+    except RowDropped as e:
+        return e
 
 
 def validate_pair(pair: dict[str, Any]) -> dict[str, Any]:
