@@ -106,10 +106,16 @@ def test_files_that_cannot_be_read_fail_early_naming_the_file(hh_helpful, tmp_pa
         assert words in str(error.value) and str(tmp_path) in str(error.value), name
 
 
-def test_an_empty_jsonl_file_fails_with_the_ledger(qwen_tokenizer_dir, tmp_path):
+def test_a_source_without_rows_fails_naming_it(qwen_tokenizer_dir, tmp_path):
     (tmp_path / "empty.jsonl").write_text("")
     with pytest.raises(DataError, match="no usable pairs"):
         run_pipeline(tmp_path / "empty.jsonl", qwen_tokenizer_dir)
+    schema = pa.schema([("chosen", pa.string()), ("rejected", pa.string())])
+    (tmp_path / "parts").mkdir()
+    for part in ("part-0.parquet", "part-1.parquet"):  # closed before any row was written
+        pq.ParquetWriter(tmp_path / "parts" / part, schema).close()
+    with pytest.raises(SourceError, match=f"{tmp_path / 'parts'}: holds no rows"):
+        run_pipeline(tmp_path / "parts", qwen_tokenizer_dir)
 
 
 def test_a_conversation_the_chat_template_refuses_costs_only_its_row(qwen_tokenizer_dir, tmp_path):
