@@ -109,8 +109,9 @@ def test_tool_use_is_normalised_to_what_chat_templates_expect():
         validate_pair({"chosen": [ASK, call], "rejected": [ASK, dict(openai_call, tool_calls=[
             dict(openai_call["tool_calls"][0], id="call_9")])]})
     # "No tool calls" and "no tools", as exports write them; numpy arrays from a custom processor are plain JSON.
-    pair = validate_pair({"chosen": [ASK, dict(GOOD, tool_calls=[])], "rejected": [ASK, BAD], "tools": ""})
-    assert pair["chosen"][-1] == GOOD and pair["tools"] is None
+    for none in ("", "null"):  # (json.dumps(None) in a column of JSON strings)
+        pair = validate_pair({"chosen": [ASK, dict(GOOD, tool_calls="null")], "rejected": [ASK, BAD], "tools": none})
+        assert pair["chosen"][-1] == GOOD and pair["tools"] is None
     import numpy as np
     schema = {"type": "object", "required": np.array(["city"]), "properties": {"city": {"type": "string"}}}
     pair = validate_pair({"chosen": [ASK, GOOD], "rejected": [ASK, BAD], "tools": np.array([{"type": "function", "function": {

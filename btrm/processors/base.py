@@ -104,23 +104,18 @@ def as_message(value: Any, field: str) -> dict[str, Any]:
             raise RowError(calls_field, f"only an assistant message calls tools, not a {role!r} one")
         message["tool_calls"] = calls
         content = "" if content is None else content
-    if not isinstance(content, str):
-        raise RowError(f"{field}.content", f"must be a string, got {type(content).__name__}")
+    content = _string(content, f"{field}.content")
     # A tool may return nothing, and a tool call may come without words; any other turn must say something.
     if not content.strip() and role != "tool" and "tool_calls" not in message:
         raise RowError(f"{field}.content", "is empty")
     message["content"] = content
     # A reasoning model's thinking, kept apart from the answer (the Qwen3 template renders it in <think>).
     if role == "assistant" and value.get("reasoning_content") is not None:
-        if not isinstance(value["reasoning_content"], str):
-            raise RowError(f"{field}.reasoning_content", f"must be a string, got {type(value['reasoning_content']).__name__}")
-        message["reasoning_content"] = value["reasoning_content"]
+        message["reasoning_content"] = _string(value["reasoning_content"], f"{field}.reasoning_content")
     if role == "tool":
         for key in ("tool_call_id", "name"):
             if value.get(key) is not None:
-                if not isinstance(value[key], str):
-                    raise RowError(f"{field}.{key}", f"must be a string, got {type(value[key]).__name__}")
-                message[key] = value[key]
+                message[key] = _string(value[key], f"{field}.{key}")
     return message
 
 
@@ -184,12 +179,19 @@ def _plain_json(value: Any, top: str, field: str, depth: int) -> Any:
     if isinstance(value, (list, tuple)):
         return [_plain_json(item, top, f"{field}[{i}]", depth + 1) for i, item in enumerate(value)]
     if isinstance(value, str):
-        if not is_unicode(value):
-            raise RowError(field, "is not valid Unicode text (a lone surrogate such as \\ud800)")
-        return value
+        return _string(value, field)
     if value is None or isinstance(value, (bool, int, float)):
         return value
     raise RowError(field, f"holds a {type(value).__name__}, which is not JSON")
+
+
+def _string(value: Any, field: str) -> str:
+    """``value`` if it is a string of valid Unicode text, else a RowError naming ``field``."""
+    if not isinstance(value, str):
+        raise RowError(field, f"must be a string, got {type(value).__name__}")
+    if not is_unicode(value):  # a tokenizer would fail on it, blaming the chat template, and parquet cannot hold it
+        raise RowError(field, "is not valid Unicode text (a lone surrogate such as \\ud800: text cut inside an emoji?)")
+    return value
 
 
 def is_unicode(text: str) -> bool:
@@ -207,6 +209,8 @@ def is_unicode(text: str) -> bool:
 def _as_list(value: Any, field: str, what: str) -> list:
     if isinstance(value, str):
         value = _parse_json(value, field, f"a JSON list of {what}")
+        if value is None:  # "null": how JSON-string columns store "none"
+            return []
     if hasattr(value, "tolist"):  # numpy arrays from Arrow list columns
         value = value.tolist()
     if not isinstance(value, (list, tuple)):
@@ -294,8 +298,8 @@ def validate_pair(pair: dict[str, Any]) -> dict[str, Any]:
         "rejected": rejected,
         "tools": as_tools(pair.get("tools")),
         "margin": as_margin(pair.get("margin")),
-        "id": None if pair_id is None else str(pair_id),
-        "source": None if source is None else str(source),
+        "id": None if pair_id is None else _string(str(pair_id), "id"),
+        "source": None if source is None else _string(str(source), "source"),
     }
 
 
