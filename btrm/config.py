@@ -62,6 +62,19 @@ VALUE_PARSERS: dict[Any, Callable[[Any], Any]] = {bool: str2bool, int: parse_int
                                                   int | None: parse_int, float | None: parse_float}
 
 
+def gpus_wanted(use_gpu: str) -> bool:
+    """A job's --use_gpu: true, false, or auto: whether the Ray cluster has a GPU now (an autoscaling cluster
+    whose GPU nodes start only when a job asks for them has none before: there, say true)."""
+    if use_gpu == "auto":
+        import ray
+
+        return ray.cluster_resources().get("GPU", 0) > 0
+    return use_gpu == "true"
+
+
+USE_GPU_CHOICES = ("auto", "true", "false")
+
+
 @dataclass
 class DataOptions:
     """Options shared by every job that reads preference data."""
@@ -108,7 +121,9 @@ class TrainConfig(DataOptions):
                               "manifest (btrm.json) are written.")
     learning_rate: float = option(2e-6, "Peak learning rate.")
     num_train_epochs: int = option(1, "Passes over the training pairs.")
-    max_steps: int = option(-1, "Stop after this many optimizer steps (-1: run all epochs).")
+    max_steps: int = option(-1, "Optimizer steps in all; overrides --num_train_epochs, as in transformers' "
+                            "TrainingArguments (the pairs are read again, in a new order, as often as it takes). "
+                            "-1: --num_train_epochs decides.")
     bf16: bool = option(True, "Train in bfloat16 (on GPUs; CPU workers train in float32 and say so).")
     per_device_train_batch_size: int = option(1, "Pairs per micro-batch on each worker. An optimizer step takes "
                                               "per_device_train_batch_size x gradient_accumulation_steps pairs "
@@ -142,8 +157,8 @@ class TrainConfig(DataOptions):
     center_rewards_coefficient: float = option(0.0, "Weight of mean((r_chosen + r_rejected)^2) in the loss.")
     seed: int = option(42, "Random seed (model head, data order).")
     num_workers: int = option(1, "Ray Train workers (one per GPU on a GPU cluster).")
-    use_gpu: str = option("auto", "Train on GPUs: auto (when the cluster has any), true or false.",
-                          ("auto", "true", "false"))
+    use_gpu: str = option("auto", "Train on GPUs: auto (when the cluster has any now), true (an autoscaling "
+                          "cluster starts GPU nodes for the job) or false.", USE_GPU_CHOICES)
     cpus_per_worker: float = option(1.0, "CPUs reserved by each training worker.")
     logging_steps: int = option(10, "Log metrics every this many optimizer steps.")
     eval_steps: int = option(0, "Evaluate every this many optimizer steps (0: only at the end).")

@@ -26,7 +26,7 @@ import ray
 import ray.data
 
 from btrm.batching import take
-from btrm.config import SCORING_DTYPES, DataOptions, option, parse_config
+from btrm.config import SCORING_DTYPES, USE_GPU_CHOICES, DataOptions, gpus_wanted, option, parse_config
 from btrm.data import DataSpec, build_pair_dataset, close_ledger, new_ledger
 from btrm.export import read_manifest
 from btrm.scoring import RewardScorer
@@ -80,7 +80,9 @@ class EvalConfig(DataOptions):
     max_batch_tokens: int = option(32768, "Tokens per forward pass, padding included (the memory knob; packed rows "
                                    "on CPUs stay under 4096: their attention mask is dense there).")
     num_scorers: int | None = option(None, "Scoring actors, each holding a copy of the model; "
-                                     "unset: one per GPU of the cluster, or 1 without GPUs.")
+                                     "unset: one per GPU of the cluster (scoring on GPUs), else 1.")
+    use_gpu: str = option("auto", "Score on GPUs: auto (when the cluster has any now), true (an autoscaling "
+                          "cluster starts GPU nodes for the job) or false.", USE_GPU_CHOICES)
     scorer_cpus: float = option(1.0, "CPUs reserved by each scoring actor when scoring on CPU.")
     dtype: str = option("auto", "Weights and activations when scoring: auto (bfloat16 on GPUs that have it, "
                         "float32 on CPUs), bfloat16 or float32.", SCORING_DTYPES)
@@ -313,9 +315,9 @@ def score_pairs(config: EvalConfig, model_path: str, spec: TokenizationSpec, led
     # The dataset's own context (a copy made when it was created): input order, so --show prints the
     # first pairs of the data and the output file lines up with it.
     pairs.context.execution_options.preserve_order = True
-    gpus = int(ray.cluster_resources().get("GPU", 0))
-    num_scorers = config.num_scorers or max(gpus, 1)
-    print(f"[btrm] scoring with {num_scorers} actor(s) on {'GPU' if gpus else 'CPU'}; max_length {spec.max_length}, "
+    use_gpu = gpus_wanted(config.use_gpu)
+    num_scorers = config.num_scorers or max(int(ray.cluster_resources().get("GPU", 0)) if use_gpu else 1, 1)
+    print(f"[btrm] scoring with {num_scorers} actor(s) on {'GPU' if use_gpu else 'CPU'}; max_length {spec.max_length}, "
           f"overlong pairs: {spec.overlong}", flush=True)
     scored = pairs.map_batches(
         PairScorer,
@@ -324,7 +326,7 @@ def score_pairs(config: EvalConfig, model_path: str, spec: TokenizationSpec, led
         batch_size=config.batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=num_scorers),
-        **({"num_gpus": 1} if gpus else {"num_cpus": config.scorer_cpus}),
+        **({"num_gpus": 1} if use_gpu else {"num_cpus": config.scorer_cpus}),
     )
     blocks = [block.cast(SCORED_SCHEMA) for block in scored.iter_batches(batch_size=None, batch_format="pyarrow")]
     return pa.concat_tables(blocks) if blocks else SCORED_SCHEMA.empty_table()

@@ -20,7 +20,7 @@ import ray.train
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from btrm.config import TrainConfig
+from btrm.config import TrainConfig, gpus_wanted
 from btrm.data import DataSpec, build_pair_dataset, close_ledger, new_ledger, split_by_question
 from btrm.deepspeed_configs import fill_deepspeed_config, load_deepspeed_config
 from btrm.export import check_replaceable, publish_dir
@@ -99,7 +99,7 @@ def run_training(config: TrainConfig) -> ray.train.Result:
     config.tracking_dir = os.path.abspath(config.tracking_dir)  # workers have another working directory
     model_path = resolve_model_path(config.model_name)
     spec = tokenization_for(model_path, config)
-    use_gpu = {"auto": ray.cluster_resources().get("GPU", 0) > 0, "true": True, "false": False}[config.use_gpu]
+    use_gpu = gpus_wanted(config.use_gpu)
     if config.bf16 and not use_gpu:
         print("[btrm] --bf16 needs GPUs; these CPU workers train in float32", flush=True)
     deepspeed_config = load_deepspeed_config(config.deepspeed)
@@ -145,12 +145,10 @@ def run_training(config: TrainConfig) -> ray.train.Result:
                             if config.eval_split_ratio else ""))
     # An epoch's last step takes the pairs that are left, fewer than a full step: none is skipped.
     steps_per_epoch = math.ceil(per_worker / (config.per_device_train_batch_size * config.gradient_accumulation_steps))
-    total_steps = steps_per_epoch * config.num_train_epochs
-    if config.max_steps > 0:
-        total_steps = min(total_steps, config.max_steps)
+    total_steps = config.max_steps if config.max_steps > 0 else steps_per_epoch * config.num_train_epochs
     print(f"[btrm] {pairs} training pairs on {config.num_workers} worker(s) ({'GPU' if use_gpu else 'CPU'}), "
           f"{pairs - per_worker * config.num_workers} left out to keep workers in step; "
-          f"{total_steps} optimizer steps", flush=True)
+          f"{total_steps} optimizer steps ({total_steps / steps_per_epoch:.3g} epochs of {steps_per_epoch})", flush=True)
 
     plan = Plan(config=config, model_path=model_path, tokenization=spec.to_dict(), deepspeed_config=deepspeed_config,
                 use_gpu=use_gpu, total_steps=total_steps,

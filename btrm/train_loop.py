@@ -396,7 +396,7 @@ def train_loop_per_worker(loop_config: dict[str, Plan]) -> None:
     if done and rank == 0:
         log.info(f"[btrm] the run had trained its {progress.global_step} steps already: nothing more to train (raise "
                  "--max_steps or --num_train_epochs to go on); evaluating and exporting it again")
-    while not done and progress.epoch < config.num_train_epochs:
+    while not done:  # epochs until the plan's steps are done (--max_steps may ask for more than one, or less)
         engine.train()
         steps = train_shard.iter_batches(batch_size=pairs_per_step, batch_format="numpy", prefetch_batches=2,
                                          **epoch_order(config.seed, progress.epoch))

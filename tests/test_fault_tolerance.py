@@ -36,8 +36,9 @@ def _checkpoint_registered(run_dir) -> bool:
 
 
 def test_a_killed_worker_resumes_from_the_last_checkpoint(ray_session, tiny_qwen_dir, hh_helpful, tmp_path):
-    # 320 pairs on 2 workers x 4 pairs x 2 accumulation: 20 steps an epoch, 60 in all; a checkpoint every 10.
-    options = dict(num_train_epochs=3, save_steps=10, logging_steps=5, max_failures=1)
+    # 320 pairs on 2 workers x 4 pairs x 2 accumulation: 20 steps an epoch; 60 steps (--max_steps: three
+    # epochs, as in transformers); a checkpoint every 10.
+    options = dict(max_steps=60, save_steps=10, logging_steps=5, max_failures=1)
     outcome: dict = {}
 
     def train():
