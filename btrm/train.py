@@ -31,18 +31,25 @@ from btrm.train_loop import EXPORT_DIR, Plan, check_resume_terms, recorded_resum
 
 
 def tokenization_for(model_path: str, config) -> TokenizationSpec:
-    """The tokenization a model gets, checked on the driver (no chat template, too long a max_length)."""
+    """The tokenization a model gets, checked on the driver (no chat template, too long a max_length, a
+    tokenizer with more tokens than the embedding has rows)."""
     from transformers import AutoConfig
 
     model_config = AutoConfig.from_pretrained(model_path)
     limit = getattr(model_config, "max_position_embeddings", None)
     if limit is not None and config.max_length > limit:
-        raise ValueError(f"--max_length {config.max_length} exceeds what {config.model_name} can read "
+        raise SystemExit(f"--max_length {config.max_length} exceeds what {config.model_name} can read "
                          f"({limit} positions); lower it")
     spec = TokenizationSpec(max_length=config.max_length, overlong=config.overlong,
                             reward_token=reward_token_rule(model_config),
                             chat_template=read_chat_template(config.chat_template))
-    prepare_tokenizer(load_tokenizer(model_path), spec.chat_template)
+    tokenizer = prepare_tokenizer(load_tokenizer(model_path), spec.chat_template)
+    rows = getattr(model_config, "vocab_size", None)
+    if rows is not None and len(tokenizer) > rows:
+        raise SystemExit(f"{config.model_name}: its tokenizer has {len(tokenizer)} tokens and the model's embedding "
+                         f"{rows} rows: a token id of {rows} or more fails the forward that meets it (on GPUs as a "
+                         "'device-side assert'). Resize the embedding and save the model "
+                         "(model.resize_token_embeddings(len(tokenizer))), or use the tokenizer it was trained with")
     return spec
 
 

@@ -197,9 +197,20 @@ def test_disable_dropout_reaches_a_decoders_attention_dropout():
 
 
 def test_the_driver_refuses_at_once_what_would_fail_after_training(ray_session, tiny_qwen_dir, hh_helpful, tmp_path):
-    """An output path that is not an earlier export (exporting replaces it whole) and a DeepSpeed config that
-    the workers would refuse stop the job before any data is read or any worker starts."""
+    """An output path that is not an earlier export (exporting replaces it whole), a DeepSpeed config that
+    the workers would refuse, and a tokenizer that knows more tokens than the model's embedding has rows (one
+    extended, the model never resized) stop the job before any data is read or any worker starts."""
+    import shutil
+
     rows = hh_helpful["train"][:40]
+    extended = tmp_path / "extended"
+    shutil.copytree(tiny_qwen_dir, extended)
+    tokenizer = AutoTokenizer.from_pretrained(extended)
+    tokenizer.add_tokens(["<unseen>"])
+    tokenizer.save_pretrained(extended)
+    with pytest.raises(SystemExit, match=rf"tokenizer has {len(tokenizer)} tokens and the model's embedding "
+                                         rf"{len(tokenizer) - 1} rows"):
+        train_tiny(tmp_path, str(extended), rows, None)
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "notes.txt").write_text("keep")
     with pytest.raises(SystemExit, match="holds files but no btrm.json"):
