@@ -43,14 +43,29 @@ def tokenization_for(model_path: str, config) -> TokenizationSpec:
     spec = TokenizationSpec(max_length=config.max_length, overlong=config.overlong,
                             reward_token=reward_token_rule(model_config),
                             chat_template=read_chat_template(config.chat_template))
-    tokenizer = prepare_tokenizer(load_tokenizer(model_path), spec.chat_template)
-    rows = getattr(model_config, "vocab_size", None)
-    if rows is not None and len(tokenizer) > rows:
-        raise SystemExit(f"{config.model_name}: its tokenizer has {len(tokenizer)} tokens and the model's embedding "
-                         f"{rows} rows: a token id of {rows} or more fails the forward that meets it (on GPUs as a "
-                         "'device-side assert'). Resize the embedding and save the model "
-                         "(model.resize_token_embeddings(len(tokenizer))), or use the tokenizer it was trained with")
+    check_embedding_rows(prepare_tokenizer(load_tokenizer(model_path), spec.chat_template), model_config,
+                         config.model_name)
     return spec
+
+
+def check_embedding_rows(tokenizer, model_config, model_name: str) -> None:
+    """Refuses a tokenizer whose text can reach a token id the model's embedding lacks (one extended, the model
+    never resized): the first forward that meets it fails, on GPUs as a bare 'device-side assert'. Special
+    tokens past the embedding (Gemma 3's <image_soft_token>) only come from text holding them literally: noted."""
+    rows = getattr(model_config.get_text_config(), "vocab_size", None)
+    if rows is None:
+        return
+    beyond = {token.content: token.special for i, token in tokenizer.added_tokens_decoder.items() if i >= rows}
+    plain = [content for content, special in beyond.items() if not special]
+    if tokenizer.vocab_size > rows or plain:
+        raise SystemExit(f"{model_name}: its tokenizer has {len(tokenizer)} tokens and the model's embedding {rows} "
+                         f"rows, and text can reach the ones past it ({plain[:5] or 'its base vocabulary'}): the "
+                         "first forward that meets one fails (on GPUs as a 'device-side assert'). Resize the "
+                         "embedding and save the model (model.resize_token_embeddings(len(tokenizer))), or use the "
+                         "tokenizer it was trained with")
+    if beyond:
+        print(f"[btrm] note: special tokens {sorted(beyond)[:5]} have ids past the model's {rows} embedding rows; a "
+              "pair whose text holds one literally fails its forward", flush=True)
 
 
 def pair_dataset(name: str, path: str, model_path: str, spec: TokenizationSpec, config,

@@ -62,6 +62,7 @@ ray job submit --submission-id "$RUN_NAME-evaluate-$STAMP" --working-dir . \
     --dataset_format helpsteer3 \
     --data_path "$EVAL" \
     --output "$EVAL_OUTPUT" \
+    --use_gpu true \
     --show 5
 
 # 3. Serve it: serve/config.yaml with this model and the repository on the nodes as working_dir.

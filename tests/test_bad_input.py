@@ -77,14 +77,16 @@ def test_invalid_utf8_and_broken_json_lines_only_cost_their_own_row(qwen_tokeniz
 
     # Valid JSON escapes of a lone surrogate (text cut inside an emoji), in an answer and in an id.
     cut_emoji = {"chosen": Q + [{"role": "assistant", "content": "Seven \ud83d"}], "rejected": Q + [B]}
+    cut_call = {"chosen": Q + [{"role": "assistant", "tool_calls": [{"function": {"name": "f\ud800"}}]}],
+                "rejected": Q + [B]}
     lines = [json.dumps(rows[0]), '{"chosen": [truncated', "", json.dumps(rows[2]), "[1, 2]", json.dumps(cut_emoji),
-             json.dumps({**rows[1], "id": "pair-\udc00"})]
+             json.dumps({**rows[1], "id": "pair-\udc00"}), json.dumps(cut_call)]
     (tmp_path / "lines.jsonl").write_text("\n".join(lines) + "\n")
     kept, ledger = run_pipeline(tmp_path / "lines.jsonl", qwen_tokenizer_dir)
-    assert ledger["pairs"] == 2 and ledger["dropped"]["invalid"] == 4
-    assert [e["row"] for e in ledger["examples"]] == [1, 4, 5, 6]  # 0-based line numbers; the blank line is no row
+    assert ledger["pairs"] == 2 and ledger["dropped"]["invalid"] == 5
+    assert [e["row"] for e in ledger["examples"]] == [1, 4, 5, 6, 7]  # 0-based line numbers; the blank line is no row
     assert "not valid JSON" in ledger["examples"][0]["message"]
-    assert [e["field"] for e in ledger["examples"][2:]] == ["chosen[1].content", "id"]
+    assert [e["field"] for e in ledger["examples"][2:]] == ["chosen[1].content", "id", "chosen[1].tool_calls[0].function.name"]
     assert all("not valid Unicode text" in e["message"] for e in ledger["examples"][2:])
 
 

@@ -44,7 +44,9 @@ def test_standard_shards_match_apply_chat_template(hh_helpful, qwen, qwen_tokeni
     rows, ledger = run_pipeline(tmp_path / "shards", qwen_tokenizer_dir, max_length=256)
     identical = sum(p["chosen"] == p["rejected"] for p in pairs)
     assert ledger["rows_read"] == 300 and ledger["files"] == 3
-    assert ledger["dropped"]["identical"] == identical and ledger["pairs"] == 300 - identical == len(rows)
+    overlong = ledger["dropped"]["overlong"]  # answers that with their turn's opening alone exceed 256 tokens
+    assert ledger["dropped"]["identical"] == identical and ledger["pairs"] == 300 - identical - overlong == len(rows)
+    assert {reason for reason, count in ledger["dropped"].items() if count} <= {"identical", "overlong"}
     assert ledger["truncated"] > 0
     by_id = {p["id"]: p for p in pairs}
     for row in rows:

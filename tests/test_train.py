@@ -196,7 +196,8 @@ def test_disable_dropout_reaches_a_decoders_attention_dropout():
     torch.testing.assert_close(rewards(), rewards(), rtol=0, atol=0)
 
 
-def test_the_driver_refuses_at_once_what_would_fail_after_training(ray_session, tiny_qwen_dir, hh_helpful, tmp_path):
+def test_the_driver_refuses_at_once_what_would_fail_after_training(ray_session, tiny_qwen_dir, hh_helpful, tmp_path,
+                                                                  capsys):
     """An output path that is not an earlier export (exporting replaces it whole), a DeepSpeed config that
     the workers would refuse, and a tokenizer that knows more tokens than the model's embedding has rows (one
     extended, the model never resized) stop the job before any data is read or any worker starts."""
@@ -209,8 +210,17 @@ def test_the_driver_refuses_at_once_what_would_fail_after_training(ray_session, 
     tokenizer.add_tokens(["<unseen>"])
     tokenizer.save_pretrained(extended)
     with pytest.raises(SystemExit, match=rf"tokenizer has {len(tokenizer)} tokens and the model's embedding "
-                                         rf"{len(tokenizer) - 1} rows"):
+                                         rf"{len(tokenizer) - 1} rows, and text can reach the ones past it \(\['<unseen>'\]\)"):
         train_tiny(tmp_path, str(extended), rows, None)
+    # A special token past the embedding (Gemma 3's <image_soft_token>) only comes from text that holds it: noted.
+    from transformers import AutoConfig
+
+    from btrm.train import check_embedding_rows
+
+    special = AutoTokenizer.from_pretrained(tiny_qwen_dir)
+    special.add_special_tokens({"additional_special_tokens": ["<image_soft_token>"]})
+    check_embedding_rows(special, AutoConfig.from_pretrained(tiny_qwen_dir), "gemma-like")
+    assert "special tokens ['<image_soft_token>'] have ids past the model's" in capsys.readouterr().out
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "notes.txt").write_text("keep")
     with pytest.raises(SystemExit, match="holds files but no btrm.json"):

@@ -235,8 +235,9 @@ def as_tool_calls(value: Any, field: str) -> list[dict[str, Any]]:
         arguments = {} if arguments is None else as_plain_json(arguments, f"{place}.function.arguments")
         if not isinstance(arguments, dict):
             raise RowError(f"{place}.function.arguments", f"must be an object, got {type(arguments).__name__}")
-        normalised.append({"type": "function", "function": {"name": function["name"], "arguments": arguments},
-                           **({"id": call["id"]} if call.get("id") is not None else {})})
+        name = _string(function["name"], f"{place}.function.name")
+        normalised.append({"type": "function", "function": {"name": name, "arguments": arguments},
+                           **({"id": _string(call["id"], f"{place}.id")} if call.get("id") is not None else {})})
     return normalised
 
 
