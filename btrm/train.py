@@ -170,7 +170,7 @@ def run_training(config: TrainConfig) -> ray.train.Result:
     total_steps = config.max_steps if config.max_steps > 0 else steps_per_epoch * config.num_train_epochs
     print(f"[btrm] {pairs} training pairs on {config.num_workers} worker(s) ({'GPU' if use_gpu else 'CPU'}), "
           f"{pairs - per_worker * config.num_workers} left out to keep workers in step; "
-          f"{total_steps} optimizer steps ({total_steps / steps_per_epoch:.3g} epochs of {steps_per_epoch})", flush=True)
+          f"{total_steps} optimizer steps ({total_steps / steps_per_epoch:.3g} epoch(s) of {steps_per_epoch})", flush=True)
 
     plan = Plan(config=config, model_path=model_path, tokenization=spec.to_dict(), deepspeed_config=deepspeed_config,
                 use_gpu=use_gpu, total_steps=total_steps,
