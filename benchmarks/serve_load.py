@@ -168,7 +168,8 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 64], help="Concurrent clients, per level.")
     parser.add_argument("--requests", type=int, default=1000, help="Most requests per level.")
     parser.add_argument("--seconds", type=float, default=20.0, help="No new request after this long, per level.")
-    parser.add_argument("--warmup", type=int, default=20, help="Requests sent (and not counted) before the levels.")
+    parser.add_argument("--warmup", type=int, default=20, help="Requests sent (and not counted) before the levels, "
+                        "by one client and again by the most concurrent level's clients.")
     parser.add_argument("--num_replicas", type=int, default=1, help="Model replicas.")
     parser.add_argument("--replica_cpus", type=float, default=1.0, help="CPUs (torch threads) of each replica.")
     parser.add_argument("--batch_wait_timeout_s", type=float, default=0.005)
@@ -191,7 +192,10 @@ def main() -> None:
                                  replica_cpus=args.replica_cpus, batch_wait_timeout_s=args.batch_wait_timeout_s)
         serve.run(build_app(options, num_replicas=args.num_replicas), name="btrm", route_prefix="/")
         url = f"http://127.0.0.1:{port}"
-        asyncio.run(run_level(url, bodies, 1, args.warmup, 60))
+        # Batches of one and of many pairs: on a GPU each new row shape compiles attention kernels once, which
+        # must happen before the clock runs.
+        for clients in sorted({1, max(args.concurrency)}):
+            asyncio.run(run_level(url, bodies, clients, args.warmup * clients, 120))
         meter = CpuMeter()
         results = [asyncio.run(run_level(url, bodies, c, args.requests, args.seconds, meter)) for c in args.concurrency]
     finally:
