@@ -86,17 +86,56 @@ class PackedBatch:
 
         return allowed
 
+    def block_mask(self):
+        """The attention rule as FlexAttention's ``BlockMask``, read off the layout block by block: the
+        blocks ``create_block_mask`` finds, without its ``[T, T]`` evaluation (eager) or its compilation
+        (17-60 s on an H200 machine, again for the first rows of a new length). Rows must be whole blocks.
+
+        Groups lie in order along the row, each as prompt, answer 1, answer 2, ...; so the groups a block
+        holds are a range, and a KV block ``j`` before a Q block ``i`` can share only one group: ``j``'s
+        last and ``i``'s first. Within it, ``j``'s part is a run of segments (its tail) and ``i``'s part
+        another (its head): some query there sees some key iff the tail holds prompt tokens or the two
+        runs share a segment. The pair is full (no masking inside) iff both blocks lie wholly in that group
+        and every key is prompt or the one answer all the queries are in. A diagonal block is partial.
+        """
+        from torch.nn.attention.flex_attention import BlockMask
+
+        length = self.input_ids.shape[1]
+        if length % FLEX_BLOCK:
+            raise ValueError(f"a packed row of {length} tokens: FlexAttention rows are padded to a multiple of {FLEX_BLOCK}")
+        blocks = length // FLEX_BLOCK
+        # The end padding (group -1, segment 0) is one more group after the last: ids then rise along the row.
+        group = torch.where(self.group < 0, self.num_pairs, self.group).view(blocks, FLEX_BLOCK)
+        segment = self.segment.view(blocks, FLEX_BLOCK)
+        first_group, last_group = group[:, 0], group[:, -1]
+        tail_start = (group == last_group[:, None]).int().argmax(1, keepdim=True)
+        tail_min, tail_max = segment.gather(1, tail_start).squeeze(1), segment[:, -1]
+        head_end = FLEX_BLOCK - 1 - (group == first_group[:, None]).flip(1).int().argmax(1, keepdim=True)
+        head_min, head_max = segment[:, 0], segment.gather(1, head_end).squeeze(1)
+        index = torch.arange(blocks, device=group.device)
+        below = (index[None, :] < index[:, None]) & (last_group[None, :] == first_group[:, None])  # [q, kv]
+        seen = (tail_min[None, :] == 0) | (torch.maximum(tail_min[None, :], head_min[:, None])
+                                           <= torch.minimum(tail_max[None, :], head_max[:, None]))
+        whole = first_group == last_group
+        one_answer = (tail_min.clamp(min=1) == tail_max)[None, :] & (head_min[:, None] == tail_max[None, :]) & \
+            (head_max[:, None] == tail_max[None, :])
+        full = below & whole[None, :] & whole[:, None] & ((tail_max == 0)[None, :] | one_answer)
+        partial = (below & seen & ~full) | (index[None, :] == index[:, None])
+
+        def kv_blocks(kept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            """[q, kv] booleans → per Q block, how many KV blocks and which (kept ones first, in order)."""
+            order = torch.argsort((~kept).to(torch.int8), dim=1, stable=True)
+            return kept.sum(1, dtype=torch.int32)[None, None], order.to(torch.int32)[None, None]
+
+        return BlockMask.from_kv_blocks(*kv_blocks(partial), *kv_blocks(full), BLOCK_SIZE=FLEX_BLOCK,
+                                        mask_mod=self.mask_mod(), seq_lengths=(length, length))
+
     def attention_mask(self, implementation: str):
         """The rule in the form the attention implementation takes: a ``BlockMask`` for flex_attention, a
         dense ``[1, 1, T, T]`` mask otherwise (boolean for sdpa, additive for eager)."""
         length = self.input_ids.shape[1]
         if implementation == "flex_attention":
-            from torch.nn.attention.flex_attention import create_block_mask
-
-            device = self.input_ids.device
-            # Compiled, the block mask is built block by block; eager, it would first materialise [T, T].
-            return create_block_mask(self.mask_mod(), None, None, length, length, device=device,
-                                     _compile=device.type == "cuda")
+            return self.block_mask()
         index = torch.arange(length, device=self.input_ids.device)
         dense = self.mask_mod()(None, None, index[:, None], index[None, :])[None, None]
         if implementation == "sdpa":

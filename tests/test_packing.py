@@ -136,6 +136,42 @@ def test_flex_attention_block_mask_gives_the_same_rewards(classifier, pairs):
     assert packed.tolist() == pytest.approx(classifier_rewards, abs=2e-5)
 
 
+def _layouts():
+    """Rows that put block edges everywhere: many tiny groups to a block, prompts and answers spanning
+    blocks, one-token answers, many candidates, parts ending exactly on a block edge, end padding."""
+    generator = np.random.default_rng(0)
+    layouts = [([128, 100], [[128, 128], [28, 100]]),  # edges on block boundaries, no padding
+               ([300], [[1, 1, 1]]), ([5] * 30, [[3, 2]] * 30), ([1], [[640]])]
+    for prompt_range, answer_range, candidates in [((1, 40), (1, 40), (2, 2)), ((50, 400), (1, 300), (2, 2)),
+                                                   ((1, 200), (1, 200), (1, 6)), ((100, 700), (100, 500), (2, 3))]:
+        for _ in range(4):
+            count = int(generator.integers(1, 12))
+            layouts.append(([int(generator.integers(*prompt_range, endpoint=True)) for _ in range(count)],
+                            [[int(generator.integers(*answer_range, endpoint=True))
+                              for _ in range(int(generator.integers(*candidates, endpoint=True)))] for _ in range(count)]))
+    return layouts
+
+
+@pytest.mark.parametrize("prompt_lengths,answer_lengths", _layouts())
+def test_block_mask_has_exactly_the_blocks_create_block_mask_finds(prompt_lengths, answer_lengths):
+    """The BlockMask read off the layout against create_block_mask's, which evaluates the mask at every
+    position: the same partial and full blocks for every query block, both ways (the backward reads KV→Q)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    prompts = [[7] * n for n in prompt_lengths]
+    answers = [[[8] * n for n in lengths] for lengths in answer_lengths]
+    batch = pack_groups(prompts, answers, pad_token_id=0, pad_to_multiple=FLEX_BLOCK)
+    length = batch.input_ids.shape[1]
+    ours = batch.block_mask()
+    reference = create_block_mask(batch.mask_mod(), None, None, length, length, device="cpu")
+    for counts, indices in [("kv_num_blocks", "kv_indices"), ("full_kv_num_blocks", "full_kv_indices"),
+                            ("q_num_blocks", "q_indices"), ("full_q_num_blocks", "full_q_indices")]:
+        got, expected = getattr(ours, counts)[0, 0].tolist(), getattr(reference, counts)[0, 0].tolist()
+        assert got == expected, counts
+        blocks = lambda mask: [sorted(row[:n]) for row, n in zip(getattr(mask, indices)[0, 0].tolist(), got)]  # noqa: E731
+        assert blocks(ours) == blocks(reference), indices
+
+
 def test_a_prompt_with_many_candidates_is_computed_once(classifier):
     classifier.set_attn_implementation("sdpa")
     prompt, candidates = [5, 6, 7, 8, 9], [[10], [11, 12], [13, 14, 15], [10, 16]]
