@@ -172,6 +172,8 @@ def main() -> None:
                         "by one client and again by the most concurrent level's clients.")
     parser.add_argument("--num_replicas", type=int, default=1, help="Model replicas.")
     parser.add_argument("--replica_cpus", type=float, default=1.0, help="CPUs (torch threads) of each replica.")
+    parser.add_argument("--replica_gpus", default="auto", help="GPUs of each replica: auto (1 where there is a GPU) or a "
+                        "fraction, so several replicas share one GPU (each tokenizes and batches on its own core).")
     parser.add_argument("--batch_wait_timeout_s", type=float, default=0.005)
     args = parser.parse_args()
 
@@ -189,7 +191,8 @@ def main() -> None:
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 60})
         options = ServiceOptions(model_path=args.model_path, token_env="BTRM_BENCHMARK_NO_TOKEN",
-                                 replica_cpus=args.replica_cpus, batch_wait_timeout_s=args.batch_wait_timeout_s)
+                                 replica_cpus=args.replica_cpus, replica_gpus=args.replica_gpus,
+                                 batch_wait_timeout_s=args.batch_wait_timeout_s)
         serve.run(build_app(options, num_replicas=args.num_replicas), name="btrm", route_prefix="/")
         url = f"http://127.0.0.1:{port}"
         # Batches of one and of many pairs: on a GPU each new row shape compiles attention kernels once, which
@@ -202,7 +205,8 @@ def main() -> None:
         serve.shutdown()
         ray.shutdown()
 
-    print(f"\nPOST /compare, one real pair per request, model {args.model_path}, {args.num_replicas} replica(s) x {args.replica_cpus} CPU, "
+    print(f"\nPOST /compare, one real pair per request, model {args.model_path}, {args.num_replicas} replica(s) x {args.replica_cpus} CPU "
+          f"x {args.replica_gpus} GPU, "
           f"{os.cpu_count()} cores on this machine")
     print("| clients | requests | failed | seconds | requests/s | p50 ms | p99 ms "
           "| CPU ms/request: replica, proxy, client, rest of Ray | machine busy |")

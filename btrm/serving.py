@@ -78,7 +78,8 @@ class ServiceOptions:
     max_batch_tokens: int = option(16384, "Most tokens in one forward pass, padding included (decoders: packed "
                                    "rows, each prompt computed once; on CPUs at most 4096).")
     replica_cpus: float = option(1.0, "CPUs reserved by each replica (its torch threads).")
-    replica_gpus: str = option("auto", "GPUs per replica: auto (1 when the cluster has a GPU, else 0) or a number.")
+    replica_gpus: str = option("auto", "GPUs per replica: auto (1 when the cluster has a GPU, else 0) or a number; "
+                              "a fraction lets replicas share a GPU (0.25: four), each tokenizing on its own core.")
     dtype: str = option("auto", "Weights and activations: auto (bfloat16 on GPUs that have it, float32 on CPUs), "
                         "bfloat16 or float32.", SCORING_DTYPES)
 
