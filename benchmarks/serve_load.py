@@ -15,6 +15,9 @@ private Ray):
         --chat_template btrm/templates/plain.jinja --train_set_path examples/hh_helpful/train.parquet \\
         --max_length 512 --max_steps 4 --gradient_accumulation_steps 1 --gradient_checkpointing false \\
         --output_path /tmp/btrm-minilm --storage_path /tmp/btrm-runs
+
+On a GPU, a model of a real one's size (random weights): benchmarks/random_reward_model.py; several
+replicas can share the GPU (--num_replicas 4 --replica_gpus 0.25). benchmarks/gpu_figures.sh runs both.
 """
 
 from __future__ import annotations

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -37,3 +39,28 @@ def test_tiny_mode_prints_figures_for_both_systems(tmp_path):
         assert f"{row['pairs_per_s']:.2f}" in line and "n/a" in line, line
     assert {row["setting"] for row in rows if row["system"] == "btrm"} == {"micro 4 x2", "1024 tokens"}
     assert any("at 4 pairs per micro-batch btrm is" in line for line in lines), run.stdout
+
+
+def test_random_reward_model_is_an_export_the_scorer_and_plain_transformers_load(tmp_path, qwen_tokenizer_dir):
+    """benchmarks/random_reward_model.py (the serving benchmark's model on a GPU), in its tiny shape."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from btrm.scoring import RewardScorer
+
+    output = tmp_path / "model"
+    command = [sys.executable, str(REPO / "benchmarks" / "random_reward_model.py"), "--tokenizer", qwen_tokenizer_dir,
+               "--shape", "tiny", "--max_length", "512", "--output", str(output)]
+    run = subprocess.run(command, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    scorer = RewardScorer(str(output))
+    assert scorer.spec.max_length == 512 and scorer.packed
+    question = [{"role": "user", "content": "What is 2 + 2?"}]
+    conversations = [question + [{"role": "assistant", "content": answer}] for answer in ("4.", "5, surely.")]
+    rewards, encoded = scorer.score_group(conversations)
+    # The packed, prompt-shared score is the plain classifier's on each whole sequence.
+    plain = AutoModelForSequenceClassification.from_pretrained(output, dtype=torch.float32).eval()
+    with torch.no_grad():
+        alone = [plain(input_ids=torch.tensor([encoded.prompt_ids + tail])).logits.item() for tail in encoded.tails]
+    assert rewards == pytest.approx(alone, abs=1e-5) and rewards[0] != pytest.approx(rewards[1])

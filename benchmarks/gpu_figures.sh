@@ -1,0 +1,54 @@
+#!/bin/bash
+# The README's GPU figures on one GPU, stage by stage, each bounded in time and logged into OUTDIR:
+#
+#   bash benchmarks/gpu_figures.sh OUTDIR [STAGE ...]
+#
+# Stages (default: train-btrm train-trl serve-1):
+#   train-btrm   btrm's training step, packed: 4 pairs per micro-batch, and 65,536-token micro-batches (synthetic)
+#   train-trl    TRL's RewardTrainer at its own 4 pairs per micro-batch (synthetic)
+#   train-real   both on real pairs (hh-rlhf, RM-Bench; needs QWEN3 data in BTRM_TEST_DATA or ../shared/data)
+#   serve-1      the service's load benchmark, one replica on the GPU
+#   serve-4      the same, four replicas sharing the GPU (each tokenizes on its own core)
+#   exactness    tests/test_packing.py's GPU test (bf16 FlexAttention against float32)
+# The first btrm stage compiles the decoder layers (minutes; the second pass it reports is warm).
+set -u
+out=${1:?usage: bash benchmarks/gpu_figures.sh OUTDIR [STAGE ...]}
+shift
+stages=${*:-train-btrm train-trl serve-1}
+data=${BTRM_TEST_DATA:-$(dirname "$0")/../../shared/data}
+model=${BTRM_SERVE_MODEL:-/tmp/btrm-random-qwen3-1.7b}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+start=$(date +%s)
+
+stage() {  # stage NAME SECONDS COMMAND...: runs COMMAND with a time limit, its output into OUTDIR/NAME.log
+  local name=$1 seconds=$2
+  shift 2
+  echo "=== $(( $(date +%s) - start )) s: $name (at most $seconds s)"
+  timeout "$seconds" "$@" > "$out/$name.log" 2>&1
+  echo "=== $name: exit $?"
+  grep -vE "^\(|^\[|^INFO|^[0-9]{4}-|raylet|[Ww]arning" "$out/$name.log" | tail -20
+}
+
+serve_model() {
+  [ -f "$model/btrm.json" ] || python3 benchmarks/random_reward_model.py --tokenizer "$data/tokenizers/qwen3" \
+    --shape full --output "$model" > "$out/serve-model.log" 2>&1
+}
+
+throughput=(python3 benchmarks/train_throughput.py --mode full --data_dir "$data")
+load=(python3 benchmarks/serve_load.py --model_path "$model" --seconds 12 --warmup 4 --replica_cpus 2)
+for name in $stages; do
+  case $name in
+    train-btrm) stage "$name" 330 "${throughput[@]}" --data synthetic --systems btrm --btrm_micro_batches 4 \
+                  --btrm_max_tokens 65536 --json "$out/$name.json" ;;
+    train-trl) stage "$name" 110 "${throughput[@]}" --data synthetic --systems trl --trl_micro_batches 4 \
+                 --json "$out/$name.json" ;;
+    train-real) stage "$name" 400 "${throughput[@]}" --data real --trl_micro_batches 4 --btrm_micro_batches 4 \
+                  --btrm_max_tokens 65536 --json "$out/$name.json" ;;
+    serve-1) serve_model && stage "$name" 100 "${load[@]}" ;;
+    serve-4) serve_model && stage "$name" 120 "${load[@]}" --num_replicas 4 --replica_gpus 0.25 ;;
+    exactness) stage "$name" 150 python3 -m pytest -q -p no:cacheprovider tests/test_packing.py -k gpu ;;
+    *) echo "unknown stage $name" >&2; exit 2 ;;
+  esac
+done
+echo "=== $(( $(date +%s) - start )) s: done"
