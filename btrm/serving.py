@@ -43,7 +43,7 @@ from starlette.responses import JSONResponse
 import btrm
 from btrm.config import SCORING_DTYPES, option, parse_config
 from btrm.processors.base import ROLES, RowError, as_message, as_tools, check_conversation, is_unicode
-from btrm.tokenize import TEMPLATE_ERRORS, AnswersTooLong, SharedPromptIds, tool_names
+from btrm.tokenize import TEMPLATE_ERRORS, AnswersTooLong, SharedPromptIds, TokensPastEmbedding, tool_names
 
 logger = logging.getLogger("ray.serve")  # Serve's logger: lines reach the replica's log, as Ray's docs say
 
@@ -441,6 +441,8 @@ def build_api(scorer, options: ServiceOptions, token: str | None, score_groups: 
         except TEMPLATE_ERRORS as e:  # (a 422 like every other: a list of errors, each with its loc)
             raise HTTPException(422, [{"type": "chat_template", "loc": loc,
                                        "msg": f"the model's chat template rejects this conversation: {e}"}]) from None
+        except TokensPastEmbedding as e:
+            raise HTTPException(422, [{"type": "unknown_token", "loc": loc, "msg": str(e)}]) from None
 
     async def rewards_of(encoded: list[SharedPromptIds], names: list[list[str]]) -> list[list[float]]:
         """Each group's rewards; ``names``: each group's answers', for the error of a reward not finite."""

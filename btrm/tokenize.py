@@ -264,6 +264,10 @@ class AnswersTooLong(RowDropped):
         self.answers = answers
 
 
+class TokensPastEmbedding(ValueError):
+    """Token ids the model's embedding has no row for (the scorer checks before a forward meets them)."""
+
+
 def _tools_key(tools: Tools) -> str:
     return json.dumps(tools, sort_keys=True) if tools else ""
 

@@ -450,45 +450,90 @@ def test_what_the_model_refuses_or_fails_at_is_said_as_json(service, trained_mod
     assert error["loc"] == ["body", "pairs", 1] and "System role not supported" in error["msg"]
 
 
-def test_a_request_the_model_fails_on_fails_alone_not_the_requests_batched_with_it(service, tmp_path,
-                                                                                    trained_model_dir):
-    """A tokenizer that knows a token the model's embedding lacks (extended, never resized): the forward fails
-    on a request holding it. The requests batched with it are scored as they are alone; it gets a JSON 500
-    that names the failure, batched or alone."""
+def _served_copy(name: str, trained_model_dir: Path, tmp_path: Path, change) -> str:
+    """A copy of the trained export, changed by ``change(directory)``, served under /``name`` (the first
+    request of a batch waits a second for others: concurrent requests share one batch)."""
     import shutil
 
     from ray import serve
+
+    directory = tmp_path / name
+    shutil.copytree(trained_model_dir, directory)
+    change(directory)
+    serve.run(app_builder(dict(model_path=str(directory), batch_wait_timeout_s=1.0)), name=name, route_prefix=f"/{name}")
+    return name
+
+
+def _concurrently(url: str, path: str, bodies: list[dict]) -> list[httpx.Response]:
+    async def send() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+            return await asyncio.gather(*(client.post(path, json=body) for body in bodies))
+
+    return asyncio.run(send())
+
+
+def test_text_holding_a_token_the_model_has_no_embedding_for_is_a_422(service, tmp_path, trained_model_dir):
+    """A tokenizer that knows a token the model's embedding lacks (extended, never resized; or a special
+    token such as Gemma 3's image placeholder sent as text): refused before the forward, which on a GPU
+    would end in a device-side assert that leaves the replica unable to score anything."""
+    from ray import serve
     from transformers import AutoTokenizer
 
-    extended = tmp_path / "extended"
-    shutil.copytree(trained_model_dir, extended)
-    tokenizer = AutoTokenizer.from_pretrained(extended)
-    tokenizer.add_tokens(["<unseen>"])
-    tokenizer.save_pretrained(extended)
-    # The first request of a batch waits a second for others: the concurrent requests below share one batch.
-    serve.run(app_builder(dict(model_path=str(extended), batch_wait_timeout_s=1.0)), name="extended",
-              route_prefix="/extended")
-    good = [{"prompt": f"question {i}", "candidates": ["yes", f"no, {i}"]} for i in range(3)]
+    def extend(directory: Path) -> None:
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+        tokenizer.add_tokens(["<unseen>"])
+        tokenizer.save_pretrained(directory)
+
+    name = _served_copy("extended", trained_model_dir, tmp_path, extend)
+    good = [{"prompt": f"question {i}", "candidates": ["yes", f"no, {i}"]} for i in range(2)]
     bad = {"prompt": "question", "candidates": ["<unseen> yes", "no"]}
-
-    async def concurrently(bodies: list[dict]) -> list[httpx.Response]:
-        async with httpx.AsyncClient(base_url=service.url, timeout=60) as client:
-            return await asyncio.gather(*(client.post("/extended/score", json=body) for body in bodies))
-
     try:
-        batched = asyncio.run(concurrently([good[0], bad, *good[1:]]))
-        with service.client(token=None) as client:
-            alone = client.post("/extended/score", json=bad)
+        batched = _concurrently(service.url, f"/{name}/score", [good[0], bad, good[1]])
     finally:
-        serve.delete("extended")
+        serve.delete(name)
     with service.client() as client:
         expected = [client.post("/score", json=body).json()["rewards"] for body in good]
-    for response, rewards in zip([batched[0], *batched[2:]], expected, strict=True):
+    for response, rewards in zip([batched[0], batched[2]], expected, strict=True):
         assert response.status_code == 200, response.text
         assert response.json()["rewards"] == pytest.approx(rewards, abs=1e-4)
-    for response in (batched[1], alone):
+    assert batched[1].status_code == 422, batched[1].text
+    [error] = batched[1].json()["detail"]
+    assert error["type"] == "unknown_token" and error["loc"] == ["body"]
+    assert "'<unseen>' (id 151669)" in error["msg"] and "embedding has 151669 rows" in error["msg"], error
+
+
+def test_a_request_the_model_fails_on_fails_alone_not_the_requests_batched_with_it(service, tmp_path,
+                                                                                    trained_model_dir):
+    """A model whose position table (64) is shorter than its manifest's max_length (256): the forward fails
+    on a request longer than 64 tokens. The requests batched with it are scored as they are alone; it gets
+    a JSON 500 that names the failure, batched or alone."""
+    import torch
+    from ray import serve
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    def short_positions(directory: Path) -> None:
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+        config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                            intermediate_size=64, max_position_embeddings=64, num_labels=1,
+                            pad_token_id=tokenizer.pad_token_id)
+        torch.manual_seed(0)
+        BertForSequenceClassification(config).save_pretrained(directory)
+
+    name = _served_copy("short", trained_model_dir, tmp_path, short_positions)
+    good = [{"prompt": f"question {i}", "candidates": ["yes", f"no, {i}"]} for i in range(3)]
+    bad = {"prompt": "a question that goes on " * 20, "candidates": ["yes", "no"]}
+    try:
+        batched = _concurrently(service.url, f"/{name}/score", [good[0], bad, *good[1:]])
+        with service.client(token=None) as client:
+            alone = [client.post(f"/{name}/score", json=body) for body in [*good, bad]]
+    finally:
+        serve.delete(name)
+    for response, by_itself in zip([batched[0], *batched[2:]], alone[:3], strict=True):
+        assert response.status_code == 200 and by_itself.status_code == 200, response.text + by_itself.text
+        assert response.json()["rewards"] == pytest.approx(by_itself.json()["rewards"], abs=1e-4)
+    for response in (batched[1], alone[3]):
         assert response.status_code == 500
-        assert "the model failed to score this request: IndexError" in response.json()["detail"], response.text
+        assert "the model failed to score this request: " in response.json()["detail"], response.text
 
 
 # ----------------------------------------------------------------------------------------------
