@@ -33,6 +33,7 @@ import json
 import os
 import random
 import socket
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, fields
@@ -381,6 +382,10 @@ def run_btrm(config, pairs: dict, setting: Setting, args, device: torch.device) 
         stats.append(train_step(engine, step_pairs, batcher, train_config))
         synchronize(device)
         seconds.append(time.perf_counter() - start)
+        # On stderr, as it goes: the first steps compile the layers (minutes on a GPU), and a run cut short
+        # by a time limit still tells how far it got.
+        print(f"btrm {setting.label(args.pairs_per_step)}: step {len(seconds)} of {2 * args.steps} in "
+              f"{seconds[-1]:.1f} s", file=sys.stderr, flush=True)
     second = stats[args.steps :]
     return Measurement(pairs=sum(s["pairs"] for s in second), pair_tokens=sum(s["tokens"] for s in second),
                        real_tokens=data_stats(pairs)["unique_tokens"],  # packed: each prompt once, no padding

@@ -21,7 +21,7 @@ import ray
 
 from btrm.processors import RowDropped, RowError, load_processor
 from btrm.sources import BadRow, Fragment, SourceError, plan_fragments, read_fragment
-from btrm.tokenize import PairTokenizer, TokenizationSpec
+from btrm.tokenize import PairTokenizer, TokenizationSpec, tokens_past_embedding
 
 DROP_REASONS = ("invalid", "tie", "missing_label", "identical", "overlong")
 EXAMPLES_PER_REASON = 20  # places of dropped rows kept in the ledger, per drop reason
@@ -52,6 +52,7 @@ class DataSpec:
     dataset_format: str = "standard"
     custom_bt_dataset_path: str | None = None
     batch_rows: int = 512
+    embedding_rows: int | None = None  # the model's: a pair holding a token id past them is invalid
 
 
 @dataclass
@@ -226,6 +227,10 @@ class PairPreprocessor:
                 continue
             if isinstance(shared, Exception):
                 drop("invalid", row_number, f"the chat template refuses the conversation: {shared}")
+                continue
+            unknown = tokens_past_embedding(self.tokenizer.tokenizer, shared, self.spec.embedding_rows)
+            if unknown:
+                drop("invalid", row_number, str(unknown))
                 continue
             if shared.tails[0] == shared.tails[1]:  # a pair the model cannot tell apart teaches nothing
                 drop("identical", row_number, "the answers template to the same tokens: they differ only in what "

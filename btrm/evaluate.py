@@ -29,6 +29,7 @@ from btrm.batching import take
 from btrm.config import SCORING_DTYPES, USE_GPU_CHOICES, DataOptions, gpus_wanted, option, parse_config
 from btrm.data import DataSpec, build_pair_dataset, close_ledger, new_ledger
 from btrm.export import read_manifest
+from btrm.model import embedding_rows
 from btrm.scoring import RewardScorer
 from btrm.tokenize import OVERLONG_POLICIES, TokenizationSpec, read_chat_template
 
@@ -309,8 +310,11 @@ def write_pairs(pairs: pa.Table, output: str | Path) -> None:
 
 def score_pairs(config: EvalConfig, model_path: str, spec: TokenizationSpec, ledger) -> pa.Table:
     """Scores every pair of --data_path on the cluster; the per-pair table, in input order."""
+    from transformers import AutoConfig
+
     data_spec = DataSpec(path=config.data_path, tokenizer_path=model_path, tokenization=spec,
-                         dataset_format=config.processor_name(), custom_bt_dataset_path=config.custom_bt_dataset_path)
+                         dataset_format=config.processor_name(), custom_bt_dataset_path=config.custom_bt_dataset_path,
+                         embedding_rows=embedding_rows(AutoConfig.from_pretrained(model_path)))
     pairs = build_pair_dataset(data_spec, ledger, config.num_data_workers, config.data_worker_cpus)
     # The dataset's own context (a copy made when it was created): input order, so --show prints the
     # first pairs of the data and the output file lines up with it.

@@ -34,6 +34,11 @@ def reward_token_rule(config) -> str:
     return "first" if config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES else "last"
 
 
+def embedding_rows(model_config) -> int | None:
+    """Rows of the model's token embedding (its text config's vocab_size), where the config says."""
+    return getattr(model_config.get_text_config(), "vocab_size", None)
+
+
 def load_tokenizer(path: str):
     from transformers import AutoTokenizer
 

@@ -15,7 +15,7 @@ from btrm.batching import DENSE_MASK_TOKENS, FLEX_BLOCK, pack_groups, pad_sequen
 from btrm.config import SCORING_DTYPES
 from btrm.export import read_manifest
 from btrm.model import RewardModel, load_reward_model, load_tokenizer, packing_unsupported
-from btrm.tokenize import PairTokenizer, SharedPromptIds, TokenizationSpec, TokensPastEmbedding, Tools
+from btrm.tokenize import PairTokenizer, SharedPromptIds, TokenizationSpec, Tools, tokens_past_embedding
 
 
 def length_buckets(lengths: Sequence[int], max_padding_ratio: float = 2.0) -> list[list[int]]:
@@ -140,15 +140,9 @@ class RewardScorer:
         """Conversations sharing a prompt (offering ``tools``) → token ids under the manifest's policy
         (RowDropped if overlong; TokensPastEmbedding if the text holds a token the model has no row for)."""
         encoded = self.tokenizer.encode_group(conversations, tools)
-        rows = self.model.get_input_embeddings().num_embeddings
-        beyond = sorted({i for ids in (encoded.prompt_ids, *encoded.tails) for i in ids if i >= rows})
-        if beyond:
-            # On a GPU the embedding lookup would fail as a device-side assert, which leaves the process's
-            # CUDA context unusable: every later request would fail too.
-            tokens = ", ".join(f"{self.tokenizer.tokenizer.convert_ids_to_tokens(i)!r} (id {i})" for i in beyond)
-            raise TokensPastEmbedding(f"the text holds tokens the model has no embedding for: {tokens}; its "
-                                      f"embedding has {rows} rows (a tokenizer extended after the model was "
-                                      "trained, or a special token such as an image placeholder sent as text)")
+        error = tokens_past_embedding(self.tokenizer.tokenizer, encoded, self.model.get_input_embeddings().num_embeddings)
+        if error:
+            raise error
         return encoded
 
     def score_group(self, conversations: Sequence[Sequence[dict]],

@@ -265,7 +265,19 @@ class AnswersTooLong(RowDropped):
 
 
 class TokensPastEmbedding(ValueError):
-    """Token ids the model's embedding has no row for (the scorer checks before a forward meets them)."""
+    """Token ids the model's embedding has no row for: on a GPU the lookup fails as a device-side assert,
+    which leaves the process's CUDA context unusable, so they are refused before any forward meets them."""
+
+
+def tokens_past_embedding(tokenizer, encoded: SharedPromptIds, rows: int | None) -> TokensPastEmbedding | None:
+    """The error for ``encoded``'s ids at or past ``rows`` (the model's embedding rows), or None."""
+    beyond = sorted({i for ids in (encoded.prompt_ids, *encoded.tails) for i in ids if rows is not None and i >= rows})
+    if not beyond:
+        return None
+    tokens = ", ".join(f"{tokenizer.convert_ids_to_tokens(i)!r} (id {i})" for i in beyond[:5])
+    return TokensPastEmbedding(f"the text holds tokens the model has no embedding for: {tokens}; its embedding has "
+                               f"{rows} rows (a tokenizer extended after the model was trained, or a special token "
+                               "such as an image placeholder written into the text)")
 
 
 def _tools_key(tools: Tools) -> str:

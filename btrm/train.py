@@ -24,7 +24,7 @@ from btrm.config import TrainConfig, gpus_wanted
 from btrm.data import DataSpec, build_pair_dataset, close_ledger, new_ledger, split_by_question
 from btrm.deepspeed_configs import fill_deepspeed_config, load_deepspeed_config
 from btrm.export import check_replaceable, publish_dir
-from btrm.model import load_tokenizer, resolve_model_path, reward_token_rule
+from btrm.model import embedding_rows, load_tokenizer, resolve_model_path, reward_token_rule
 from btrm.tokenize import TokenizationSpec, prepare_tokenizer, read_chat_template
 from btrm.tracking import check_tracker
 from btrm.train_loop import EXPORT_DIR, Plan, check_resume_terms, recorded_resume_terms, resume_terms, train_loop_per_worker
@@ -52,7 +52,7 @@ def check_embedding_rows(tokenizer, model_config, model_name: str) -> None:
     """Refuses a tokenizer whose text can reach a token id the model's embedding lacks (one extended, the model
     never resized): the first forward that meets it fails, on GPUs as a bare 'device-side assert'. Special
     tokens past the embedding (Gemma 3's <image_soft_token>) only come from text holding them literally: noted."""
-    rows = getattr(model_config.get_text_config(), "vocab_size", None)
+    rows = embedding_rows(model_config)
     if rows is None:
         return
     beyond = {token.content: token.special for i, token in tokenizer.added_tokens_decoder.items() if i >= rows}
@@ -65,17 +65,19 @@ def check_embedding_rows(tokenizer, model_config, model_name: str) -> None:
                          "tokenizer it was trained with")
     if beyond:
         print(f"[btrm] note: special tokens {sorted(beyond)[:5]} have ids past the model's {rows} embedding rows; a "
-              "pair whose text holds one literally fails its forward", flush=True)
+              "pair whose text holds one literally is dropped as invalid", flush=True)
 
 
 def pair_dataset(name: str, path: str, model_path: str, spec: TokenizationSpec, config,
-                 hold_out: float = 0.0) -> tuple[Any, dict, Any]:
+                 hold_out: float = 0.0, rows: int | None = None) -> tuple[Any, dict, Any]:
     """Tokenized pairs, materialized (each epoch rereads them; Ray spills to disk what memory cannot
     hold), with the closed ledger and, with ``hold_out``, the pairs of that share of the questions, held
-    out of the rest (else None)."""
+    out of the rest (else None). ``rows``: the model's embedding rows (a pair holding a token past them is
+    invalid)."""
     ledger = new_ledger(name, config.max_drop_fraction)
     data_spec = DataSpec(path=path, tokenizer_path=model_path, tokenization=spec,
-                         dataset_format=config.processor_name(), custom_bt_dataset_path=config.custom_bt_dataset_path)
+                         dataset_format=config.processor_name(), custom_bt_dataset_path=config.custom_bt_dataset_path,
+                         embedding_rows=rows)
     dataset = build_pair_dataset(data_spec, ledger, config.num_data_workers, config.data_worker_cpus)
     held_out = None
     if hold_out:
@@ -132,8 +134,11 @@ def run_training(config: TrainConfig) -> ray.train.Result:
     except ValueError as e:
         raise SystemExit(f"--deepspeed {config.deepspeed}: {e}") from None
 
+    from transformers import AutoConfig
+
+    rows = embedding_rows(AutoConfig.from_pretrained(model_path))
     train_ds, train_ledger, eval_ds = pair_dataset("train", config.train_set_path, model_path, spec, config,
-                                                   hold_out=config.eval_split_ratio)
+                                                   hold_out=config.eval_split_ratio, rows=rows)
     ledgers = {"train": train_ledger}
     if eval_ds is not None:
         held_out = eval_ds.count()
@@ -146,7 +151,7 @@ def run_training(config: TrainConfig) -> ray.train.Result:
               f"(--eval_split_ratio {config.eval_split_ratio}: every pair of a held-out question)", flush=True)
     eval_shards = []
     if config.eval_set_path:
-        eval_ds, ledgers["eval"], _ = pair_dataset("eval", config.eval_set_path, model_path, spec, config)
+        eval_ds, ledgers["eval"], _ = pair_dataset("eval", config.eval_set_path, model_path, spec, config, rows=rows)
     if eval_ds is not None:
         # Row-exact, disjoint shards (Dataset.split divides by blocks, and a small eval set is one block).
         count = eval_ds.count()

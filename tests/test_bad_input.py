@@ -90,6 +90,24 @@ def test_invalid_utf8_and_broken_json_lines_only_cost_their_own_row(qwen_tokeniz
     assert all("not valid Unicode text" in e["message"] for e in ledger["examples"][2:])
 
 
+def test_a_pair_holding_a_token_past_the_embedding_is_dropped_naming_it(qwen_tokenizer_dir, tmp_path):
+    """A special token the model has no embedding row for (Gemma 3's image placeholder), written into the
+    text: that pair is invalid (its forward would fail, on a GPU as a device-side assert), the rest train."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(qwen_tokenizer_dir)
+    rows = len(tokenizer)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image_soft_token>"]})
+    tokenizer.save_pretrained(tmp_path / "tokenizer")
+    pairs = [{"chosen": Q + [{"role": "assistant", "content": f"Seven, {i}."}], "rejected": Q + [B]} for i in range(3)]
+    pairs.insert(1, {"chosen": Q + [{"role": "assistant", "content": "See <image_soft_token>."}], "rejected": Q + [B]})
+    pq.write_table(pa.Table.from_pylist(pairs), tmp_path / "pairs.parquet")
+    kept, ledger = run_pipeline(tmp_path / "pairs.parquet", str(tmp_path / "tokenizer"), embedding_rows=rows)
+    assert [r["row"] for r in kept] == [0, 2, 3] and ledger["dropped"]["invalid"] == 1
+    [example] = ledger["examples"]
+    assert example["row"] == 1 and f"'<image_soft_token>' (id {rows}); its embedding has {rows} rows" in example["message"]
+
+
 def test_files_that_cannot_be_read_fail_early_naming_the_file(hh_helpful, tmp_path):
     pq.write_table(pa.Table.from_pylist(hh_helpful["test"][:20]), tmp_path / "whole.parquet")
     data = (tmp_path / "whole.parquet").read_bytes()
