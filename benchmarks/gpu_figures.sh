@@ -11,32 +11,45 @@
 #   serve-4      the same, four replicas sharing the GPU (each tokenizes on its own core)
 #   exactness    tests/test_packing.py's GPU test (bf16 FlexAttention against float32)
 # The first btrm stage compiles the decoder layers (minutes; the second pass it reports is warm).
+# Exits non-zero if any stage failed or ran out of time. PYTHON picks the interpreter (default python3).
 set -u
 out=${1:?usage: bash benchmarks/gpu_figures.sh OUTDIR [STAGE ...]}
 shift
 stages=${*:-train-btrm train-trl serve-1}
-data=${BTRM_TEST_DATA:-$(dirname "$0")/../../shared/data}
-model=${BTRM_SERVE_MODEL:-/tmp/btrm-random-qwen3-1.7b}
 mkdir -p "$out"
+out=$(cd "$out" && pwd)
+data=${BTRM_TEST_DATA:-$(dirname "$0")/../../shared/data}
+export BTRM_TEST_DATA=$(cd "$data" 2>/dev/null && pwd || echo "$data")  # the exactness test reads it too
+data=$BTRM_TEST_DATA
+cd "$(dirname "$0")/.."  # the repository root: the scripts and tests below are named from there
+model=${BTRM_SERVE_MODEL:-/tmp/btrm-random-qwen3-1.7b}
+python=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 start=$(date +%s)
+worst=0
 
 stage() {  # stage NAME SECONDS COMMAND...: runs COMMAND with a time limit, its output into OUTDIR/NAME.log
-  local name=$1 seconds=$2
+  local name=$1 seconds=$2 rc
   shift 2
   echo "=== $(( $(date +%s) - start )) s: $name (at most $seconds s)"
-  timeout "$seconds" "$@" > "$out/$name.log" 2>&1
-  echo "=== $name: exit $?"
+  timeout -k 30 "$seconds" "$@" > "$out/$name.log" 2>&1
+  rc=$?
+  echo "=== $name: exit $rc$([ $rc = 124 ] && echo ', out of time')"
   grep -vE "^\(|^\[|^INFO|^[0-9]{4}-|raylet|[Ww]arning" "$out/$name.log" | tail -20
+  [ $rc = 0 ] || worst=$rc
 }
 
-serve_model() {
-  [ -f "$model/btrm.json" ] || python3 benchmarks/random_reward_model.py --tokenizer "$data/tokenizers/qwen3" \
-    --shape full --output "$model" > "$out/serve-model.log" 2>&1
+serve_model() {  # the serving stages' model, built once
+  [ -f "$model/btrm.json" ] && return 0
+  "$python" benchmarks/random_reward_model.py --tokenizer "$data/tokenizers/qwen3" --shape full --output "$model" \
+    > "$out/serve-model.log" 2>&1 && return 0
+  echo "=== building the serving model failed (see $out/serve-model.log)"
+  worst=1
+  return 1
 }
 
-throughput=(python3 benchmarks/train_throughput.py --mode full --data_dir "$data")
-load=(python3 benchmarks/serve_load.py --model_path "$model" --seconds 12 --warmup 4 --replica_cpus 2)
+throughput=("$python" benchmarks/train_throughput.py --mode full --data_dir "$data")
+load=("$python" benchmarks/serve_load.py --model_path "$model" --seconds 12 --warmup 4 --replica_cpus 2)
 for name in $stages; do
   case $name in
     train-btrm) stage "$name" 330 "${throughput[@]}" --data synthetic --systems btrm --btrm_micro_batches 4 \
@@ -47,8 +60,9 @@ for name in $stages; do
                   --btrm_max_tokens 65536 --json "$out/$name.json" ;;
     serve-1) serve_model && stage "$name" 100 "${load[@]}" ;;
     serve-4) serve_model && stage "$name" 120 "${load[@]}" --num_replicas 4 --replica_gpus 0.25 ;;
-    exactness) stage "$name" 150 python3 -m pytest -q -p no:cacheprovider tests/test_packing.py -k gpu ;;
+    exactness) stage "$name" 150 "$python" -m pytest -q -p no:cacheprovider tests/test_packing.py -k gpu ;;
     *) echo "unknown stage $name" >&2; exit 2 ;;
   esac
 done
 echo "=== $(( $(date +%s) - start )) s: done"
+exit $worst

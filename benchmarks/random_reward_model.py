@@ -2,7 +2,7 @@
 tokenizer, btrm.json manifest): something to load-test the scoring service with on a GPU at a real model's
 size without training one first. Its rewards mean nothing; its cost per token is a real model's.
 
-    python benchmarks/random_reward_model.py --tokenizer ../shared/data/tokenizers/qwen3 --shape 1.7b \\
+    python benchmarks/random_reward_model.py --tokenizer ../shared/data/tokenizers/qwen3 --shape full \\
         --output /tmp/qwen3-1.7b-random
     python benchmarks/serve_load.py --model_path /tmp/qwen3-1.7b-random
 

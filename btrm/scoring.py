@@ -14,7 +14,7 @@ import torch
 from btrm.batching import DENSE_MASK_TOKENS, FLEX_BLOCK, pack_groups, pad_sequences, plan_by_tokens
 from btrm.config import SCORING_DTYPES
 from btrm.export import read_manifest
-from btrm.model import RewardModel, load_reward_model, load_tokenizer, packing_unsupported
+from btrm.model import RewardModel, embedding_rows, load_reward_model, load_tokenizer, packing_unsupported
 from btrm.tokenize import PairTokenizer, SharedPromptIds, TokenizationSpec, Tools, tokens_past_embedding
 
 
@@ -67,6 +67,8 @@ class RewardScorer:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = scoring_dtype(dtype, self.device)
         self.model = load_reward_model(model_dir, self.tokenizer.tokenizer.pad_token_id, self.dtype).to(self.device).eval()
+        self.embedding_rows = getattr(self.model.get_input_embeddings(), "num_embeddings", None) or \
+            embedding_rows(self.model.config)
         self.packed = packing_unsupported(self.model) is None
         self.flex = self.packed and self.device.type == "cuda"
         if self.packed:
@@ -140,7 +142,7 @@ class RewardScorer:
         """Conversations sharing a prompt (offering ``tools``) → token ids under the manifest's policy
         (RowDropped if overlong; TokensPastEmbedding if the text holds a token the model has no row for)."""
         encoded = self.tokenizer.encode_group(conversations, tools)
-        error = tokens_past_embedding(self.tokenizer.tokenizer, encoded, self.model.get_input_embeddings().num_embeddings)
+        error = tokens_past_embedding(self.tokenizer.tokenizer, encoded, self.embedding_rows)
         if error:
             raise error
         return encoded
