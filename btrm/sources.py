@@ -13,7 +13,7 @@ import fnmatch
 import io
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
 import pyarrow as pa
@@ -31,16 +31,34 @@ class SourceError(ValueError):
 
 @dataclass(frozen=True)
 class Fragment:
-    path: str  # as the user can find it: a local path or a URI
+    path: str  # as the user can find it: a local path or a URI, without credentials or query
     format: str  # "parquet" | "json"
     row_groups: tuple[int, ...] = ()
     first_row: int = 0  # file row number of the fragment's first row (0-based)
     num_rows: int | None = None
+    # What the source URI carried besides its path, to open every file of it the same way: credentials
+    # (s3://KEY:SECRET@bucket/...) and options (?endpoint_override=...&region=...). Never shown.
+    credentials: str = field(default="", repr=False)
+    query: str = field(default="", repr=False)
 
 
-def _filesystem(path: str) -> tuple[pafs.FileSystem, str]:
+def _split_uri(source: str) -> tuple[str, str, str]:
+    """A source → (the source as shown: no credentials, no query; its credentials; its query). Local
+    paths are left whole: their '?' is a glob character."""
+    if "://" not in source:
+        return source, "", ""
+    scheme, rest = source.split("://", 1)
+    rest, _, query = rest.partition("?")
+    authority, slash, path = rest.partition("/")
+    credentials, _, host = authority.rpartition("@")
+    return f"{scheme}://{host}{slash}{path}", credentials, query
+
+
+def _filesystem(path: str, credentials: str = "", query: str = "") -> tuple[pafs.FileSystem, str]:
     if "://" in path:
-        return pafs.FileSystem.from_uri(path)
+        scheme, rest = path.split("://", 1)
+        return pafs.FileSystem.from_uri(f"{scheme}://{credentials + '@' if credentials else ''}{rest}"
+                                        f"{'?' + query if query else ''}")
     return pafs.LocalFileSystem(), os.path.abspath(path)
 
 
@@ -73,8 +91,9 @@ def _glob_match(parts: Sequence[str], pattern: Sequence[str]) -> bool:
 
 def list_data_files(source: str) -> list[str]:
     """The data files a source names: a file, a directory (recursively, leaving out hidden files and
-    folders: names starting with . or _), or a glob."""
-    fs, path = _filesystem(source)
+    folders: names starting with . or _), or a glob; URIs without credentials or query (see Fragment)."""
+    source, credentials, query = _split_uri(source)
+    fs, path = _filesystem(source, credentials, query)
     if any(ch in path for ch in "*?["):
         base = path[: min(path.index(ch) for ch in "*?[" if ch in path)].rsplit("/", 1)[0] or "/"
         infos = fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
@@ -109,27 +128,28 @@ def list_data_files(source: str) -> list[str]:
 def plan_fragments(source: str, required_fields: tuple[str, ...] = ()) -> list[Fragment]:
     """Splits a source into fragments, checking every parquet footer and schema up front."""
     fragments: list[Fragment] = []
+    _, credentials, query = _split_uri(source)
     for path in list_data_files(source):
         if path.endswith(PARQUET_SUFFIXES):
-            fragments.extend(_parquet_fragments(path, required_fields))
+            fragments.extend(_parquet_fragments(path, credentials, query, required_fields))
         elif path.endswith(JSON_SUFFIXES):
-            fragments.append(Fragment(path, "json"))
+            fragments.append(Fragment(path, "json", credentials=credentials, query=query))
         else:
             raise SourceError(f"{path}: unknown file type; btrm reads parquet ({', '.join(PARQUET_SUFFIXES)}) "
                               f"and JSON ({', '.join(JSON_SUFFIXES)})")
     return fragments
 
 
-def _open_parquet(path: str) -> pq.ParquetFile:
-    fs, local = _filesystem(path)
+def _open_parquet(path: str, credentials: str, query: str) -> pq.ParquetFile:
+    fs, local = _filesystem(path, credentials, query)
     try:
         return pq.ParquetFile(fs.open_input_file(local))
     except (pa.ArrowException, OSError) as e:
         raise SourceError(f"{path}: not a readable parquet file ({e}); is it truncated or of another format?") from e
 
 
-def _parquet_fragments(path: str, required_fields: tuple[str, ...]) -> list[Fragment]:
-    meta = _open_parquet(path).metadata
+def _parquet_fragments(path: str, credentials: str, query: str, required_fields: tuple[str, ...]) -> list[Fragment]:
+    meta = _open_parquet(path, credentials, query).metadata
     columns = set(meta.schema.to_arrow_schema().names)
     missing = [f for f in required_fields if f not in columns]
     if missing:
@@ -141,7 +161,7 @@ def _parquet_fragments(path: str, required_fields: tuple[str, ...]) -> list[Frag
         group.append(i)
         rows += meta.row_group(i).num_rows
         if rows >= ROWS_PER_FRAGMENT or i == meta.num_row_groups - 1:
-            fragments.append(Fragment(path, "parquet", tuple(group), first, rows))
+            fragments.append(Fragment(path, "parquet", tuple(group), first, rows, credentials, query))
             group, first, rows = [], first + rows, 0
     return fragments
 
@@ -162,7 +182,7 @@ class BadRow:
 
 
 def _read_parquet(fragment: Fragment, batch_rows: int) -> Iterator[tuple[Sequence[int], list[Any]]]:
-    parquet = _open_parquet(fragment.path)
+    parquet = _open_parquet(fragment.path, fragment.credentials, fragment.query)
     row = fragment.first_row
     try:
         for batch in parquet.iter_batches(batch_size=batch_rows, row_groups=list(fragment.row_groups)):
@@ -187,7 +207,7 @@ def _decode_rows(batch: pa.RecordBatch) -> list[Any]:
 
 
 def _read_json(fragment: Fragment, batch_rows: int) -> Iterator[tuple[Sequence[int], list[Any]]]:
-    fs, local = _filesystem(fragment.path)
+    fs, local = _filesystem(fragment.path, fragment.credentials, fragment.query)
     try:
         # pyarrow decompresses .gz (and other compressed suffixes) on the fly.
         with fs.open_input_stream(local) as stream:
