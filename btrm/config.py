@@ -224,6 +224,13 @@ def build_parser(cls: type, description: str) -> argparse.ArgumentParser:
     return parser
 
 
+def recorded_options(config) -> dict[str, Any]:
+    """The options as the manifest, trackers and checkpoints record them: source URIs' credentials masked."""
+    from btrm.sources import without_credentials
+
+    return {name: without_credentials(value) for name, value in vars(config).items()}
+
+
 def parse_config(cls: type[T], description: str, argv: Sequence[str] | None = None) -> T:
     parser = build_parser(cls, description)
     args = vars(parser.parse_args(sys.argv[1:] if argv is None else argv))

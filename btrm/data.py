@@ -20,7 +20,7 @@ import pyarrow as pa
 import ray
 
 from btrm.processors import RowDropped, RowError, load_processor
-from btrm.sources import BadRow, Fragment, SourceError, plan_fragments, read_fragment
+from btrm.sources import BadRow, Fragment, SourceError, plan_fragments, read_fragment, without_credentials
 from btrm.tokenize import PairTokenizer, TokenizationSpec, tokens_past_embedding
 
 DROP_REASONS = ("invalid", "tie", "missing_label", "identical", "overlong")
@@ -268,7 +268,7 @@ def build_pair_dataset(spec: DataSpec, ledger, num_actors: int = 2, actor_cpus: 
     processor = load_processor(spec.dataset_format, spec.custom_bt_dataset_path)
     fragments = plan_fragments(spec.path, processor.required_fields)
     if not fragments:  # parquet files without a row group (a writer closed before any row: Spark's empty parts)
-        raise SourceError(f"{spec.path}: holds no rows (its parquet files have no row groups)")
+        raise SourceError(f"{without_credentials(spec.path)}: holds no rows (its parquet files have no row groups)")
     items = [{"fragment": asdict(f)} for f in fragments]
     dataset = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
         PairPreprocessor,

@@ -31,6 +31,7 @@ from btrm.data import DataSpec, build_pair_dataset, close_ledger, new_ledger
 from btrm.export import read_manifest
 from btrm.model import embedding_rows
 from btrm.scoring import RewardScorer
+from btrm.sources import without_credentials
 from btrm.tokenize import OVERLONG_POLICIES, TokenizationSpec, read_chat_template
 
 OUTPUT_SUFFIXES = (".parquet", ".jsonl")
@@ -356,7 +357,7 @@ def run_evaluation(config: EvalConfig) -> dict[str, Any]:
     summary = {
         **summary,
         "model_path": model_path,
-        "data_path": config.data_path,
+        "data_path": without_credentials(config.data_path),
         "output": str(Path(config.output).resolve()),
         "tokenization": {**spec.to_dict(), "chat_template": config.chat_template or "the manifest's"},
         "data": data,
@@ -365,7 +366,7 @@ def run_evaluation(config: EvalConfig) -> dict[str, Any]:
     summary_file.write_text(json.dumps(summary, indent=2, allow_nan=False))
     if config.show:
         print(format_pairs(pairs, config.show), flush=True)
-    print(f"[btrm] evaluation of {model_path} on {config.data_path}\n{format_summary(summary)}", flush=True)
+    print(f"[btrm] evaluation of {model_path} on {summary['data_path']}\n{format_summary(summary)}", flush=True)
     print(f"[btrm] per-pair results: {config.output}; summary: {summary_file}", flush=True)
     return summary
 

@@ -54,6 +54,17 @@ def _split_uri(source: str) -> tuple[str, str, str]:
     return f"{scheme}://{host}{slash}{path}", credentials, query
 
 
+def without_credentials(source: Any) -> Any:
+    """``source`` as it may be shown and recorded: a URI's credentials masked (s3://***@bucket/...)."""
+    if not isinstance(source, str) or "://" not in source:
+        return source
+    shown, credentials, query = _split_uri(source)
+    if not credentials:
+        return source
+    scheme, rest = shown.split("://", 1)
+    return f"{scheme}://***@{rest}" + (f"?{query}" if query else "")
+
+
 def _filesystem(path: str, credentials: str = "", query: str = "") -> tuple[pafs.FileSystem, str]:
     if "://" in path:
         scheme, rest = path.split("://", 1)

@@ -28,9 +28,10 @@ import torch
 import torch.distributed as dist
 
 from btrm.batching import DENSE_MASK_TOKENS, FLEX_BLOCK, MicroBatcher, split_to, take
-from btrm.config import TrainConfig
+from btrm.config import TrainConfig, recorded_options
 from btrm.deepspeed_configs import fill_deepspeed_config, load_deepspeed_config
 from btrm.export import json_safe, write_model_dir
+from btrm.sources import without_credentials
 from btrm.loss import bradley_terry_loss, pair_correct
 from btrm.model import RewardModel, disable_dropout, load_reward_model, load_tokenizer, packing_unsupported
 from btrm.tokenize import prepare_tokenizer
@@ -202,7 +203,7 @@ def resume_terms(plan: Plan) -> dict[str, Any]:
     which order (or skipping the steps already trained would skip others), and the layout of DeepSpeed's state
     (its ZeRO stage and precision: load_checkpoint reads the shards back as they were written)."""
     config = plan.config
-    return {"train_set_path": config.train_set_path, "pairs": plan.ledgers["train"]["pairs"], "seed": config.seed,
+    return {"train_set_path": without_credentials(config.train_set_path), "pairs": plan.ledgers["train"]["pairs"], "seed": config.seed,
             "eval_split_ratio": config.eval_split_ratio, "num_workers": config.num_workers,
             "pairs_per_step": config.per_device_train_batch_size * config.gradient_accumulation_steps,
             "zero_stage": plan.deepspeed_config.get("zero_optimization", {}).get("stage", 0),
@@ -342,7 +343,7 @@ def train_loop_per_worker(loop_config: dict[str, Plan]) -> None:
             log.info(f"[btrm] resumed from step {progress.global_step} (epoch {progress.epoch}, "
                      f"{progress.pairs_seen} pairs seen)")
 
-    tracker = (Tracker(config.report_to, config.project, config.run_name, vars(config), config.tracking_dir)
+    tracker = (Tracker(config.report_to, config.project, config.run_name, recorded_options(config), config.tracking_dir)
                if rank == 0 else None)
     train_shard = ray.train.get_dataset_shard("train")
     eval_shard = plan.eval_shards[rank] if plan.eval_shards else None
@@ -556,6 +557,6 @@ def _manifest(plan: Plan, tokenizer, final: dict[str, Any], progress: Progress) 
         "pad_token_id": tokenizer.pad_token_id,
         "eval": {k.removeprefix("eval/"): v for k, v in final.items() if k != "rewards"},
         "training": {"steps": progress.global_step, "pairs_seen": progress.pairs_seen,
-                     "options": vars(plan.config)},
+                     "options": recorded_options(plan.config)},
         "data": plan.ledgers,
     }

@@ -69,6 +69,22 @@ def test_help_explains_every_option():
     assert "(default: 2e-06)" in text and "(default: Qwen/Qwen3-1.7B)" in text
 
 
+def test_recorded_options_mask_the_credentials_of_source_uris():
+    """What the manifest, the trackers and checkpoints keep of the options: a URI's credentials masked, its
+    options kept; local paths, with a glob's '?', as given."""
+    import json
+
+    from btrm.config import recorded_options
+
+    config = parse_config(TrainConfig, "t", ["--model_name", "m", "--train_set_path",
+                                        "s3://KEY:S3CRET@bucket/train/?endpoint_override=minio:9000&scheme=http",
+                                        "--eval_set_path", "data/part-?.parquet", "--storage_path", "gs://runs"])
+    recorded = recorded_options(config)
+    assert recorded["train_set_path"] == "s3://***@bucket/train/?endpoint_override=minio:9000&scheme=http"
+    assert recorded["eval_set_path"] == "data/part-?.parquet" and recorded["storage_path"] == "gs://runs"
+    assert "S3CRET" not in json.dumps(recorded) and recorded["learning_rate"] == config.learning_rate
+
+
 def test_deepspeed_configs_fill_auto_values_and_refuse_contradictions():
     assert set(SHIPPED) == {"zero0", "zero1", "zero2", "zero3", "zero3_offload"}
     filled = fill_deepspeed_config(load_deepspeed_config("zero3"), micro_batch=2, accumulation=8, world_size=4,
