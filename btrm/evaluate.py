@@ -321,7 +321,8 @@ def score_pairs(config: EvalConfig, model_path: str, spec: TokenizationSpec, led
     # first pairs of the data and the output file lines up with it.
     pairs.context.execution_options.preserve_order = True
     use_gpu = gpus_wanted(config.use_gpu)
-    num_scorers = config.num_scorers or max(int(ray.cluster_resources().get("GPU", 0)) if use_gpu else 1, 1)
+    gpus = int(ray.cluster_resources().get("GPU", 0)) if use_gpu else 0
+    num_scorers = config.num_scorers or max(gpus, 1)
     print(f"[btrm] scoring with {num_scorers} actor(s) on {'GPU' if use_gpu else 'CPU'}; max_length {spec.max_length}, "
           f"overlong pairs: {spec.overlong}", flush=True)
     scored = pairs.map_batches(

@@ -271,9 +271,11 @@ class TokensPastEmbedding(ValueError):
 
 def tokens_past_embedding(tokenizer, encoded: SharedPromptIds, rows: int | None) -> TokensPastEmbedding | None:
     """The error for ``encoded``'s ids at or past ``rows`` (the model's embedding rows), or None."""
-    beyond = sorted({i for ids in (encoded.prompt_ids, *encoded.tails) for i in ids if rows is not None and i >= rows})
-    if not beyond:
+    parts = (encoded.prompt_ids, *encoded.tails)
+    # Per pair on the data path: max() in C first; the Python scan only for the rare pair that has some.
+    if rows is None or max(max(ids, default=0) for ids in parts) < rows:
         return None
+    beyond = sorted({i for ids in parts for i in ids if i >= rows})
     tokens = ", ".join(f"{tokenizer.convert_ids_to_tokens(i)!r} (id {i})" for i in beyond[:5])
     return TokensPastEmbedding(f"the text holds tokens the model has no embedding for: {tokens}; its embedding has "
                                f"{rows} rows (a tokenizer extended after the model was trained, or a special token "
