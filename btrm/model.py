@@ -92,6 +92,11 @@ def packing_unsupported(classifier) -> str | None:
     return None
 
 
+def _no_cache_kwargs(module: torch.nn.Module) -> dict[str, bool]:
+    """``use_cache=False`` where ``module.forward`` takes it (decoders; encoders have no cache)."""
+    return {"use_cache": False} if "use_cache" in inspect.signature(module.forward).parameters else {}
+
+
 class RewardModel(torch.nn.Module):
     """The classifier as DeepSpeed's root module: ``forward(batch)`` returns one reward per sequence of a
     :class:`~btrm.batching.PairBatch` (chosen rows, then rejected rows), or per answer of a
@@ -104,12 +109,19 @@ class RewardModel(torch.nn.Module):
     def __init__(self, classifier):
         super().__init__()
         self.classifier = classifier
+        # A reward model never decodes. Left to their config, decoders build a key/value cache on every
+        # forward: memory for nothing, and state that makes each compiled layer compile again (its guards
+        # see the cache's layer i filled, then layer i + 1 not).
+        self._no_cache = _no_cache_kwargs(classifier)
+        self._base_no_cache = _no_cache_kwargs(classifier.base_model)
 
     def forward(self, batch: PairBatch | PackedBatch) -> torch.Tensor:
         if isinstance(batch, PairBatch):
-            return self.classifier(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.squeeze(-1).float()
+            return self.classifier(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                   **self._no_cache).logits.squeeze(-1).float()
         implementation = self.classifier.config._attn_implementation
         hidden = self.classifier.base_model(input_ids=batch.input_ids, position_ids=batch.position_ids,
-                                            attention_mask=batch.attention_mask(implementation)).last_hidden_state
+                                            attention_mask=batch.attention_mask(implementation),
+                                            **self._base_no_cache).last_hidden_state
         # The head at each answer's last token only: what the classifier's own pooling reads per sequence.
         return self.classifier.score(hidden[0, batch.reward_index]).squeeze(-1).float()

@@ -169,7 +169,6 @@ def build_engine(classifier, config: TrainConfig, use_gpu: bool, total_steps: in
             classifier.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             classifier.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        classifier.config.use_cache = False
     if config.compile_layers == "true" or (config.compile_layers == "auto" and use_gpu and not zero3):
         # Each layer compiled on its own: the element-wise work fuses, and checkpointing still wraps
         # whole layers. ZeRO-3's gathering hooks would break the graphs, hence not by default there.

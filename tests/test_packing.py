@@ -283,6 +283,35 @@ def test_deepspeed_step_on_packed_pairs_equals_padded(process_group, tiny_qwen_d
     assert losses[False][3] == 6 and losses[True][3] >= 2
 
 
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_compiled_layers_train_exactly_and_compile_once_for_every_layer_and_row_length(process_group, tiny_qwen_dir,
+                                                                                       pairs, checkpointing):
+    """The step with each decoder layer compiled (the GPU default; here with sdpa) against the same step
+    uncompiled: the same losses over three steps whose rows differ in length, and one graph for all of it,
+    every layer and every length (a model of 28 layers that compiled once per layer would stop compiling at
+    torch's limit of 8 and run the rest eager)."""
+    from torch._dynamo.utils import counters
+
+    from btrm.train_loop import build_engine, micro_batcher, train_step
+
+    losses = {}
+    for compile_layers in ("false", "true"):
+        torch._dynamo.reset()
+        counters.clear()
+        classifier = load_reward_model(tiny_qwen_dir, load_tokenizer(tiny_qwen_dir).pad_token_id)
+        config = TrainConfig(train_set_path="unused", max_length=160, max_tokens_per_batch=640, per_device_train_batch_size=14,
+                             gradient_accumulation_steps=1, deepspeed="zero2", learning_rate=1e-3, warmup_ratio=0.0,
+                             gradient_checkpointing=checkpointing, compile_layers=compile_layers)
+        engine = build_engine(classifier, config, use_gpu=False, total_steps=3)
+        batcher = micro_batcher(classifier, config, classifier.config.pad_token_id, config.per_device_train_batch_size)
+        steps = [train_step(engine, take(pairs, range(start, start + 14)), batcher, config) for start in (0, 14, 28)]
+        losses[compile_layers] = [step["loss"] for step in steps]
+        graphs = counters["stats"]["unique_graphs"]
+    assert len({step["computed_tokens"] for step in steps}) == 3
+    assert losses["true"] == pytest.approx(losses["false"], rel=1e-5)
+    assert graphs == 1
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: FlexAttention trains only on CUDA")
 def test_on_the_gpu_bf16_packed_flex_is_as_close_to_float32_as_the_plain_bf16_forward(tiny_qwen_dir, pairs):
     """Rewards and gradients of the packed FlexAttention forward in bf16 against float32: no further from
