@@ -5,12 +5,14 @@
 #
 # Stages (default: train-btrm train-trl serve-1):
 #   train-btrm   btrm's training step, packed: 4 pairs per micro-batch, and 65,536-token micro-batches (synthetic)
+#   train-btrm-eager   the same with no compiled layers (packing alone; no minutes of compiling first)
 #   train-trl    TRL's RewardTrainer at its own 4 pairs per micro-batch (synthetic)
 #   train-real   both on real pairs (hh-rlhf, RM-Bench; needs QWEN3 data in BTRM_TEST_DATA or ../shared/data)
 #   serve-1      the service's load benchmark, one replica on the GPU
 #   serve-4      the same, four replicas sharing the GPU (each tokenizes on its own core)
 #   exactness    tests/test_packing.py's GPU test (bf16 FlexAttention against float32)
-# The first btrm stage compiles the decoder layers (minutes; the second pass it reports is warm).
+# The first btrm stage compiles the decoder layers (minutes; the second pass it reports is warm); btrm's
+# stages log each recompilation (TORCH_LOGS=recompiles) and why.
 # Exits non-zero if any stage failed or ran out of time. PYTHON picks the interpreter (default python3).
 set -u
 out=${1:?usage: bash benchmarks/gpu_figures.sh OUTDIR [STAGE ...]}
@@ -52,8 +54,10 @@ throughput=("$python" benchmarks/train_throughput.py --mode full --data_dir "$da
 load=("$python" benchmarks/serve_load.py --model_path "$model" --seconds 12 --warmup 4 --replica_cpus 2)
 for name in $stages; do
   case $name in
-    train-btrm) stage "$name" 330 "${throughput[@]}" --data synthetic --systems btrm --btrm_micro_batches 4 \
-                  --btrm_max_tokens 65536 --json "$out/$name.json" ;;
+    train-btrm) TORCH_LOGS=recompiles stage "$name" 330 "${throughput[@]}" --data synthetic --systems btrm \
+                  --btrm_micro_batches 4 --btrm_max_tokens 65536 --json "$out/$name.json" ;;
+    train-btrm-eager) TORCH_LOGS=recompiles stage "$name" 200 "${throughput[@]}" --data synthetic --systems btrm \
+                        --btrm_micro_batches 4 --btrm_max_tokens 65536 --btrm_compile_layers false --json "$out/$name.json" ;;
     train-trl) stage "$name" 110 "${throughput[@]}" --data synthetic --systems trl --trl_micro_batches 4 \
                  --json "$out/$name.json" ;;
     train-real) stage "$name" 400 "${throughput[@]}" --data real --trl_micro_batches 4 --btrm_micro_batches 4 \

@@ -370,7 +370,7 @@ def run_btrm(config, pairs: dict, setting: Setting, args, device: torch.device) 
         gradient_checkpointing=True, per_device_train_batch_size=setting.pairs or 1,
         gradient_accumulation_steps=args.pairs_per_step // (setting.pairs or 1),
         packing=True, max_tokens_per_batch=setting.tokens or 0, deepspeed="zero2", learning_rate=2e-6,
-        compile_layers="auto", seed=args.seed)
+        compile_layers=args.btrm_compile_layers, seed=args.seed)
     classifier = build_classifier(config, torch.float32, device)  # DeepSpeed keeps fp32 masters, computes in bf16
     reset_peak_memory(device)
     engine = build_engine(classifier, train_config, use_gpu=gpu, total_steps=2 * args.steps)
@@ -460,6 +460,7 @@ def header(args, device: torch.device, config, params: int, data: dict) -> dict:
             else f"cpu, {torch.get_num_threads()} torch thread(s)",
             "mode": args.mode, "layers": config.num_hidden_layers, "hidden": config.hidden_size, "parameters": params,
             "max_length": args.max_length, "pairs_per_step": args.pairs_per_step, "steps": args.steps,
+            "btrm_compile_layers": args.btrm_compile_layers,
             "data": {name: {**data_stats(pairs), "dropped_overlong": dropped}
                      for name, (pairs, dropped) in data.items()}}
 
@@ -468,6 +469,7 @@ def print_header(info: dict) -> None:
     print(f"device: {info['device']}")
     print(f"model: Qwen3, {info['layers']} layers, hidden {info['hidden']}: "
           f"{info['parameters'] / 1e9:.3f} B parameters; max_length {info['max_length']}")
+    print(f"btrm: compile_layers {info['btrm_compile_layers']} (auto: compiled on a GPU)")
     print(f"each setting: {info['steps']} optimizer steps of {info['pairs_per_step']} pairs, timed on a second pass "
           "over the same pairs (the first warms up and is excluded)")
     for name, s in info["data"].items():
@@ -494,6 +496,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "(full 4,16; tiny 4)")
     parser.add_argument("--btrm_max_tokens", help="btrm tokens per micro-batch, comma-separated "
                         "(full 16384,32768,65536; tiny 1024)")
+    parser.add_argument("--btrm_compile_layers", choices=("auto", "true", "false"), default="auto",
+                        help="btrm's --compile_layers: each decoder layer torch.compiled (auto: on a GPU). false "
+                        "measures packing alone, without the compile time of the first steps")
     parser.add_argument("--max_length", type=int, help="longest sequence, both systems (full 4096, tiny 512)")
     parser.add_argument("--data_dir", type=Path, default=REPO.parent / "shared" / "data",
                         help="real data and the Qwen3 tokenizer (real data is skipped without it)")
