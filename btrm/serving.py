@@ -391,19 +391,36 @@ def _refusal(description: str) -> dict[str, Any]:
     return {"description": description, "model": Refusal}
 
 
+_GPU_FAILED = _refusal("This replica's GPU failed (a CUDA error); Serve is replacing the replica: retry")
+
 # What both scoring routes may answer besides 200 and 422 (every 422 has FastAPI's list of errors).
 _ERRORS: dict[int | str, dict[str, Any]] = {
     400: _refusal("The body could not be parsed at all (not UTF-8, a number over 4300 digits, nested too deep)"),
     500: _refusal("The model failed: a reward that is not finite (has its training diverged?)"),
+    503: _GPU_FAILED,
 }
 
 ScoreGroups = Callable[[list[SharedPromptIds]], Awaitable[list[list[float]]]]
 
 
-def build_api(scorer, options: ServiceOptions, token: str | None, score_groups: ScoreGroups) -> FastAPI:
+class GPUFailed(RuntimeError):
+    """A CUDA error in this replica's forward (a device-side assert, an illegal memory access). CUDA errors
+    stick to the process: every later forward here would fail too, so none is tried; the replica fails
+    Serve's health check and Serve replaces it."""
+
+
+def _is_cuda_error(error: BaseException) -> bool:
+    import torch
+
+    # Out of memory is not one: it leaves the GPU usable (the batch is scored again request by request).
+    return isinstance(error, torch.AcceleratorError)
+
+
+def build_api(scorer, options: ServiceOptions, token: str | None, score_groups: ScoreGroups,
+              gpu_failure: Callable[[], str | None] = lambda: None) -> FastAPI:
     """The FastAPI app of one replica. ``scorer`` tokenizes (a :class:`btrm.scoring.RewardScorer`);
     ``score_groups`` turns tokenized groups (a prompt and its answers) into each answer's reward (the
-    replica's batching queue)."""
+    replica's batching queue); ``gpu_failure`` says how this replica's GPU failed, if it has."""
     spec = scorer.spec
     api = FastAPI(
         title="btrm reward model", version=btrm.__version__,
@@ -448,6 +465,8 @@ def build_api(scorer, options: ServiceOptions, token: str | None, score_groups: 
         """Each group's rewards; ``names``: each group's answers', for the error of a reward not finite."""
         try:
             rewards = await score_groups(encoded)
+        except GPUFailed as e:
+            raise HTTPException(503, str(e), headers={"Retry-After": "15"}) from None
         except Exception as e:  # the model's own failure on this request (a replica that dies is Serve's 500)
             raise HTTPException(500, f"the model failed to score this request: {type(e).__name__}: {e} (the "
                                      "replica's log has the traceback; requests batched with it were scored "
@@ -475,8 +494,11 @@ def build_api(scorer, options: ServiceOptions, token: str | None, score_groups: 
                       for e in exc.errors()]
             return JSONResponse({"detail": errors}, status_code=422)
 
-    @api.get("/health", response_model=Health)
+    @api.get("/health", response_model=Health, responses={503: _GPU_FAILED})
     async def health() -> Health:
+        failure = gpu_failure()
+        if failure:
+            raise HTTPException(503, failure, headers={"Retry-After": "15"})
         return Health()
 
     @api.get("/info", response_model=Info)
@@ -654,12 +676,13 @@ class RewardModelDeployment:
 
         self.options = options
         self.token = token
+        self.gpu_failure: str | None = None  # how this replica's GPU failed (a CUDA error), once it has
         self.scorer = RewardScorer(options.model_path, dtype=options.dtype)
         self.rewards_of_batch.set_max_batch_size(options.max_batch_sequences)
         self.rewards_of_batch.set_batch_wait_timeout_s(options.batch_wait_timeout_s)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
-        return build_api(self.scorer, self.options, self.token, self.score_groups)
+        return build_api(self.scorer, self.options, self.token, self.score_groups, lambda: self.gpu_failure)
 
     async def score_groups(self, groups: list[SharedPromptIds]) -> list[list[float]]:
         """One request's tokenized groups → their rewards, scored in one batch with concurrent requests'."""
@@ -668,13 +691,23 @@ class RewardModelDeployment:
             raise rewards
         return rewards
 
+    def check_health(self) -> None:
+        """Serve's health check, every health_check_period_s: a replica that fails it is replaced."""
+        if self.gpu_failure:
+            raise GPUFailed(self.gpu_failure)
+
     async def _rewards(self, groups: list[SharedPromptIds]) -> list[list[float]]:
+        if self.gpu_failure:
+            raise GPUFailed(self.gpu_failure)
         try:
             # In a thread: the event loop keeps accepting and tokenizing the next requests meanwhile.
             return await asyncio.to_thread(self.scorer.group_rewards, groups, self.options.max_batch_tokens)
-        except Exception:
+        except Exception as e:
             logger.exception("btrm: scoring %d groups of answers failed", len(groups))
-            raise
+            if not _is_cuda_error(e):
+                raise
+            self.gpu_failure = f"this replica's GPU failed ({type(e).__name__}: {e}); Serve is replacing the replica: retry"
+            raise GPUFailed(self.gpu_failure) from None
 
     # The batch size counts answers, not requests: a /score request with 64 candidates weighs 64. The
     # decorator's values are replaced in __init__ by the options.

@@ -536,6 +536,47 @@ def test_a_request_the_model_fails_on_fails_alone_not_the_requests_batched_with_
         assert "the model failed to score this request: " in response.json()["detail"], response.text
 
 
+def test_a_cuda_error_answers_503_at_once_and_fails_the_health_check_so_serve_replaces_the_replica(trained_model_dir):
+    """CUDA errors stick to a process (a device-side assert, an illegal memory access): after one, every forward
+    on that GPU fails. This machine has no GPU, so the forward raises torch's CUDA error by hand; the rest is the
+    real replica class and its FastAPI app, over HTTP in this process, with one stand-in: Serve's batching queue
+    (it runs only inside a Serve replica) is a direct call. The failing request and every later one get a 503
+    that says to retry, no later forward is tried, and the replica fails Serve's health check."""
+    import torch
+
+    from btrm.serving import GPUFailed, RewardModelDeployment
+
+    forwards = []
+
+    def broken_gpu(groups, max_batch_tokens):
+        forwards.append(len(groups))
+        raise torch.AcceleratorError("CUDA error: an illegal memory access was encountered")
+
+    async def scenario():
+        replica_class = RewardModelDeployment.func_or_class
+        replica = replica_class.__new__(replica_class)
+        await replica.__init__(ServiceOptions(model_path=str(trained_model_dir)), None)
+        replica.check_health()
+        replica.scorer.group_rewards = broken_gpu
+        replica.rewards_of_batch = replica._rewards
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=replica.__serve_build_asgi_app__()),
+                                     base_url="http://replica") as client:
+            healthy = await client.get("/health")
+            responses = [await client.post("/compare", json=GOOD_PAIR),
+                         await client.post("/score", json={"prompt": "hi", "candidates": ["a", "b"]})]
+            health = await client.get("/health")
+        return replica, healthy, responses, health
+
+    replica, healthy, responses, health = asyncio.run(scenario())
+    assert healthy.status_code == 200
+    assert forwards == [1]
+    for response in [*responses, health]:
+        assert response.status_code == 503 and response.headers["retry-after"] == "15", response.text
+        assert "illegal memory access" in response.json()["detail"] and "retry" in response.json()["detail"]
+    with pytest.raises(GPUFailed, match="Serve is replacing the replica"):
+        replica.check_health()
+
+
 # ----------------------------------------------------------------------------------------------
 # Last: it replaces the replica
 
