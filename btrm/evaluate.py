@@ -281,10 +281,9 @@ def format_pairs(pairs: pa.Table, count: int) -> str:
     return "\n".join(lines)
 
 
-def eval_tokenization(config: EvalConfig, manifest: dict[str, Any], model_path: str) -> TokenizationSpec:
-    """The manifest's tokenization with the options given, checked against what the model can read."""
-    from transformers import AutoConfig
-
+def eval_tokenization(config: EvalConfig, manifest: dict[str, Any], model_config) -> TokenizationSpec:
+    """The manifest's tokenization with the options given, checked against what the model (its
+    ``AutoConfig``) can read."""
     tokenization = dict(manifest["tokenization"])
     if config.max_length is not None:
         tokenization["max_length"] = config.max_length
@@ -293,9 +292,9 @@ def eval_tokenization(config: EvalConfig, manifest: dict[str, Any], model_path: 
     if config.chat_template is not None:
         tokenization["chat_template"] = read_chat_template(config.chat_template)
     spec = TokenizationSpec(**tokenization)
-    limit = getattr(AutoConfig.from_pretrained(model_path), "max_position_embeddings", None)
+    limit = getattr(model_config, "max_position_embeddings", None)
     if limit is not None and spec.max_length > limit:
-        raise ValueError(f"--max_length {spec.max_length} exceeds what {model_path} can read ({limit} positions)")
+        raise ValueError(f"--max_length {spec.max_length} exceeds what {config.model_path} can read ({limit} positions)")
     return spec
 
 
@@ -309,13 +308,12 @@ def write_pairs(pairs: pa.Table, output: str | Path) -> None:
             f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in pairs.to_pylist())
 
 
-def score_pairs(config: EvalConfig, model_path: str, spec: TokenizationSpec, ledger) -> pa.Table:
-    """Scores every pair of --data_path on the cluster; the per-pair table, in input order."""
-    from transformers import AutoConfig
-
+def score_pairs(config: EvalConfig, model_path: str, spec: TokenizationSpec, rows: int | None, ledger) -> pa.Table:
+    """Scores every pair of --data_path on the cluster; the per-pair table, in input order. ``rows``: the
+    model's embedding rows (a pair holding a token past them is invalid)."""
     data_spec = DataSpec(path=config.data_path, tokenizer_path=model_path, tokenization=spec,
                          dataset_format=config.processor_name(), custom_bt_dataset_path=config.custom_bt_dataset_path,
-                         embedding_rows=embedding_rows(AutoConfig.from_pretrained(model_path)))
+                         embedding_rows=rows)
     pairs = build_pair_dataset(data_spec, ledger, config.num_data_workers, config.data_worker_cpus)
     # The dataset's own context (a copy made when it was created): input order, so --show prints the
     # first pairs of the data and the output file lines up with it.
@@ -340,13 +338,16 @@ def score_pairs(config: EvalConfig, model_path: str, spec: TokenizationSpec, led
 
 def run_evaluation(config: EvalConfig) -> dict[str, Any]:
     """Scores --data_path with --model_path; writes the per-pair file and the summary; returns the summary."""
+    from transformers import AutoConfig
+
     model_path = str(Path(config.model_path).resolve())
     manifest = read_manifest(model_path)
-    spec = eval_tokenization(config, manifest, model_path)
+    model_config = AutoConfig.from_pretrained(model_path)
+    spec = eval_tokenization(config, manifest, model_config)
     if not ray.is_initialized():
         ray.init()
     ledger = new_ledger("eval", config.max_drop_fraction)
-    pairs = score_pairs(config, model_path, spec, ledger)
+    pairs = score_pairs(config, model_path, spec, embedding_rows(model_config), ledger)
     data = close_ledger(ledger, config.max_drop_fraction)
     summary = summarize(pairs)
     if summary["pairs"] == 0:

@@ -30,12 +30,9 @@ from btrm.tracking import check_tracker
 from btrm.train_loop import EXPORT_DIR, Plan, check_resume_terms, recorded_resume_terms, resume_terms, train_loop_per_worker
 
 
-def tokenization_for(model_path: str, config) -> TokenizationSpec:
-    """The tokenization a model gets, checked on the driver (no chat template, too long a max_length, a
-    tokenizer with more tokens than the embedding has rows)."""
-    from transformers import AutoConfig
-
-    model_config = AutoConfig.from_pretrained(model_path)
+def tokenization_for(model_path: str, model_config, config) -> TokenizationSpec:
+    """The tokenization a model (at ``model_path``, its ``AutoConfig`` ``model_config``) gets, checked on the
+    driver (no chat template, too long a max_length, a tokenizer with more tokens than the embedding has rows)."""
     limit = getattr(model_config, "max_position_embeddings", None)
     if limit is not None and config.max_length > limit:
         raise SystemExit(f"--max_length {config.max_length} exceeds what {config.model_name} can read "
@@ -113,6 +110,8 @@ def check_run_directory(storage_path: str, run_name: str, resume: bool) -> None:
 
 
 def run_training(config: TrainConfig) -> ray.train.Result:
+    from transformers import AutoConfig
+
     check_tracker(config.report_to)
     if not ray.is_initialized():
         ray.init()
@@ -122,7 +121,8 @@ def run_training(config: TrainConfig) -> ray.train.Result:
     check_replaceable(config.output_path)  # now, not after the training it would take to find out
     config.tracking_dir = os.path.abspath(config.tracking_dir)  # workers have another working directory
     model_path = resolve_model_path(config.model_name)
-    spec = tokenization_for(model_path, config)
+    model_config = AutoConfig.from_pretrained(model_path)
+    spec = tokenization_for(model_path, model_config, config)
     use_gpu = gpus_wanted(config.use_gpu)
     if config.bf16 and not use_gpu:
         print("[btrm] --bf16 needs GPUs; these CPU workers train in float32", flush=True)
@@ -134,9 +134,7 @@ def run_training(config: TrainConfig) -> ray.train.Result:
     except ValueError as e:
         raise SystemExit(f"--deepspeed {config.deepspeed}: {e}") from None
 
-    from transformers import AutoConfig
-
-    rows = embedding_rows(AutoConfig.from_pretrained(model_path))
+    rows = embedding_rows(model_config)
     train_ds, train_ledger, eval_ds = pair_dataset("train", config.train_set_path, model_path, spec, config,
                                                    hold_out=config.eval_split_ratio, rows=rows)
     ledgers = {"train": train_ledger}

@@ -31,9 +31,9 @@ from btrm.batching import DENSE_MASK_TOKENS, FLEX_BLOCK, MicroBatcher, split_to,
 from btrm.config import TrainConfig, recorded_options
 from btrm.deepspeed_configs import fill_deepspeed_config, load_deepspeed_config
 from btrm.export import json_safe, write_model_dir
-from btrm.sources import without_credentials
 from btrm.loss import bradley_terry_loss, pair_correct
 from btrm.model import RewardModel, disable_dropout, load_reward_model, load_tokenizer, packing_unsupported
+from btrm.sources import without_credentials
 from btrm.tokenize import prepare_tokenizer
 from btrm.tracking import Tracker
 

@@ -20,7 +20,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import torch
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
 from btrm.config import parse_config
 from btrm.evaluate import EvalConfig, PairScorer, eval_tokenization, format_summary, main, summarize, summary_path
@@ -255,7 +255,8 @@ def test_options_are_checked_before_any_work(trained_model_dir, tiny_qwen_dir, t
         assert words in capsys.readouterr().err
     with pytest.raises(ValueError, match="4096 positions"):
         eval_tokenization(parse("--model_path", "m", "--data_path", "x", "--max_length", "5000"),
-                          json.loads((trained_model_dir / "btrm.json").read_text()), str(trained_model_dir))
+                          json.loads((trained_model_dir / "btrm.json").read_text()),
+                          AutoConfig.from_pretrained(trained_model_dir))
     with pytest.raises(FileNotFoundError, match="btrm.json"):
         main(["--model_path", tiny_qwen_dir, "--data_path", "x.parquet", "--output", str(tmp_path / "s.parquet")])
 
