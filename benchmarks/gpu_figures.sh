@@ -9,7 +9,7 @@
 #   train-trl    TRL's RewardTrainer at its own 4 pairs per micro-batch (synthetic)
 #   train-real   both on real pairs (hh-rlhf, RM-Bench; needs QWEN3 data in BTRM_TEST_DATA or ../shared/data)
 #   serve-1      the service's load benchmark, one replica on the GPU
-#   serve-4      the same, four replicas sharing the GPU (each tokenizes on its own core)
+#   serve-4      the same, four model replicas sharing the GPU (each launching kernels on its own core)
 #   exactness    tests/test_packing.py's GPU test (bf16 FlexAttention against float32)
 # The first btrm stage compiles the decoder layers (minutes; the second pass it reports is warm); btrm's
 # stages log each recompilation (TORCH_LOGS=recompiles) and why.

@@ -63,11 +63,12 @@ class LevelResult:
 
 
 class CpuMeter:
-    """CPU time of this benchmark's processes by role (the Serve replica, the HTTP proxy, this client, the
-    rest of its private Ray) and how busy the whole machine was: on a shared machine the figures mean
+    """CPU time of this benchmark's processes by role (the HTTP and the model replicas, Serve's HTTP proxy,
+    this client, the rest of its private Ray) and how busy the whole machine was: on a shared machine the figures mean
     little without the latter."""
 
-    ROLES = {"replica": "ray::ServeReplica", "proxy": "ray::ProxyActor"}
+    ROLES = {"api": "ray::ServeReplica:btrm:RewardAPI", "model": "ray::ServeReplica:btrm:RewardModel",
+             "proxy": "ray::ProxyActor"}
 
     def __init__(self):
         import psutil
@@ -174,9 +175,10 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=20, help="Requests sent (and not counted) before the levels, "
                         "by one client and again by the most concurrent level's clients.")
     parser.add_argument("--num_replicas", type=int, default=1, help="Model replicas.")
-    parser.add_argument("--replica_cpus", type=float, default=1.0, help="CPUs (torch threads) of each replica.")
-    parser.add_argument("--replica_gpus", default="auto", help="GPUs of each replica: auto (1 where there is a GPU) or a "
-                        "fraction, so several replicas share one GPU (each tokenizes and batches on its own core).")
+    parser.add_argument("--api_replicas", type=int, default=1, help="HTTP replicas (validate and tokenize; 1 CPU each).")
+    parser.add_argument("--replica_cpus", type=float, default=1.0, help="CPUs (torch threads) of each model replica.")
+    parser.add_argument("--replica_gpus", default="auto", help="GPUs of each model replica: auto (1 where there is a GPU) "
+                        "or a fraction, so several replicas share one GPU (each launching kernels on its own core).")
     parser.add_argument("--batch_wait_timeout_s", type=float, default=0.005)
     args = parser.parse_args()
 
@@ -189,14 +191,16 @@ def main() -> None:
 
     bodies = compare_bodies(Path(args.pairs))
     port = free_port()
-    ray.init(address="local", num_cpus=max(4, math.ceil(args.num_replicas * args.replica_cpus) + 2), include_dashboard=False,
+    replica_cpus = math.ceil(args.num_replicas * args.replica_cpus) + args.api_replicas
+    ray.init(address="local", num_cpus=max(4, replica_cpus + 2), include_dashboard=False,
              object_store_memory=256 * 1024 * 1024, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 60})
         options = ServiceOptions(model_path=args.model_path, token_env="BTRM_BENCHMARK_NO_TOKEN",
                                  replica_cpus=args.replica_cpus, replica_gpus=args.replica_gpus,
                                  batch_wait_timeout_s=args.batch_wait_timeout_s)
-        serve.run(build_app(options, num_replicas=args.num_replicas), name="btrm", route_prefix="/")
+        serve.run(build_app(options, num_replicas=args.num_replicas, api_replicas=args.api_replicas), name="btrm",
+                  route_prefix="/")
         url = f"http://127.0.0.1:{port}"
         # Batches of one and of many pairs: on a GPU each new row shape compiles attention kernels once, which
         # must happen before the clock runs.
@@ -208,14 +212,14 @@ def main() -> None:
         serve.shutdown()
         ray.shutdown()
 
-    print(f"\nPOST /compare, one real pair per request, model {args.model_path}, {args.num_replicas} replica(s) x {args.replica_cpus} CPU "
-          f"x {args.replica_gpus} GPU, "
+    print(f"\nPOST /compare, one real pair per request, model {args.model_path}, {args.api_replicas} HTTP replica(s), "
+          f"{args.num_replicas} model replica(s) x {args.replica_cpus} CPU x {args.replica_gpus} GPU, "
           f"{os.cpu_count()} cores on this machine")
     print("| clients | requests | failed | seconds | requests/s | p50 ms | p99 ms "
-          "| CPU ms/request: replica, proxy, client, rest of Ray | machine busy |")
+          "| CPU ms/request: HTTP replicas, model replicas, proxy, client, rest of Ray | machine busy |")
     print("|--------:|---------:|-------:|--------:|-----------:|-------:|-------:|---|---:|")
     for r in results:
-        cpu = ", ".join(f"{r.cpu_ms_per_request(role):.1f}" for role in ("replica", "proxy", "client", "ray"))
+        cpu = ", ".join(f"{r.cpu_ms_per_request(role):.1f}" for role in ("api", "model", "proxy", "client", "ray"))
         print(f"| {r.concurrency:7d} | {r.requests:8d} | {len(r.failures):6d} | {r.seconds:7.1f} | {r.throughput:10.1f} "
               f"| {r.percentile_ms(0.5):6.1f} | {r.percentile_ms(0.99):6.1f} | {cpu} | {r.machine_busy:.0%} |")
     base = results[0].throughput

@@ -53,31 +53,51 @@ def scoring_dtype(name: str, device: torch.device) -> torch.dtype:
     return getattr(torch, name)
 
 
-class RewardScorer:
-    """An exported model ready to score token sequences and conversations."""
+class ConversationEncoder:
+    """An exported model's tokenization, without its weights: conversations → the token ids its manifest's
+    policy gives (chat template, max length, truncation, reward token), checked against its embedding.
+    What the scoring service's HTTP replicas hold; :class:`RewardScorer` adds the model."""
 
-    def __init__(self, model_dir: str, device: str | torch.device | None = None, max_length: int | None = None,
-                 dtype: str = "auto"):
+    def __init__(self, model_dir: str, max_length: int | None = None):
+        from transformers import AutoConfig
+
         self.manifest = read_manifest(model_dir)
         tokenization = dict(self.manifest["tokenization"])
         if max_length is not None:
             tokenization["max_length"] = max_length
         self.spec = TokenizationSpec(**tokenization)
         self.tokenizer = PairTokenizer(load_tokenizer(model_dir), self.spec)
+        # From the config, as training and evaluation read it (resize_token_embeddings keeps it in step).
+        self.embedding_rows = embedding_rows(AutoConfig.from_pretrained(model_dir))
+
+    @property
+    def pad_token_id(self) -> int:
+        return self.tokenizer.tokenizer.pad_token_id
+
+    def encode_group(self, conversations: Sequence[Sequence[dict]], tools: Tools = None) -> SharedPromptIds:
+        """Conversations sharing a prompt (offering ``tools``) → token ids under the manifest's policy
+        (RowDropped if overlong; TokensPastEmbedding if the text holds a token the model has no row for)."""
+        encoded = self.tokenizer.encode_group(conversations, tools)
+        error = tokens_past_embedding(self.tokenizer.tokenizer, encoded, self.embedding_rows)
+        if error:
+            raise error
+        return encoded
+
+
+class RewardScorer(ConversationEncoder):
+    """An exported model ready to score token sequences and conversations."""
+
+    def __init__(self, model_dir: str, device: str | torch.device | None = None, max_length: int | None = None,
+                 dtype: str = "auto"):
+        super().__init__(model_dir, max_length)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = scoring_dtype(dtype, self.device)
-        self.model = load_reward_model(model_dir, self.tokenizer.tokenizer.pad_token_id, self.dtype).to(self.device).eval()
-        self.embedding_rows = getattr(self.model.get_input_embeddings(), "num_embeddings", None) or \
-            embedding_rows(self.model.config)
+        self.model = load_reward_model(model_dir, self.pad_token_id, self.dtype).to(self.device).eval()
         self.packed = packing_unsupported(self.model) is None
         self.flex = self.packed and self.device.type == "cuda"
         if self.packed:
             self.model.set_attn_implementation("flex_attention" if self.flex else "sdpa")
         self.reward_model = RewardModel(self.model)
-
-    @property
-    def pad_token_id(self) -> int:
-        return self.tokenizer.tokenizer.pad_token_id
 
     @torch.no_grad()
     def rewards(self, sequences: Sequence[Sequence[int]], max_batch_tokens: int = 32768) -> list[float]:
@@ -137,15 +157,6 @@ class RewardScorer:
                   for p, c, r in zip(pairs["prompt_ids"], pairs["chosen_ids"], pairs["rejected_ids"])]
         rewards = self.group_rewards(groups, max_batch_tokens)
         return [r[0] for r in rewards], [r[1] for r in rewards]
-
-    def encode_group(self, conversations: Sequence[Sequence[dict]], tools: Tools = None) -> SharedPromptIds:
-        """Conversations sharing a prompt (offering ``tools``) → token ids under the manifest's policy
-        (RowDropped if overlong; TokensPastEmbedding if the text holds a token the model has no row for)."""
-        encoded = self.tokenizer.encode_group(conversations, tools)
-        error = tokens_past_embedding(self.tokenizer.tokenizer, encoded, self.embedding_rows)
-        if error:
-            raise error
-        return encoded
 
     def score_group(self, conversations: Sequence[Sequence[dict]],
                     tools: Tools = None) -> tuple[list[float], SharedPromptIds]:

@@ -3,14 +3,16 @@
     POST /compare   a prompt with a chosen and a rejected answer (or {"pairs": [...]}) → both rewards,
                     the margin and P(chosen better) = sigmoid(r_chosen - r_rejected)
     POST /score     a prompt with N candidate answers → their rewards and ranking
-    GET  /health    liveness (never guarded by the token)
+    GET  /health    ready: a model replica answers (never guarded by the token)
     GET  /info      model, manifest, tokenization, limits, version
 
-Requests are tokenized exactly as training tokenized its pairs (:class:`btrm.scoring.RewardScorer`
-reads the chat template, max length, truncation policy and reward token from the model's manifest), so
-a score here equals the score training and evaluation computed for the same pair. Token sequences of
-concurrent requests are scored together (``@serve.batch``), in length buckets so a short request is
-not padded to a long one.
+Two deployments. ``RewardAPI`` replicas (the FastAPI ingress, CPU only) validate requests and tokenize
+them exactly as training tokenized its pairs (:class:`btrm.scoring.ConversationEncoder` reads the chat
+template, max length, truncation policy and reward token from the model's manifest), so a score here
+equals the score training and evaluation computed for the same pair. They send token ids to
+``RewardModel`` replicas (the model, on a GPU where there is one), which score the groups of concurrent
+requests together (:class:`ForwardQueue`), packed or in length buckets so that a short request is not
+padded to a long one.
 
 Run it with ``btrm serve --model_path DIR`` (a private local Ray), or from a Serve config
 (``serve run serve/config.yaml``) whose ``import_path`` points at :func:`app_builder`.
@@ -27,6 +29,7 @@ import math
 import os
 import signal
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Awaitable, Callable, Literal
@@ -37,6 +40,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, PrivateAttr, Tag, model_validator
 from ray import serve
+from ray.exceptions import RayActorError
+from ray.serve.exceptions import BackPressureError
+from ray.serve.handle import DeploymentHandle
 from starlette.datastructures import Headers
 from starlette.responses import JSONResponse
 
@@ -74,12 +80,13 @@ class ServiceOptions:
                             "OpenAI's API: checking that the template renders them all grows with their square.")
     max_batch_sequences: int = option(128, "Most answers scored in one batch across concurrent requests; "
                                       "at least max_candidates and 2 x max_pairs.")
-    batch_wait_timeout_s: float = option(0.005, "How long the first request of a batch waits for others to join.")
+    batch_wait_timeout_s: float = option(0.005, "How long a request reaching an idle model replica waits for others "
+                                         "to join its batch (those arriving during a forward join the next at once).")
     max_batch_tokens: int = option(16384, "Most tokens in one forward pass, padding included (decoders: packed "
                                    "rows, each prompt computed once; on CPUs at most 4096).")
-    replica_cpus: float = option(1.0, "CPUs reserved by each replica (its torch threads).")
-    replica_gpus: str = option("auto", "GPUs per replica: auto (1 when the cluster has a GPU, else 0) or a number; "
-                              "a fraction lets replicas share a GPU (0.25: four), each tokenizing on its own core.")
+    replica_cpus: float = option(1.0, "CPUs reserved by each model replica (its torch threads).")
+    replica_gpus: str = option("auto", "GPUs per model replica: auto (1 when the cluster has a GPU, else 0) or a "
+                              "number; a fraction lets replicas share a GPU (0.25: four), each launching on its own core.")
     dtype: str = option("auto", "Weights and activations: auto (bfloat16 on GPUs that have it, float32 on CPUs), "
                         "bfloat16 or float32.", SCORING_DTYPES)
 
@@ -120,14 +127,17 @@ class ServeCommand(ServiceOptions):
     host: str = option("127.0.0.1", "Address to listen on (0.0.0.0 exposes the service beyond this machine).")
     port: int = option(8000, "HTTP port.")
     num_replicas: int = option(1, "Model replicas (a Serve config can autoscale instead).")
+    api_replicas: int = option(1, "HTTP replicas, one CPU each: they validate and tokenize requests for the model "
+                               "replicas (add some when /compare's CPU work, not the model, limits throughput).")
     request_timeout_s: float = option(60.0, "A request still unanswered after this long gets a 408.")
     ray_address: str = option("local", "Ray to run on: local (a private Ray for this command), auto (the cluster "
                               "`ray start` began on this machine) or an address.")
 
     def validate(self) -> None:
         super().validate()
-        if self.num_replicas < 1:
-            raise ValueError("--num_replicas must be at least 1")
+        for name in ("num_replicas", "api_replicas"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be at least 1")
 
 
 def read_token(options: ServiceOptions) -> str | None:
@@ -391,16 +401,19 @@ def _refusal(description: str) -> dict[str, Any]:
     return {"description": description, "model": Refusal}
 
 
-_GPU_FAILED = _refusal("This replica's GPU failed (a CUDA error); Serve is replacing the replica: retry")
+_UNAVAILABLE = _refusal("No model replica can score now: its GPU failed (a CUDA error), it died, or all are at "
+                        "their queue limit; Serve replaces failed replicas: retry after Retry-After seconds")
 
 # What both scoring routes may answer besides 200 and 422 (every 422 has FastAPI's list of errors).
 _ERRORS: dict[int | str, dict[str, Any]] = {
     400: _refusal("The body could not be parsed at all (not UTF-8, a number over 4300 digits, nested too deep)"),
     500: _refusal("The model failed: a reward that is not finite (has its training diverged?)"),
-    503: _GPU_FAILED,
+    503: _UNAVAILABLE,
 }
 
 ScoreGroups = Callable[[list[SharedPromptIds]], Awaitable[list[list[float]]]]
+ModelState = Callable[[], Awaitable[dict[str, Any]]]
+MODEL_STATE_TIMEOUT_S = 5.0  # /health and /info wait this long for a model replica to answer
 
 
 class GPUFailed(RuntimeError):
@@ -416,15 +429,33 @@ def _is_cuda_error(error: BaseException) -> bool:
     return isinstance(error, torch.AcceleratorError)
 
 
-def build_api(scorer, options: ServiceOptions, token: str | None, score_groups: ScoreGroups,
-              gpu_failure: Callable[[], str | None] = lambda: None) -> FastAPI:
-    """The FastAPI app of one replica. ``scorer`` tokenizes (a :class:`btrm.scoring.RewardScorer`);
-    ``score_groups`` turns tokenized groups (a prompt and its answers) into each answer's reward (the
-    replica's batching queue); ``gpu_failure`` says how this replica's GPU failed, if it has."""
-    spec = scorer.spec
+def _cause(error: BaseException) -> BaseException:
+    """The exception a model replica raised, out of the RayTaskError that carried it to this replica."""
+    return getattr(error, "cause", None) or error
+
+
+def _message(error: BaseException) -> str:
+    """The model replica's own message (a RayTaskError's str is the whole remote traceback)."""
+    cause = _cause(error)
+    return str(cause.args[0]) if len(cause.args) == 1 else str(cause)
+
+
+def _unavailable(error: BaseException) -> str:
+    if isinstance(error, BackPressureError):
+        return "every model replica is at its queue limit (max_queued_requests): retry, or add replicas"
+    return (f"the model replica serving this request died or cannot be reached ({type(error).__name__}); Serve "
+            "is replacing it: retry")
+
+
+def build_api(encoder, options: ServiceOptions, token: str | None, score_groups: ScoreGroups,
+              model_state: ModelState) -> FastAPI:
+    """The FastAPI app of an HTTP replica. ``encoder`` tokenizes (a :class:`btrm.scoring.ConversationEncoder`);
+    ``score_groups`` turns tokenized groups (a prompt and its answers) into each answer's reward (a model
+    replica's batching queue); ``model_state`` says a model replica's device, dtype and GPU failure, if any."""
+    spec = encoder.spec
     api = FastAPI(
         title="btrm reward model", version=btrm.__version__,
-        description=f"Bradley-Terry reward model `{scorer.manifest.get('base_model')}`, max_length {spec.max_length}."
+        description=f"Bradley-Terry reward model `{encoder.manifest.get('base_model')}`, max_length {spec.max_length}."
                     + (" Every route but /health needs `Authorization: Bearer <token>`." if token else ""),
     )
 
@@ -447,10 +478,8 @@ def build_api(scorer, options: ServiceOptions, token: str | None, score_groups: 
                names: list[str]) -> SharedPromptIds:
         """``loc``: where the conversation is in the request, for the 422 of a template that refuses it;
         ``names``: its answers', for the 413 of one too long."""
-        # Tokenized here, on the replica's event loop, never in the scoring thread: a fast tokenizer
-        # must not be used from two threads at once.
         try:
-            return scorer.encode_group([request.conversation(a) for a in answers], request.offered_tools())
+            return encoder.encode_group([request.conversation(a) for a in answers], request.offered_tools())
         except AnswersTooLong as e:
             raise HTTPException(413, f"{', '.join(names[k] for k in e.answers)}: too long for the model's "
                                      f"max_length={spec.max_length} tokens (overlong policy {spec.overlong!r}; "
@@ -466,11 +495,13 @@ def build_api(scorer, options: ServiceOptions, token: str | None, score_groups: 
         try:
             rewards = await score_groups(encoded)
         except GPUFailed as e:
-            raise HTTPException(503, str(e), headers={"Retry-After": "15"}) from None
-        except Exception as e:  # the model's own failure on this request (a replica that dies is Serve's 500)
-            raise HTTPException(500, f"the model failed to score this request: {type(e).__name__}: {e} (the "
-                                     "replica's log has the traceback; requests batched with it were scored "
-                                     "without it)") from None
+            raise HTTPException(503, _message(e), headers={"Retry-After": "15"}) from None
+        except (RayActorError, BackPressureError) as e:
+            raise HTTPException(503, _unavailable(e), headers={"Retry-After": "5"}) from None
+        except Exception as e:  # the model's own failure on this request
+            raise HTTPException(500, f"the model failed to score this request: {type(_cause(e)).__name__}: "
+                                     f"{_message(e)} (the model replica's log has the traceback; requests batched "
+                                     "with it were scored without it)") from None
         broken = [name for group, group_names in zip(rewards, names) for r, name in zip(group, group_names)
                   if not math.isfinite(r)]
         if broken:  # JSON has no NaN: without this, a bare "Internal Server Error" that says nothing
@@ -494,20 +525,30 @@ def build_api(scorer, options: ServiceOptions, token: str | None, score_groups: 
                       for e in exc.errors()]
             return JSONResponse({"detail": errors}, status_code=422)
 
-    @api.get("/health", response_model=Health, responses={503: _GPU_FAILED})
+    async def current_model_state() -> dict[str, Any]:
+        try:
+            state = await asyncio.wait_for(model_state(), MODEL_STATE_TIMEOUT_S)
+        except (RayActorError, BackPressureError) as e:
+            raise HTTPException(503, _unavailable(e), headers={"Retry-After": "5"}) from None
+        except TimeoutError:
+            raise HTTPException(503, f"no model replica answered within {MODEL_STATE_TIMEOUT_S:g} s (starting, being "
+                                     "replaced, or busy): retry", headers={"Retry-After": "5"}) from None
+        if state["gpu_failure"]:
+            raise HTTPException(503, state["gpu_failure"], headers={"Retry-After": "15"})
+        return state
+
+    @api.get("/health", response_model=Health, responses={503: _UNAVAILABLE})
     async def health() -> Health:
-        failure = gpu_failure()
-        if failure:
-            raise HTTPException(503, failure, headers={"Retry-After": "15"})
+        await current_model_state()
         return Health()
 
-    @api.get("/info", response_model=Info)
+    @api.get("/info", response_model=Info, responses={503: _UNAVAILABLE})
     async def info() -> Info:
-        return Info(model_path=str(options.model_path), base_model=scorer.manifest.get("base_model"),
+        state = await current_model_state()
+        return Info(model_path=str(options.model_path), base_model=encoder.manifest.get("base_model"),
                     version=btrm.__version__, max_length=spec.max_length, overlong=spec.overlong,
-                    reward_token=spec.reward_token, device=str(scorer.device),
-                    dtype=str(scorer.dtype).removeprefix("torch."), limits=options.limits(),
-                    manifest=scorer.manifest)
+                    reward_token=spec.reward_token, device=state["device"], dtype=state["dtype"],
+                    limits=options.limits(), manifest=encoder.manifest)
 
     @api.post("/compare", response_model=PairResult | BatchResult,
               responses={**_ERRORS, 413: _refusal("Too many pairs, or a pair too long for the model")})
@@ -659,37 +700,94 @@ def _document_bearer_auth(api: FastAPI) -> None:
 # The Serve deployment
 
 
-def _answer_count(requests: list[list[SharedPromptIds]]) -> int:
-    return sum(len(group.tails) for request in requests for group in request)
+class ForwardQueue:
+    """Continuous batching: requests wait here while the model computes, and each time it is free, everything
+    waiting (up to ``max_answers`` answers) goes into its next forward. ``score_batch`` maps the requests of a
+    batch to each one's result, or to the exception for that request.
+
+    Not ``@serve.batch``: in Ray 2.60 it forms the next batch as soon as its wait ends, even while a batch is
+    still running, and queues it behind that one; under load a slow forward then got batches of one or two
+    requests while dozens waited behind it (README: Scoring service)."""
+
+    def __init__(self, score_batch: Callable[[list[Any]], Awaitable[list[Any]]], size: Callable[[Any], int],
+                 max_answers: int, wait_s: float):
+        self.score_batch, self.size, self.max_answers, self.wait_s = score_batch, size, max_answers, wait_s
+        self.waiting: deque[tuple[Any, asyncio.Future]] = deque()
+        self.arrived = asyncio.Event()
+        self.worker: asyncio.Task | None = None
+
+    async def submit(self, request: Any) -> Any:
+        if self.size(request) > self.max_answers:
+            raise ValueError(f"{self.size(request)} answers in one request; a batch holds at most {self.max_answers}")
+        future = asyncio.get_running_loop().create_future()
+        self.waiting.append((request, future))
+        self.arrived.set()
+        if self.worker is None or self.worker.done():  # started in the loop that serves the requests
+            self.worker = asyncio.create_task(self._run())
+        return await future
+
+    def _take(self) -> list[tuple[Any, asyncio.Future]]:
+        batch, answers = [], 0
+        while self.waiting and (not batch or answers + self.size(self.waiting[0][0]) <= self.max_answers):
+            request, future = self.waiting.popleft()
+            if not future.done():  # a request whose client went away is not scored
+                batch.append((request, future))
+                answers += self.size(request)
+        return batch
+
+    async def _run(self) -> None:
+        while True:
+            if not self.waiting:
+                self.arrived.clear()
+                await self.arrived.wait()
+                await asyncio.sleep(self.wait_s)  # an idle model's first request waits for others to join
+            batch = self._take()
+            if not batch:
+                continue
+            try:
+                results = await self.score_batch([request for request, _ in batch])
+            except Exception as e:  # score_batch answers per request; this is a bug of its own: tell everyone
+                results = [e] * len(batch)
+            for (_, future), result in zip(batch, results, strict=True):
+                if future.done():
+                    continue
+                if isinstance(result, Exception):
+                    future.set_exception(result)
+                else:
+                    future.set_result(result)
+
+
+def _answer_count(request: list[SharedPromptIds]) -> int:
+    return sum(len(group.tails) for group in request)
 
 
 # max_ongoing_requests: enough requests of pairs to fill a batch of max_batch_sequences (a Serve config
-# may change both). health_check_period_s: a dead replica is noticed, and replaced, within seconds.
+# may change both). health_check_period_s: a failed replica is noticed, and replaced, within seconds.
 @serve.deployment(name="RewardModel", max_ongoing_requests=128, health_check_period_s=5)
-@serve.ingress()
 class RewardModelDeployment:
-    """One replica: the exported model and the FastAPI app that serves it (built at replica start,
-    once the model is loaded, around this replica's scorer, batch queue and token)."""
+    """A model replica: the exported model and the batching queue that scores concurrent requests together.
+    Reached through RewardAPI's handle: token ids in, rewards out. It does no request handling of its own:
+    its forward's kernel launching holds the Python interpreter for tens of milliseconds per batch, and
+    requests taken in meanwhile would wait for it (README: Scoring service)."""
 
-    def __init__(self, options: ServiceOptions, token: str | None):
+    def __init__(self, options: ServiceOptions):
         from btrm.scoring import RewardScorer
 
         self.options = options
-        self.token = token
         self.gpu_failure: str | None = None  # how this replica's GPU failed (a CUDA error), once it has
         self.scorer = RewardScorer(options.model_path, dtype=options.dtype)
-        self.rewards_of_batch.set_max_batch_size(options.max_batch_sequences)
-        self.rewards_of_batch.set_batch_wait_timeout_s(options.batch_wait_timeout_s)
-
-    def __serve_build_asgi_app__(self) -> FastAPI:
-        return build_api(self.scorer, self.options, self.token, self.score_groups, lambda: self.gpu_failure)
+        # A /score request with 64 candidates weighs 64: batches are counted in answers, not requests.
+        self.queue = ForwardQueue(self.rewards_of_batch, _answer_count, options.max_batch_sequences,
+                                  options.batch_wait_timeout_s)
 
     async def score_groups(self, groups: list[SharedPromptIds]) -> list[list[float]]:
         """One request's tokenized groups → their rewards, scored in one batch with concurrent requests'."""
-        rewards = await self.rewards_of_batch(groups)
-        if isinstance(rewards, Exception):  # this request's own failure, from a batch that failed (below)
-            raise rewards
-        return rewards
+        return await self.queue.submit(groups)
+
+    async def state(self) -> dict[str, Any]:
+        """For /health and /info: where this replica scores, in what, and how its GPU failed, if it has."""
+        return {"device": str(self.scorer.device), "dtype": str(self.scorer.dtype).removeprefix("torch."),
+                "gpu_failure": self.gpu_failure}
 
     def check_health(self) -> None:
         """Serve's health check, every health_check_period_s: a replica that fails it is replaced."""
@@ -700,7 +798,7 @@ class RewardModelDeployment:
         if self.gpu_failure:
             raise GPUFailed(self.gpu_failure)
         try:
-            # In a thread: the event loop keeps accepting and tokenizing the next requests meanwhile.
+            # In a thread: the event loop keeps taking in the next requests meanwhile.
             return await asyncio.to_thread(self.scorer.group_rewards, groups, self.options.max_batch_tokens)
         except Exception as e:
             logger.exception("btrm: scoring %d groups of answers failed", len(groups))
@@ -709,9 +807,6 @@ class RewardModelDeployment:
             self.gpu_failure = f"this replica's GPU failed ({type(e).__name__}: {e}); Serve is replacing the replica: retry"
             raise GPUFailed(self.gpu_failure) from None
 
-    # The batch size counts answers, not requests: a /score request with 64 candidates weighs 64. The
-    # decorator's values are replaced in __init__ by the options.
-    @serve.batch(max_batch_size=128, batch_wait_timeout_s=0.005, batch_size_fn=_answer_count)
     async def rewards_of_batch(self, requests: list[list[SharedPromptIds]]) -> list[list[list[float]] | Exception]:
         """The tokenized groups of many concurrent requests → each request's rewards, group by group
         (packed together where the model allows it, else padded by length: RewardScorer.group_rewards),
@@ -723,7 +818,7 @@ class RewardModelDeployment:
                 raise
             # One request can fail the forward of every request batched with it (an input the model cannot
             # take, a batch too big for the GPU's memory): each is scored again alone, and only one that
-            # fails alone hears of it. Serve hands each request its own result, an error object included.
+            # fails alone hears of it.
             return [await self._alone(request) for request in requests]
         per_request, start = [], 0
         for request in requests:
@@ -738,6 +833,27 @@ class RewardModelDeployment:
             return e
 
 
+# max_ongoing_requests: an HTTP replica mostly awaits the model; it must hold enough requests to fill the
+# model replicas' batches. One CPU: it tokenizes, and runs Serve's and FastAPI's request handling.
+@serve.deployment(name="RewardAPI", max_ongoing_requests=256, ray_actor_options={"num_cpus": 1})
+@serve.ingress()
+class RewardAPIDeployment:
+    """An HTTP replica: the FastAPI app (built at replica start around this replica's tokenization and token)
+    that validates and tokenizes requests and has RewardModel score their token ids."""
+
+    def __init__(self, options: ServiceOptions, token: str | None, model: DeploymentHandle):
+        from btrm.scoring import ConversationEncoder
+
+        self.options = options
+        self.token = token
+        self.model = model
+        self.encoder = ConversationEncoder(options.model_path)
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        return build_api(self.encoder, self.options, self.token, self.model.score_groups.remote,
+                         self.model.state.remote)
+
+
 def _replica_gpus(setting: str) -> float:
     if setting != "auto":
         return float(setting)
@@ -750,19 +866,26 @@ def _replica_gpus(setting: str) -> float:
     return 1.0 if torch.cuda.is_available() else 0.0
 
 
-def build_app(options: ServiceOptions, num_replicas: int | None = None) -> serve.Application:
-    """The Serve application for ``options`` (validated here; the token is read here)."""
+def build_app(options: ServiceOptions, num_replicas: int | None = None,
+              api_replicas: int | None = None) -> serve.Application:
+    """The Serve application for ``options`` (validated here; the token is read here): ``api_replicas`` HTTP
+    replicas in front of ``num_replicas`` model replicas (None: the deployments' defaults, or a Serve
+    config's)."""
     from btrm.export import read_manifest
 
     options.validate()
     read_manifest(options.model_path)  # fail now, not in every replica, when the directory is wrong
     token = read_token(options)
-    deployment_options: dict[str, Any] = {
+    model_options: dict[str, Any] = {
         "ray_actor_options": {"num_cpus": options.replica_cpus, "num_gpus": _replica_gpus(options.replica_gpus)},
     }
+    api_options: dict[str, Any] = {}
     if num_replicas is not None:
-        deployment_options["num_replicas"] = num_replicas
-    return RewardModelDeployment.options(**deployment_options).bind(options, token)
+        model_options["num_replicas"] = num_replicas
+    if api_replicas is not None:
+        api_options["num_replicas"] = api_replicas
+    model = RewardModelDeployment.options(**model_options).bind(options)
+    return RewardAPIDeployment.options(**api_options).bind(options, token, model)
 
 
 def app_builder(args: dict[str, Any]) -> serve.Application:
@@ -802,7 +925,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         serve.start(http_options={"host": command.host, "port": command.port,
                                   "request_timeout_s": command.request_timeout_s})
-        serve.run(build_app(service, num_replicas=command.num_replicas), name=APP_NAME, route_prefix="/")
+        serve.run(build_app(service, num_replicas=command.num_replicas, api_replicas=command.api_replicas), name=APP_NAME, route_prefix="/")
         guarded = read_token(service) is not None
         print(f"[btrm] serving {command.model_path} at http://{command.host}:{command.port} "
               f"(API docs: /docs); bearer token {'required' if guarded else 'not set: every route is open'}; "

@@ -353,10 +353,13 @@ def test_info_and_openapi_schema(service, trained_model_dir):
 def test_serve_config_file_builds_this_application(trained_model_dir, monkeypatch, caplog):
     from ray.serve.schema import ServeDeploySchema
 
+    from btrm.serving import RewardAPIDeployment, RewardModelDeployment
+
     config = ServeDeploySchema.model_validate(yaml.safe_load((REPO / "serve" / "config.yaml").read_text()))
     assert config.http_options.host == "127.0.0.1"
     (application,) = config.applications
     assert application.import_path == "serve.app:app_builder"
+    assert [d.name for d in application.deployments] == [RewardAPIDeployment.name, RewardModelDeployment.name]
     options = ServiceOptions(**application.args)
     options.model_path = "somewhere"
     options.validate()
@@ -534,17 +537,57 @@ def test_a_request_the_model_fails_on_fails_alone_not_the_requests_batched_with_
     for response in (batched[1], alone[3]):
         assert response.status_code == 500
         assert "the model failed to score this request: " in response.json()["detail"], response.text
+        assert "Traceback" not in response.json()["detail"], response.text  # the model replica's message, not its stack
+
+
+def test_requests_that_arrive_during_a_forward_all_go_into_the_next_one(trained_model_dir):
+    """Continuous batching in the real model replica class (in this process): while a slow forward runs (a GPU's
+    forward of a big batch), 40 requests arrive; the next forward takes them all, not one or two (what
+    @serve.batch of Ray 2.60 did: it formed batches while one ran and queued them behind it). A request with more
+    answers than a batch holds is refused; batches never exceed max_batch_sequences answers."""
+    import threading
+
+    from btrm.serving import RewardModelDeployment
+
+    forwards, started = [], threading.Event()
+
+    async def scenario():
+        replica = RewardModelDeployment.func_or_class(ServiceOptions(
+            model_path=str(trained_model_dir), max_pairs=16, max_candidates=32, max_batch_sequences=64))
+        score = replica.scorer.group_rewards
+
+        def slow_forward(groups, max_batch_tokens):
+            forwards.append(sum(len(g.tails) for g in groups))
+            started.set()
+            time.sleep(0.5)
+            return score(groups, max_batch_tokens)
+
+        replica.scorer.group_rewards = slow_forward
+        pair = replica.scorer.encode_group([[{"role": "user", "content": "hi"}, {"role": "assistant", "content": a}]
+                                            for a in ("hello", "go away")])
+        first = asyncio.create_task(replica.score_groups([pair]))
+        await asyncio.to_thread(started.wait)
+        later = [asyncio.create_task(replica.score_groups([pair])) for _ in range(40)]
+        results = await asyncio.gather(first, *later)
+        with pytest.raises(ValueError, match="66 answers in one request; a batch holds at most 64"):
+            await replica.score_groups([pair] * 33)
+        return results
+
+    results = asyncio.run(scenario())
+    assert forwards == [2, 64, 16]  # 40 pairs waited: 32 fill the next batch, the other 8 the one after
+    assert len(results[0][0]) == 2 and all(r[0] == pytest.approx(results[0][0], abs=1e-4) for r in results)
 
 
 def test_a_cuda_error_answers_503_at_once_and_fails_the_health_check_so_serve_replaces_the_replica(trained_model_dir):
     """CUDA errors stick to a process (a device-side assert, an illegal memory access): after one, every forward
     on that GPU fails. This machine has no GPU, so the forward raises torch's CUDA error by hand; the rest is the
-    real replica class and its FastAPI app, over HTTP in this process, with one stand-in: Serve's batching queue
-    (it runs only inside a Serve replica) is a direct call. The failing request and every later one get a 503
-    that says to retry, no later forward is tried, and the replica fails Serve's health check."""
+    real model replica class and the real FastAPI app in this process, over HTTP; the app calls the model
+    replica's methods directly instead of through a Serve handle. The failing request and every later one get a
+    503 that says to retry, no later forward is tried, and the model replica fails Serve's health check."""
     import torch
 
-    from btrm.serving import GPUFailed, RewardModelDeployment
+    from btrm.scoring import ConversationEncoder
+    from btrm.serving import GPUFailed, RewardModelDeployment, build_api
 
     forwards = []
 
@@ -553,14 +596,12 @@ def test_a_cuda_error_answers_503_at_once_and_fails_the_health_check_so_serve_re
         raise torch.AcceleratorError("CUDA error: an illegal memory access was encountered")
 
     async def scenario():
-        replica_class = RewardModelDeployment.func_or_class
-        replica = replica_class.__new__(replica_class)
-        await replica.__init__(ServiceOptions(model_path=str(trained_model_dir)), None)
+        options = ServiceOptions(model_path=str(trained_model_dir))
+        replica = RewardModelDeployment.func_or_class(options)
         replica.check_health()
         replica.scorer.group_rewards = broken_gpu
-        replica.rewards_of_batch = replica._rewards
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=replica.__serve_build_asgi_app__()),
-                                     base_url="http://replica") as client:
+        api = build_api(ConversationEncoder(str(trained_model_dir)), options, None, replica.score_groups, replica.state)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=api), base_url="http://replica") as client:
             healthy = await client.get("/health")
             responses = [await client.post("/compare", json=GOOD_PAIR),
                          await client.post("/score", json={"prompt": "hi", "candidates": ["a", "b"]})]
@@ -581,7 +622,7 @@ def test_a_cuda_error_answers_503_at_once_and_fails_the_health_check_so_serve_re
 # Last: it replaces the replica
 
 
-def test_dead_replica_fails_requests_in_flight_fast_and_is_replaced(service, eval_pairs):
+def test_dead_model_replica_fails_requests_in_flight_fast_and_is_replaced(service, eval_pairs):
     import ray
 
     pairs = [pair for pair, _ in eval_pairs[:32]]
@@ -595,17 +636,19 @@ def test_dead_replica_fails_requests_in_flight_fast_and_is_replaced(service, eva
             in_flight = [asyncio.create_task(client.post("/compare", json=body)) for _ in range(12)]
             await asyncio.sleep(0.3)
             (replica,) = [a for a in ray.util.list_named_actors(all_namespaces=True)
-                          if a["name"].startswith(f"SERVE_REPLICA::{APP}#")]
+                          if a["name"].startswith(f"SERVE_REPLICA::{APP}#RewardModel#")]
             ray.kill(ray.get_actor(replica["name"], namespace=replica["namespace"]), no_restart=True)
             return await asyncio.gather(*in_flight, return_exceptions=True)
 
     started = time.monotonic()
     responses = asyncio.run(kill_while_busy())
-    # No hang (the client would time out): each request either finished or failed at once. The
-    # replica holds all 12 (max_ongoing_requests) and cannot score 768 sequences in 0.3 s: some fail.
+    # No hang (the client would time out): each request either finished or failed at once, with a 503 that
+    # says to retry. The model replica holds all 12 and cannot score 768 sequences in 0.3 s: some fail.
     assert time.monotonic() - started < 30
-    assert all(isinstance(r, httpx.Response) and r.status_code in (200, 500) for r in responses), responses
-    assert any(r.status_code == 500 for r in responses)
+    assert all(isinstance(r, httpx.Response) and r.status_code in (200, 503) for r in responses), responses
+    failed = [r for r in responses if r.status_code == 503]
+    assert failed and all("model replica" in r.json()["detail"] and "retry" in r.json()["detail"]
+                          and r.headers["retry-after"] == "5" for r in failed), [r.text for r in failed]
 
     with service.client() as client:
         deadline = time.monotonic() + 90
