@@ -18,12 +18,16 @@ private Ray):
 
 On a GPU, a model of a real one's size (random weights): benchmarks/random_reward_model.py; several
 replicas can share the GPU (--num_replicas 4 --replica_gpus 0.25). benchmarks/gpu_figures.sh runs both.
+
+Without a GPU, --stand_in_forward 50,5.7 replaces the model replica's forward with what one H200 forward of
+a 1.7B model cost it (README: Benchmarks): how batching and request handling fare against a GPU's timings.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import ctypes
 import math
 import os
 import socket
@@ -109,6 +113,35 @@ class CpuMeter:
         }
 
 
+def stand_in_forward(launch_s: float, pair_s: float, groups: list, max_batch_tokens: int) -> list[list[float]]:
+    """What a GPU's forward costs a model replica, without the GPU: ``launch_s`` holding the Python
+    interpreter without using a core (a CPU launching kernels holds it; a C call through ctypes.PyDLL keeps
+    it), then ``pair_s`` a pair beyond that with the interpreter free (waiting for the GPU). Rewards: zeros."""
+    libc = ctypes.PyDLL(None)
+    end = time.perf_counter() + launch_s
+    while time.perf_counter() < end:
+        libc.usleep(500)
+    pairs = sum(len(group.tails) for group in groups) / 2
+    time.sleep(max(0.0, pairs * pair_s - launch_s))
+    return [[0.0] * len(group.tails) for group in groups]
+
+
+def stand_in_deployment(setting: str):
+    """The model deployment with its forward replaced by :func:`stand_in_forward` ("LAUNCH_MS,PAIR_MS")."""
+    import functools
+
+    from btrm.serving import RewardModelDeployment
+
+    launch_ms, pair_ms = (float(x) for x in setting.split(","))
+
+    class StandInModel(RewardModelDeployment.func_or_class):  # defined here: Ray ships it to the replica whole
+        def __init__(self, options):
+            super().__init__(options)
+            self.scorer.group_rewards = functools.partial(stand_in_forward, launch_ms / 1000, pair_ms / 1000)
+
+    return RewardModelDeployment.options(func_or_class=StandInModel)
+
+
 def compare_bodies(pairs_path: Path) -> list[dict]:
     import pyarrow.parquet as pq
 
@@ -180,6 +213,9 @@ def main() -> None:
     parser.add_argument("--replica_gpus", default="auto", help="GPUs of each model replica: auto (1 where there is a GPU) "
                         "or a fraction, so several replicas share one GPU (each launching kernels on its own core).")
     parser.add_argument("--batch_wait_timeout_s", type=float, default=0.005)
+    parser.add_argument("--stand_in_forward", metavar="LAUNCH_MS,PAIR_MS", help="Replace the model's forward with a "
+                        "GPU's timings: LAUNCH_MS holding the Python interpreter (kernel launching), then PAIR_MS a "
+                        "pair beyond that (the GPU computing); 50,5.7 is a 1.7B model on one H200.")
     args = parser.parse_args()
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -187,7 +223,7 @@ def main() -> None:
     import ray
     from ray import serve
 
-    from btrm.serving import ServiceOptions, build_app
+    from btrm.serving import RewardModelDeployment, ServiceOptions, build_app
 
     bodies = compare_bodies(Path(args.pairs))
     port = free_port()
@@ -199,8 +235,9 @@ def main() -> None:
         options = ServiceOptions(model_path=args.model_path, token_env="BTRM_BENCHMARK_NO_TOKEN",
                                  replica_cpus=args.replica_cpus, replica_gpus=args.replica_gpus,
                                  batch_wait_timeout_s=args.batch_wait_timeout_s)
-        serve.run(build_app(options, num_replicas=args.num_replicas, api_replicas=args.api_replicas), name="btrm",
-                  route_prefix="/")
+        model = stand_in_deployment(args.stand_in_forward) if args.stand_in_forward else RewardModelDeployment
+        serve.run(build_app(options, num_replicas=args.num_replicas, api_replicas=args.api_replicas,
+                            model_deployment=model), name="btrm", route_prefix="/")
         url = f"http://127.0.0.1:{port}"
         # Batches of one and of many pairs: on a GPU each new row shape compiles attention kernels once, which
         # must happen before the clock runs.
@@ -214,6 +251,7 @@ def main() -> None:
 
     print(f"\nPOST /compare, one real pair per request, model {args.model_path}, {args.api_replicas} HTTP replica(s), "
           f"{args.num_replicas} model replica(s) x {args.replica_cpus} CPU x {args.replica_gpus} GPU, "
+          + (f"forward replaced by a stand-in ({args.stand_in_forward} ms), " if args.stand_in_forward else "") +
           f"{os.cpu_count()} cores on this machine")
     print("| clients | requests | failed | seconds | requests/s | p50 ms | p99 ms "
           "| CPU ms/request: HTTP replicas, model replicas, proxy, client, rest of Ray | machine busy |")

@@ -866,11 +866,11 @@ def _replica_gpus(setting: str) -> float:
     return 1.0 if torch.cuda.is_available() else 0.0
 
 
-def build_app(options: ServiceOptions, num_replicas: int | None = None,
-              api_replicas: int | None = None) -> serve.Application:
+def build_app(options: ServiceOptions, num_replicas: int | None = None, api_replicas: int | None = None,
+              model_deployment: serve.Deployment = RewardModelDeployment) -> serve.Application:
     """The Serve application for ``options`` (validated here; the token is read here): ``api_replicas`` HTTP
     replicas in front of ``num_replicas`` model replicas (None: the deployments' defaults, or a Serve
-    config's)."""
+    config's). ``model_deployment``: the model replicas' (a benchmark's stand-in for a GPU replaces it)."""
     from btrm.export import read_manifest
 
     options.validate()
@@ -884,7 +884,7 @@ def build_app(options: ServiceOptions, num_replicas: int | None = None,
         model_options["num_replicas"] = num_replicas
     if api_replicas is not None:
         api_options["num_replicas"] = api_replicas
-    model = RewardModelDeployment.options(**model_options).bind(options)
+    model = model_deployment.options(**model_options).bind(options)
     return RewardAPIDeployment.options(**api_options).bind(options, token, model)
 
 
