@@ -717,8 +717,7 @@ class ForwardQueue:
         self.worker: asyncio.Task | None = None
 
     async def submit(self, request: Any) -> Any:
-        if self.size(request) > self.max_answers:
-            raise ValueError(f"{self.size(request)} answers in one request; a batch holds at most {self.max_answers}")
+        # No request outweighs a batch: ServiceOptions.validate keeps max_batch_sequences >= the largest request.
         future = asyncio.get_running_loop().create_future()
         self.waiting.append((request, future))
         self.arrived.set()
