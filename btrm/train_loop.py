@@ -285,7 +285,7 @@ def _quiet_worker_console() -> None:
     """Keeps the job log to btrm's progress lines and what a user can act on. On each worker:
 
     - Ray Train 2.60 logs each ``ray.train.report``, its whole metrics dict, at INFO: two long lines per
-      log step. Its logger is named by its file path, so RunConfig's LoggingConfig level (which filters
+      checkpoint. Its logger is named by its file path, so RunConfig's LoggingConfig level (which filters
       ``ray.train.*``) does not reach it.
     - Ray Data logs each evaluation pass over the worker's eval shard (start, plan, finish) at INFO, and
       warns once that progress bars are off (btrm turns them off: the job log has its own progress).
@@ -354,10 +354,12 @@ def train_loop_per_worker(loop_config: dict[str, Plan]) -> None:
             tracker.log(metrics, step=progress.global_step)
         history.append({**metrics, "step": progress.global_step})
 
-    def report(metrics: dict[str, float], checkpoint_dir: str | None = None) -> None:
-        """To Ray Train, with the checkpoint directory to persist, if any."""
+    def report(metrics: dict[str, float], checkpoint_dir: str) -> None:
+        """To Ray Train, with the checkpoint directory to persist. Only with a checkpoint: Ray Train 2.60 keeps
+        no metrics but a checkpoint's, and each report waits for its controller to take the previous one (a
+        queue of one, polled every 2 s), so reporting every log step would hold fast steps to one per 2 s."""
         ray.train.report({**metrics, "step": progress.global_step, "epoch": progress.epoch},
-                         checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None)
+                         checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir))
 
     def save_state(directory: str) -> None:
         engine.save_checkpoint(directory, tag=CHECKPOINT_TAG,
@@ -386,7 +388,6 @@ def train_loop_per_worker(loop_config: dict[str, Plan]) -> None:
     if config.eval_before_training and progress.global_step == 0:
         before = {f"{k}_before_training": v for k, v in (evaluate() or {}).items() if k != "rewards"}
         record(before)
-        report(before)
 
     # Throughput counts the time in training steps only, not evaluations and checkpoints between logs; the
     # ETA, the time since training began (the evaluation of the untrained model is no training step's).
@@ -423,7 +424,6 @@ def train_loop_per_worker(loop_config: dict[str, Plan]) -> None:
                 save_checkpoint(metrics)
             elif metrics:
                 record(metrics)
-                report(metrics)
             if step >= plan.total_steps:
                 done = True
                 break
