@@ -32,6 +32,11 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+# Ray Train's controller polls its workers every 2 s and takes one report a poll: a run's end (its final
+# checkpoint, then the finish) waits two polls. The tests' ~20 short runs poll faster; users' runs keep 2 s.
+RAY_TRAIN_QUICK_POLL = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """A private local Ray (never a cluster that `ray start` left running). More logical CPUs than the
@@ -39,7 +44,8 @@ def ray_session():
     import ray
 
     ray.init(address="local", num_cpus=6, object_store_memory=400 * 1024 * 1024, include_dashboard=False,
-             runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
+             runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+                                       **RAY_TRAIN_QUICK_POLL}})
     yield ray
     ray.shutdown()
 

@@ -37,13 +37,13 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from conftest import REPO, write_parquet_shards
+from conftest import RAY_TRAIN_QUICK_POLL, REPO, write_parquet_shards
 
 BIN = Path(sys.executable).parent  # the venv's bin: ray, serve and the python the jobs run with
 if not (BIN / "ray").exists() and shutil.which("ray"):
     BIN = Path(shutil.which("ray")).parent
 JOB_ENV_VARS = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "offline",
-                "SWANLAB_MODE": "offline"}
+                "SWANLAB_MODE": "offline", **RAY_TRAIN_QUICK_POLL}
 # The upload of --working-dir: Ray leaves out what .gitignore names (.venv, outputs, runs, ...); .git too.
 RUNTIME_ENV = {"excludes": [".git"], "env_vars": JOB_ENV_VARS}
 PORT_NAMES = ("gcs", "dashboard", "client_server", "object_manager", "node_manager", "agent_listen", "agent_grpc",
