@@ -24,8 +24,8 @@ import torch
 # compiled kernels see few distinct shapes.
 FLEX_BLOCK = 128
 # Without FlexAttention (on CPUs) a packed row's mask is dense, [T, T], and attention spans the whole row:
-# rows stay this short there.
-DENSE_MASK_TOKENS = 4096
+# rows stay this short there (a longer pair goes alone; the options' help texts say this figure).
+DENSE_MASK_TOKENS = 1024
 
 
 @dataclass

@@ -135,7 +135,7 @@ class TrainConfig(DataOptions):
                            "Encoders, and --packing false, pad chosen and rejected per micro-batch.")
     max_tokens_per_batch: int = option(16384, "With --packing: most tokens in one micro-batch (a pair counts its "
                                        "prompt once and both answers); at least 2 x --max_length, so every pair "
-                                       "fits (CPUs, without FlexAttention: at most 4096). 0: "
+                                       "fits (CPUs, without FlexAttention: at most 1024). 0: "
                                        "--per_device_train_batch_size pairs per micro-batch, packed.")
     attn_implementation: str = option("auto", "Attention kernels: auto (flex_attention for packed rows on GPUs, "
                                       "sdpa otherwise), flex_attention, sdpa or eager.",

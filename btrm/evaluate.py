@@ -80,7 +80,7 @@ class EvalConfig(DataOptions):
                              "most --max_batch_tokens tokens, each prompt computed once for both answers (as in "
                              "training); encoders: sequences sorted by length and padded.")
     max_batch_tokens: int = option(32768, "Tokens per forward pass, padding included (the memory knob; packed rows "
-                                   "on CPUs stay under 4096: their attention mask is dense there).")
+                                   "on CPUs stay under 1024: their attention mask is dense there).")
     num_scorers: int | None = option(None, "Scoring actors, each holding a copy of the model; "
                                      "unset: one per GPU of the cluster (scoring on GPUs), else 1.")
     use_gpu: str = option("auto", "Score on GPUs: auto (when the cluster has any now), true (an autoscaling "
