@@ -197,16 +197,18 @@ def micro_batcher(classifier, config: TrainConfig, pad_token_id: int, pairs_per_
 RESHUFFLE_PAIRS = 4096
 
 
-def resume_terms(plan: Plan) -> dict[str, Any]:
+def resume_terms(config: TrainConfig, deepspeed_config: dict[str, Any], use_gpu: bool,
+                 pairs: int | None = None) -> dict[str, Any]:
     """What a resumed run must keep of the run it continues: what decides which pairs each worker reads, in
     which order (or skipping the steps already trained would skip others), and the layout of DeepSpeed's state
-    (its ZeRO stage and precision: load_checkpoint reads the shards back as they were written)."""
-    config = plan.config
-    return {"train_set_path": without_credentials(config.train_set_path), "pairs": plan.ledgers["train"]["pairs"], "seed": config.seed,
-            "eval_split_ratio": config.eval_split_ratio, "num_workers": config.num_workers,
-            "pairs_per_step": config.per_device_train_batch_size * config.gradient_accumulation_steps,
-            "zero_stage": plan.deepspeed_config.get("zero_optimization", {}).get("stage", 0),
-            "bf16": config.bf16 and plan.use_gpu}
+    (its ZeRO stage and precision: load_checkpoint reads the shards back as they were written). Without
+    ``pairs`` (the training pairs the data gave), the terms the options alone decide."""
+    terms = {"train_set_path": without_credentials(config.train_set_path), "seed": config.seed,
+             "eval_split_ratio": config.eval_split_ratio, "num_workers": config.num_workers,
+             "pairs_per_step": config.per_device_train_batch_size * config.gradient_accumulation_steps,
+             "zero_stage": deepspeed_config.get("zero_optimization", {}).get("stage", 0),
+             "bf16": config.bf16 and use_gpu}
+    return terms if pairs is None else {**terms, "pairs": pairs}
 
 
 def recorded_resume_terms(run_dir: str) -> dict[str, Any] | None:
@@ -367,7 +369,7 @@ def train_loop_per_worker(loop_config: dict[str, Plan]) -> None:
         save_rng_state(directory, rank)
         if rank == 0:
             with open(os.path.join(directory, RESUME_TERMS), "w") as f:
-                json.dump(resume_terms(plan), f)
+                json.dump(resume_terms(config, plan.deepspeed_config, plan.use_gpu, plan.ledgers["train"]["pairs"]), f)
 
     def save_checkpoint(metrics: dict[str, float]) -> None:
         if metrics:

@@ -102,10 +102,12 @@ def test_eval_cadence_resume_and_options(ray_session, tiny_qwen_dir, hh_helpful,
     assert log[0] == {**log[0], "step": 0} and log[0]["eval/pairs_before_training"] == eval_pairs
     with pytest.raises(SystemExit, match="already exists .* pass --resume"):
         train_tiny(tmp_path, tiny_qwen_dir, rows, held_out, max_steps=10, num_workers=1)
-    # A resume that would read the pairs otherwise stops on the driver, before any worker starts.
+    # A resume that would read the pairs otherwise stops on the driver, before the data is read (these rows,
+    # every one dropped as identical, would fail the run with the ledger) and before any worker starts.
+    unusable = [dict(p, rejected=p["chosen"]) for p in rows]
     with pytest.raises(SystemExit, match=r"seed: 42 then, 7 now; num_workers: 1 then, 2 now; pairs_per_step: 8 then, 4 "
                                          r"now; zero_stage: 2 then, 3 now\)"):
-        train_tiny(tmp_path, tiny_qwen_dir, rows, held_out, max_steps=10, resume=True, num_workers=2, seed=7,
+        train_tiny(tmp_path, tiny_qwen_dir, unusable, held_out, max_steps=10, resume=True, num_workers=2, seed=7,
                    gradient_accumulation_steps=1, deepspeed="zero3")
     result, model_dir = train_tiny(tmp_path, tiny_qwen_dir, rows, held_out, max_steps=10, logging_steps=2, save_steps=3,
                                    use_margin=True, center_rewards_coefficient=0.1, report_to="swanlab",
