@@ -32,7 +32,8 @@ PAIR_SCHEMA = pa.schema([
     ("source", pa.string()),
     ("file", pa.string()),
     ("row", pa.int64()),
-    ("question", pa.string()),
+    ("question", pa.string()),  # the last user turn, shortened for display
+    ("question_key", pa.int64()),  # a digest of all of it: --eval_split_ratio holds pairs out by it
     ("prompt_ids", pa.list_(pa.int32())),
     ("chosen_ids", pa.list_(pa.int32())),
     ("rejected_ids", pa.list_(pa.int32())),
@@ -237,6 +238,7 @@ class PairPreprocessor:
                      "the chat template does not render (the Qwen3 template strips leading newlines, say)")
                 continue
             report.pairs += 1
+            question = _last_user_turn(pair["chosen"])
             if shared.truncated:
                 report.truncated += 1
                 report.truncated_tokens += shared.truncated
@@ -245,7 +247,8 @@ class PairPreprocessor:
                 "source": pair["source"],
                 "file": path,
                 "row": row_number,
-                "question": _question(pair["chosen"]),
+                "question": _shortened(question),
+                "question_key": question_key(question),
                 "prompt_ids": shared.prompt_ids,
                 "chosen_ids": shared.tails[0],
                 "rejected_ids": shared.tails[1],
@@ -256,10 +259,20 @@ class PairPreprocessor:
         return pa.Table.from_pylist(out, schema=PAIR_SCHEMA), report
 
 
-def _question(messages: list[dict[str, str]]) -> str:
+def _last_user_turn(messages: list[dict[str, str]]) -> str:
     text = next(m["content"] for m in reversed(messages[:-1]) if m["role"] == "user")
-    text = " ".join(text.split())
-    return text if len(text) <= QUESTION_CHARS else text[: QUESTION_CHARS - 1] + "…"
+    return " ".join(text.split())
+
+
+def _shortened(question: str) -> str:
+    return question if len(question) <= QUESTION_CHARS else question[: QUESTION_CHARS - 1] + "…"
+
+
+def question_key(question: str) -> int:
+    """A 64-bit digest of a whole question (whitespace runs as one space). The held-out split goes by it, not
+    by the shortened question: templated prompts share long openings, and cut to their first 200 characters
+    all of a set's questions can be one."""
+    return int.from_bytes(hashlib.blake2b(question.encode(), digest_size=8).digest(), "big", signed=True)
 
 
 def build_pair_dataset(spec: DataSpec, ledger, num_actors: int = 2, actor_cpus: float = 1.0) -> "ray.data.Dataset":
@@ -285,13 +298,13 @@ def build_pair_dataset(spec: DataSpec, ledger, num_actors: int = 2, actor_cpus: 
     return dataset
 
 
-def _held_out(question: str, ratio: float, seed: int) -> bool:
-    digest = hashlib.blake2b(f"{seed}\0{question}".encode(), digest_size=8).digest()
+def _held_out(key: int, ratio: float, seed: int) -> bool:
+    digest = hashlib.blake2b(f"{seed}\0{key}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big") < ratio * 2**64
 
 
 def _one_side(batch: pa.Table, ratio: float, seed: int, held_out: bool) -> pa.Table:
-    mask = [_held_out(q, ratio, seed) == held_out for q in batch["question"].to_pylist()]
+    mask = [_held_out(key, ratio, seed) == held_out for key in batch["question_key"].to_pylist()]
     return batch.filter(pa.array(mask, type=pa.bool_()))
 
 

@@ -212,9 +212,9 @@ def test_held_out_split_keeps_each_question_on_one_side():
     pair on exactly one side, in order; the same seed, the same split."""
     import ray.data
 
-    from btrm.data import split_by_question
+    from btrm.data import question_key, split_by_question
 
-    rows = [{"id": f"pair-{k}", "question": f"question {k // 3}"} for k in range(900)]  # 3 pairs a question
+    rows = [{"id": f"pair-{k}", "question_key": question_key(f"question {k // 3}")} for k in range(900)]  # 3 a question
     dataset = ray.data.from_items(rows, override_num_blocks=4).materialize()
 
     def split(seed: int) -> tuple[list[dict], list[dict]]:
@@ -223,9 +223,35 @@ def test_held_out_split_keeps_each_question_on_one_side():
 
     rest, held_out = split(42)
     assert sorted(r["id"] for r in rest + held_out) == sorted(r["id"] for r in rows)  # each pair once
-    assert not {r["question"] for r in rest} & {r["question"] for r in held_out}
-    assert 0.12 < len({r["question"] for r in held_out}) / 300 < 0.28
+    assert not {r["question_key"] for r in rest} & {r["question_key"] for r in held_out}
+    assert 0.12 < len({r["question_key"] for r in held_out}) / 300 < 0.28
     assert split(42) == (rest, held_out) and split(7)[1] != held_out
+
+
+def test_questions_opening_with_one_long_template_are_held_out_one_by_one(hh_helpful, qwen_tokenizer_dir, tmp_path):
+    """Every question opens with the same 300-character instruction, past the 200 characters a question is
+    shown with: the split still goes question by question (it went by the shown text, and all were one)."""
+    from btrm.config import TrainConfig
+    from btrm.tokenize import TokenizationSpec
+    from btrm.train import pair_dataset
+
+    template = ("Read the conversation so far, then answer the user's last message as a careful, honest and "
+                "helpful assistant would. ") * 3
+    assert len(template) > 300
+    pairs = []
+    for pair in hh_helpful["train"][:120]:
+        prompt = pair["chosen"][:-2] + [{"role": "user", "content": template + pair["chosen"][-2]["content"]}]
+        pairs.append(dict(pair, chosen=prompt + pair["chosen"][-1:], rejected=prompt + pair["rejected"][-1:]))
+    write_parquet_shards(pairs, tmp_path / "shards")
+    config = TrainConfig(train_set_path=str(tmp_path / "shards"), num_data_workers=1, data_worker_cpus=0.5)
+    rest, _, held_out = pair_dataset("train", config.train_set_path, qwen_tokenizer_dir,
+                                     TokenizationSpec(max_length=512), config, hold_out=0.25)
+    rest, held_out = list(rest.iter_rows()), list(held_out.iter_rows())
+    assert {r["question"][:100] for r in rest + held_out} == {" ".join(template.split())[:100]}
+    question = {p["id"]: p["chosen"][-2]["content"] for p in pairs}
+    trained, evaluated = {question[r["id"]] for r in rest}, {question[r["id"]] for r in held_out}
+    assert not trained & evaluated
+    assert 0.1 < len(evaluated) / len(trained | evaluated) < 0.4
 
 
 def test_helpsteer3_both_layouts(hh_helpful, qwen, qwen_tokenizer_dir, tmp_path):
