@@ -134,9 +134,9 @@ def run_training(config: TrainConfig) -> ray.train.Result:
     except ValueError as e:
         raise SystemExit(f"--deepspeed {config.deepspeed}: {e}") from None
 
-    run_dir = f"{storage_path}/{config.run_name}"
-    if config.resume:  # what the options alone decide, before the data is read: a wrong resume stops at once
-        check_resume_terms(recorded_resume_terms(run_dir), resume_terms(config, deepspeed_config, use_gpu))
+    recorded_terms = recorded_resume_terms(f"{storage_path}/{config.run_name}") if config.resume else None
+    # What the options alone decide, before the data is read: a wrong resume stops at once.
+    check_resume_terms(recorded_terms, resume_terms(config, deepspeed_config, use_gpu))
 
     rows = embedding_rows(model_config)
     train_ds, train_ledger, eval_ds = pair_dataset("train", config.train_set_path, model_path, spec, config,
@@ -182,9 +182,8 @@ def run_training(config: TrainConfig) -> ray.train.Result:
     plan = Plan(config=config, model_path=model_path, tokenization=spec.to_dict(), deepspeed_config=deepspeed_config,
                 use_gpu=use_gpu, total_steps=total_steps,
                 eval_shards=eval_shards, ledgers=ledgers)
-    if config.resume:  # and what the data gave, before any worker starts: steps already trained are skipped by count
-        check_resume_terms(recorded_resume_terms(run_dir),
-                           resume_terms(config, deepspeed_config, use_gpu, train_ledger["pairs"]))
+    # And what the data gave, before any worker starts: steps already trained are skipped by count.
+    check_resume_terms(recorded_terms, {"pairs": train_ledger["pairs"]})
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"plan": plan},
