@@ -64,7 +64,7 @@ def plain_loop(spec) -> tuple[int, int, float]:
     from btrm.data import PairPreprocessor
     from btrm.sources import plan_fragments, read_fragment
 
-    worker = PairPreprocessor(spec, ledger=None)
+    worker = PairPreprocessor(spec)
     pairs = tokens = 0
     start = time.perf_counter()
     for fragment in plan_fragments(spec.path, ("chosen", "rejected")):
@@ -75,13 +75,13 @@ def plain_loop(spec) -> tuple[int, int, float]:
     return pairs, tokens, time.perf_counter() - start
 
 
-def ray_pipeline(spec, actors: int) -> tuple[int, int, float]:
+def ray_pipeline(spec, tasks: int) -> tuple[int, int, float]:
     from btrm.data import build_pair_dataset, new_ledger
 
     ledger = new_ledger("bench", 1.0)
     start = time.perf_counter()
     pairs = tokens = 0
-    for batch in build_pair_dataset(spec, ledger, num_actors=actors, actor_cpus=1).iter_batches(
+    for batch in build_pair_dataset(spec, ledger, num_tasks=tasks, task_cpus=1).iter_batches(
             batch_format="pyarrow", batch_size=None):
         pairs += batch.num_rows
         tokens += tokens_of(batch)
@@ -114,9 +114,9 @@ def main() -> None:
         ray.init(address="local", num_cpus=cores + 1, include_dashboard=False, log_to_driver=False)
         ray.data.DataContext.get_current().enable_progress_bars = False
         ray_pipeline(spec, 1)  # warm-up: worker processes and imports
-        results.append(("Ray Data, 1 actor", 1, *ray_pipeline(spec, 1)))
+        results.append(("Ray Data, 1 task", 1, *ray_pipeline(spec, 1)))
         if cores > 1:
-            results.append((f"Ray Data, {cores} actors", cores, *ray_pipeline(spec, cores)))
+            results.append((f"Ray Data, {cores} tasks", cores, *ray_pipeline(spec, cores)))
         ray.shutdown()
 
     base = results[0][3] / results[0][4]

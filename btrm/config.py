@@ -93,8 +93,8 @@ class DataOptions:
                                        "shipped name: plain (role: content segments, for BERT-style encoders).")
     max_drop_fraction: float = option(0.05, "Fail the run, printing the ledger, if more than this share of "
                                       "pairs is dropped (ties, missing labels, invalid, identical, overlong).")
-    num_data_workers: int = option(2, "Ray Data actors that read, convert and tokenize pairs.")
-    data_worker_cpus: float = option(1.0, "CPUs reserved by each data actor.")
+    num_data_workers: int = option(2, "Ray Data tasks at a time that read, convert and tokenize pairs.")
+    data_worker_cpus: float = option(1.0, "CPUs reserved by each data task.")
 
     def processor_name(self) -> str:
         return self.custom_bt_dataset_name if self.custom_bt_dataset_path else self.dataset_format

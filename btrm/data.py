@@ -2,7 +2,7 @@
 
     plan_fragments (driver: list files, check footers and schemas)
       → ray.data.from_items(fragments)
-      → map_batches(PairPreprocessor)   actors: read rows, convert, validate, tokenize (streaming)
+      → map_batches(preprocess_fragments)   tasks: read rows, convert, validate, tokenize (streaming)
       → rows of token ids: prompt_ids, chosen_ids, rejected_ids, margin, id, source, ...
 
 The ledger counts every row: read, kept, dropped by reason, truncated. Each batch of rows reports to
@@ -12,7 +12,9 @@ earlier report instead of counting twice.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import os
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterator
 
@@ -153,31 +155,26 @@ def format_ledger(ledger: dict[str, Any]) -> str:
 
 
 class PairPreprocessor:
-    """A Ray Data actor: turns fragments into batches of tokenized pairs and reports to the ledger."""
+    """Turns fragments into batches of tokenized pairs and reports them to the ledger: the processor and the
+    tokenizer of one data spec, loaded once in each process that runs the pipeline's tasks."""
 
-    def __init__(self, spec: DataSpec, ledger):
+    def __init__(self, spec: DataSpec):
         from transformers import AutoTokenizer
 
         self.spec = spec
-        self.ledger = ledger
         self.processor = load_processor(spec.dataset_format, spec.custom_bt_dataset_path)
         tokenizer = AutoTokenizer.from_pretrained(spec.tokenizer_path)
         self.tokenizer = PairTokenizer(tokenizer, spec.tokenization)
 
-    def __call__(self, batch: dict[str, Any]) -> Iterator[pa.Table]:
+    def __call__(self, batch: dict[str, Any], ledger) -> Iterator[pa.Table]:
         pending = None  # the previous batch's report: checked while this one is processed, not waited for
         for fragment in batch["fragment"]:
             for row_numbers, rows in read_fragment(Fragment(**fragment), self.spec.batch_rows):
                 table, report = self.process_rows(fragment["path"], row_numbers, rows)
-                self._check(pending)
-                pending = self.ledger.record.remote((fragment["path"], row_numbers[0]), report)
+                _check(pending, ledger)
+                pending = ledger.record.remote((fragment["path"], row_numbers[0]), report)
                 yield table
-        self._check(pending)
-
-    def _check(self, pending) -> None:
-        failure = ray.get(pending) if pending is not None else None
-        if failure:
-            raise DataError(failure, ray.get(self.ledger.summary.remote()))
+        _check(pending, ledger)
 
     def process_rows(self, path: str, row_numbers, rows: list[Any]) -> tuple[pa.Table, LedgerReport]:
         report = LedgerReport(rows_read=len(rows))
@@ -259,6 +256,37 @@ class PairPreprocessor:
         return pa.Table.from_pylist(out, schema=PAIR_SCHEMA), report
 
 
+def _check(pending, ledger) -> None:
+    failure = ray.get(pending) if pending is not None else None
+    if failure:
+        raise DataError(failure, ray.get(ledger.summary.remote()))
+
+
+def preprocess_fragments(batch: dict[str, Any], spec: DataSpec, ledger) -> Iterator[pa.Table]:
+    """The pipeline's Ray Data task. Tasks run in Ray's pooled worker processes, which outlive a dataset, so
+    each process keeps the preprocessor of the last specs it served: the next dataset of the same job
+    (evaluation after training, a resumed run's rebuild) starts warm, where an actor pool spent seconds a
+    dataset starting processes and importing transformers before its first row."""
+    yield from _preprocessor(spec, _files_stamp(spec.custom_bt_dataset_path, spec.tokenizer_path))(batch, ledger)
+
+
+@functools.lru_cache(maxsize=2)
+def _preprocessor(spec: DataSpec, stamp: tuple) -> PairPreprocessor:
+    return PairPreprocessor(spec)
+
+
+def _files_stamp(*paths: str | None) -> tuple:
+    """When the processor's file and the tokenizer's files were written: a cached preprocessor serves only
+    while they are unchanged (a long-lived driver may edit its processor, or retrain into the same folder)."""
+    stamp = []
+    for path in filter(None, paths):
+        if os.path.isdir(path):
+            stamp.extend((entry.path, entry.stat().st_mtime_ns) for entry in os.scandir(path) if entry.is_file())
+        elif os.path.isfile(path):
+            stamp.append((path, os.stat(path).st_mtime_ns))
+    return tuple(sorted(stamp))
+
+
 def _last_user_turn(messages: list[dict[str, str]]) -> str:
     text = next(m["content"] for m in reversed(messages[:-1]) if m["role"] == "user")
     return " ".join(text.split())
@@ -275,7 +303,7 @@ def question_key(question: str) -> int:
     return int.from_bytes(hashlib.blake2b(question.encode(), digest_size=8).digest(), "big", signed=True)
 
 
-def build_pair_dataset(spec: DataSpec, ledger, num_actors: int = 2, actor_cpus: float = 1.0) -> "ray.data.Dataset":
+def build_pair_dataset(spec: DataSpec, ledger, num_tasks: int = 2, task_cpus: float = 1.0) -> "ray.data.Dataset":
     """A lazy Ray Dataset of tokenized pairs. Planning (listing files, checking parquet footers and
     schemas) happens now, on the caller, so a wrong path or a corrupt file fails before any work."""
     processor = load_processor(spec.dataset_format, spec.custom_bt_dataset_path)
@@ -284,12 +312,12 @@ def build_pair_dataset(spec: DataSpec, ledger, num_actors: int = 2, actor_cpus: 
         raise SourceError(f"{without_credentials(spec.path)}: holds no rows (its parquet files have no row groups)")
     items = [{"fragment": asdict(f)} for f in fragments]
     dataset = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-        PairPreprocessor,
-        fn_constructor_kwargs={"spec": spec, "ledger": ledger},
+        preprocess_fragments,
+        fn_kwargs={"spec": spec, "ledger": ledger},
         batch_size=1,
         batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, min(num_actors, len(items)))),
-        num_cpus=actor_cpus,
+        compute=ray.data.TaskPoolStrategy(size=max(1, min(num_tasks, len(items)))),
+        num_cpus=task_cpus,
     )
     # Pairs come out in file and row order, not in the order the actors finish: the same data gives the
     # same dataset, so a resumed run's shuffle (seeded) is the one it trained on, and it skips exactly the

@@ -148,7 +148,7 @@ def run_pipeline(path, tokenizer_dir: str, max_drop_fraction: float = 1.0, **opt
                                     chat_template=options.pop("chat_template", None))
     ledger = new_ledger("test", max_drop_fraction)
     spec = DataSpec(path=str(path), tokenizer_path=tokenizer_dir, tokenization=tokenization, **options)
-    rows = build_pair_dataset(spec, ledger, num_actors=2, actor_cpus=0.5).take_all()
+    rows = build_pair_dataset(spec, ledger, num_tasks=2, task_cpus=0.5).take_all()
     summary = close_ledger(ledger, max_drop_fraction)
     return sorted(rows, key=lambda r: (r["file"], r["row"])), summary
 

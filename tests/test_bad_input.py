@@ -180,8 +180,7 @@ def test_byte_order_marks_map_columns_and_rows_a_processor_leaves_empty(qwen_tok
         "        return [] if row['n'] % 2 else {'chosen': row['chosen'], 'rejected': row['rejected']}\n")
     spec = DataSpec(path="unused", tokenizer_path=qwen_tokenizer_dir, tokenization=TokenizationSpec(max_length=256),
                     dataset_format="SkipOdd", custom_bt_dataset_path=str(tmp_path / "skip.py"))
-    table, report = PairPreprocessor(spec, ledger=None).process_rows("rows.jsonl", range(4),
-                                                                     [{**rows[0], "n": n} for n in range(4)])
+    table, report = PairPreprocessor(spec).process_rows("rows.jsonl", range(4), [{**rows[0], "n": n} for n in range(4)])
     assert table.num_rows == report.pairs == 2 and report.dropped["invalid"] == 2  # every row read is accounted for
     assert "SkipOdd gave no pair for this row" in report.examples[0]["message"] and report.examples[0]["row"] == 1
 

@@ -337,6 +337,14 @@ def test_custom_processor_from_a_file(hh_helpful, qwen, qwen_tokenizer_dir, tmp_
         assert row["source"] == "qa"
         assert_matches_template(row, by_id[row["id"]], qwen)
 
+    # Each process running the data tasks keeps its preprocessor for the next dataset: an edited processor
+    # file is loaded anew, not served from that cache.
+    path.write_text(path.read_text().replace('"source": "qa"', '"source": "qa, edited"'))
+    os.utime(path, ns=(path.stat().st_mtime_ns + 10**9,) * 2)  # a later time, whatever the file system's resolution
+    rows, _ = run_pipeline(tmp_path / "qa", qwen_tokenizer_dir, dataset_format="QuestionAnswers",
+                           custom_bt_dataset_path=str(path))
+    assert len(rows) == len(pairs) and {row["source"] for row in rows} == {"qa, edited"}
+
 
 def test_too_many_drops_fail_the_run_with_the_ledger(hh_helpful, qwen_tokenizer_dir, tmp_path):
     pairs = hh_helpful["test"][:40]
