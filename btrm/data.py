@@ -27,6 +27,7 @@ from btrm.tokenize import PairTokenizer, TokenizationSpec, tokens_past_embedding
 
 DROP_REASONS = ("invalid", "tie", "missing_label", "identical", "overlong")
 EXAMPLES_PER_REASON = 20  # places of dropped rows kept in the ledger, per drop reason
+NO_ROWS = -1  # the ledger key's row of a fragment that held none (no batch's first row can be -1)
 QUESTION_CHARS = 200
 
 PAIR_SCHEMA = pa.schema([
@@ -103,12 +104,10 @@ class Ledger:
         self.max_drop_fraction = max_drop_fraction
         self.early_check_rows = early_check_rows
         self.reports: dict[tuple[str, int], LedgerReport] = {}
-        self.files: set[str] = set()
 
     def record(self, key: tuple[str, int], report: LedgerReport) -> str | None:
         """Stores a batch's report; returns an error message once enough rows show too many drops."""
         self.reports[key] = report
-        self.files.add(key[0])
         total = self.summary()
         if total["rows_read"] >= self.early_check_rows and total["drop_fraction"] > self.max_drop_fraction:
             return (f"{self.name}: {total['dropped_total']} of {total['pairs'] + total['dropped_total']} pairs dropped "
@@ -116,13 +115,15 @@ class Ledger:
         return None
 
     def summary(self) -> dict[str, Any]:
-        total = LedgerReport()
+        total, rows_per_file = LedgerReport(), {}
         for key in sorted(self.reports):
             total.add(self.reports[key])
+            rows_per_file[key[0]] = rows_per_file.get(key[0], 0) + self.reports[key].rows_read
         result = asdict(total)
         result.update(
             dataset=self.name,
-            files=len(self.files),
+            files=len(rows_per_file),
+            files_without_rows=[path for path, rows in rows_per_file.items() if not rows],
             dropped_total=total.dropped_total,
             drop_fraction=round(total.drop_fraction, 6),
             examples=_first_per_reason(total.examples),
@@ -147,6 +148,9 @@ def format_ledger(ledger: dict[str, Any]) -> str:
         f"{ledger['pairs']} pairs; dropped {ledger['dropped_total']} ({ledger['drop_fraction']:.1%}): {drops}; "
         f"prompt truncated in {ledger['truncated']} pairs ({ledger['truncated_tokens']} tokens)",
     ]
+    if ledger["files_without_rows"]:
+        empty = ledger["files_without_rows"]
+        lines.append(f"  {len(empty)} file(s) hold no rows: {', '.join(empty[:3])}" + (", ..." if len(empty) > 3 else ""))
     for example in ledger["examples"][:10]:
         lines.append(f"  - {example['reason']}: {example['file']} row {example['row']}: {example['message']}")
     if len(ledger["examples"]) > 10:
@@ -169,11 +173,16 @@ class PairPreprocessor:
     def __call__(self, batch: dict[str, Any], ledger) -> Iterator[pa.Table]:
         pending = None  # the previous batch's report: checked while this one is processed, not waited for
         for fragment in batch["fragment"]:
+            rows_read = 0
             for row_numbers, rows in read_fragment(Fragment(**fragment), self.spec.batch_rows):
                 table, report = self.process_rows(fragment["path"], row_numbers, rows)
+                rows_read += len(rows)
                 _check(pending, ledger)
                 pending = ledger.record.remote((fragment["path"], row_numbers[0]), report)
                 yield table
+            if not rows_read:  # an empty file (a failed upload, say) is reported, not passed over
+                _check(pending, ledger)
+                pending = ledger.record.remote((fragment["path"], NO_ROWS), LedgerReport())
         _check(pending, ledger)
 
     def process_rows(self, path: str, row_numbers, rows: list[Any]) -> tuple[pa.Table, LedgerReport]:
@@ -308,7 +317,7 @@ def build_pair_dataset(spec: DataSpec, ledger, num_tasks: int = 2, task_cpus: fl
     schemas) happens now, on the caller, so a wrong path or a corrupt file fails before any work."""
     processor = load_processor(spec.dataset_format, spec.custom_bt_dataset_path)
     fragments = plan_fragments(spec.path, processor.required_fields)
-    if not fragments:  # parquet files without a row group (a writer closed before any row: Spark's empty parts)
+    if all(f.num_rows == 0 for f in fragments):  # parquet files without rows (writers closed before any: Spark's empty parts)
         raise SourceError(f"{without_credentials(spec.path)}: holds no rows (its parquet files have no row groups)")
     items = [{"fragment": asdict(f)} for f in fragments]
     dataset = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(

@@ -167,6 +167,8 @@ def _parquet_fragments(path: str, credentials: str, query: str, required_fields:
         raise SourceError(f"{path}: missing column(s) {missing}; the file has {sorted(columns)}. "
                           "Pick the processor for this data (--dataset_format / --custom_bt_dataset_name) "
                           "or convert it to the standard format")
+    if meta.num_row_groups == 0:  # closed before any row was written (Spark's empty parts): the ledger names it
+        return [Fragment(path, "parquet", (), 0, 0, credentials, query)]
     fragments, group, first, rows = [], [], 0, 0
     for i in range(meta.num_row_groups):
         group.append(i)
@@ -193,6 +195,8 @@ class BadRow:
 
 
 def _read_parquet(fragment: Fragment, batch_rows: int) -> Iterator[tuple[Sequence[int], list[Any]]]:
+    if fragment.num_rows == 0:  # no row groups: pyarrow would read every row group when given none
+        return
     parquet = _open_parquet(fragment.path, fragment.credentials, fragment.query)
     row = fragment.first_row
     try:

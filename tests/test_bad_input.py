@@ -143,6 +143,18 @@ def test_a_source_without_rows_fails_naming_it(qwen_tokenizer_dir, tmp_path):
         run_pipeline(tmp_path / "parts", qwen_tokenizer_dir)
 
 
+def test_files_without_rows_are_counted_and_named_in_the_ledger(qwen_tokenizer_dir, tmp_path, capsys):
+    (tmp_path / "data").mkdir()
+    pq.write_table(pa.Table.from_pylist([{"chosen": Q + [A], "rejected": Q + [B]}] * 3), tmp_path / "data" / "a.parquet")
+    pq.ParquetWriter(tmp_path / "data" / "b.parquet", pa.schema([("chosen", pa.string()), ("rejected", pa.string())])).close()
+    (tmp_path / "data" / "c.jsonl").write_text("")  # an upload that failed
+    (tmp_path / "data" / "d.jsonl").write_text("\n\n")
+    kept, ledger = run_pipeline(str(tmp_path / "data" / "*"), qwen_tokenizer_dir)
+    assert len(kept) == ledger["pairs"] == ledger["rows_read"] == 3 and ledger["files"] == 4
+    assert ledger["files_without_rows"] == [str(tmp_path / "data" / name) for name in ("b.parquet", "c.jsonl", "d.jsonl")]
+    assert f"3 file(s) hold no rows: {tmp_path / 'data' / 'b.parquet'}, " in capsys.readouterr().out
+
+
 def test_a_conversation_the_chat_template_refuses_costs_only_its_row(qwen_tokenizer_dir, tmp_path):
     # As Gemma's template does: a system turn raises, for that row only, and the ledger says why.
     template = ("{% for m in messages %}{% if m.role == 'system' %}{{ raise_exception('System role not supported') }}"
