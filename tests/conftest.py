@@ -40,7 +40,7 @@ RAY_TRAIN_QUICK_POLL = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
 @pytest.fixture(scope="session")
 def ray_session():
     """A private local Ray (never a cluster that `ray start` left running). More logical CPUs than the
-    2 physical ones: two train workers plus data actors must all get a slot (PLATFORM.md)."""
+    2 physical ones: two train workers plus data tasks must all get a slot (PLATFORM.md)."""
     import ray
 
     ray.init(address="local", num_cpus=6, object_store_memory=400 * 1024 * 1024, include_dashboard=False,

@@ -282,7 +282,7 @@ def _start_cluster() -> Cluster:
                "--dashboard-agent-grpc-port", str(ports["agent_grpc"]),
                "--runtime-env-agent-port", str(ports["runtime_env_agent"]),
                "--metrics-export-port", str(ports["metrics_export"]),
-               # More logical CPUs than the 2 cores: 2 train workers + data actors + the job driver (PLATFORM.md).
+               # More logical CPUs than the 2 cores: 2 train workers + data tasks + the job driver (PLATFORM.md).
                "--num-cpus", "6", "--num-gpus", "0", "--object-store-memory", str(400 * 1024 * 1024),
                "--temp-dir", str(temp_dir)]
     head_log = temp_dir / "ray-start.log"
@@ -375,7 +375,7 @@ def trained(cluster, tiny_qwen_dir, data_dirs, tmp_path_factory) -> Trained:
 @pytest.fixture(scope="module")
 def evaluated(cluster, trained, tmp_path_factory) -> Evaluated:
     """The evaluation job, reading the pairs through a processor given as a file of the uploaded directory
-    (a relative path, as a user passes their own: the driver and every data actor load it from their copy).
+    (a relative path, as a user passes their own: the driver and every data task load it from their copy).
     The file is the standard processor's, so the pairs are training's eval pairs."""
     output = tmp_path_factory.mktemp("e2e-eval") / "pairs.parquet"
     run = cluster.submit("evaluate", [

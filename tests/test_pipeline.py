@@ -131,7 +131,7 @@ def test_glob_and_jsonl_read_the_same_pairs(hh_helpful, qwen_tokenizer_dir, tmp_
 def test_a_cloud_source_opens_every_file_with_the_credentials_and_options_of_its_uri(qwen_tokenizer_dir, hh_helpful,
                                                                                       tmp_path):
     """An S3 server on 127.0.0.1 (moto): the source URI names the endpoint, scheme and region as options and
-    carries credentials. The readers of each file (Ray Data actors) must open it with them too, not reach
+    carries credentials. The readers of each file (Ray Data tasks) must open it with them too, not reach
     for AWS, and no path, error or ledger shows the secret."""
     import pyarrow as pa
     import pyarrow.fs as pafs
