@@ -7,6 +7,7 @@ Decoders score packed, prompt-shared rows, as training computed them; encoders p
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Sequence
 
 import torch
@@ -56,7 +57,8 @@ def scoring_dtype(name: str, device: torch.device) -> torch.dtype:
 class ConversationEncoder:
     """An exported model's tokenization, without its weights: conversations → the token ids its manifest's
     policy gives (chat template, max length, truncation, reward token), checked against its embedding.
-    What the scoring service's HTTP replicas hold; :class:`RewardScorer` adds the model."""
+    What the scoring service's HTTP replicas hold; a :class:`RewardScorer` loads one when asked to score
+    conversations."""
 
     def __init__(self, model_dir: str, max_length: int | None = None):
         from transformers import AutoConfig
@@ -70,10 +72,6 @@ class ConversationEncoder:
         # From the config, as training and evaluation read it (resize_token_embeddings keeps it in step).
         self.embedding_rows = embedding_rows(AutoConfig.from_pretrained(model_dir))
 
-    @property
-    def pad_token_id(self) -> int:
-        return self.tokenizer.tokenizer.pad_token_id
-
     def encode_group(self, conversations: Sequence[Sequence[dict]], tools: Tools = None) -> SharedPromptIds:
         """Conversations sharing a prompt (offering ``tools``) → token ids under the manifest's policy
         (RowDropped if overlong; TokensPastEmbedding if the text holds a token the model has no row for)."""
@@ -84,12 +82,13 @@ class ConversationEncoder:
         return encoded
 
 
-class RewardScorer(ConversationEncoder):
+class RewardScorer:
     """An exported model ready to score token sequences and conversations."""
 
     def __init__(self, model_dir: str, device: str | torch.device | None = None, max_length: int | None = None,
                  dtype: str = "auto"):
-        super().__init__(model_dir, max_length)
+        self.model_dir, self.max_length = model_dir, max_length
+        self.pad_token_id = read_manifest(model_dir)["pad_token_id"]  # the export's tokenizer's, recorded
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = scoring_dtype(dtype, self.device)
         self.model = load_reward_model(model_dir, self.pad_token_id, self.dtype).to(self.device).eval()
@@ -98,6 +97,12 @@ class RewardScorer(ConversationEncoder):
         if self.packed:
             self.model.set_attn_implementation("flex_attention" if self.flex else "sdpa")
         self.reward_model = RewardModel(self.model)
+
+    @functools.cached_property
+    def encoder(self) -> ConversationEncoder:
+        """The model's tokenization, loaded on first use: the service's model replicas and the evaluation's
+        scoring actors are handed token ids, and never load a tokenizer."""
+        return ConversationEncoder(self.model_dir, self.max_length)
 
     @torch.no_grad()
     def rewards(self, sequences: Sequence[Sequence[int]], max_batch_tokens: int = 32768) -> list[float]:
@@ -160,5 +165,5 @@ class RewardScorer(ConversationEncoder):
 
     def score_group(self, conversations: Sequence[Sequence[dict]],
                     tools: Tools = None) -> tuple[list[float], SharedPromptIds]:
-        encoded = self.encode_group(conversations, tools)
+        encoded = self.encoder.encode_group(conversations, tools)
         return self.group_rewards([encoded])[0], encoded

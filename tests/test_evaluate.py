@@ -197,7 +197,7 @@ def test_custom_processor_length_override_bad_rows_and_sources(pandalm_eval):
 
 def _tokenized_batch(scorer: PairScorer, pairs: list[dict]) -> dict[str, np.ndarray]:
     """A batch as Ray Data hands it to the scoring actor (numpy format, list columns as object arrays)."""
-    encoded = [scorer.scorer.encode_group([p["chosen"], p["rejected"]]) for p in pairs]
+    encoded = [scorer.scorer.encoder.encode_group([p["chosen"], p["rejected"]]) for p in pairs]
 
     def objects(values) -> np.ndarray:
         array = np.empty(len(values), dtype=object)

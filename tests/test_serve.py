@@ -95,7 +95,7 @@ def test_bfloat16_scoring_ranks_as_float32_does(trained_model_dir, eval_pairs):
     half = RewardScorer(str(trained_model_dir), device="cpu", dtype="bfloat16")
     assert full.dtype == next(full.model.parameters()).dtype == torch.float32
     assert half.dtype == next(half.model.parameters()).dtype == torch.bfloat16
-    groups = [full.encode_group([pair["chosen"], pair["rejected"]]) for pair, _ in eval_pairs[:32]]
+    groups = [full.encoder.encode_group([pair["chosen"], pair["rejected"]]) for pair, _ in eval_pairs[:32]]
     exact, approx = full.group_rewards(groups), half.group_rewards(groups)
     assert [r for g in approx for r in g] == pytest.approx([r for g in exact for r in g], abs=0.1)
     margins = [(a - b, c - d) for (a, b), (c, d) in zip(exact, approx) if abs(a - b) > 0.1]
@@ -563,7 +563,7 @@ def test_requests_that_arrive_during_a_forward_all_go_into_the_next_one(trained_
             return score(groups, max_batch_tokens)
 
         replica.scorer.group_rewards = slow_forward
-        pair = replica.scorer.encode_group([[{"role": "user", "content": "hi"}, {"role": "assistant", "content": a}]
+        pair = replica.scorer.encoder.encode_group([[{"role": "user", "content": "hi"}, {"role": "assistant", "content": a}]
                                             for a in ("hello", "go away")])
         first = asyncio.create_task(replica.score_groups([pair]))
         await asyncio.to_thread(started.wait)

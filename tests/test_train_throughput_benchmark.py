@@ -55,7 +55,7 @@ def test_random_reward_model_is_an_export_the_scorer_and_plain_transformers_load
                          text=True, timeout=300)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
     scorer = RewardScorer(str(output))
-    assert scorer.spec.max_length == 512 and scorer.packed
+    assert scorer.encoder.spec.max_length == 512 and scorer.packed
     question = [{"role": "user", "content": "What is 2 + 2?"}]
     conversations = [question + [{"role": "assistant", "content": answer}] for answer in ("4.", "5, surely.")]
     rewards, encoded = scorer.score_group(conversations)
