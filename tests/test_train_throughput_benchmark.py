@@ -1,9 +1,11 @@
-"""benchmarks/train_throughput.py's tiny mode, end to end on the CPU, so that the benchmark keeps running."""
+"""The GPU benchmarks in their tiny CPU modes, end to end, so that they keep running: train_throughput.py,
+random_reward_model.py (the serving benchmark's model) and serve_load.py."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -41,26 +43,47 @@ def test_tiny_mode_prints_figures_for_both_systems(tmp_path):
     assert any("at 4 pairs per micro-batch btrm is" in line for line in lines), run.stdout
 
 
-def test_random_reward_model_is_an_export_the_scorer_and_plain_transformers_load(tmp_path, qwen_tokenizer_dir):
-    """benchmarks/random_reward_model.py (the serving benchmark's model on a GPU), in its tiny shape."""
-    import torch
-    from transformers import AutoModelForSequenceClassification
-
-    from btrm.scoring import RewardScorer
-
-    output = tmp_path / "model"
+@pytest.fixture(scope="module")
+def random_model(tmp_path_factory, qwen_tokenizer_dir) -> Path:
+    """benchmarks/random_reward_model.py's export (the serving benchmark's model on a GPU), in its tiny shape."""
+    output = tmp_path_factory.mktemp("random") / "model"
     command = [sys.executable, str(REPO / "benchmarks" / "random_reward_model.py"), "--tokenizer", qwen_tokenizer_dir,
                "--shape", "tiny", "--max_length", "512", "--output", str(output)]
     run = subprocess.run(command, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True,
                          text=True, timeout=300)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
-    scorer = RewardScorer(str(output))
+    return output
+
+
+def test_random_reward_model_is_an_export_the_scorer_and_plain_transformers_load(random_model):
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from btrm.scoring import RewardScorer
+
+    scorer = RewardScorer(str(random_model))
     assert scorer.encoder.spec.max_length == 512 and scorer.packed
     question = [{"role": "user", "content": "What is 2 + 2?"}]
     conversations = [question + [{"role": "assistant", "content": answer}] for answer in ("4.", "5, surely.")]
     rewards, encoded = scorer.score_group(conversations)
     # The packed, prompt-shared score is the plain classifier's on each whole sequence.
-    plain = AutoModelForSequenceClassification.from_pretrained(output, dtype=torch.float32).eval()
+    plain = AutoModelForSequenceClassification.from_pretrained(random_model, dtype=torch.float32).eval()
     with torch.no_grad():
         alone = [plain(input_ids=torch.tensor([encoded.prompt_ids + tail])).logits.item() for tail in encoded.tails]
     assert rewards == pytest.approx(alone, abs=1e-5) and rewards[0] != pytest.approx(rewards[1])
+
+
+@pytest.mark.parametrize("forward", ["model", "stand-in"])
+def test_serve_load_prints_a_level_per_concurrency_without_failures(random_model, forward):
+    """The load benchmark on loopback, bounded by count: each level sends exactly its requests, none fails."""
+    command = [sys.executable, str(REPO / "benchmarks" / "serve_load.py"), "--model_path", str(random_model),
+               "--concurrency", "1", "4", "--requests", "12", "--seconds", "60", "--warmup", "2"]
+    if forward == "stand-in":
+        command += ["--stand_in_forward", "5,0.5"]
+    run = subprocess.run(command, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    rows = [line.split("|")[1:-1] for line in run.stdout.splitlines() if re.match(r"\|\s+\d+ \|", line)]
+    assert [(int(r[0]), int(r[1]), int(r[2])) for r in rows] == [(1, 12, 0), (4, 12, 0)], run.stdout
+    assert all(float(r[4]) > 0 and 0 < float(r[5]) <= float(r[6]) for r in rows), run.stdout
+    assert "4 clients: " in run.stdout and ("stand-in" in run.stdout) == (forward == "stand-in"), run.stdout
