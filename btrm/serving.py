@@ -915,7 +915,11 @@ def main(argv: list[str] | None = None) -> None:
     command = parse_config(ServeCommand, "Serve an exported reward model over HTTP (Ray Serve).", argv)
     service = ServiceOptions(**{f.name: getattr(command, f.name) for f in dataclasses.fields(ServiceOptions)})
     if command.ray_address == "local":
-        ray.init(address="local", include_dashboard=False)
+        # Ray's CPUs are reservations, not cores: on a machine with fewer cores than the replicas reserve (a
+        # laptop, a small VM) they share the cores, where Ray's default (one CPU a core) would leave a replica
+        # unscheduled and this command waiting forever.
+        reserved = command.api_replicas + math.ceil(command.num_replicas * command.replica_cpus)
+        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, reserved), include_dashboard=False)
     else:
         ray.init(address=command.ray_address)
     # A service manager's stop (docker stop, systemd, a pod's termination) is SIGTERM: shut down as on Ctrl-C,

@@ -664,10 +664,11 @@ def test_dead_model_replica_fails_requests_in_flight_fast_and_is_replaced(servic
 
 def test_btrm_serve_answers_on_loopback_and_stops_cleanly_on_sigterm(trained_model_dir):
     """The console command on its own private Ray: it answers on 127.0.0.1, and a service manager's stop
-    (SIGTERM) shuts Serve and Ray down and exits 0, as Ctrl-C does."""
+    (SIGTERM) shuts Serve and Ray down and exits 0, as Ctrl-C does. Its replicas reserve more CPUs than the
+    machine has cores (a laptop, a small VM): it serves anyway, slower, rather than wait for CPUs forever."""
     port = free_port()
     command = [str(Path(sys.executable).parent / "btrm"), "serve", "--model_path", str(trained_model_dir),
-               "--port", str(port)]
+               "--port", str(port), "--replica_cpus", str(os.cpu_count() + 1)]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
     lines: list[str] = []
