@@ -66,6 +66,7 @@ class LedgerReport:
     dropped: dict[str, int] = field(default_factory=lambda: dict.fromkeys(DROP_REASONS, 0))
     truncated: int = 0
     truncated_tokens: int = 0
+    with_margin: int = 0  # pairs that carry a preference strength (--use_margin trains on it)
     examples: list[dict[str, Any]] = field(default_factory=list)
 
     def add(self, other: "LedgerReport") -> None:
@@ -73,6 +74,7 @@ class LedgerReport:
         self.pairs += other.pairs
         self.truncated += other.truncated
         self.truncated_tokens += other.truncated_tokens
+        self.with_margin += other.with_margin
         for reason, n in other.dropped.items():
             self.dropped[reason] = self.dropped.get(reason, 0) + n
         self.examples.extend(other.examples)
@@ -146,7 +148,8 @@ def format_ledger(ledger: dict[str, Any]) -> str:
     lines = [
         f"[{ledger['dataset']}] {ledger['rows_read']} rows read from {ledger['files']} file(s) → "
         f"{ledger['pairs']} pairs; dropped {ledger['dropped_total']} ({ledger['drop_fraction']:.1%}): {drops}; "
-        f"prompt truncated in {ledger['truncated']} pairs ({ledger['truncated_tokens']} tokens)",
+        f"prompt truncated in {ledger['truncated']} pairs ({ledger['truncated_tokens']} tokens)"
+        + (f"; {ledger['with_margin']} with a margin" if ledger["with_margin"] else ""),
     ]
     if ledger["files_without_rows"]:
         empty = ledger["files_without_rows"]
@@ -244,6 +247,7 @@ class PairPreprocessor:
                      "the chat template does not render (the Qwen3 template strips leading newlines, say)")
                 continue
             report.pairs += 1
+            report.with_margin += pair["margin"] is not None
             question = _last_user_turn(pair["chosen"])
             if shared.truncated:
                 report.truncated += 1

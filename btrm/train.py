@@ -25,6 +25,7 @@ from btrm.data import DataSpec, build_pair_dataset, close_ledger, new_ledger, sp
 from btrm.deepspeed_configs import fill_deepspeed_config, load_deepspeed_config
 from btrm.export import check_replaceable, publish_dir
 from btrm.model import embedding_rows, load_tokenizer, resolve_model_path, reward_token_rule
+from btrm.sources import without_credentials
 from btrm.tokenize import TokenizationSpec, prepare_tokenizer, read_chat_template
 from btrm.tracking import check_tracker
 from btrm.train_loop import EXPORT_DIR, Plan, check_resume_terms, recorded_resume_terms, resume_terms, train_loop_per_worker
@@ -98,6 +99,19 @@ def train_data_config() -> DataConfig:
     return DataConfig(datasets_to_split=["train"], execution_options={"train": ingest})
 
 
+def check_margins(ledger: dict[str, Any], path: str) -> None:
+    """--use_margin trains on the pairs' preference strengths: data that gives none would train a plain
+    Bradley-Terry loss while the run says otherwise."""
+    with_margin, pairs = ledger["with_margin"], ledger["pairs"]
+    if with_margin == 0:
+        raise SystemExit(f"--use_margin: none of the {pairs} training pairs of {without_credentials(path)} carries a "
+                         "margin (the standard format's `margin` field; helpsteer3's preference strength): give the "
+                         "pairs margins, or leave out --use_margin")
+    if with_margin < pairs:
+        print(f"[btrm] --use_margin: {pairs - with_margin} of the {pairs} training pairs carry no margin and train "
+              "with margin 0", flush=True)
+
+
 def check_run_directory(storage_path: str, run_name: str, resume: bool) -> None:
     """Ray Train continues any run it finds under STORAGE/NAME; make that a choice, not a surprise."""
     filesystem, root = pafs.FileSystem.from_uri(storage_path) if "://" in storage_path else (pafs.LocalFileSystem(), storage_path)
@@ -142,6 +156,8 @@ def run_training(config: TrainConfig) -> ray.train.Result:
     train_ds, train_ledger, eval_ds = pair_dataset("train", config.train_set_path, model_path, spec, config,
                                                    hold_out=config.eval_split_ratio, rows=rows)
     ledgers = {"train": train_ledger}
+    if config.use_margin:
+        check_margins(train_ledger, config.train_set_path)
     if eval_ds is not None:
         held_out = eval_ds.count()
         if held_out == 0:

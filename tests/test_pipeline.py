@@ -265,6 +265,7 @@ def test_helpsteer3_both_layouts(hh_helpful, qwen, qwen_tokenizer_dir, tmp_path)
         missing = sum(i % 10 in ((0,) if name == "rm_gallery" else (3,)) for i in range(len(pairs)))
         assert ledger["dropped"]["tie"] == ties and ledger["dropped"]["missing_label"] == missing
         assert ledger["pairs"] == len(pairs) - ties - missing == len(rows)
+        assert ledger["with_margin"] == (len(rows) if margins else 0)  # what --use_margin checks
         for row in rows:
             assert_matches_template(row, by_id[row["id"]], qwen)  # the preferred answer is the chosen one
             assert row["has_margin"] == margins and (not margins or row["margin"] in (1, 2, 3))

@@ -84,10 +84,12 @@ def test_eval_split_ratio_holds_out_whole_questions_for_evaluation(ray_session, 
     assert len(trained) + len(evaluated) == manifest["data"]["train"]["pairs"]  # every kept pair on one side
 
 
-def test_eval_cadence_resume_and_options(ray_session, tiny_qwen_dir, hh_helpful, tmp_path):
+def test_eval_cadence_resume_and_options(ray_session, tiny_qwen_dir, hh_helpful, tmp_path, capsys):
     """eval_steps/save_steps cadence; a second run under the same name resumes and continues the step count.
     One worker (the default, as on a one-GPU machine): its shard of the eval pairs is all of them."""
-    rows, held_out = hh_helpful["train"][:200], hh_helpful["test"][:40]
+    # Every other pair carries a margin: the resumed run's --use_margin says how many train with margin 0.
+    rows = [dict(pair, margin=1.0) if k % 2 == 0 else pair for k, pair in enumerate(hh_helpful["train"][:200])]
+    held_out = hh_helpful["test"][:40]
     tracking = tmp_path / "tracking"
     _, model_dir = train_tiny(tmp_path, tiny_qwen_dir, rows, held_out, max_steps=6, eval_steps=3, save_steps=3,
                               logging_steps=3, report_to="wandb", tracking_dir=str(tracking), num_workers=1,
@@ -112,6 +114,10 @@ def test_eval_cadence_resume_and_options(ray_session, tiny_qwen_dir, hh_helpful,
     result, model_dir = train_tiny(tmp_path, tiny_qwen_dir, rows, held_out, max_steps=10, logging_steps=2, save_steps=3,
                                    use_margin=True, center_rewards_coefficient=0.1, report_to="swanlab",
                                    tracking_dir=str(tracking), resume=True, num_workers=1)
+    ledger = json.loads((model_dir / "btrm.json").read_text())["data"]["train"]
+    assert 0 < ledger["with_margin"] < ledger["pairs"]
+    assert (f"[btrm] --use_margin: {ledger['pairs'] - ledger['with_margin']} of the {ledger['pairs']} training pairs "
+            "carry no margin and train with margin 0") in capsys.readouterr().out
     log = _log(model_dir)
     # The resumed run's log goes on from the first run's, its end included: every line once.
     assert log[: len(first_run)] == first_run
@@ -233,6 +239,15 @@ def test_the_driver_refuses_at_once_what_would_fail_after_training(ray_session, 
     with pytest.raises(SystemExit, match=r"--deepspeed .*ds.json: DeepSpeed config sets train_batch_size=4096 but"):
         train_tiny(tmp_path, tiny_qwen_dir, rows, None, deepspeed=str(config), output_path=str(tmp_path / "new"))
     assert not (tmp_path / "runs").exists()
+
+
+def test_use_margin_on_pairs_without_margins_is_refused_before_training(ray_session, tiny_qwen_dir, hh_helpful,
+                                                                         tmp_path):
+    """hh-rlhf pairs carry no preference strength: --use_margin would train a plain Bradley-Terry loss while the
+    run's options say otherwise."""
+    with pytest.raises(SystemExit, match=r"--use_margin: none of the \d+ training pairs of .*train carries a margin"):
+        train_tiny(tmp_path, tiny_qwen_dir, hh_helpful["train"][:40], None, use_margin=True)
+    assert not (tmp_path / "runs").exists()  # no worker started
 
 
 def test_workers_are_dealt_pairs_in_order_and_a_resume_must_read_them_as_before():
