@@ -67,6 +67,7 @@ class LedgerReport:
     truncated: int = 0
     truncated_tokens: int = 0
     with_margin: int = 0  # pairs that carry a preference strength (--use_margin trains on it)
+    unread_fields: list[str] = field(default_factory=list)  # row fields the processor declares it does not read
     examples: list[dict[str, Any]] = field(default_factory=list)
 
     def add(self, other: "LedgerReport") -> None:
@@ -75,6 +76,7 @@ class LedgerReport:
         self.truncated += other.truncated
         self.truncated_tokens += other.truncated_tokens
         self.with_margin += other.with_margin
+        self.unread_fields = sorted({*self.unread_fields, *other.unread_fields})
         for reason, n in other.dropped.items():
             self.dropped[reason] = self.dropped.get(reason, 0) + n
         self.examples.extend(other.examples)
@@ -154,6 +156,8 @@ def format_ledger(ledger: dict[str, Any]) -> str:
     if ledger["files_without_rows"]:
         empty = ledger["files_without_rows"]
         lines.append(f"  {len(empty)} file(s) hold no rows: {', '.join(empty[:3])}" + (", ..." if len(empty) > 3 else ""))
+    if ledger["unread_fields"]:  # a misspelt optional field (`margn`) shows here
+        lines.append(f"  ignored fields (the processor does not read them): {', '.join(ledger['unread_fields'])}")
     for example in ledger["examples"][:10]:
         lines.append(f"  - {example['reason']}: {example['file']} row {example['row']}: {example['message']}")
     if len(ledger["examples"]) > 10:
@@ -196,6 +200,10 @@ class PairPreprocessor:
             if report.dropped[reason] <= EXAMPLES_PER_REASON:
                 report.examples.append({"reason": reason, "file": path, "row": row, "field": field, "message": message})
 
+        read_fields = self.processor.read_fields
+        if read_fields is not None:
+            fields = {name for row in rows if isinstance(row, dict) for name in row}
+            report.unread_fields = sorted(fields - set(read_fields))
         pairs, places = [], []
         for row_number, row in zip(row_numbers, rows):
             if isinstance(row, BadRow):

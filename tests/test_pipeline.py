@@ -266,6 +266,7 @@ def test_helpsteer3_both_layouts(hh_helpful, qwen, qwen_tokenizer_dir, tmp_path)
         assert ledger["dropped"]["tie"] == ties and ledger["dropped"]["missing_label"] == missing
         assert ledger["pairs"] == len(pairs) - ties - missing == len(rows)
         assert ledger["with_margin"] == (len(rows) if margins else 0)  # what --use_margin checks
+        assert ledger["unread_fields"] == []  # each layout's fields are the processor's
         for row in rows:
             assert_matches_template(row, by_id[row["id"]], qwen)  # the preferred answer is the chosen one
             assert row["has_margin"] == margins and (not margins or row["margin"] in (1, 2, 3))
@@ -311,6 +312,23 @@ def test_hh_rlhf_transcripts_straight_from_the_gzip_file(shared_data, qwen, qwen
         assert_matches_template(row, pair, qwen, max_length=512)
 
 
+def test_fields_the_processor_does_not_read_are_named_in_the_ledger(hh_helpful, qwen_tokenizer_dir, tmp_path):
+    """A misspelt optional field would otherwise be ignored without a word (as HF's Trainer names the columns
+    it ignores). In JSONL, rows differ in their fields: every row's count."""
+    from btrm.data import format_ledger
+
+    pairs = hh_helpful["train"][:12]
+    write_parquet_shards(pairs, tmp_path / "plain")
+    _, ledger = run_pipeline(tmp_path / "plain", qwen_tokenizer_dir)
+    assert ledger["unread_fields"] == [] and "ignored fields" not in format_ledger(ledger)
+    typo = tmp_path / "typo.jsonl"
+    typo.write_text("".join(json.dumps({**p, "margn": 1.0} if k == 7 else {**p, "prompt_id": str(k)}) + "\n"
+                            for k, p in enumerate(pairs)))
+    _, ledger = run_pipeline(typo, qwen_tokenizer_dir)
+    assert ledger["unread_fields"] == ["margn", "prompt_id"] and ledger["with_margin"] == 0
+    assert "ignored fields (the processor does not read them): margn, prompt_id" in format_ledger(ledger)
+
+
 def test_custom_processor_from_a_file(hh_helpful, qwen, qwen_tokenizer_dir, tmp_path):
     path = tmp_path / "qa.py"
     path.write_text(textwrap.dedent('''
@@ -333,6 +351,7 @@ def test_custom_processor_from_a_file(hh_helpful, qwen, qwen_tokenizer_dir, tmp_
     rows, ledger = run_pipeline(tmp_path / "qa", qwen_tokenizer_dir, dataset_format="QuestionAnswers",
                                 custom_bt_dataset_path=str(path))
     assert ledger["pairs"] == len(pairs) == len(rows) > 5
+    assert ledger["unread_fields"] == []  # a processor that does not declare what it reads is not second-guessed
     by_id = {p["id"]: p for p in pairs}
     for row in rows:
         assert row["source"] == "qa"

@@ -19,6 +19,8 @@ from btrm.processors.base import (BaseBradleyTerryTrainDataset, RowDropped, RowE
 
 class HelpSteer3Dataset(BaseBradleyTerryTrainDataset):
     name = "helpsteer3"
+    read_fields = ("input", "output", "id", "unique_id", "source",  # RM-Gallery's layout
+                   "context", "response1", "response2", "overall_preference", "domain")  # NVIDIA's
 
     def convert(self, row: dict[str, Any]) -> list[dict[str, Any]]:
         if "output" in row and row.get("output") is not None:

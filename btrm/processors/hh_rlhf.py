@@ -24,6 +24,7 @@ def parse_transcript(text: Any, field: str) -> list[dict[str, str]]:
 class HHRLHFDataset(BaseBradleyTerryTrainDataset):
     name = "hh_rlhf"
     required_fields = ("chosen", "rejected")
+    read_fields = ("chosen", "rejected", "id", "source", "subset")
 
     def convert(self, row: dict[str, Any]) -> dict[str, Any]:
         return {

@@ -13,6 +13,7 @@ class StandardDataset(BaseBradleyTerryTrainDataset):
 
     name = "standard"
     required_fields = ("chosen", "rejected")
+    read_fields = ("chosen", "rejected", "tools", "margin", "id", "source", "subset")
 
     def convert(self, row: dict[str, Any]) -> dict[str, Any]:
         return {
