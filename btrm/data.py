@@ -40,8 +40,7 @@ PAIR_SCHEMA = pa.schema([
     ("prompt_ids", pa.list_(pa.int32())),
     ("chosen_ids", pa.list_(pa.int32())),
     ("rejected_ids", pa.list_(pa.int32())),
-    ("margin", pa.float32()),
-    ("has_margin", pa.bool_()),
+    ("margin", pa.float32()),  # 0 where the pair gives none (the ledger counts the pairs with one)
     ("truncated", pa.int32()),
 ])
 
@@ -271,7 +270,6 @@ class PairPreprocessor:
                 "chosen_ids": shared.tails[0],
                 "rejected_ids": shared.tails[1],
                 "margin": pair["margin"] or 0.0,
-                "has_margin": pair["margin"] is not None,
                 "truncated": shared.truncated,
             })
         return pa.Table.from_pylist(out, schema=PAIR_SCHEMA), report
