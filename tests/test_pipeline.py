@@ -366,6 +366,27 @@ def test_custom_processor_from_a_file(hh_helpful, qwen, qwen_tokenizer_dir, tmp_
     assert len(rows) == len(pairs) and {row["source"] for row in rows} == {"qa, edited"}
 
 
+def test_the_ledger_stops_a_run_early_on_its_running_counts_and_a_retried_batch_replaces_its_report():
+    """Every batch waits for its record: the early check keeps running counts rather than summing every report
+    again (quadratic in the data: minutes at a million rows). A batch Ray Data runs again (a retried task)
+    reports under the same key and must not count twice."""
+    import ray
+
+    from btrm.data import DROP_REASONS, LedgerReport, new_ledger
+
+    def report(pairs: int, invalid: int) -> LedgerReport:
+        return LedgerReport(rows_read=pairs + invalid, pairs=pairs, dropped={**dict.fromkeys(DROP_REASONS, 0), "invalid": invalid})
+
+    ledger = new_ledger("early", 0.1)
+    assert ray.get(ledger.record.remote(("a.parquet", 0), report(900, 100))) is None  # 1,000 rows: too few to judge
+    assert ray.get(ledger.record.remote(("a.parquet", 0), report(900, 100))) is None  # retried: replaces
+    assert ray.get(ledger.record.remote(("a.parquet", 1000), report(1000, 0))) is None  # 5% of 2,000
+    assert ray.get(ledger.record.remote(("b.parquet", 0), report(700, 200))) == (
+        "early: 300 of 2900 pairs dropped (10.3%) > --max_drop_fraction 10.0%")
+    summary = ray.get(ledger.summary.remote())
+    assert (summary["rows_read"], summary["pairs"], summary["dropped_total"], summary["files"]) == (2900, 2600, 300, 2)
+
+
 def test_too_many_drops_fail_the_run_with_the_ledger(hh_helpful, qwen_tokenizer_dir, tmp_path):
     pairs = hh_helpful["test"][:40]
     broken = [{**p, "rejected": p["rejected"][:-1]} if i % 2 else p for i, p in enumerate(pairs)]
