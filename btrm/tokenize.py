@@ -283,7 +283,8 @@ def tokens_past_embedding(tokenizer, encoded: SharedPromptIds, rows: int | None)
 
 
 def _tools_key(tools: Tools) -> str:
-    return json.dumps(tools, sort_keys=True) if tools else ""
+    # Keys in their own order: a template's tojson keeps it, so the same schemas in another order render otherwise.
+    return json.dumps(tools) if tools else ""
 
 
 def _common_prefix_length(sequences: list[list[int]]) -> int:

@@ -51,7 +51,10 @@ def test_tool_use_templates_like_apply_chat_template_with_tools(qwen):
               (CHOSEN, REJECTED),
               (called + [{"role": "assistant", "content": "Yes."}], called + [{"role": "assistant", "content": "No."}]),
               (ask + [{"role": "assistant", "content": "Let me search."}], ask + [call])]
-    offered = [weather, None, weather, search]
+    # The same schema with its keys in another order is another rendering (tojson keeps the order it is given).
+    reordered = [{"function": {"parameters": weather[0]["function"]["parameters"], "name": "get_weather"}, "type": "function"}]
+    groups.append(groups[0])
+    offered = [weather, None, weather, search, reordered]
     tokenizer = PairTokenizer(qwen, TokenizationSpec(max_length=4096))
     results = tokenizer.encode_groups(groups, offered)
     for group, tools, encoded in zip(groups, offered, results):
@@ -59,12 +62,13 @@ def test_tool_use_templates_like_apply_chat_template_with_tools(qwen):
         for k, conversation in enumerate(group):
             assert encoded.sequence(k) == qwen.apply_chat_template(conversation, tools=tools, tokenize=True)["input_ids"]
     assert "get_weather" in qwen.decode(results[0].prompt_ids) and "get_weather" not in qwen.decode(results[1].prompt_ids)
+    assert results[0].prompt_ids != results[4].prompt_ids
     # A template without tool support would hide them: those groups are refused, the others encoded.
     toolless = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
     other = AutoTokenizer.from_pretrained(qwen.name_or_path)  # (a chat_template given replaces the tokenizer's own)
     results = PairTokenizer(other, TokenizationSpec(max_length=4096, chat_template=toolless)).encode_groups(groups, offered)
     assert [type(r).__name__ for r in results] == ["UnrenderedToolUse", "SharedPromptIds", "UnrenderedToolUse",
-                                                   "UnrenderedToolUse"]
+                                                   "UnrenderedToolUse", "UnrenderedToolUse"]
     assert "leaves out the tools or tool calls ['get_weather']" in str(results[0]) and "--chat_template" in str(results[0])
     # Answers that name the tool while the prompt, templated alone to find where to cut it, does not show it.
     mention = [PROMPT + [{"role": "assistant", "content": "Call get_weather."}],
