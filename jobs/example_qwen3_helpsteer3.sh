@@ -11,7 +11,7 @@
 #       bash jobs/example_qwen3_helpsteer3.sh    # from the repository root
 #
 # TRAIN / EVAL: HelpSteer3 preference data in NVIDIA's layout (context, response1, response2,
-# overall_preference) or RM-Gallery's (input, output[].label.is_preferred): parquet, JSON/JSONL(.gz), a
+# overall_preference) or RM-Gallery's (input, output[].answer.label.is_preferred): parquet, JSON/JSONL(.gz), a
 # directory, a glob or a cloud URI. Ties (overall_preference 0) are dropped and counted in the ledger.
 # SHARED: a directory every node mounts (NFS, EFS, a PVC): the export, the evaluation and the service
 # all read the model from there. If the cluster uses token auth (Ray 2.60 turns it on when the head has

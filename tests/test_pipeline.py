@@ -196,7 +196,8 @@ def helpsteer3_rows(pairs, seed=0):
     for i, p in enumerate(pairs):
         prompt, good, bad = p["chosen"][:-1], p["chosen"][-1], p["rejected"][-1]
         labels = [True, None] if i % 10 == 0 else [True, True] if i % 10 == 1 else [True, False]
-        outputs = [{"answer": good, "label": {"is_preferred": labels[0]}}, {"answer": bad, "label": {"is_preferred": labels[1]}}]
+        # RM-Gallery's DataOutput: the answer is a Step, holding its label.
+        outputs = [{"answer": {**answer, "label": {"is_preferred": label}}} for answer, label in zip((good, bad), labels)]
         rm_gallery.append({"id": p["id"], "input": prompt, "output": outputs[:: rng.choice([1, -1])]})
         strength = 0 if i % 10 == 2 else None if i % 10 == 3 else rng.choice([1, 2, 3])
         first_better = rng.random() < 0.5

@@ -83,6 +83,18 @@ def test_standard_rejects_malformed_rows_naming_the_field(row, field, words):
     assert error.value.field == field and words in str(error.value)
 
 
+def test_a_tool_reply_may_be_empty_and_the_older_function_reply_is_one():
+    """OpenAI's older API answers a function_call with a {"role": "function"} message; a tool may return nothing."""
+    legacy_call = {"role": "assistant", "content": None, "function_call": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+    legacy_reply = {"role": "function", "name": "get_weather", "content": "Rain, 12 C"}
+    pair = validate_pair({"chosen": [ASK, legacy_call, legacy_reply, GOOD], "rejected": [ASK, legacy_call, legacy_reply, BAD]})
+    assert pair["chosen"][1]["tool_calls"][0]["function"] == {"name": "get_weather", "arguments": {"city": "Paris"}}
+    assert pair["chosen"][2] == {"role": "tool", "content": "Rain, 12 C", "name": "get_weather"}
+    silent = {"role": "tool", "content": None, "tool_call_id": "call_1"}
+    pair = validate_pair({"chosen": [ASK, weather_call({}), silent, GOOD], "rejected": [ASK, weather_call({}), silent, BAD]})
+    assert pair["chosen"][2] == {"role": "tool", "content": "", "tool_call_id": "call_1"}
+
+
 def test_identical_answers_are_dropped_not_invalid():
     with pytest.raises(RowDropped) as dropped:
         validate_pair({"chosen": PROMPT + [GOOD], "rejected": PROMPT + [dict(GOOD)]})
@@ -136,7 +148,9 @@ def test_openai_response_messages_train_as_they_came():
 
 
 def rm_gallery_row(chosen_first=True, labels=(True, False)):
-    outputs = [{"answer": GOOD, "label": {"is_preferred": labels[0]}}, {"answer": BAD, "label": {"is_preferred": labels[1]}}]
+    """RM-Gallery's DataSample as it serialises: each DataOutput's answer is a Step, which holds the label."""
+    outputs = [{"answer": {**answer, "label": {"is_preferred": label}, "reward": None}, "steps": None}
+               for answer, label in zip((GOOD, BAD), labels)]
     return {"input": PROMPT, "output": outputs if chosen_first else outputs[::-1], "id": "r1"}
 
 
@@ -145,6 +159,13 @@ def test_helpsteer3_rm_gallery_layout():
     for chosen_first in (True, False):
         [pair] = helpsteer3.pairs(rm_gallery_row(chosen_first))
         assert pair["chosen"] == PROMPT + [GOOD] and pair["rejected"] == PROMPT + [BAD] and pair["id"] == "r1"
+    # The label beside the answer, and input and output as JSON strings (RM-Gallery's loader takes both).
+    beside = {"input": PROMPT, "output": [{"answer": BAD, "label": {"is_preferred": False}},
+                                          {"answer": GOOD, "label": {"is_preferred": True}}]}
+    as_strings = {key: json.dumps(value) for key, value in rm_gallery_row(False).items()}
+    for row in (beside, as_strings):
+        [pair] = helpsteer3.pairs(row)
+        assert pair["chosen"] == PROMPT + [GOOD] and pair["rejected"] == PROMPT + [BAD]
     with pytest.raises(RowDropped, match="tie"):
         helpsteer3.pairs(rm_gallery_row(labels=(True, True)))
     with pytest.raises(RowDropped, match="tie"):

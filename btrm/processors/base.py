@@ -87,7 +87,7 @@ def first_given(row: dict[str, Any], *fields: str) -> Any:
 
 def as_messages(value: Any, field: str) -> list[dict[str, Any]]:
     """A list of messages; a JSON string of one is accepted (a common way to store them in parquet)."""
-    return [as_message(m, f"{field}[{i}]") for i, m in enumerate(_as_list(value, field, "messages"))]
+    return [as_message(m, f"{field}[{i}]") for i, m in enumerate(as_list(value, field, "messages"))]
 
 
 def as_message(value: Any, field: str) -> dict[str, Any]:
@@ -95,6 +95,8 @@ def as_message(value: Any, field: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise RowError(field, f"must be a message {{'role', 'content'}}, got {type(value).__name__}")
     role, content = value.get("role"), value.get("content")
+    if role == "function":  # OpenAI's older function result, the reply to a function_call: a tool message
+        role = "tool"
     if role not in ROLES:
         raise RowError(f"{field}.role", f"unknown role {role!r}; expected one of {list(ROLES)}")
     message: dict[str, Any] = {"role": role}
@@ -107,6 +109,8 @@ def as_message(value: Any, field: str) -> dict[str, Any]:
             raise RowError(calls_field, f"only an assistant message calls tools, not a {role!r} one")
         message["tool_calls"] = calls
         content = "" if content is None else content
+    if role == "tool" and content is None:  # a tool that returned nothing
+        content = ""
     content = _string(content, f"{field}.content")
     # A tool may return nothing, and a tool call may come without words; any other turn must say something.
     if not content.strip() and role != "tool" and "tool_calls" not in message:
@@ -209,7 +213,8 @@ def is_unicode(text: str) -> bool:
     return True
 
 
-def _as_list(value: Any, field: str, what: str) -> list:
+def as_list(value: Any, field: str, what: str) -> list:
+    """A list (numpy arrays from Arrow list columns included); a JSON string of one is accepted."""
     if isinstance(value, str):
         value = _parse_json(value, field, f"a JSON list of {what}")
         if value is None:  # "null": how JSON-string columns store "none"
@@ -225,7 +230,7 @@ def as_tool_calls(value: Any, field: str) -> list[dict[str, Any]]:
     """Tool calls in Hugging Face's layout, ``{"type": "function", "function": {"name", "arguments": {...}}}``.
     OpenAI's layout stores arguments as a JSON string: it is parsed, as chat templates expect a mapping (most
     render it with ``tojson``; a string would come out quoted)."""
-    calls = _as_list(value, field, "tool calls")
+    calls = as_list(value, field, "tool calls")
     normalised = []
     for i, call in enumerate(calls):
         place = f"{field}[{i}]"
@@ -248,7 +253,7 @@ def as_tools(value: Any, field: str = "tools") -> list[dict[str, Any]] | None:
     """The tools a conversation offers (JSON schemas, passed to the chat template as ``tools``), or None."""
     if not _given(value):
         return None
-    tools = as_plain_json(_as_list(value, field, "tool schemas"), field)
+    tools = as_plain_json(as_list(value, field, "tool schemas"), field)
     for i, tool in enumerate(tools):
         if not isinstance(tool, dict):
             raise RowError(f"{field}[{i}]", f"must be a JSON schema object, got {type(tool).__name__}")

@@ -1,7 +1,9 @@
 """HelpSteer3 preference data, in both layouts users meet.
 
-* RM-Gallery's: ``{"input": [messages], "output": [{"answer": {role, content},
-  "label": {"is_preferred": bool}}, ...]}``. One preferred answer against each non-preferred one.
+* RM-Gallery's DataSample: ``{"input": [messages], "output": [{"answer": {role, content, "label":
+  {"is_preferred": bool}}}, ...]}`` (its DataOutput's answer is a Step, which carries the label); the label
+  beside the answer, ``{"answer": {...}, "label": {...}}``, is taken too, and ``input``/``output`` may be JSON
+  strings (as RM-Gallery's own HelpSteer3 loader allows). One preferred answer against each non-preferred one.
 * NVIDIA's native rows: ``context`` (messages), ``response1``, ``response2`` and
   ``overall_preference`` in -3..3, negative meaning response1 is better; ``|overall_preference|``
   becomes the pair's margin.
@@ -13,8 +15,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from btrm.processors.base import (BaseBradleyTerryTrainDataset, RowDropped, RowError, as_message, as_messages,
-                                  first_given, require)
+from btrm.processors.base import (BaseBradleyTerryTrainDataset, RowDropped, RowError, as_list, as_message,
+                                  as_messages, first_given, require)
 
 
 class HelpSteer3Dataset(BaseBradleyTerryTrainDataset):
@@ -32,20 +34,21 @@ class HelpSteer3Dataset(BaseBradleyTerryTrainDataset):
 
     def _from_rm_gallery(self, row: dict[str, Any]) -> list[dict[str, Any]]:
         prompt = as_messages(require(row, "input"), "input")
-        outputs = require(row, "output")
-        if hasattr(outputs, "tolist"):
-            outputs = outputs.tolist()
-        if not isinstance(outputs, (list, tuple)) or len(outputs) < 2:
+        outputs = as_list(require(row, "output"), "output", "answers")
+        if len(outputs) < 2:
             raise RowError("output", "must be a list of at least two answers")
         preferred, other = [], []
         for i, output in enumerate(outputs):
             if not isinstance(output, dict):
-                raise RowError(f"output[{i}]", "must be {'answer': message, 'label': {'is_preferred': bool}}")
-            answer = as_message(require(output, "answer"), f"output[{i}].answer")
-            label = output.get("label")
+                raise RowError(f"output[{i}]", "must be {'answer': {role, content, 'label': {'is_preferred': bool}}}")
+            answer = require(output, "answer")
+            # RM-Gallery's Step holds its label; a hand-written row may put it beside the answer.
+            label = first_given(answer, "label") if isinstance(answer, dict) else None
+            label = output.get("label") if label is None else label
             is_preferred = label.get("is_preferred") if isinstance(label, dict) else None
             if is_preferred is None:
-                raise RowDropped("missing_label", f"output[{i}].label.is_preferred is missing")
+                raise RowDropped("missing_label", f"output[{i}].answer.label.is_preferred is missing")
+            answer = as_message(answer, f"output[{i}].answer")
             (preferred if is_preferred else other).append(answer)
         if len(preferred) != 1 or not other:
             raise RowDropped("tie", f"{len(preferred)} preferred and {len(other)} non-preferred answers")
