@@ -137,8 +137,28 @@ def _optimizer(model, config: TrainConfig, use_gpu: bool) -> torch.optim.Optimiz
     for name, parameter in model.named_parameters():
         if parameter.requires_grad:
             (no_decay if parameter.ndim < 2 or "norm" in name.lower() else decay).append(parameter)
-    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": params, "weight_decay": weight_decay}
+              for params, weight_decay in zip((decay, no_decay), _weight_decays(config))]
     return torch.optim.AdamW(groups, lr=config.learning_rate, fused=use_gpu)
+
+
+def _weight_decays(config: TrainConfig) -> tuple[float, float]:
+    """Of the optimizer's two parameter groups: matrices decay, biases and norms do not."""
+    return config.weight_decay, 0.0
+
+
+def follow_schedule(engine, config: TrainConfig) -> None:
+    """After a checkpoint is loaded: the learning rate and weight decay of this run's options, on the schedule
+    they give at the restored step. The checkpoint's optimizer and scheduler state carry the old run's: a new
+    --learning_rate would be ignored, and a run extended with a larger --max_steps would train its first
+    resumed step at the finished schedule's last rate (0) before jumping onto the new curve."""
+    scheduler, step = engine.lr_scheduler, engine.global_steps
+    scheduler.base_lrs = [config.learning_rate] * len(scheduler.base_lrs)
+    scheduler.last_epoch = step  # (transformers' schedules are LambdaLR: a rate is base x factor(step))
+    rates = [base * factor(step) for base, factor in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, rate, weight_decay in zip(scheduler.optimizer.param_groups, rates, _weight_decays(config), strict=True):
+        group.update(lr=rate, initial_lr=config.learning_rate, weight_decay=weight_decay)
+    scheduler._last_lr = rates  # what get_last_lr() (and the engine's get_lr()) report
 
 
 def build_engine(classifier, config: TrainConfig, use_gpu: bool, total_steps: int,
@@ -337,6 +357,7 @@ def train_loop_per_worker(loop_config: dict[str, Plan]) -> None:
         with checkpoint.as_directory() as directory:
             _, client_state = engine.load_checkpoint(directory, tag=CHECKPOINT_TAG)
             restore_rng_state(directory, rank)
+        follow_schedule(engine, config)
         progress = Progress(**client_state["progress"])
         # A resumed run (--resume, or Ray Train restarting failed workers) exports the whole log, not its own part.
         history, before = client_state["history"], client_state["before"]

@@ -312,6 +312,40 @@ def test_compiled_layers_train_exactly_and_compile_once_for_every_layer_and_row_
     assert graphs == 1
 
 
+@pytest.mark.parametrize("stage", ["zero0", "zero2", "zero3"])
+def test_a_resumed_engine_trains_on_the_schedule_of_its_own_options(process_group, tiny_qwen_dir, pairs, tmp_path, stage):
+    """A finished 3-step run extended to 6 steps with another learning rate and weight decay: after loading its
+    checkpoint, step 4 trains at the rate a fresh 6-step run of the new options has at step 4 (not the old
+    schedule's last rate, 0), and the decay group decays by the new weight decay."""
+    from btrm.train_loop import CHECKPOINT_TAG, build_engine, follow_schedule, micro_batcher, train_step
+
+    def engine_for(total_steps, **options):
+        classifier = load_reward_model(tiny_qwen_dir, load_tokenizer(tiny_qwen_dir).pad_token_id)
+        config = TrainConfig(train_set_path="unused", max_length=160, per_device_train_batch_size=14,
+                             gradient_accumulation_steps=1, deepspeed=stage, warmup_ratio=0.2, **options)
+        engine = build_engine(classifier, config, use_gpu=False, total_steps=total_steps)
+        return engine, micro_batcher(classifier, config, classifier.config.pad_token_id, 14), config
+
+    engine, batcher, config = engine_for(3, learning_rate=1e-3)
+    for start in (0, 14, 28):
+        train_step(engine, take(pairs, range(start, start + 14)), batcher, config)
+    assert engine.get_lr() == [0.0, 0.0]  # a finished linear schedule
+    engine.save_checkpoint(str(tmp_path), tag=CHECKPOINT_TAG)
+
+    fresh, _, _ = engine_for(6, learning_rate=5e-4, weight_decay=0.1)
+    for _ in range(3):  # the rate of the new options' schedule at step 4, as an uninterrupted run would have it
+        fresh.lr_scheduler.step()
+    resumed, batcher, config = engine_for(6, learning_rate=5e-4, weight_decay=0.1)
+    resumed.load_checkpoint(str(tmp_path), tag=CHECKPOINT_TAG)
+    follow_schedule(resumed, config)
+    assert resumed.global_steps == 3
+    assert resumed.get_lr() == pytest.approx(fresh.get_lr()) and resumed.get_lr()[0] > 0
+    assert [group["weight_decay"] for group in resumed.optimizer.param_groups] == [0.1, 0.0]
+    train_step(resumed, take(pairs, range(14)), batcher, config)
+    fresh.lr_scheduler.step()
+    assert resumed.get_lr() == pytest.approx(fresh.get_lr())  # and it goes on along that schedule
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: FlexAttention trains only on CUDA")
 def test_on_the_gpu_bf16_packed_flex_is_as_close_to_float32_as_the_plain_bf16_forward(tiny_qwen_dir, pairs):
     """Rewards and gradients of the packed FlexAttention forward in bf16 against float32: no further from
