@@ -271,6 +271,11 @@ NOT_JSON_BODIES = [
      JSON, {422}),
     ("surrogate-in-arguments", "/score", b'{"prompt": "hi", "candidates": [{"role": "assistant", "tool_calls": '
      b'[{"function": {"name": "f", "arguments": "{\\"q\\": \\"\\\\ud800\\"}"}}]}]}', JSON, {422}),
+    # A tool's name that is not text failed the service's size check before any validation: a 500.
+    ("tool-name-list", "/score", b'{"prompt": "hi", "tools": [{"type": "function", "function": {"name": ["a"]}}], '
+     b'"candidates": ["a"]}', JSON, {422}),
+    ("tool-name-object", "/compare", b'{"prompt": "hi", "chosen": "a", "rejected": "b", "tools": [{"name": {"x": 1}}]}',
+     JSON, {422}),
     # Nesting just under Python's recursion limit parsed, then the 422's echo of it overflowed: a 500.
     *[(f"nested-{d}", "/compare", _nested(d), JSON, {400, 422}) for d in (500, 900, 940, 950, 960, 980, 1000, 100_000)],
     *[(f"nested-{d}-in-prompt", "/compare", b'{"prompt": ' + _nested(d) + b', "chosen": "a", "rejected": "b"}', JSON,

@@ -257,6 +257,10 @@ def as_tools(value: Any, field: str = "tools") -> list[dict[str, Any]] | None:
     for i, tool in enumerate(tools):
         if not isinstance(tool, dict):
             raise RowError(f"{field}[{i}]", f"must be a JSON schema object, got {type(tool).__name__}")
+        function = tool.get("function")
+        named, place = (function, f"{field}[{i}].function") if isinstance(function, dict) else (tool, f"{field}[{i}]")
+        if "name" in named and not (isinstance(named["name"], str) and named["name"]):
+            raise RowError(f"{place}.name", f"must be a non-empty string, got {named['name']!r}")
     return tools or None
 
 
