@@ -248,8 +248,12 @@ def parse_config(cls: type[T], description: str, argv: Sequence[str] | None = No
 
 
 def load_yaml(path: str, cls: type) -> dict[str, Any]:
-    text = Path(path).read_text()
-    values = yaml.safe_load(text) or {}
+    try:
+        values = yaml.safe_load(Path(path).read_text()) or {}
+    except OSError as e:
+        raise SystemExit(f"--config {path}: cannot be read ({e.strerror or e})") from None
+    except yaml.YAMLError as e:
+        raise SystemExit(f"--config {path}: not valid YAML ({e})") from None
     if not isinstance(values, dict):
         raise SystemExit(f"--config {path}: expected a mapping of option: value")
     fields = {f.name: f for f in dataclasses.fields(cls)}

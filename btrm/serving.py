@@ -203,17 +203,18 @@ class FlatToolCall(FunctionCall):
 
 
 def _call_layout(value: Any) -> str:
-    return "flat" if isinstance(value, dict) and "function" not in value and "name" in value else "wrapped"
+    return "<flat>" if isinstance(value, dict) and "function" not in value and "name" in value else "<wrapped>"
 
 
-# The tags pydantic puts in an error's loc for the request's unions: those told apart by a Discriminator, and the
-# members' types in the others (tools, arguments: an object or a JSON string). None is the name of a field:
-# invalid_request drops them, so that a loc is the path into the JSON sent.
-UNION_TAGS = frozenset({"wrapped", "flat", "text", "message", "pair", "batch", "str", "dict[str,any]",
+# The tags pydantic puts in an error's loc for the request's unions: those told apart by a Discriminator (in <>,
+# so that none is also the name of a field a client sends: a misspelt "text" key must stay in the loc), and the
+# members' types in the others (tools, arguments: an object or a JSON string). invalid_request drops them, so
+# that a loc is the path into the JSON sent.
+UNION_TAGS = frozenset({"<wrapped>", "<flat>", "<text>", "<message>", "<pair>", "<batch>", "str", "dict[str,any]",
                         "list[dict[str,any]]"})
 
 # Told apart by the "function" key, so that a bad call's errors name the fields of the layout it meant.
-AnyToolCall = Annotated[Annotated[ToolCall, Tag("wrapped")] | Annotated[FlatToolCall, Tag("flat")],
+AnyToolCall = Annotated[Annotated[ToolCall, Tag("<wrapped>")] | Annotated[FlatToolCall, Tag("<flat>")],
                         Discriminator(_call_layout)]
 
 
@@ -258,12 +259,12 @@ def _an_answer(message: Message) -> Message:
 
 
 def _answer_kind(value: Any) -> str:
-    return "message" if isinstance(value, (dict, Message)) else "text"
+    return "<message>" if isinstance(value, (dict, Message)) else "<text>"
 
 
 # Told apart by their JSON type, so that a bad answer's errors are those of the form it meant.
 Answer = Annotated[
-    Annotated[Text, Tag("text")] | Annotated[Message, AfterValidator(_an_answer), Tag("message")],
+    Annotated[Text, Tag("<text>")] | Annotated[Message, AfterValidator(_an_answer), Tag("<message>")],
     Discriminator(_answer_kind),
     Field(description="The answer's text, or the assistant's message (one that calls tools, say)."),
 ]
@@ -321,13 +322,13 @@ class CompareBatch(_Strict):
 
 
 def _compare_kind(body: Any) -> str:
-    return "batch" if isinstance(body, dict) and "pairs" in body else "pair"
+    return "<batch>" if isinstance(body, dict) and "pairs" in body else "<pair>"
 
 
 # One pair, or {"pairs": [...]}: told apart by the "pairs" key, so a bad request's errors name the
 # fields of the form it meant, not those of both forms.
 CompareRequest = Annotated[
-    Annotated[ComparePair, Tag("pair")] | Annotated[CompareBatch, Tag("batch")], Discriminator(_compare_kind)
+    Annotated[ComparePair, Tag("<pair>")] | Annotated[CompareBatch, Tag("<batch>")], Discriminator(_compare_kind)
 ]
 
 
@@ -513,7 +514,7 @@ def build_api(encoder, options: ServiceOptions, token: str | None, score_groups:
     @api.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
         # Each error's loc as the path into the JSON the client sent: pydantic adds the tag of each union the
-        # value went through ("pair", "message", ...), which names no field of the request.
+        # value went through ("<pair>", "<message>", ...), which names no field of the request.
         exc = RequestValidationError([{**e, "loc": tuple(part for part in e["loc"] if part not in UNION_TAGS)}
                                       for e in exc.errors()], body=exc.body)
         try:
@@ -909,12 +910,23 @@ def _interrupt(signum: int, frame: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``btrm serve --model_path DIR``: the service on this machine, until Ctrl-C."""
+    """``btrm serve --model_path DIR``: the service on this machine, until Ctrl-C. On a cluster's Ray
+    (``--ray_address``) it adds its application beside the others there and removes only its own at exit."""
     import ray
 
+    from btrm.export import read_manifest
+
     command = parse_config(ServeCommand, "Serve an exported reward model over HTTP (Ray Serve).", argv)
+    # Replicas start in Ray's working directory, not this shell's.
+    command.model_path = str(Path(command.model_path).resolve())
     service = ServiceOptions(**{f.name: getattr(command, f.name) for f in dataclasses.fields(ServiceOptions)})
-    if command.ray_address == "local":
+    try:  # before Ray: a wrong path or token file stops here, touching nothing on a cluster
+        read_manifest(command.model_path)
+        guarded = read_token(service) is not None
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"btrm serve: {e}") from None
+    local = command.ray_address == "local"
+    if local:
         # Ray's CPUs are reservations, not cores: on a machine with fewer cores than the replicas reserve (a
         # laptop, a small VM) they share the cores, where Ray's default (one CPU a core) would leave a replica
         # unscheduled and this command waiting forever.
@@ -925,11 +937,21 @@ def main(argv: list[str] | None = None) -> None:
     # A service manager's stop (docker stop, systemd, a pod's termination) is SIGTERM: shut down as on Ctrl-C,
     # from start-up on (this replaces the handler ray.init installed, which dumps a stack trace and exits).
     signal.signal(signal.SIGTERM, _interrupt)
+    deployed = False
     try:
+        running = serve.status()
+        if APP_NAME in running.applications:
+            raise SystemExit(f"btrm serve: the cluster at {command.ray_address} already serves an application named "
+                             f"{APP_NAME!r}; it is left as it is. Stop it first (`serve delete {APP_NAME}`), or update "
+                             "it with `serve deploy` and a Serve config (serve/config.yaml)")
+        if running.proxies:  # serve.start's HTTP options apply only to a Serve it starts
+            print("[btrm] Serve already runs on this cluster: its own HTTP host and port apply, not --host/--port",
+                  flush=True)
         serve.start(http_options={"host": command.host, "port": command.port,
                                   "request_timeout_s": command.request_timeout_s})
-        serve.run(build_app(service, num_replicas=command.num_replicas, api_replicas=command.api_replicas), name=APP_NAME, route_prefix="/")
-        guarded = read_token(service) is not None
+        deployed = True  # (from here on, a half-made application of ours is ours to remove)
+        serve.run(build_app(service, num_replicas=command.num_replicas, api_replicas=command.api_replicas),
+                  name=APP_NAME, route_prefix="/")
         print(f"[btrm] serving {command.model_path} at http://{command.host}:{command.port} "
               f"(API docs: /docs); bearer token {'required' if guarded else 'not set: every route is open'}; "
               "Ctrl-C stops", flush=True)
@@ -941,5 +963,8 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         print("[btrm] shutting down", flush=True)
     finally:
-        serve.shutdown()
+        if local:
+            serve.shutdown()
+        elif deployed:  # a cluster's Serve and its other applications are not this command's to stop
+            serve.delete(APP_NAME)
         ray.shutdown()

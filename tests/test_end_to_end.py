@@ -541,3 +541,20 @@ def test_service_scores_equal_the_evaluation_job(service, evaluated, hh_helpful)
         assert result["reward_rejected"] == pytest.approx(pair["reward_rejected"], abs=1e-4), pair["id"]
         assert result["truncated_prompt_tokens"] == pair["truncated_tokens"], pair["id"]
     assert single.json()["reward_chosen"] == pytest.approx(results[0]["reward_chosen"], abs=1e-4)
+
+
+def test_btrm_serve_on_a_cluster_leaves_the_services_there_alone(cluster, trained, service):
+    """`btrm serve --ray_address` on a cluster that already serves: a wrong token file stops it before it
+    touches the cluster (it used to start Serve, fail, and shut down every application there), and an
+    application of its name is refused, not replaced; the service deployed there answers after both."""
+    command = [str(BIN / "btrm"), "serve", "--model_path", str(trained.model_dir),
+               "--ray_address", f"127.0.0.1:{cluster.ports['gcs']}"]
+    typo = subprocess.run([*command, "--token_file", "/nonexistent/token"], env=cluster.env, cwd=REPO,
+                          capture_output=True, text=True, timeout=180)
+    taken = subprocess.run(command, env=cluster.env, cwd=REPO, capture_output=True, text=True, timeout=180)
+    cluster.track()
+    assert typo.returncode != 0 and "--token_file /nonexistent/token: no such file" in typo.stderr, typo.stderr
+    assert taken.returncode != 0 and f"already serves an application named '{APP}'" in taken.stderr, _tail(taken.stderr)
+    assert _serve_status(cluster)["applications"][APP]["status"] == "RUNNING"
+    with service.client() as client:
+        assert client.get("/health").status_code == 200

@@ -283,6 +283,11 @@ BAD_REQUESTS = [
      '"loc":["body","rejected","tool_calls",0,"arguments"]'),
     ("/compare", {**GOOD_PAIR, "tools": [{"deep": json.loads("[" * 40 + "]" * 40)}]}, 422, "nested deeper than 32"),
     ("/compare", {**GOOD_PAIR, "tools": '[{"\\ud800": 1}]'}, 422, "key that is not valid Unicode text"),
+    # Misspelt fields named like the request's union tags stay in the loc.
+    ("/score", {"prompt": "hi", "candidates": [{"role": "assistant", "text": "a"}]}, 422,
+     '"loc":["body","candidates",0,"text"]'),
+    ("/compare", {**GOOD_PAIR, "message": "hi"}, 422, '"loc":["body","message"]'),
+    ("/compare", {"pairs": [{**GOOD_PAIR, "batch": 1}]}, 422, '"loc":["body","pairs",0,"batch"]'),
 ]
 
 
