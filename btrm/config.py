@@ -14,6 +14,8 @@ from typing import Any, Callable, Sequence, TypeVar, get_type_hints
 
 import yaml
 
+from btrm.deepspeed_configs import load_deepspeed_config
+
 T = TypeVar("T")
 
 
@@ -194,6 +196,10 @@ class TrainConfig(DataOptions):
                              f"({2 * self.max_length}): a pair of that length would not fit one micro-batch")
         if self.resume and not self.run_name:
             raise ValueError("--resume needs the --run_name of the run to continue")
+        try:  # a misspelt name or a broken file shows with the usage, before Ray starts
+            load_deepspeed_config(self.deepspeed)
+        except FileNotFoundError as e:
+            raise ValueError(str(e)) from None
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if not 0 <= self.eval_split_ratio < 1:

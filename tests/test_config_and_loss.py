@@ -24,6 +24,7 @@ def test_flags_override_yaml_override_defaults(tmp_path):
 
 
 def test_bad_options_are_refused_with_the_reason(tmp_path, capsys):
+    (tmp_path / "bad.yaml").write_text("learnin_rate: 1\n")
     for argv, words in ((["--learning_rate", "1e-5"], "--train_set_path is required"),
                         (["--train_set_path", "x", "--custom_bt_dataset_path", "p.py"], "go together"),
                         (["--train_set_path", "x", "--overlong", "cut"], "invalid choice"),
@@ -33,13 +34,19 @@ def test_bad_options_are_refused_with_the_reason(tmp_path, capsys):
                          "give one or the other"),
                         (["--train_set_path", "x", "--save_total_limit", "0"], "--save_total_limit must be at least 1"),
                         (["--train_set_path", "x", "--eval_steps", "-5"], "--eval_steps must be at least 0"),
-                        (["--train_set_path", "x", "--output_path", "s3://b/rm"], "a local directory")):
+                        (["--train_set_path", "x", "--output_path", "s3://b/rm"], "a local directory"),
+                        (["--train_set_path", "x", "--deepspeed", "zero-3"], "neither a shipped config"),
+                        (["--train_set_path", "x", "--deepspeed", str(tmp_path / "bad.yaml")], "not valid JSON")):
         with pytest.raises(SystemExit):
             parse_config(TrainConfig, "t", argv)
         assert words in capsys.readouterr().err
-    (tmp_path / "bad.yaml").write_text("learnin_rate: 1\n")
     with pytest.raises(SystemExit, match="unknown option"):
         parse_config(TrainConfig, "t", ["--config", str(tmp_path / "bad.yaml")])
+    with pytest.raises(SystemExit, match="cannot be read"):
+        parse_config(TrainConfig, "t", ["--config", str(tmp_path / "missing.yaml")])
+    (tmp_path / "broken.yaml").write_text("learning_rate: [1\n")
+    with pytest.raises(SystemExit, match="not valid YAML"):
+        parse_config(TrainConfig, "t", ["--config", str(tmp_path / "broken.yaml")])
 
 
 def test_yaml_values_are_read_like_flags_and_bad_ones_name_the_option(tmp_path):
