@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import secrets
 from typing import Any
 
 PACKAGES = {"wandb": "wandb", "swanlab": "swanlab"}
@@ -17,26 +18,37 @@ def check_tracker(report_to: str) -> None:
                          f"pip install 'btrm[{report_to}]' (or --report_to none)")
 
 
-def _mode(report_to: str) -> str:
+def _mode(report_to: str, directory: str) -> str:
     """The tracker's own mode variable wins; without it and without an API key, log offline (`wandb sync`
-    or `swanlab sync` uploads later) instead of failing for want of a login."""
+    or `swanlab sync` uploads later) instead of failing for want of a login, and say so."""
     prefix = report_to.upper()
-    return os.environ.get(f"{prefix}_MODE") or ("online" if os.environ.get(f"{prefix}_API_KEY") else "offline")
+    mode = os.environ.get(f"{prefix}_MODE") or ("online" if os.environ.get(f"{prefix}_API_KEY") else "offline")
+    if mode == "offline" and f"{prefix}_MODE" not in os.environ:
+        print(f"[btrm] {report_to}: no ${prefix}_API_KEY where rank 0 runs: logging offline under {directory} "
+              f"(`{report_to} sync` uploads it); set ${prefix}_API_KEY in the job's environment, or "
+              f"{prefix}_MODE=online where `{report_to} login` was run on every node", flush=True)
+    return mode
 
 
 class Tracker:
-    def __init__(self, report_to: str, project: str, run_name: str | None, config: dict[str, Any], directory: str):
+    """The run's tracker run. ``run_id``: the one a resumed run continues (from its checkpoint), so that a
+    --resume or a restart after a failure goes on in the same tracker run instead of starting another."""
+
+    def __init__(self, report_to: str, project: str, run_name: str | None, config: dict[str, Any], directory: str,
+                 run_id: str | None = None):
         self.run = None
+        self.run_id = run_id or secrets.token_hex(8)
         if report_to == "wandb":
             import wandb
 
             os.makedirs(directory, exist_ok=True)
-            self.run = wandb.init(project=project, name=run_name, config=config, dir=directory, mode=_mode(report_to))
+            self.run = wandb.init(project=project, name=run_name, config=config, dir=directory,
+                                  mode=_mode(report_to, directory), id=self.run_id, resume="allow")
         elif report_to == "swanlab":
             import swanlab
 
             self.run = swanlab.init(project=project, name=run_name, config=config, log_dir=directory,
-                                    mode=_mode(report_to))
+                                    mode=_mode(report_to, directory), id=self.run_id, resume="allow")
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         if self.run is not None:

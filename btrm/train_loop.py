@@ -352,6 +352,7 @@ def train_loop_per_worker(loop_config: dict[str, Plan]) -> None:
     progress = Progress()
     history: list[dict[str, Any]] = []  # the log lines, exported as training_log.jsonl
     before: dict[str, float] = {}  # the untrained model's eval figures (--eval_before_training)
+    tracker_run_id = None  # a resumed run's tracker run, to go on in
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as directory:
@@ -361,12 +362,13 @@ def train_loop_per_worker(loop_config: dict[str, Plan]) -> None:
         progress = Progress(**client_state["progress"])
         # A resumed run (--resume, or Ray Train restarting failed workers) exports the whole log, not its own part.
         history, before = client_state["history"], client_state["before"]
+        tracker_run_id = client_state.get("tracker_run_id")  # (checkpoints from before it was kept: a new run)
         if rank == 0:
             log.info(f"[btrm] resumed from step {progress.global_step} (epoch {progress.epoch}, "
                      f"{progress.pairs_seen} pairs seen)")
 
-    tracker = (Tracker(config.report_to, config.project, config.run_name, recorded_options(config), config.tracking_dir)
-               if rank == 0 else None)
+    tracker = (Tracker(config.report_to, config.project, config.run_name, recorded_options(config), config.tracking_dir,
+                       tracker_run_id) if rank == 0 else None)
     train_shard = ray.train.get_dataset_shard("train")
     eval_shard = plan.eval_shards[rank] if plan.eval_shards else None
     window = Window()
@@ -386,7 +388,8 @@ def train_loop_per_worker(loop_config: dict[str, Plan]) -> None:
 
     def save_state(directory: str) -> None:
         engine.save_checkpoint(directory, tag=CHECKPOINT_TAG,
-                               client_state={"progress": vars(progress), "history": history, "before": before})
+                               client_state={"progress": vars(progress), "history": history, "before": before,
+                                             "tracker_run_id": tracker.run_id if tracker else None})
         save_rng_state(directory, rank)
         if rank == 0:
             with open(os.path.join(directory, RESUME_TERMS), "w") as f:

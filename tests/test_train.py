@@ -127,6 +127,9 @@ def test_eval_cadence_resume_and_options(ray_session, tiny_qwen_dir, hh_helpful,
     assert result.metrics["eval/accuracy_before_training"] == first_run[0]["eval/accuracy_before_training"]
     assert json.loads((model_dir / "btrm.json").read_text())["training"]["steps"] == 10
     assert any(p.is_file() for p in tracking.rglob("*") if "wandb" not in p.parts)  # swanlab's offline files
+    # The resumed run goes on in the tracker run the first one began (its id kept in the checkpoint).
+    [swanlab_run] = [p for p in tracking.rglob("run-*") if p.is_dir() and "wandb" not in p.parts]
+    assert swanlab_run.name.split("-")[-1] == wandb_run.name.split("-")[-1]
     # A finished run resumed with nothing more to train is evaluated and exported again; its log keeps one
     # final line per end of training.
     _, model_dir = train_tiny(tmp_path, tiny_qwen_dir, rows, held_out, max_steps=10, resume=True, num_workers=1)
