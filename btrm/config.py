@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -238,6 +240,19 @@ def recorded_options(config) -> dict[str, Any]:
     from btrm.sources import without_credentials
 
     return {name: without_credentials(value) for name, value in vars(config).items()}
+
+
+def check_job_output(option: str, path: str) -> None:
+    """Refuses a relative path to write to in a Ray job that uploaded its working directory (`ray job submit
+    --working-dir .`): it names a place in the job's unpacked copy of that directory on the head node, which
+    Ray deletes with its session, and which no other node sees."""
+    if "://" in path or Path(path).expanduser().is_absolute():
+        return
+    job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")  # what Ray gives a job's driver
+    if (job.get("runtime_env") or {}).get("working_dir"):
+        raise SystemExit(f"{option} {path}: a relative path, and this Ray job runs in its unpacked copy of the "
+                         f"working directory ({os.getcwd()}), which Ray deletes with the session: give an absolute "
+                         "path on storage every node reads (or a cloud URI where the option takes one)")
 
 
 def parse_config(cls: type[T], description: str, argv: Sequence[str] | None = None) -> T:

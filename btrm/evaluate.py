@@ -26,7 +26,8 @@ import ray
 import ray.data
 
 from btrm.batching import take
-from btrm.config import SCORING_DTYPES, USE_GPU_CHOICES, DataOptions, gpus_wanted, option, parse_config
+from btrm.config import (SCORING_DTYPES, USE_GPU_CHOICES, DataOptions, check_job_output, gpus_wanted, option,
+                         parse_config)
 from btrm.data import DataSpec, build_pair_dataset, close_ledger, new_ledger
 from btrm.export import read_manifest
 from btrm.model import embedding_rows
@@ -340,6 +341,7 @@ def run_evaluation(config: EvalConfig) -> dict[str, Any]:
     """Scores --data_path with --model_path; writes the per-pair file and the summary; returns the summary."""
     from transformers import AutoConfig
 
+    check_job_output("--output", config.output)
     model_path = str(Path(config.model_path).resolve())
     manifest = read_manifest(model_path)
     model_config = AutoConfig.from_pretrained(model_path)

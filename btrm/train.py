@@ -20,7 +20,7 @@ import ray.train
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from btrm.config import TrainConfig, gpus_wanted
+from btrm.config import TrainConfig, check_job_output, gpus_wanted
 from btrm.data import DataSpec, build_pair_dataset, close_ledger, new_ledger, split_by_question
 from btrm.deepspeed_configs import fill_deepspeed_config, load_deepspeed_config
 from btrm.export import check_replaceable, publish_dir
@@ -129,6 +129,8 @@ def run_training(config: TrainConfig) -> ray.train.Result:
     check_tracker(config.report_to)
     if not ray.is_initialized():
         ray.init()
+    check_job_output("--output_path", config.output_path)
+    check_job_output("--storage_path", config.storage_path)
     config.run_name = config.run_name or time.strftime("btrm-%Y%m%d-%H%M%S")
     storage_path = config.storage_path if "://" in config.storage_path else os.path.abspath(config.storage_path)
     check_run_directory(storage_path, config.run_name, config.resume)
