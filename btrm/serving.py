@@ -531,7 +531,7 @@ def build_api(encoder, options: ServiceOptions, token: str | None, score_groups:
             state = await asyncio.wait_for(model_state(), MODEL_STATE_TIMEOUT_S)
         except (RayActorError, BackPressureError) as e:
             raise HTTPException(503, _unavailable(e), headers={"Retry-After": "5"}) from None
-        except TimeoutError:
+        except asyncio.TimeoutError:  # (TimeoutError itself from Python 3.11 on; another class on 3.10)
             raise HTTPException(503, f"no model replica answered within {MODEL_STATE_TIMEOUT_S:g} s (starting, being "
                                      "replaced, or busy): retry", headers={"Retry-After": "5"}) from None
         if state["gpu_failure"]:

@@ -73,6 +73,7 @@ path, model, repo = sys.argv[1:]
 config = yaml.safe_load(open("serve/config.yaml"))
 app = config["applications"][0]
 app["args"]["model_path"] = model
+app["args"]["replica_gpus"] = "1"  # not auto: that judges by the GPUs up when the app is built (none, on demand)
 app["runtime_env"] = {"working_dir": f"local://{repo}"}
 open(path, "w").write(yaml.safe_dump(config, sort_keys=False))
 EOF
