@@ -3,9 +3,11 @@
 #
 #   bash benchmarks/gpu_figures.sh OUTDIR [STAGE ...]
 #
-# Stages (default: train-btrm train-trl serve-1):
+# Stages (default: preflight train-btrm train-trl serve-1):
+#   preflight    a few seconds: the GPU, the imports and their versions, the tokenizer files (before minutes are spent)
 #   train-btrm   btrm's training step, packed: 4 pairs per micro-batch, and 65,536-token micro-batches (synthetic)
-#   train-btrm-eager   the same with no compiled layers (packing alone; no minutes of compiling first)
+#   train-btrm-eager   the same with no compiled layers (packing alone; FlexAttention is still compiled, by
+#                transformers, at the first step and again at a new row length: the warm-up pass absorbs it)
 #   train-trl    TRL's RewardTrainer at its own 4 pairs per micro-batch (synthetic)
 #   train-real   both on real pairs (hh-rlhf, RM-Bench; needs QWEN3 data in BTRM_TEST_DATA or ../shared/data)
 #   serve-1      the service's load benchmark, one replica on the GPU
@@ -14,16 +16,26 @@
 # The first btrm stage compiles the decoder layers (minutes; the second pass it reports is warm); btrm's
 # stages log each recompilation (TORCH_LOGS=recompiles) and why.
 # Exits non-zero if any stage failed or ran out of time. PYTHON picks the interpreter (default python3).
+# Each stage writes its rows as it finishes them (a stage cut off by its limit keeps those). The stage limits
+# of one call must fit the device's 10 minutes a command, with the start-up: on a GPU session of 15 minutes,
+# e.g. `preflight serve-1 train-trl train-btrm-eager` in one call, `train-btrm` in a second, on the same card.
 set -u
 out=${1:?usage: bash benchmarks/gpu_figures.sh OUTDIR [STAGE ...]}
 shift
-stages=${*:-train-btrm train-trl serve-1}
+stages=${*:-preflight train-btrm train-trl serve-1}
+for name in $stages; do  # all checked before any runs
+  case $name in
+    preflight|train-btrm|train-btrm-eager|train-trl|train-real|serve-1|serve-4|exactness) ;;
+    *) echo "unknown stage $name" >&2; exit 2 ;;
+  esac
+done
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
 data=${BTRM_TEST_DATA:-$(dirname "$0")/../../shared/data}
 export BTRM_TEST_DATA=$(cd "$data" 2>/dev/null && pwd || echo "$data")  # the exactness test reads it too
 data=$BTRM_TEST_DATA
 cd "$(dirname "$0")/.."  # the repository root: the scripts and tests below are named from there
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # btrm from this checkout (it is not installed there)
 model=${BTRM_SERVE_MODEL:-/tmp/btrm-random-qwen3-1.7b}
 python=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
@@ -36,15 +48,15 @@ stage() {  # stage NAME SECONDS COMMAND...: runs COMMAND with a time limit, its 
   echo "=== $(( $(date +%s) - start )) s: $name (at most $seconds s)"
   timeout -k 30 "$seconds" "$@" > "$out/$name.log" 2>&1
   rc=$?
-  echo "=== $name: exit $rc$([ $rc = 124 ] && echo ', out of time')"
+  echo "=== $name: exit $rc$( { [ $rc = 124 ] || [ $rc = 137 ]; } && echo ', out of time')"
   grep -vE "^\(|^\[|^INFO|^[0-9]{4}-|raylet|[Ww]arning" "$out/$name.log" | tail -20
   [ $rc = 0 ] || worst=$rc
 }
 
 serve_model() {  # the serving stages' model, built once
   [ -f "$model/btrm.json" ] && return 0
-  "$python" benchmarks/random_reward_model.py --tokenizer "$data/tokenizers/qwen3" --shape full --output "$model" \
-    > "$out/serve-model.log" 2>&1 && return 0
+  timeout -k 10 240 "$python" benchmarks/random_reward_model.py --tokenizer "$data/tokenizers/qwen3" --shape full \
+    --output "$model" > "$out/serve-model.log" 2>&1 && return 0
   echo "=== building the serving model failed (see $out/serve-model.log)"
   worst=1
   return 1
@@ -53,8 +65,22 @@ serve_model() {  # the serving stages' model, built once
 throughput=("$python" benchmarks/train_throughput.py --mode full --data_dir "$data")
 # Two HTTP replicas: one tokenizes and handles ~100 requests/s on a CPU core, about the 8x target's rate.
 load=("$python" benchmarks/serve_load.py --model_path "$model" --seconds 12 --warmup 4 --replica_cpus 2 --api_replicas 2)
+preflight=$(cat <<'PY'
+import importlib.metadata as m, os, sys, torch
+assert torch.cuda.is_available(), "no CUDA device"
+print(torch.cuda.get_device_name(), "torch", torch.__version__, "python", sys.version.split()[0])
+for package in ("ray", "deepspeed", "fastapi", "transformers", "trl", "datasets", "httpx"):
+    __import__(package)
+    print(package, m.version(package))
+import btrm.train_loop, btrm.serving  # noqa: E401 - btrm and what it imports, from this checkout
+tokenizer = os.path.join(os.environ["BTRM_TEST_DATA"], "tokenizers", "qwen3")
+assert os.path.isfile(os.path.join(tokenizer, "vocab.json")), f"no Qwen3 tokenizer in {tokenizer}"
+print("tokenizer", tokenizer)
+PY
+)
 for name in $stages; do
   case $name in
+    preflight) stage "$name" 60 "$python" -c "$preflight" ;;
     train-btrm) TORCH_LOGS=recompiles stage "$name" 330 "${throughput[@]}" --data synthetic --systems btrm \
                   --btrm_micro_batches 4 --btrm_max_tokens 65536 --json "$out/$name.json" ;;
     train-btrm-eager) TORCH_LOGS=recompiles stage "$name" 200 "${throughput[@]}" --data synthetic --systems btrm \
@@ -63,10 +89,9 @@ for name in $stages; do
                  --json "$out/$name.json" ;;
     train-real) stage "$name" 400 "${throughput[@]}" --data real --trl_micro_batches 4 --btrm_micro_batches 4 \
                   --btrm_max_tokens 65536 --json "$out/$name.json" ;;
-    serve-1) serve_model && stage "$name" 100 "${load[@]}" ;;
+    serve-1) serve_model && stage "$name" 170 "${load[@]}" ;;
     serve-4) serve_model && stage "$name" 120 "${load[@]}" --num_replicas 4 --replica_gpus 0.25 ;;
     exactness) stage "$name" 150 "$python" -m pytest -q -p no:cacheprovider tests/test_packing.py -k gpu ;;
-    *) echo "unknown stage $name" >&2; exit 2 ;;
   esac
 done
 echo "=== $(( $(date +%s) - start )) s: done"

@@ -244,22 +244,24 @@ def main() -> None:
         for clients in sorted({1, max(args.concurrency)}):
             asyncio.run(run_level(url, bodies, clients, args.warmup * clients, 120))
         meter = CpuMeter()
-        results = [asyncio.run(run_level(url, bodies, c, args.requests, args.seconds, meter)) for c in args.concurrency]
+        print(f"\nPOST /compare, one real pair per request, model {args.model_path}, {args.api_replicas} HTTP "
+              f"replica(s), {args.num_replicas} model replica(s) x {args.replica_cpus} CPU x {args.replica_gpus} GPU, "
+              + (f"forward replaced by a stand-in ({args.stand_in_forward} ms), " if args.stand_in_forward else "") +
+              f"{os.cpu_count()} cores on this machine")
+        print("| clients | requests | failed | seconds | requests/s | p50 ms | p99 ms "
+              "| CPU ms/request: HTTP replicas, model replicas, proxy, client, rest of Ray | machine busy |")
+        print("|--------:|---------:|-------:|--------:|-----------:|-------:|-------:|---|---:|", flush=True)
+        results = []
+        for clients in args.concurrency:  # each level's row as it ends: a run cut short keeps the levels it ran
+            results.append(r := asyncio.run(run_level(url, bodies, clients, args.requests, args.seconds, meter)))
+            cpu = ", ".join(f"{r.cpu_ms_per_request(role):.1f}" for role in ("api", "model", "proxy", "client", "ray"))
+            print(f"| {r.concurrency:7d} | {r.requests:8d} | {len(r.failures):6d} | {r.seconds:7.1f} | "
+                  f"{r.throughput:10.1f} | {r.percentile_ms(0.5):6.1f} | {r.percentile_ms(0.99):6.1f} | {cpu} | "
+                  f"{r.machine_busy:.0%} |", flush=True)
     finally:
         serve.shutdown()
         ray.shutdown()
 
-    print(f"\nPOST /compare, one real pair per request, model {args.model_path}, {args.api_replicas} HTTP replica(s), "
-          f"{args.num_replicas} model replica(s) x {args.replica_cpus} CPU x {args.replica_gpus} GPU, "
-          + (f"forward replaced by a stand-in ({args.stand_in_forward} ms), " if args.stand_in_forward else "") +
-          f"{os.cpu_count()} cores on this machine")
-    print("| clients | requests | failed | seconds | requests/s | p50 ms | p99 ms "
-          "| CPU ms/request: HTTP replicas, model replicas, proxy, client, rest of Ray | machine busy |")
-    print("|--------:|---------:|-------:|--------:|-----------:|-------:|-------:|---|---:|")
-    for r in results:
-        cpu = ", ".join(f"{r.cpu_ms_per_request(role):.1f}" for role in ("api", "model", "proxy", "client", "ray"))
-        print(f"| {r.concurrency:7d} | {r.requests:8d} | {len(r.failures):6d} | {r.seconds:7.1f} | {r.throughput:10.1f} "
-              f"| {r.percentile_ms(0.5):6.1f} | {r.percentile_ms(0.99):6.1f} | {cpu} | {r.machine_busy:.0%} |")
     base = results[0].throughput
     if results[0].concurrency == 1 and base > 0:
         for r in results[1:]:

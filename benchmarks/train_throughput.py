@@ -36,6 +36,7 @@ import socket
 import sys
 import tempfile
 import time
+import traceback
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -205,7 +206,7 @@ class Result:
     system: str
     data: str
     setting: Setting
-    measurement: Measurement | None  # None: out of GPU memory
+    measurement: Measurement | str  # a str: why the setting did not run ("OOM": out of GPU memory)
 
 
 def synchronize(device: torch.device) -> None:
@@ -235,12 +236,16 @@ def peak_bf16_flops(device: torch.device) -> float | None:
     return None
 
 
-def guarded(run, device: torch.device) -> Measurement | None:
-    """``run()``, or None when the setting does not fit in GPU memory; either way the GPU is left empty."""
+def guarded(run, device: torch.device) -> Measurement | str:
+    """``run()``, or why it failed ("OOM" when the setting does not fit in GPU memory): one setting's failure
+    (a compile error, say) leaves the others to run. Either way the GPU is left empty."""
     try:
         return run()
     except torch.OutOfMemoryError:
-        return None
+        return "OOM"
+    except Exception as e:  # noqa: BLE001 - a figure table: the next setting still runs, the row says why not
+        traceback.print_exc()
+        return f"{type(e).__name__}: {e}"[:200]
     finally:
         gc.collect()
         if device.type == "cuda":
@@ -374,24 +379,31 @@ def run_btrm(config, pairs: dict, setting: Setting, args, device: torch.device) 
     classifier = build_classifier(config, torch.float32, device)  # DeepSpeed keeps fp32 masters, computes in bf16
     reset_peak_memory(device)
     engine = build_engine(classifier, train_config, use_gpu=gpu, total_steps=2 * args.steps)
-    batcher = micro_batcher(classifier, train_config, QWEN3_PAD, train_config.per_device_train_batch_size)
-    seconds, stats = [], []
-    for step_pairs in step_slices(pairs, args.pairs_per_step) * 2:
-        synchronize(device)
-        start = time.perf_counter()
-        stats.append(train_step(engine, step_pairs, batcher, train_config))
-        synchronize(device)
-        seconds.append(time.perf_counter() - start)
-        # On stderr, as it goes: the first steps compile the layers (minutes on a GPU), and a run cut short
-        # by a time limit still tells how far it got.
-        print(f"btrm {setting.label(args.pairs_per_step)}: step {len(seconds)} of {2 * args.steps} in "
-              f"{seconds[-1]:.1f} s", file=sys.stderr, flush=True)
+    try:
+        batcher = micro_batcher(classifier, train_config, QWEN3_PAD, train_config.per_device_train_batch_size)
+        seconds, stats = [], []
+        for step_pairs in step_slices(pairs, args.pairs_per_step) * 2:
+            synchronize(device)
+            start = time.perf_counter()
+            stats.append(train_step(engine, step_pairs, batcher, train_config))
+            synchronize(device)
+            seconds.append(time.perf_counter() - start)
+            # On stderr, as it goes: the first steps compile the layers (minutes on a GPU), and a run cut short
+            # by a time limit still tells how far it got.
+            print(f"btrm {setting.label(args.pairs_per_step)}: step {len(seconds)} of {2 * args.steps} in "
+                  f"{seconds[-1]:.1f} s", file=sys.stderr, flush=True)
+        peak = peak_memory(device)
+    finally:
+        # DeepSpeed's gradient hooks keep the engine, its fp32 masters and Adam state alive past this function
+        # (~25 GB for the 1.7B model): the next setting would start with them and report them in its peak.
+        engine.destroy()
+        del engine, classifier
     second = stats[args.steps :]
     return Measurement(pairs=sum(s["pairs"] for s in second), pair_tokens=sum(s["tokens"] for s in second),
                        real_tokens=data_stats(pairs)["unique_tokens"],  # packed: each prompt once, no padding
                        computed_tokens=sum(s["computed_tokens"] for s in second), steps=args.steps,
                        warmup_s=sum(seconds[: args.steps]), measured_s=sum(seconds[args.steps :]),
-                       peak_bytes=peak_memory(device))
+                       peak_bytes=peak)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -405,9 +417,9 @@ def figures(result: Result, pairs_per_step: int, params: int, peak_flops: float 
     row = {"system": result.system, "data": result.data, "setting": result.setting.label(pairs_per_step),
            "micro_batch_pairs": result.setting.pairs, "micro_batch_tokens": result.setting.tokens}
     m = result.measurement
-    if m is None:
-        return {**row, "oom": True}
-    return {**row, "oom": False, "pairs_per_s": m.pairs / m.measured_s,
+    if isinstance(m, str):
+        return {**row, "oom": m == "OOM", "failed": m}
+    return {**row, "oom": False, "failed": None, "pairs_per_s": m.pairs / m.measured_s,
             "pair_tokens_per_s": m.pair_tokens / m.measured_s,
             "computed_tokens_per_step": m.computed_tokens / m.steps,
             "padding_share": 1 - m.real_tokens / m.computed_tokens,
@@ -417,8 +429,8 @@ def figures(result: Result, pairs_per_step: int, params: int, peak_flops: float 
 
 
 def format_row(row: dict) -> str:
-    if row["oom"]:
-        cells = [row["system"], row["data"], row["setting"], "OOM"]
+    if row["failed"]:
+        cells = [row["system"], row["data"], row["setting"], row["failed"]]
     else:
         optional = lambda value, spec: "n/a" if value is None else format(value, spec)
         cells = [row["system"], row["data"], row["setting"], f"{row['pairs_per_s']:.2f}",
@@ -434,7 +446,7 @@ def comparison(rows: list[dict]) -> dict[str, dict]:
     each at its fastest setting (btrm's MFU there beside it)."""
     ratios = {}
     for data in dict.fromkeys(row["data"] for row in rows):
-        fitted = lambda system: [r for r in rows if r["system"] == system and r["data"] == data and not r["oom"]]
+        fitted = lambda system: [r for r in rows if r["system"] == system and r["data"] == data and not r["failed"]]
         btrm, trl = fitted("btrm"), fitted("trl")
         if not btrm or not trl:
             continue
@@ -455,9 +467,22 @@ def optimizer_memory_note(params: int) -> str:
             f"update below ~0.4% of the weight, i.e. most AdamW updates at lr 2e-6.")
 
 
+def versions() -> dict[str, str | None]:
+    """Of the libraries the figures depend on (a GPU image may carry others than this repository pins)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def of(package: str) -> str | None:
+        try:
+            return version(package)
+        except PackageNotFoundError:
+            return None
+
+    return {package: of(package) for package in ("torch", "transformers", "deepspeed", "trl", "datasets")}
+
+
 def header(args, device: torch.device, config, params: int, data: dict) -> dict:
     return {"device": torch.cuda.get_device_name(device) if device.type == "cuda"
-            else f"cpu, {torch.get_num_threads()} torch thread(s)",
+            else f"cpu, {torch.get_num_threads()} torch thread(s)", "versions": versions(),
             "mode": args.mode, "layers": config.num_hidden_layers, "hidden": config.hidden_size, "parameters": params,
             "max_length": args.max_length, "pairs_per_step": args.pairs_per_step, "steps": args.steps,
             "btrm_compile_layers": args.btrm_compile_layers,
@@ -466,7 +491,7 @@ def header(args, device: torch.device, config, params: int, data: dict) -> dict:
 
 
 def print_header(info: dict) -> None:
-    print(f"device: {info['device']}")
+    print(f"device: {info['device']}; " + ", ".join(f"{k} {v}" for k, v in info["versions"].items() if v))
     print(f"model: Qwen3, {info['layers']} layers, hidden {info['hidden']}: "
           f"{info['parameters'] / 1e9:.3f} B parameters; max_length {info['max_length']}")
     print(f"btrm: compile_layers {info['btrm_compile_layers']} (auto: compiled on a GPU)")
@@ -566,6 +591,8 @@ def main(argv: list[str] | None = None) -> None:
                 measurement = guarded(lambda: run(config, pairs, setting, args, device), device)
                 rows.append(figures(Result(system, name, setting, measurement), args.pairs_per_step, params, peak_flops))
                 print(format_row(rows[-1]), flush=True)
+                if args.json:  # row by row: a run cut short by a time limit keeps the rows it finished
+                    args.json.write_text(json.dumps({"header": info, "results": rows}, indent=2))
     ratios = comparison(rows)
     print()
     for name, r in ratios.items():
