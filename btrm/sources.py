@@ -224,23 +224,23 @@ def _decode_rows(batch: pa.RecordBatch) -> list[Any]:
 def _read_json(fragment: Fragment, batch_rows: int) -> Iterator[tuple[Sequence[int], list[Any]]]:
     fs, local = _filesystem(fragment.path, fragment.credentials, fragment.query)
     try:
-        # pyarrow decompresses .gz (and other compressed suffixes) on the fly.
+        # pyarrow decompresses .gz (and other compressed suffixes) on the fly; JSONL is read line by line, so a
+        # task holds one batch of rows, not the whole file.
         with fs.open_input_stream(local) as stream:
-            data = stream.read()
+            yield from _json_rows(fragment.path, io.BufferedReader(stream), batch_rows)
     except (pa.ArrowException, OSError) as e:
         raise SourceError(f"{fragment.path}: cannot be read ({e}); is it truncated or corrupt?") from e
-    if data.removeprefix(codecs.BOM_UTF8).lstrip()[:1] == b"[":  # one JSON array (json.loads skips a BOM itself)
-        try:
-            rows = json.loads(data)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise SourceError(f"{fragment.path}: not valid JSON ({e})") from e
-        for start in range(0, len(rows), batch_rows):
-            yield range(start, min(start + batch_rows, len(rows))), rows[start : start + batch_rows]
-        return
-    numbers, batch = [], []
-    for number, line in enumerate(io.BytesIO(data)):
+
+
+def _json_rows(path: str, lines: io.BufferedReader, batch_rows: int) -> Iterator[tuple[Sequence[int], list[Any]]]:
+    numbers, batch, first = [], [], True
+    for number, line in enumerate(lines):
         if not line.strip():  # blank lines (a trailing newline, say) hold no row
             continue
+        if first and line.removeprefix(codecs.BOM_UTF8).lstrip()[:1] == b"[":
+            yield from _json_array_rows(path, line + lines.read(), batch_rows)  # the file is one JSON array
+            return
+        first = False
         numbers.append(number)
         batch.append(_json_line(line))
         if len(batch) == batch_rows:
@@ -248,6 +248,15 @@ def _read_json(fragment: Fragment, batch_rows: int) -> Iterator[tuple[Sequence[i
             numbers, batch = [], []
     if batch:
         yield numbers, batch
+
+
+def _json_array_rows(path: str, data: bytes, batch_rows: int) -> Iterator[tuple[Sequence[int], list[Any]]]:
+    try:
+        rows = json.loads(data)  # (json.loads skips a BOM itself)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SourceError(f"{path}: not valid JSON ({e})") from e
+    for start in range(0, len(rows), batch_rows):
+        yield range(start, min(start + batch_rows, len(rows))), rows[start : start + batch_rows]
 
 
 def _json_line(line: bytes) -> Any:

@@ -178,6 +178,10 @@ def test_byte_order_marks_map_columns_and_rows_a_processor_leaves_empty(qwen_tok
     rows = [{"chosen": Q + [A], "rejected": Q + [B]}, {"chosen": Q + [B], "rejected": Q + [A]}]
     (tmp_path / "array.json").write_bytes(b"\xef\xbb\xbf" + json.dumps(rows, indent=2).encode())  # as some editors save
     assert [r for _, batch in read_fragment(Fragment(str(tmp_path / "array.json"), "json"), 100) for r in batch] == rows
+    # JSONL is read line by line: a later line that is an array is a row (a bad one), not the start of a JSON array.
+    (tmp_path / "rows.jsonl").write_text(f"{json.dumps(rows[0])}\n\n[1, 2]\n{json.dumps(rows[1])}\n")
+    read = list(read_fragment(Fragment(str(tmp_path / "rows.jsonl"), "json"), 2))
+    assert read == [([0, 2], [rows[0], [1, 2]]), ([3], [rows[1]])]
     message = pa.map_(pa.string(), pa.string())  # messages as Spark writes a map<string,string> column
     table = pa.table({side: pa.array([[list(m.items()) for m in row[side]] for row in rows], pa.list_(message))
                       for side in ("chosen", "rejected")})
