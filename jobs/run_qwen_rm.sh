@@ -6,6 +6,7 @@
 # $STORAGE/models/qwen3-1.7b-rm unless OUTPUT says otherwise (a relative path would land in the job's
 # unpacked copy of the repository on the head node).
 set -euo pipefail
+cd "$(dirname "$0")/.."  # the repository root: what --working-dir . uploads
 : "${TRAIN:?set TRAIN to the training pairs (parquet file, directory, glob or cloud URI)}"
 : "${EVAL:?set EVAL to the held-out pairs}"
 NUM_WORKERS="${NUM_WORKERS:-8}"
