@@ -17,8 +17,9 @@
 # stages log each recompilation (TORCH_LOGS=recompiles) and why.
 # Exits non-zero if any stage failed or ran out of time. PYTHON picks the interpreter (default python3).
 # Each stage writes its rows as it finishes them (a stage cut off by its limit keeps those). The stage limits
-# of one call must fit the device's 10 minutes a command, with the start-up: on a GPU session of 15 minutes,
-# e.g. `preflight serve-1 train-trl train-btrm-eager` in one call, `train-btrm` in a second, on the same card.
+# of one call must fit the device's 10 minutes a command: on a GPU session of 15 minutes (start-up included),
+# `preflight train-btrm train-trl` (at most 500 s) in one call, then `serve-1` (its model built first: at most
+# 410 s) in a second on the same card, if time is left.
 set -u
 out=${1:?usage: bash benchmarks/gpu_figures.sh OUTDIR [STAGE ...]}
 shift
