@@ -137,7 +137,11 @@ def run_training(config: TrainConfig) -> ray.train.Result:
     check_replaceable(config.output_path)  # now, not after the training it would take to find out
     config.tracking_dir = os.path.abspath(config.tracking_dir)  # workers have another working directory
     model_path = resolve_model_path(config.model_name)
-    model_config = AutoConfig.from_pretrained(model_path)
+    try:
+        model_config = AutoConfig.from_pretrained(model_path)
+    except (OSError, ValueError) as e:  # no such directory, no hub to reach, not a model transformers knows
+        where = "a directory here" if os.path.isdir(model_path) else "not a directory here, so a hub name"
+        raise SystemExit(f"--model_name {config.model_name}: {where}, and its config cannot be loaded: {e}") from None
     spec = tokenization_for(model_path, model_config, config)
     use_gpu = gpus_wanted(config.use_gpu)
     if config.bf16 and not use_gpu:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pyarrow.parquet as pq
 import pytest
@@ -241,6 +242,11 @@ def test_the_driver_refuses_at_once_what_would_fail_after_training(ray_session, 
     config.write_text(json.dumps({"zero_optimization": {"stage": 2}, "train_batch_size": 4096}))
     with pytest.raises(SystemExit, match=r"--deepspeed .*ds.json: DeepSpeed config sets train_batch_size=4096 but"):
         train_tiny(tmp_path, tiny_qwen_dir, rows, None, deepspeed=str(config), output_path=str(tmp_path / "new"))
+    # A model that is neither a directory here nor reachable (no hub in tests), or a directory of no model.
+    for name, words in ((str(tmp_path / "no-such-model"), "not a directory here, so a hub name, and its config "
+                         "cannot be loaded"), (str(tmp_path), "a directory here, and its config cannot be loaded")):
+        with pytest.raises(SystemExit, match=f"--model_name {re.escape(name)}: {words}"):
+            train_tiny(tmp_path, name, rows, None, output_path=str(tmp_path / "new"))
     assert not (tmp_path / "runs").exists()
 
 
