@@ -13,10 +13,12 @@ COMMANDS = {
 
 def train_main(argv: list[str] | None = None) -> None:
     from btrm.config import TrainConfig, parse_config
+    from btrm.data import bad_data_ends_the_job
     from btrm.train import run_training
 
     config = parse_config(TrainConfig, "Train a Bradley-Terry reward model on Ray Train + DeepSpeed.", argv)
-    run_training(config)
+    with bad_data_ends_the_job():
+        run_training(config)
 
 
 def main() -> None:

@@ -12,6 +12,7 @@ earlier report instead of counting twice.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import os
@@ -96,6 +97,16 @@ class DataError(RuntimeError):
     def __init__(self, message: str, ledger: dict[str, Any]):
         super().__init__(f"{message}\n{format_ledger(ledger)}")
         self.ledger = ledger
+
+
+@contextlib.contextmanager
+def bad_data_ends_the_job():
+    """A job whose data fails (a source that cannot be read, a ledger over its limits) ends with the message
+    alone: it says what and where (file, row, field; the ledger); a traceback through btrm adds nothing."""
+    try:
+        yield
+    except (SourceError, DataError) as e:
+        raise SystemExit(str(e)) from None
 
 
 @ray.remote(num_cpus=0)

@@ -28,7 +28,7 @@ import ray.data
 from btrm.batching import take
 from btrm.config import (SCORING_DTYPES, USE_GPU_CHOICES, DataOptions, check_job_output, gpus_wanted, option,
                          parse_config)
-from btrm.data import DataSpec, build_pair_dataset, close_ledger, new_ledger
+from btrm.data import DataSpec, bad_data_ends_the_job, build_pair_dataset, close_ledger, new_ledger
 from btrm.export import read_manifest
 from btrm.model import embedding_rows
 from btrm.scoring import RewardScorer
@@ -343,9 +343,15 @@ def run_evaluation(config: EvalConfig) -> dict[str, Any]:
 
     check_job_output("--output", config.output)
     model_path = str(Path(config.model_path).resolve())
-    manifest = read_manifest(model_path)
+    try:
+        manifest = read_manifest(model_path)
+    except FileNotFoundError as e:
+        raise SystemExit(f"--model_path {e}") from None
     model_config = AutoConfig.from_pretrained(model_path)
-    spec = eval_tokenization(config, manifest, model_config)
+    try:
+        spec = eval_tokenization(config, manifest, model_config)
+    except ValueError as e:  # a --max_length past the model's positions, say: what to pass instead
+        raise SystemExit(str(e)) from None
     if not ray.is_initialized():
         ray.init()
     ledger = new_ledger("eval", config.max_drop_fraction)
@@ -378,4 +384,5 @@ def run_evaluation(config: EvalConfig) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> None:
     config = parse_config(EvalConfig, "Score preference pairs with an exported reward model: per-pair rewards, "
                           "accuracy and length-bias diagnostics, on Ray Data.", argv)
-    run_evaluation(config)
+    with bad_data_ends_the_job():
+        run_evaluation(config)

@@ -142,7 +142,10 @@ def run_training(config: TrainConfig) -> ray.train.Result:
     except (OSError, ValueError) as e:  # no such directory, no hub to reach, not a model transformers knows
         where = "a directory here" if os.path.isdir(model_path) else "not a directory here, so a hub name"
         raise SystemExit(f"--model_name {config.model_name}: {where}, and its config cannot be loaded: {e}") from None
-    spec = tokenization_for(model_path, model_config, config)
+    try:
+        spec = tokenization_for(model_path, model_config, config)
+    except ValueError as e:  # no chat template, a --max_length past the model's positions: what to pass instead
+        raise SystemExit(str(e)) from None
     use_gpu = gpus_wanted(config.use_gpu)
     if config.bf16 and not use_gpu:
         print("[btrm] --bf16 needs GPUs; these CPU workers train in float32", flush=True)

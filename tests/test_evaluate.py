@@ -257,8 +257,10 @@ def test_options_are_checked_before_any_work(trained_model_dir, tiny_qwen_dir, t
         eval_tokenization(parse("--model_path", "m", "--data_path", "x", "--max_length", "5000"),
                           json.loads((trained_model_dir / "btrm.json").read_text()),
                           AutoConfig.from_pretrained(trained_model_dir))
-    with pytest.raises(FileNotFoundError, match="btrm.json"):
+    with pytest.raises(SystemExit, match="--model_path .*: no btrm.json; is this a model exported by btrm"):
         main(["--model_path", tiny_qwen_dir, "--data_path", "x.parquet", "--output", str(tmp_path / "s.parquet")])
+    with pytest.raises(SystemExit, match="4096 positions"):
+        main(["--model_path", str(trained_model_dir), "--data_path", "x.parquet", "--max_length", "5000"])
 
 
 def test_job_script_is_the_cli():

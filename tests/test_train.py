@@ -247,6 +247,14 @@ def test_the_driver_refuses_at_once_what_would_fail_after_training(ray_session, 
                          "cannot be loaded"), (str(tmp_path), "a directory here, and its config cannot be loaded")):
         with pytest.raises(SystemExit, match=f"--model_name {re.escape(name)}: {words}"):
             train_tiny(tmp_path, name, rows, None, output_path=str(tmp_path / "new"))
+    # Data that cannot be read ends the job with what and where, not a traceback through btrm.
+    from btrm.cli import train_main
+
+    absent = tmp_path / "absent.parquet"
+    with pytest.raises(SystemExit) as stopped:
+        train_main(["--model_name", tiny_qwen_dir, "--train_set_path", str(absent), "--max_length", "256",
+                    "--output_path", str(tmp_path / "new"), "--storage_path", str(tmp_path / "runs")])
+    assert str(stopped.value) == f"{absent}: no such file or directory"
     assert not (tmp_path / "runs").exists()
 
 
