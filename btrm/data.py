@@ -22,7 +22,7 @@ from typing import Any, Iterator
 import pyarrow as pa
 import ray
 
-from btrm.processors import RowDropped, RowError, load_processor
+from btrm.processors import ProcessorError, RowDropped, RowError, load_processor
 from btrm.sources import BadRow, Fragment, SourceError, plan_fragments, read_fragment, without_credentials
 from btrm.tokenize import PairTokenizer, TokenizationSpec, tokens_past_embedding
 
@@ -101,11 +101,12 @@ class DataError(RuntimeError):
 
 @contextlib.contextmanager
 def bad_data_ends_the_job():
-    """A job whose data fails (a source that cannot be read, a ledger over its limits) ends with the message
-    alone: it says what and where (file, row, field; the ledger); a traceback through btrm adds nothing."""
+    """A job whose data fails (a source that cannot be read, a processor that cannot be loaded, a ledger over
+    its limits) ends with the message alone: it says what and where (file, row, field; the ledger); a traceback
+    through btrm adds nothing."""
     try:
         yield
-    except (SourceError, DataError) as e:
+    except (SourceError, ProcessorError, DataError) as e:
         raise SystemExit(str(e)) from None
 
 

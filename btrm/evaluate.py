@@ -350,7 +350,7 @@ def run_evaluation(config: EvalConfig) -> dict[str, Any]:
     model_config = AutoConfig.from_pretrained(model_path)
     try:
         spec = eval_tokenization(config, manifest, model_config)
-    except ValueError as e:  # a --max_length past the model's positions, say: what to pass instead
+    except (ValueError, OSError) as e:  # a --max_length past the model, no such --chat_template: what to pass instead
         raise SystemExit(str(e)) from None
     if not ray.is_initialized():
         ray.init()

@@ -144,7 +144,7 @@ def run_training(config: TrainConfig) -> ray.train.Result:
         raise SystemExit(f"--model_name {config.model_name}: {where}, and its config cannot be loaded: {e}") from None
     try:
         spec = tokenization_for(model_path, model_config, config)
-    except ValueError as e:  # no chat template, a --max_length past the model's positions: what to pass instead
+    except (ValueError, OSError) as e:  # no (such) chat template, a --max_length past the model: what to pass instead
         raise SystemExit(str(e)) from None
     use_gpu = gpus_wanted(config.use_gpu)
     if config.bf16 and not use_gpu:

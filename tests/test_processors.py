@@ -8,7 +8,8 @@ import textwrap
 
 import pytest
 
-from btrm.processors import BUILTIN, BaseBradleyTerryTrainDataset, RowDropped, RowError, load_processor, validate_pair
+from btrm.processors import (BUILTIN, BaseBradleyTerryTrainDataset, ProcessorError, RowDropped, RowError, load_processor,
+                             validate_pair)
 from btrm.processors.hh_rlhf import parse_transcript
 
 PROMPT = [{"role": "user", "content": "How do I boil an egg?"}]
@@ -235,16 +236,16 @@ def test_custom_processor_from_file(tmp_path):
     processor = load_processor("QAPairs", str(path))
     assert isinstance(processor, BaseBradleyTerryTrainDataset)
     assert processor.pairs({"q": "2+2?", "good": "4", "bad": "5"})[0]["chosen"][-1]["content"] == "4"
-    with pytest.raises(ValueError, match=r"defines no such class; it defines \['Helper', 'QAPairs'\]"):
+    with pytest.raises(ProcessorError, match=r"defines no such class; it defines \['Helper', 'QAPairs'\]"):
         load_processor("Missing", str(path))
-    with pytest.raises(TypeError, match=r"must subclass .*subclasses defined there: \['QAPairs'\]"):
+    with pytest.raises(ProcessorError, match=r"must subclass .*subclasses defined there: \['QAPairs'\]"):
         load_processor("Helper", str(path))
-    with pytest.raises(FileNotFoundError, match="no such file"):
+    with pytest.raises(ProcessorError, match="no such file"):
         load_processor("QAPairs", str(tmp_path / "absent.py"))
     broken = tmp_path / "broken.py"
     broken.write_text("import not_a_module_anywhere\n")
-    with pytest.raises(ImportError, match="importing it failed: ModuleNotFoundError"):
+    with pytest.raises(ProcessorError, match="importing it failed: ModuleNotFoundError"):
         load_processor("X", str(broken))
-    with pytest.raises(ValueError, match="unknown dataset processor"):
+    with pytest.raises(ProcessorError, match="unknown dataset processor"):
         load_processor("nope")
     assert set(BUILTIN) == {"standard", "helpsteer3", "hh_rlhf"}

@@ -255,6 +255,10 @@ def test_the_driver_refuses_at_once_what_would_fail_after_training(ray_session, 
         train_main(["--model_name", tiny_qwen_dir, "--train_set_path", str(absent), "--max_length", "256",
                     "--output_path", str(tmp_path / "new"), "--storage_path", str(tmp_path / "runs")])
     assert str(stopped.value) == f"{absent}: no such file or directory"
+    with pytest.raises(SystemExit, match=r"--custom_bt_dataset_path .*mine.py: no such file"):
+        train_main(["--model_name", tiny_qwen_dir, "--train_set_path", str(absent), "--max_length", "256",
+                    "--output_path", str(tmp_path / "new"), "--storage_path", str(tmp_path / "runs"),
+                    "--custom_bt_dataset_path", str(tmp_path / "mine.py"), "--custom_bt_dataset_name", "Mine"])
     assert not (tmp_path / "runs").exists()
 
 

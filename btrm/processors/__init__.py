@@ -18,17 +18,22 @@ __all__ = [
     "BUILTIN",
     "BaseBradleyTerryTrainDataset",
     "RowDropped",
+    "ProcessorError",
     "RowError",
     "load_processor",
     "validate_pair",
 ]
 
 
+class ProcessorError(ValueError):
+    """The processor a job names cannot be had: an unknown name, a file missing or failing to import, no such class."""
+
+
 def load_processor(name: str = "standard", custom_path: str | None = None) -> BaseBradleyTerryTrainDataset:
     """A built-in processor by name, or class ``name`` from the Python file ``custom_path``."""
     if custom_path is None:
         if name not in BUILTIN:
-            raise ValueError(f"unknown dataset processor {name!r}; built in: {sorted(BUILTIN)} "
+            raise ProcessorError(f"unknown dataset processor {name!r}; built in: {sorted(BUILTIN)} "
                              "(or pass --custom_bt_dataset_path FILE.py --custom_bt_dataset_name CLASS)")
         return BUILTIN[name]()
     return _load_custom(Path(custom_path), name)
@@ -36,7 +41,7 @@ def load_processor(name: str = "standard", custom_path: str | None = None) -> Ba
 
 def _load_custom(path: Path, class_name: str) -> BaseBradleyTerryTrainDataset:
     if not path.is_file():
-        raise FileNotFoundError(f"--custom_bt_dataset_path {path}: no such file")
+        raise ProcessorError(f"--custom_bt_dataset_path {path}: no such file")
     module_name = f"btrm_custom_{path.stem}"
     spec = importlib.util.spec_from_file_location(module_name, path)
     module = importlib.util.module_from_spec(spec)
@@ -44,14 +49,14 @@ def _load_custom(path: Path, class_name: str) -> BaseBradleyTerryTrainDataset:
     try:
         spec.loader.exec_module(module)
     except Exception as e:
-        raise ImportError(f"--custom_bt_dataset_path {path}: importing it failed: {type(e).__name__}: {e}") from e
+        raise ProcessorError(f"--custom_bt_dataset_path {path}: importing it failed: {type(e).__name__}: {e}") from e
     defined = sorted(n for n, obj in vars(module).items() if inspect.isclass(obj) and obj.__module__ == module_name)
     cls = getattr(module, class_name, None)
     if not inspect.isclass(cls):
-        raise ValueError(f"--custom_bt_dataset_name {class_name!r}: {path} defines no such class; "
+        raise ProcessorError(f"--custom_bt_dataset_name {class_name!r}: {path} defines no such class; "
                          f"it defines {defined or 'no classes'}")
     if not issubclass(cls, BaseBradleyTerryTrainDataset):
         subclasses = [n for n in defined if issubclass(getattr(module, n), BaseBradleyTerryTrainDataset)]
-        raise TypeError(f"--custom_bt_dataset_name {class_name!r} in {path} must subclass "
+        raise ProcessorError(f"--custom_bt_dataset_name {class_name!r} in {path} must subclass "
                         f"btrm.processors.BaseBradleyTerryTrainDataset; subclasses defined there: {subclasses or 'none'}")
     return cls()
