@@ -418,8 +418,8 @@ def figures(result: Result, pairs_per_step: int, params: int, peak_flops: float 
            "micro_batch_pairs": result.setting.pairs, "micro_batch_tokens": result.setting.tokens}
     m = result.measurement
     if isinstance(m, str):
-        return {**row, "oom": m == "OOM", "failed": m}
-    return {**row, "oom": False, "failed": None, "pairs_per_s": m.pairs / m.measured_s,
+        return {**row, "failed": m}
+    return {**row, "failed": None, "pairs_per_s": m.pairs / m.measured_s,
             "pair_tokens_per_s": m.pair_tokens / m.measured_s,
             "computed_tokens_per_step": m.computed_tokens / m.steps,
             "padding_share": 1 - m.real_tokens / m.computed_tokens,

@@ -291,11 +291,14 @@ def eval_tokenization(config: EvalConfig, manifest: dict[str, Any], model_config
     if config.overlong is not None:
         tokenization["overlong"] = config.overlong
     if config.chat_template is not None:
-        tokenization["chat_template"] = read_chat_template(config.chat_template)
+        try:
+            tokenization["chat_template"] = read_chat_template(config.chat_template)
+        except FileNotFoundError as e:
+            raise SystemExit(str(e)) from None
     spec = TokenizationSpec(**tokenization)
     limit = getattr(model_config, "max_position_embeddings", None)
     if limit is not None and spec.max_length > limit:
-        raise ValueError(f"--max_length {spec.max_length} exceeds what {config.model_path} can read ({limit} positions)")
+        raise SystemExit(f"--max_length {spec.max_length} exceeds what {config.model_path} can read ({limit} positions)")
     return spec
 
 
@@ -348,10 +351,7 @@ def run_evaluation(config: EvalConfig) -> dict[str, Any]:
     except FileNotFoundError as e:
         raise SystemExit(f"--model_path {e}") from None
     model_config = AutoConfig.from_pretrained(model_path)
-    try:
-        spec = eval_tokenization(config, manifest, model_config)
-    except (ValueError, OSError) as e:  # a --max_length past the model, no such --chat_template: what to pass instead
-        raise SystemExit(str(e)) from None
+    spec = eval_tokenization(config, manifest, model_config)
     if not ray.is_initialized():
         ray.init()
     ledger = new_ledger("eval", config.max_drop_fraction)

@@ -38,11 +38,14 @@ def tokenization_for(model_path: str, model_config, config) -> TokenizationSpec:
     if limit is not None and config.max_length > limit:
         raise SystemExit(f"--max_length {config.max_length} exceeds what {config.model_name} can read "
                          f"({limit} positions); lower it")
-    spec = TokenizationSpec(max_length=config.max_length, overlong=config.overlong,
-                            reward_token=reward_token_rule(model_config),
-                            chat_template=read_chat_template(config.chat_template))
-    check_embedding_rows(prepare_tokenizer(load_tokenizer(model_path), spec.chat_template), model_config,
-                         config.model_name)
+    try:
+        spec = TokenizationSpec(max_length=config.max_length, overlong=config.overlong,
+                                reward_token=reward_token_rule(model_config),
+                                chat_template=read_chat_template(config.chat_template))
+        tokenizer = prepare_tokenizer(load_tokenizer(model_path), spec.chat_template)
+    except (FileNotFoundError, ValueError) as e:  # no such --chat_template; a tokenizer without one: what to pass
+        raise SystemExit(str(e)) from None
+    check_embedding_rows(tokenizer, model_config, config.model_name)
     return spec
 
 
@@ -127,10 +130,10 @@ def run_training(config: TrainConfig) -> ray.train.Result:
     from transformers import AutoConfig
 
     check_tracker(config.report_to)
-    if not ray.is_initialized():
-        ray.init()
     check_job_output("--output_path", config.output_path)
     check_job_output("--storage_path", config.storage_path)
+    if not ray.is_initialized():
+        ray.init()
     config.run_name = config.run_name or time.strftime("btrm-%Y%m%d-%H%M%S")
     storage_path = config.storage_path if "://" in config.storage_path else os.path.abspath(config.storage_path)
     check_run_directory(storage_path, config.run_name, config.resume)
@@ -142,10 +145,7 @@ def run_training(config: TrainConfig) -> ray.train.Result:
     except (OSError, ValueError) as e:  # no such directory, no hub to reach, not a model transformers knows
         where = "a directory here" if os.path.isdir(model_path) else "not a directory here, so a hub name"
         raise SystemExit(f"--model_name {config.model_name}: {where}, and its config cannot be loaded: {e}") from None
-    try:
-        spec = tokenization_for(model_path, model_config, config)
-    except (ValueError, OSError) as e:  # no (such) chat template, a --max_length past the model: what to pass instead
-        raise SystemExit(str(e)) from None
+    spec = tokenization_for(model_path, model_config, config)
     use_gpu = gpus_wanted(config.use_gpu)
     if config.bf16 and not use_gpu:
         print("[btrm] --bf16 needs GPUs; these CPU workers train in float32", flush=True)

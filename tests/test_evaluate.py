@@ -253,7 +253,7 @@ def test_options_are_checked_before_any_work(trained_model_dir, tiny_qwen_dir, t
         with pytest.raises(SystemExit):
             parse(*argv)
         assert words in capsys.readouterr().err
-    with pytest.raises(ValueError, match="4096 positions"):
+    with pytest.raises(SystemExit, match="4096 positions"):
         eval_tokenization(parse("--model_path", "m", "--data_path", "x", "--max_length", "5000"),
                           json.loads((trained_model_dir / "btrm.json").read_text()),
                           AutoConfig.from_pretrained(trained_model_dir))
