@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import json
 import os
 import sys
@@ -280,19 +281,33 @@ def load_yaml(path: str, cls: type) -> dict[str, Any]:
         raise SystemExit(f"--config {path}: not valid YAML ({e})") from None
     if not isinstance(values, dict):
         raise SystemExit(f"--config {path}: expected a mapping of option: value")
+    try:
+        return typed_values(cls, values)
+    except ValueError as e:
+        raise SystemExit(f"--config {path}: {e}") from None
+
+
+def typed_values(cls: type, values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` named like the fields of the options dataclass ``cls``, each read as its field's type (a YAML
+    scalar, or text such as `serve run`'s key=value args) and checked against its choices; ValueError names
+    the first unknown or wrong one."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(fields))
     if unknown:
-        raise SystemExit(f"--config {path}: unknown option(s) {unknown}")
+        guesses = sorted({g for name in unknown for g in difflib.get_close_matches(name, fields, n=1)})
+        raise ValueError(f"unknown option(s) {unknown}" + (f" (did you mean {', '.join(guesses)}?)" if guesses
+                                                           else f"; the options are {sorted(fields)}"))
     hints = get_type_hints(cls)
+    typed = {}
     for name, value in values.items():
         if value is None and fields[name].default is None:
+            typed[name] = None
             continue
         try:
-            values[name] = VALUE_PARSERS.get(hints[name], parse_str)(value)
+            typed[name] = VALUE_PARSERS.get(hints[name], parse_str)(value)
         except argparse.ArgumentTypeError as e:
-            raise SystemExit(f"--config {path}: {name}: {e}") from None
+            raise ValueError(f"{name}: {e}") from None
         choices = fields[name].metadata.get("choices")
-        if choices and values[name] not in choices:
-            raise SystemExit(f"--config {path}: {name}: {value!r} is not one of {list(choices)}")
-    return values
+        if choices and typed[name] not in choices:
+            raise ValueError(f"{name}: {value!r} is not one of {list(choices)}")
+    return typed

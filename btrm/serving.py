@@ -47,7 +47,7 @@ from starlette.datastructures import Headers
 from starlette.responses import JSONResponse
 
 import btrm
-from btrm.config import SCORING_DTYPES, option, parse_config
+from btrm.config import SCORING_DTYPES, option, parse_config, typed_values
 from btrm.processors.base import ROLES, RowError, as_message, as_tools, check_conversation, is_unicode
 from btrm.tokenize import TEMPLATE_ERRORS, AnswersTooLong, SharedPromptIds, TokensPastEmbedding, tool_names
 
@@ -71,6 +71,8 @@ class ServiceOptions:
     token_env: str = option(DEFAULT_TOKEN_ENV, "Environment variable holding the bearer token that guards every "
                             "route but /health (unset or empty: no token).")
     token_file: str | None = option(None, "File holding the bearer token (overrides --token_env).")
+    require_token: bool = option(False, "Refuse to start without a bearer token (where a Serve config's application "
+                                 "is built, on whichever node, its variable or file may be missing: fail, not open).")
     max_candidates: int = option(64, "Most candidate answers one /score request may carry (more: 413).")
     max_pairs: int = option(64, "Most pairs one batch /compare request may carry (more: 413).")
     max_body_bytes: int = option(8 * 1024 * 1024, "Largest request body in bytes (larger: 413).")
@@ -141,7 +143,8 @@ class ServeCommand(ServiceOptions):
 
 
 def read_token(options: ServiceOptions) -> str | None:
-    """The bearer token: the contents of --token_file, else the --token_env variable, else None (no guard)."""
+    """The bearer token: the contents of --token_file, else the --token_env variable, else None (no guard;
+    refused under --require_token)."""
     if options.token_file:
         path = Path(options.token_file)
         if not path.is_file():
@@ -154,6 +157,9 @@ def read_token(options: ServiceOptions) -> str | None:
     # An HTTP header carries bytes a server reads as Latin-1: a token of other characters would never match.
     if not (token.isascii() and token.isprintable()):
         raise ValueError(f"{source}: the bearer token must be printable ASCII characters")
+    if not token and options.require_token:
+        raise ValueError(f"--require_token: {source} is not set where the application is built "
+                         f"({os.uname().nodename}); set it there, or give a --token_file every node reads")
     return token or None
 
 
@@ -763,7 +769,9 @@ def _answer_count(request: list[SharedPromptIds]) -> int:
 
 # max_ongoing_requests: enough requests of pairs to fill a batch of max_batch_sequences (a Serve config
 # may change both). health_check_period_s: a failed replica is noticed, and replaced, within seconds.
-@serve.deployment(name="RewardModel", max_ongoing_requests=128, health_check_period_s=5)
+# Beyond max_queued_requests waiting for a replica, a 503 at once (Ray's default, no limit, turns overload into
+# ever longer waits and 408s). A Serve config's deployments may set these anew.
+@serve.deployment(name="RewardModel", max_ongoing_requests=128, max_queued_requests=1024, health_check_period_s=5)
 class RewardModelDeployment:
     """A model replica: the exported model and the batching queue that scores concurrent requests together.
     Reached through RewardAPI's handle: token ids in, rewards out. It does no request handling of its own:
@@ -891,11 +899,10 @@ def build_app(options: ServiceOptions, num_replicas: int | None = None, api_repl
 def app_builder(args: dict[str, Any]) -> serve.Application:
     """Application builder for Serve configs: ``import_path: btrm.serving:app_builder`` with ``args``
     named like the fields of :class:`ServiceOptions` (model_path, token_env, max_candidates, ...)."""
-    known = {f.name for f in dataclasses.fields(ServiceOptions)}
-    unknown = sorted(set(args) - known)
-    if unknown:
-        raise ValueError(f"unknown application args {unknown}; expected some of {sorted(known)}")
-    options = ServiceOptions(**args)
+    try:  # `serve run ... key=value` gives text, YAML may give 5e-3 as text: read each as its field's type
+        options = ServiceOptions(**typed_values(ServiceOptions, args))
+    except ValueError as e:
+        raise ValueError(f"application args: {e}") from None
     if read_token(options) is None:
         # Read where the application is built (on the cluster for `serve deploy`, not in the deploying shell),
         # and the config's host may face a network.

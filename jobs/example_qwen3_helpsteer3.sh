@@ -13,6 +13,7 @@
 # TRAIN / EVAL: HelpSteer3 preference data in NVIDIA's layout (context, response1, response2,
 # overall_preference) or RM-Gallery's (input, output[].answer.label.is_preferred): parquet, JSON/JSONL(.gz), a
 # directory, a glob or a cloud URI. Ties (overall_preference 0) are dropped and counted in the ledger.
+# TOKEN_FILE: a file every node reads (on SHARED, say) holding a bearer token the service then requires.
 # SHARED: a directory every node mounts (NFS, EFS, a PVC): the export, the evaluation and the service
 # all read the model from there. If the cluster uses token auth (Ray 2.60 turns it on when the head has
 # a token), also `export RAY_AUTH_MODE=token` with the head's token in ~/.ray/auth_token (or
@@ -67,26 +68,29 @@ ray job submit --submission-id "$RUN_NAME-evaluate-$STAMP" --working-dir . \
 
 # 3. Serve it: serve/config.yaml with this model and the repository on the nodes as working_dir.
 SERVE_CONFIG="${TMPDIR:-/tmp}/btrm-serve-$STAMP.yaml"
-python - "$SERVE_CONFIG" "$MODEL" "$REPO_ON_NODES" <<'EOF'
+python - "$SERVE_CONFIG" "$MODEL" "$REPO_ON_NODES" "${TOKEN_FILE:-}" <<'EOF'
 import sys, yaml
-path, model, repo = sys.argv[1:]
+path, model, repo, token_file = sys.argv[1:]
 config = yaml.safe_load(open("serve/config.yaml"))
 app = config["applications"][0]
 app["args"]["model_path"] = model
 app["args"]["replica_gpus"] = "1"  # not auto: that judges by the GPUs up when the app is built (none, on demand)
 app["runtime_env"] = {"working_dir": f"local://{repo}"}
+if token_file:  # read where the application is built, on any node; without it the deploy fails, not opens
+    app["args"].update(token_file=token_file, require_token=True)
 open(path, "w").write(yaml.safe_dump(config, sort_keys=False))
 EOF
 serve deploy -a "$RAY_ADDRESS" "$SERVE_CONFIG"
 while true; do   # the application goes DEPLOYING → RUNNING once its replicas have loaded the model
-    status="$(serve status -a "$RAY_ADDRESS")"
-    grep -q "status: RUNNING" <<<"$status" && break
-    if grep -q "DEPLOY_FAILED" <<<"$status"; then echo "$status"; exit 1; fi
+    status="$(serve status -a "$RAY_ADDRESS" -n btrm)"   # this application's only: the cluster may run others
+    grep -q "^status: RUNNING" <<<"$status" && break
+    if grep -q "^status: DEPLOY_FAILED" <<<"$status"; then echo "$status"; exit 1; fi
     sleep 10
 done
 echo "$status"
 
-# 4. Call it (through `ray attach ... -p 8000`, or on the head itself).
-curl -s "$SERVE_URL/compare" -H 'content-type: application/json' \
+# 4. Call it (through `ray attach ... -p 8000`, or on the head itself). With TOKEN_FILE, the service
+#    requires the token: $BTRM_API_TOKEN here is sent as it.
+curl -s "$SERVE_URL/compare" -H 'content-type: application/json' ${BTRM_API_TOKEN:+-H "authorization: Bearer $BTRM_API_TOKEN"} \
     -d '{"prompt": "What is the capital of Australia?", "chosen": "Canberra.", "rejected": "Sydney."}'
 echo

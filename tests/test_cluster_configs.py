@@ -63,6 +63,14 @@ def test_kuberay_rayservice_serves_the_repositorys_application():
 
         known = {f.name for f in __import__("dataclasses").fields(ServiceOptions)}
         assert set(app["args"]) <= known, set(app["args"]) - known
+    # The same deployments with the same settings named (their values may differ: a cluster's scale).
+    ours, theirs = serve_config["applications"][0]["deployments"], local["applications"][0]["deployments"]
+    assert [(d["name"], sorted(d)) for d in ours] == [(d["name"], sorted(d)) for d in theirs]
+    assert serve_config["applications"][0]["args"]["require_token"] is True  # its Secret is on every pod
+    pods = [service["spec"]["rayClusterConfig"]["headGroupSpec"]] + service["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    for pod in pods:
+        env = [e["name"] for c in pod["template"]["spec"]["containers"] for e in c.get("env", [])]
+        assert "BTRM_API_TOKEN" in env
 
 
 def test_dockerfile_and_shipped_configs_exist():

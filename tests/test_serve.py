@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from btrm.config import typed_values
 from btrm.scoring import length_buckets
 from btrm.serving import ServeCommand, ServiceOptions, app_builder, read_token, sigmoid
 from conftest import free_port, scoring_service
@@ -370,7 +371,8 @@ def test_serve_config_file_builds_this_application(trained_model_dir, monkeypatc
     options.validate()
     with pytest.raises(ValueError, match="--dtype 'float16': expected one of"):
         ServiceOptions(model_path="somewhere", dtype="float16").validate()
-    with pytest.raises(ValueError, match="unknown application args"):
+    with pytest.raises(ValueError, match=r"application args: unknown option\(s\) \['max_candidate'\] \(did you mean "
+                                         r"max_candidates\?\)"):
         app_builder({"model_path": "x", "max_candidate": 3})
     # `serve deploy` reads the token on the cluster: an application built there without one says so.
     monkeypatch.delenv("BTRM_API_TOKEN", raising=False)
@@ -380,6 +382,19 @@ def test_serve_config_file_builds_this_application(trained_model_dir, monkeypatc
     assert [r.getMessage() for r in caplog.records].count(
         "btrm: no bearer token ($BTRM_API_TOKEN is not set where the application is built, and no token_file): "
         "every route of the service is open") == 1
+    # `serve run serve.app:app_builder key=value` passes text, and PyYAML reads 5e-3 as text: each is read as
+    # its option's type (the text reached the options as it was: validate's `"8" < 1` raised a TypeError).
+    text_args = {"model_path": str(trained_model_dir), "max_pairs": "8", "batch_wait_timeout_s": "5e-3",
+                 "replica_cpus": "2", "replica_gpus": 0, "require_token": "false"}
+    assert typed_values(ServiceOptions, text_args) == {**text_args, "max_pairs": 8, "batch_wait_timeout_s": 0.005,
+                                                       "replica_cpus": 2.0, "replica_gpus": "0", "require_token": False}
+    app_builder(text_args)
+    with pytest.raises(ValueError, match="application args: max_pairs: expected an integer, got 'eight'"):
+        app_builder({"model_path": str(trained_model_dir), "max_pairs": "eight"})
+    # Where it must not come up open (the builder may run on any node of a cluster), it does not come up.
+    monkeypatch.delenv("BTRM_API_TOKEN")
+    with pytest.raises(ValueError, match=r"--require_token: \$BTRM_API_TOKEN is not set where the application is built"):
+        app_builder({"model_path": str(trained_model_dir), "require_token": True})
 
 
 def test_options_and_token_sources(tmp_path, monkeypatch):
