@@ -107,7 +107,9 @@ def bad_data_ends_the_job():
     try:
         yield
     except (SourceError, ProcessorError, DataError) as e:
-        raise SystemExit(str(e)) from None
+        # Raised in a data task, it reaches the driver as a RayTaskError that is also one of these, whose
+        # str is the whole remote traceback (Ray Data has logged it already): the message is its cause's.
+        raise SystemExit(str(e.cause if isinstance(e, ray.exceptions.RayTaskError) else e)) from None
 
 
 @ray.remote(num_cpus=0)

@@ -255,6 +255,13 @@ def test_the_driver_refuses_at_once_what_would_fail_after_training(ray_session, 
         train_main(["--model_name", tiny_qwen_dir, "--train_set_path", str(absent), "--max_length", "256",
                     "--output_path", str(tmp_path / "new"), "--storage_path", str(tmp_path / "runs")])
     assert str(stopped.value) == f"{absent}: no such file or directory"
+    # Found by a data task (a JSON file is read whole there): the same, not the remote traceback.
+    corrupt = tmp_path / "corrupt.json"
+    corrupt.write_text('[{"chosen": [}')
+    with pytest.raises(SystemExit) as stopped:
+        train_main(["--model_name", tiny_qwen_dir, "--train_set_path", str(corrupt), "--max_length", "256",
+                    "--output_path", str(tmp_path / "new"), "--storage_path", str(tmp_path / "runs")])
+    assert str(stopped.value) == f"{corrupt}: not valid JSON (Expecting value: line 1 column 14 (char 13))"
     with pytest.raises(SystemExit, match=r"--custom_bt_dataset_path .*mine.py: no such file"):
         train_main(["--model_name", tiny_qwen_dir, "--train_set_path", str(absent), "--max_length", "256",
                     "--output_path", str(tmp_path / "new"), "--storage_path", str(tmp_path / "runs"),
