@@ -243,14 +243,20 @@ def recorded_options(config) -> dict[str, Any]:
     return {name: without_credentials(value) for name, value in vars(config).items()}
 
 
+def uploaded_working_dir() -> bool:
+    """Whether this driver runs in a Ray job that uploaded its working directory (`ray job submit --working-dir
+    .`): every worker of the job then runs in its own node's copy of it."""
+    job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")  # what Ray gives a job's driver
+    return bool((job.get("runtime_env") or {}).get("working_dir"))
+
+
 def check_job_output(option: str, path: str) -> None:
     """Refuses a relative path to write to in a Ray job that uploaded its working directory (`ray job submit
     --working-dir .`): it names a place in the job's unpacked copy of that directory on the head node, which
     Ray deletes with its session, and which no other node sees."""
     if "://" in path or Path(path).expanduser().is_absolute():
         return
-    job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")  # what Ray gives a job's driver
-    if (job.get("runtime_env") or {}).get("working_dir"):
+    if uploaded_working_dir():
         raise SystemExit(f"{option} {path}: a relative path, and this Ray job runs in its unpacked copy of the "
                          f"working directory ({os.getcwd()}), which Ray deletes with the session: give an absolute "
                          "path on storage every node reads (or a cloud URI where the option takes one)")

@@ -15,13 +15,16 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import inspect
 import os
+import traceback
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterator
 
 import pyarrow as pa
 import ray
 
+from btrm.config import uploaded_working_dir
 from btrm.processors import ProcessorError, RowDropped, RowError, load_processor
 from btrm.sources import BadRow, Fragment, SourceError, plan_fragments, read_fragment, without_credentials
 from btrm.tokenize import PairTokenizer, TokenizationSpec, tokens_past_embedding
@@ -57,6 +60,12 @@ class DataSpec:
     custom_bt_dataset_path: str | None = None
     batch_rows: int = 512
     embedding_rows: int | None = None  # the model's: a pair holding a token id past them is invalid
+
+    def __post_init__(self):
+        # Data tasks load the processor in other processes, on other nodes: a path relative to this process's
+        # directory names nothing there, unless a Ray job uploaded it (each task runs in its node's copy).
+        if self.custom_bt_dataset_path and not uploaded_working_dir():
+            object.__setattr__(self, "custom_bt_dataset_path", os.path.abspath(self.custom_bt_dataset_path))
 
 
 @dataclass
@@ -185,6 +194,13 @@ def format_ledger(ledger: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _raised_at(error: Exception, processor: type) -> str:
+    """Where in the processor's own file ``error`` was raised (its deepest line there), to say with it."""
+    source = inspect.getsourcefile(processor)
+    lines = [frame for frame in traceback.extract_tb(error.__traceback__) if frame.filename == source]
+    return f" (at {source}:{lines[-1].lineno}: {lines[-1].line})" if lines else ""
+
+
 class PairPreprocessor:
     """Turns fragments into batches of tokenized pairs and reports them to the ledger: the processor and the
     tokenizer of one data spec, loaded once in each process that runs the pipeline's tasks."""
@@ -241,7 +257,8 @@ class PairPreprocessor:
                 drop(e.reason, row_number, str(e))
                 continue
             except Exception as e:  # a user's processor failing on one row must not take the rest down
-                drop("invalid", row_number, f"processor {type(self.processor).__name__} raised {type(e).__name__}: {e}")
+                drop("invalid", row_number, f"processor {type(self.processor).__name__} raised {type(e).__name__}: "
+                     f"{e}{_raised_at(e, type(self.processor))}")
                 continue
             if not converted:  # the ledger must add up: a row gives pairs or a drop reason
                 drop("invalid", row_number, f"processor {type(self.processor).__name__} gave no pair for this row "
@@ -250,6 +267,9 @@ class PairPreprocessor:
             for k, pair in enumerate(converted):
                 if isinstance(pair, RowDropped):
                     drop(pair.reason, row_number, str(pair))
+                    continue
+                if isinstance(pair, RowError):
+                    drop("invalid", row_number, str(pair), pair.field)
                     continue
                 pairs.append(pair)
                 # A pair without an id is named by its place: unique across files, and across the pairs of

@@ -200,3 +200,46 @@ def test_byte_order_marks_map_columns_and_rows_a_processor_leaves_empty(qwen_tok
     assert table.num_rows == report.pairs == 2 and report.dropped["invalid"] == 2  # every row read is accounted for
     assert "SkipOdd gave no pair for this row" in report.examples[0]["message"] and report.examples[0]["row"] == 1
 
+
+
+def test_a_processors_failures_cost_only_their_pairs_and_say_where(qwen_tokenizer_dir, tmp_path, monkeypatch):
+    from btrm.data import DataSpec, PairPreprocessor
+    from btrm.processors import ProcessorError, load_processor
+    from btrm.tokenize import TokenizationSpec
+
+    (tmp_path / "answers.py").write_text(
+        "from btrm.processors import BaseBradleyTerryTrainDataset\n"
+        "class Answers(BaseBradleyTerryTrainDataset):\n"
+        "    def convert(self, row):\n"
+        "        if row['kind'] == 'none':\n"
+        "            return None\n"
+        "        best = row['best']\n"
+        "        prompt = [{'role': 'user', 'content': row['question']}]\n"
+        "        return [{'chosen': prompt + [{'role': 'assistant', 'content': best}],\n"
+        "                 'rejected': prompt + [{'role': 'assistant', 'content': other}]} for other in row['others']]\n"
+        "class Fussy(BaseBradleyTerryTrainDataset):\n"
+        "    def __init__(self):\n"
+        "        raise RuntimeError('needs a config')\n")
+    monkeypatch.chdir(tmp_path)  # a relative path, resolved where the job starts: data tasks run elsewhere
+    spec = DataSpec(path="unused", tokenizer_path=qwen_tokenizer_dir, tokenization=TokenizationSpec(max_length=256),
+                    dataset_format="Answers", custom_bt_dataset_path="answers.py")
+    assert spec.custom_bt_dataset_path == str(tmp_path / "answers.py")
+    rows = [{"kind": "pairs", "question": "Name a prime.", "best": "Seven.", "others": ["Nine.", "  ", "Four."]},
+            {"kind": "none"},
+            {"kind": "pairs", "question": "Name a prime."}]
+    table, report = PairPreprocessor(spec).process_rows("rows.jsonl", range(3), rows)
+    # The row's blank answer costs its own pair, not the row's two others.
+    assert table.num_rows == report.pairs == 2 and report.dropped["invalid"] == 3
+    blank, nothing, raised = report.examples
+    assert (blank["row"], blank["field"]) == (0, "rejected[1].content")
+    assert blank["message"] == "field 'rejected[1].content': is empty (in the row's pair 2 of 3)"
+    assert nothing["row"] == 1 and "Answers gave no pair for this row" in nothing["message"]
+    assert raised["row"] == 2 and raised["message"] == (
+        f"processor Answers raised KeyError: 'best' (at {tmp_path / 'answers.py'}:6: best = row['best'])")
+    with pytest.raises(ProcessorError, match=r"'Fussy' in .*answers.py: creating it \(`Fussy\(\)`\) failed: "
+                                             "RuntimeError: needs a config"):
+        load_processor("Fussy", "answers.py")
+    # In a Ray job that uploaded its working directory, every data task runs in its node's copy of it.
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"runtime_env": {"working_dir": "gcs://_ray_pkg_1.zip"}}))
+    assert DataSpec(path="unused", tokenizer_path=qwen_tokenizer_dir, tokenization=TokenizationSpec(max_length=256),
+                    dataset_format="Answers", custom_bt_dataset_path="answers.py").custom_bt_dataset_path == "answers.py"

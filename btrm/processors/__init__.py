@@ -59,4 +59,8 @@ def _load_custom(path: Path, class_name: str) -> BaseBradleyTerryTrainDataset:
         subclasses = [n for n in defined if issubclass(getattr(module, n), BaseBradleyTerryTrainDataset)]
         raise ProcessorError(f"--custom_bt_dataset_name {class_name!r} in {path} must subclass "
                         f"btrm.processors.BaseBradleyTerryTrainDataset; subclasses defined there: {subclasses or 'none'}")
-    return cls()
+    try:
+        return cls()
+    except Exception as e:
+        raise ProcessorError(f"--custom_bt_dataset_name {class_name!r} in {path}: creating it (`{class_name}()`) "
+                             f"failed: {type(e).__name__}: {e}") from e

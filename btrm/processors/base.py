@@ -61,12 +61,15 @@ class BaseBradleyTerryTrainDataset:
     def convert(self, row: dict[str, Any]) -> dict[str, Any] | Iterable[dict[str, Any]]:
         raise NotImplementedError
 
-    def pairs(self, row: dict[str, Any]) -> list[dict[str, Any] | RowDropped]:
+    def pairs(self, row: dict[str, Any]) -> list[dict[str, Any] | RowDropped | RowError]:
         """Runs :meth:`convert` and checks every pair it returns against the standard format: each comes
-        back normalised, or as the RowDropped of a pair whose answers are the same, which costs that pair
-        and not the row's others (a HelpSteer3 row with two rejected answers, one a copy of the chosen)."""
+        back normalised, or as the RowDropped of a pair whose answers are the same or (among several) the
+        RowError of a malformed one, which cost that pair and not the row's others (a HelpSteer3 row with two
+        rejected answers, one a copy of the chosen). A row's only pair, malformed, raises its RowError. A
+        convert that returns None gives no pair."""
         converted = self.convert(row)
-        return [_checked(pair) for pair in ([converted] if isinstance(converted, dict) else converted)]
+        pairs = [converted] if isinstance(converted, dict) else list(converted or ())
+        return [_checked(pair, k, len(pairs)) for k, pair in enumerate(pairs)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -276,11 +279,15 @@ def as_margin(value: Any, field: str = "margin") -> float | None:
     return margin
 
 
-def _checked(pair: dict[str, Any]) -> dict[str, Any] | RowDropped:
+def _checked(pair: dict[str, Any], index: int, count: int) -> dict[str, Any] | RowDropped | RowError:
     try:
         return validate_pair(pair)
     except RowDropped as e:
         return e
+    except RowError as e:
+        if count == 1:
+            raise  # the row's only pair: the row is invalid
+        return RowError(e.field, f"{e.message} (in the row's pair {index + 1} of {count})")
 
 
 def validate_pair(pair: dict[str, Any]) -> dict[str, Any]:
