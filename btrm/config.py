@@ -207,9 +207,9 @@ class TrainConfig(DataOptions):
             raise ValueError(f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if not 0 <= self.eval_split_ratio < 1:
             raise ValueError(f"--eval_split_ratio must be in [0, 1), got {self.eval_split_ratio}")
-        if self.eval_before_training and not (self.eval_set_path or self.eval_split_ratio):
-            raise ValueError("--eval_before_training evaluates on the evaluation set: give --eval_set_path or "
-                             "--eval_split_ratio")
+        for name, asked in (("--eval_before_training", self.eval_before_training), ("--eval_steps", self.eval_steps)):
+            if asked and not (self.eval_set_path or self.eval_split_ratio):
+                raise ValueError(f"{name} evaluates on the evaluation set: give --eval_set_path or --eval_split_ratio")
         if self.eval_split_ratio and self.eval_set_path:
             raise ValueError("--eval_split_ratio holds out training pairs for evaluation; with --eval_set_path "
                              "there is an evaluation set already: give one or the other")

@@ -200,8 +200,10 @@ def run_training(config: TrainConfig) -> ray.train.Result:
     # An epoch's last step takes the pairs that are left, fewer than a full step: none is skipped.
     steps_per_epoch = math.ceil(per_worker / (config.per_device_train_batch_size * config.gradient_accumulation_steps))
     total_steps = config.max_steps if config.max_steps > 0 else steps_per_epoch * config.num_train_epochs
+    # Every worker reads as many pairs (Ray's equal split): the rest, the same pairs each epoch, go untrained.
+    train_ledger["left_out_for_equal_workers"] = pairs - per_worker * config.num_workers
     print(f"[btrm] {pairs} training pairs on {config.num_workers} worker(s) ({'GPU' if use_gpu else 'CPU'}), "
-          f"{pairs - per_worker * config.num_workers} left out to keep workers in step; "
+          f"{train_ledger['left_out_for_equal_workers']} left out to keep workers in step; "
           f"{total_steps} optimizer steps ({total_steps / steps_per_epoch:.3g} epoch(s) of {steps_per_epoch})", flush=True)
 
     plan = Plan(config=config, model_path=model_path, tokenization=spec.to_dict(), deepspeed_config=deepspeed_config,

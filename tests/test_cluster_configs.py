@@ -82,7 +82,7 @@ def test_dockerfile_and_shipped_configs_exist():
         for key in ("train_set_path", "eval_set_path"):
             if key in values:
                 assert (REPO / values[key]).exists(), (config.name, values[key])
-        TrainConfig(**{"train_set_path": "given.parquet", **values}).validate()
+        TrainConfig(**{"train_set_path": "given.parquet", "eval_set_path": "given.parquet", **values}).validate()
     for script in (REPO / "jobs").glob("*.sh"):  # the configs the job scripts name are shipped
         for name in re.findall(r"--config (\S+)", script.read_text()):
             assert (REPO / name).is_file(), (script.name, name)

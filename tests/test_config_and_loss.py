@@ -37,6 +37,7 @@ def test_bad_options_are_refused_with_the_reason(tmp_path, capsys):
                         (["--train_set_path", "x", "--output_path", "s3://b/rm"], "a local directory"),
                         (["--train_set_path", "x", "--deepspeed", "zero-3"], "neither a shipped config"),
                         (["--train_set_path", "x", "--eval_before_training"], "give --eval_set_path or"),
+                        (["--train_set_path", "x", "--eval_steps", "50"], "--eval_steps evaluates on the evaluation set: give"),
                         (["--train_set_path", "x", "--deepspeed", str(tmp_path / "bad.yaml")], "not valid JSON")):
         with pytest.raises(SystemExit):
             parse_config(TrainConfig, "t", argv)

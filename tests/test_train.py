@@ -49,6 +49,7 @@ def test_manifest_records_tokenization_eval_statistics_and_ledger(trained_model_
     assert manifest["eval"]["accuracy"] == pytest.approx((rewards.reward_chosen > rewards.reward_rejected).mean())
     assert manifest["eval"]["pairs"] == len(rewards)
     assert manifest["data"]["train"]["pairs"] + manifest["data"]["train"]["dropped_total"] == 160
+    assert manifest["data"]["train"]["left_out_for_equal_workers"] == manifest["data"]["train"]["pairs"] % 2  # 2 workers
     assert set(manifest["versions"]) >= {"torch", "transformers", "deepspeed", "ray"}
 
 
