@@ -8,6 +8,7 @@ Decoders score packed, prompt-shared rows, as training computed them; encoders p
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, Sequence
 
 import torch
@@ -154,6 +155,12 @@ class RewardScorer:
                 g, answers = parts[i]
                 for k in answers:
                     rewards[g][k] = next(scores)
+        if len(groups) > 1:
+            # A packed row is one attention: a group whose rewards overflow to NaN or inf makes its row-mates'
+            # NaN too (a masked-out NaN value times its zero weight is still NaN). Those are scored again alone.
+            for g, scores in enumerate(rewards):
+                if not all(map(math.isfinite, scores)):
+                    rewards[g] = self.group_rewards([groups[g]], max_batch_tokens)[0]
         return rewards
 
     def pair_rewards(self, pairs: dict[str, Any], max_batch_tokens: int = 32768) -> tuple[list[float], list[float]]:

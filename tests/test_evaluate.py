@@ -233,6 +233,21 @@ def test_a_pair_the_model_fails_on_is_reported_and_the_rest_are_scored(trained_m
     assert summary["unscored_pairs"] == [{"file": "test.parquet", "row": 2, "id": rows.id[2], "error": rows.error[2]}]
     assert summary["accuracy"] == pytest.approx((rows.reward_margin[ok] > 0).mean())
     assert "not scored: test.parquet row 2" in format_summary(summary)
+    # A pair whose reward overflows (here: a token whose embedding is NaN) blanks no other pair, though packed
+    # in one row with them (a masked-out NaN value times its zero attention weight is still NaN).
+    batch = _tokenized_batch(scorer, hh_helpful["test"][:4])
+    elsewhere = {int(t) for i in (0, 2, 3) for side in ("prompt_ids", "chosen_ids", "rejected_ids") for t in batch[side][i]}
+    poisoned = next(int(t) for t in batch["chosen_ids"][1] if int(t) not in elsewhere)
+    embedding = scorer.scorer.model.get_input_embeddings().weight
+    with torch.no_grad():
+        kept, embedding[poisoned] = embedding[poisoned].clone(), float("nan")
+    rows = scorer(batch).to_pandas()
+    with torch.no_grad():
+        embedding[poisoned] = kept
+    assert rows.error.notna().tolist() == [False, True, False, False] and "not finite" in rows.error[1]
+    ok = rows.error.isna()
+    assert np.allclose(rows.reward_chosen[ok], clean.reward_chosen[ok], atol=1e-5)
+    assert np.allclose(rows.reward_rejected[ok], clean.reward_rejected[ok], atol=1e-5)
     # A diverged model (NaN weights): its pairs are reported unscored, not NaN figures (nor NaN in JSON).
     torch.nn.init.constant_(scorer.scorer.model.score.weight, float("nan"))
     batch = _tokenized_batch(scorer, hh_helpful["test"][:4])
