@@ -31,7 +31,7 @@ from btrm.config import (SCORING_DTYPES, USE_GPU_CHOICES, DataOptions, check_job
 from btrm.data import DataSpec, bad_data_ends_the_job, build_pair_dataset, close_ledger, new_ledger
 from btrm.export import read_manifest
 from btrm.model import embedding_rows
-from btrm.scoring import RewardScorer
+from btrm.scoring import RewardScorer, ray_actor_device
 from btrm.sources import without_credentials
 from btrm.tokenize import OVERLONG_POLICIES, TokenizationSpec, read_chat_template
 
@@ -119,7 +119,7 @@ class PairScorer:
     """A Ray Data actor holding the model: batches of tokenized pairs in, one result row per pair out."""
 
     def __init__(self, model_dir: str, max_length: int, max_batch_tokens: int, dtype: str = "auto"):
-        self.scorer = RewardScorer(model_dir, max_length=max_length, dtype=dtype)
+        self.scorer = RewardScorer(model_dir, ray_actor_device(), max_length=max_length, dtype=dtype)
         self.max_batch_tokens = max_batch_tokens
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:

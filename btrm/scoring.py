@@ -83,6 +83,17 @@ class ConversationEncoder:
         return encoded
 
 
+def ray_actor_device() -> str | None:
+    """Where a Ray actor scores: on its GPU where Ray gave it one, else on the CPU (Ray leaves an actor given
+    no GPU the machine's CUDA_VISIBLE_DEVICES: torch would find the GPUs and take one Ray gave another).
+    None outside Ray: RewardScorer's own choice."""
+    import ray
+
+    if not ray.is_initialized():
+        return None
+    return "cuda" if ray.get_gpu_ids() else "cpu"
+
+
 class RewardScorer:
     """An exported model ready to score token sequences and conversations."""
 

@@ -779,11 +779,11 @@ class RewardModelDeployment:
     requests taken in meanwhile would wait for it (README: Scoring service)."""
 
     def __init__(self, options: ServiceOptions):
-        from btrm.scoring import RewardScorer
+        from btrm.scoring import RewardScorer, ray_actor_device
 
         self.options = options
         self.gpu_failure: str | None = None  # how this replica's GPU failed (a CUDA error), once it has
-        self.scorer = RewardScorer(options.model_path, dtype=options.dtype)
+        self.scorer = RewardScorer(options.model_path, ray_actor_device(), dtype=options.dtype)
         # A /score request with 64 candidates weighs 64: batches are counted in answers, not requests.
         self.queue = ForwardQueue(self.rewards_of_batch, _answer_count, options.max_batch_sequences,
                                   options.batch_wait_timeout_s)
