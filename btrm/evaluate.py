@@ -12,11 +12,13 @@ error and place and left out of the figures; rows the pipeline cannot turn into 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -101,6 +103,8 @@ class EvalConfig(DataOptions):
             raise ValueError(f"--output {self.output}: must end in {' or '.join(OUTPUT_SUFFIXES)}")
         if "://" in self.output:
             raise ValueError(f"--output {self.output}: a local file (on the machine running the job)")
+        if "://" not in self.data_path and Path(self.output).resolve() == Path(self.data_path).resolve():
+            raise ValueError(f"--output {self.output} is --data_path: the scores would replace the pairs")
         for name in ("batch_size", "max_batch_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be at least 1")
@@ -302,14 +306,26 @@ def eval_tokenization(config: EvalConfig, manifest: dict[str, Any], model_config
     return spec
 
 
+@contextlib.contextmanager
+def replaced_whole(path: Path) -> Iterator[Path]:
+    """A temporary file beside ``path`` to write, which replaces it once written: a job stopped midway (killed,
+    out of disk) leaves the earlier file whole, never a truncated one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    try:
+        yield partial
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
 def write_pairs(pairs: pa.Table, output: str | Path) -> None:
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    if output.suffix == ".parquet":
-        pq.write_table(pairs, output)
-    else:
-        with open(output, "w") as f:
-            f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in pairs.to_pylist())
+    with replaced_whole(Path(output)) as partial:
+        if Path(output).suffix == ".parquet":
+            pq.write_table(pairs, partial)
+        else:
+            with open(partial, "w") as f:
+                f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in pairs.to_pylist())
 
 
 def score_pairs(config: EvalConfig, model_path: str, spec: TokenizationSpec, rows: int | None, ledger) -> pa.Table:
@@ -373,11 +389,20 @@ def run_evaluation(config: EvalConfig) -> dict[str, Any]:
         "data": data,
     }
     summary_file = summary_path(config.output)
-    summary_file.write_text(json.dumps(summary, indent=2, allow_nan=False))
+    with replaced_whole(summary_file) as partial:
+        partial.write_text(json.dumps(summary, indent=2, allow_nan=False))
     if config.show:
         print(format_pairs(pairs, config.show), flush=True)
     print(f"[btrm] evaluation of {model_path} on {summary['data_path']}\n{format_summary(summary)}", flush=True)
     print(f"[btrm] per-pair results: {config.output}; summary: {summary_file}", flush=True)
+    # The figures leave out the pairs the model failed on: not a few random ones (out of memory takes the longest).
+    unscored = summary["unscored"] / (summary["pairs"] + summary["unscored"])
+    if unscored > config.max_drop_fraction:
+        first = summary["unscored_pairs"][0]
+        raise SystemExit(f"{summary['unscored']} of the {summary['pairs'] + summary['unscored']} pairs could not be "
+                         f"scored ({unscored:.1%} > --max_drop_fraction {config.max_drop_fraction:.1%}): the figures "
+                         f"above leave them out. The first, {first['file']} row {first['row']}: {first['error']} "
+                         f"(every one in {config.output}'s error column)")
     return summary
 
 

@@ -256,6 +256,35 @@ def test_a_pair_the_model_fails_on_is_reported_and_the_rest_are_scored(trained_m
     assert summarize(scorer(batch))["unscored"] == 4
 
 
+def test_pairs_the_model_fails_on_count_against_max_drop_fraction(ray_session, trained_model_dir, hh_helpful, tmp_path):
+    """The figures leave out the pairs the model could not score: past --max_drop_fraction of them, the job fails
+    (after writing its output whole), rather than report an accuracy of what was left."""
+    import shutil
+
+    pairs = [dict(p) for p in hh_helpful["test"][:20]]
+    last = pairs[3]["chosen"][-1]
+    pairs[3]["chosen"] = pairs[3]["chosen"][:-1] + [{**last, "content": last["content"] + " Zyzzyvaqx"}]
+    tokenizer = AutoTokenizer.from_pretrained(trained_model_dir)
+    elsewhere = set(tokenizer(json.dumps(pairs[:3] + pairs[4:]))["input_ids"])
+    poisoned = [t for t in tokenizer(" Zyzzyvaqx")["input_ids"] if t not in elsewhere]
+    model_dir = tmp_path / "model"
+    shutil.copytree(trained_model_dir, model_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir)
+    with torch.no_grad():
+        model.get_input_embeddings().weight[poisoned] = float("nan")  # its reward overflows
+    model.save_pretrained(model_dir)
+    data = write_parquet_shards(pairs, tmp_path / "data")
+    output = tmp_path / "scores.parquet"
+    argv = ["--model_path", str(model_dir), "--data_path", str(data), "--output", str(output)]
+    summary, _ = _evaluate(argv)  # 1 of 20 pairs: 5%, the default limit
+    assert (summary["pairs"], summary["unscored"]) == (19, 1)
+    with pytest.raises(SystemExit, match=r"1 of the 20 pairs could not be scored \(5.0% > --max_drop_fraction 0.0%\): "
+                                         r"the figures above leave them out. The first, .*part-00000.parquet row 3: "
+                                         "the model's rewards are not finite"):
+        _evaluate(argv + ["--max_drop_fraction", "0"])
+    assert pq.read_table(output).num_rows == 20 and not list(tmp_path.glob(".*partial*"))
+
+
 def test_options_are_checked_before_any_work(trained_model_dir, tiny_qwen_dir, tmp_path, capsys):
     def parse(*argv):
         return parse_config(EvalConfig, "test", list(argv))
@@ -264,7 +293,9 @@ def test_options_are_checked_before_any_work(trained_model_dir, tiny_qwen_dir, t
     assert config.max_length is None and config.overlong is None and config.output.endswith(".parquet")
     for argv, words in ((["--data_path", "x"], "--model_path is required"), (["--model_path", "m"], "--data_path"),
                         (["--model_path", "m", "--data_path", "x", "--output", "scores.csv"], "must end in"),
-                        (["--model_path", "m", "--data_path", "x", "--output", "s3://b/s.parquet"], "a local file")):
+                        (["--model_path", "m", "--data_path", "x", "--output", "s3://b/s.parquet"], "a local file"),
+                        (["--model_path", "m", "--data_path", "x.parquet", "--output", "./x.parquet"],
+                         "is --data_path: the scores would replace the pairs")):
         with pytest.raises(SystemExit):
             parse(*argv)
         assert words in capsys.readouterr().err
