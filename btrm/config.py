@@ -97,7 +97,8 @@ class DataOptions:
     chat_template: str | None = option(None, "Jinja chat template file for tokenizers without one, or a "
                                        "shipped name: plain (role: content segments, for BERT-style encoders).")
     max_drop_fraction: float = option(0.05, "Fail the run, printing the ledger, if more than this share of "
-                                      "pairs is dropped (ties, missing labels, invalid, identical, overlong).")
+                                      "pairs is dropped (ties, missing labels, invalid, identical, overlong; in an evaluation, also "
+                                      "the pairs the model fails on).")
     num_data_workers: int = option(2, "Ray Data tasks at a time that read, convert and tokenize pairs.")
     data_worker_cpus: float = option(1.0, "CPUs reserved by each data task.")
 
