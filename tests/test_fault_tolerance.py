@@ -20,8 +20,14 @@ from conftest import train_tiny
 def _train_workers_of_this_session() -> list[psutil.Process]:
     """RayTrainWorker processes under this test session's raylet (other Ray instances may run here)."""
     raylet = ray._private.worker._global_node.all_processes["raylet"][0].process.pid
-    return [p for p in psutil.Process(raylet).children(recursive=True)
-            if "RayTrainWorker" in " ".join(p.cmdline())]
+    workers = []
+    for process in psutil.Process(raylet).children(recursive=True):
+        try:
+            if "RayTrainWorker" in " ".join(process.cmdline()):
+                workers.append(process)
+        except psutil.Error:  # an idle Ray worker that exited meanwhile
+            continue
+    return workers
 
 
 def _checkpoint_registered(run_dir) -> bool:
@@ -50,16 +56,18 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint(ray_session, tiny_qwen
 
     thread = threading.Thread(target=train)
     thread.start()
-    deadline, killed = time.time() + 300, None
-    while thread.is_alive() and time.time() < deadline and killed is None:
-        # Once the first checkpoint (step 10) is registered, the workers are past it.
-        if _checkpoint_registered(tmp_path / "runs" / "tiny"):
-            workers = _train_workers_of_this_session()
-            if workers:
-                killed = workers[-1].pid
-                os.kill(killed, signal.SIGKILL)
-        time.sleep(0.2)
-    thread.join(timeout=600)
+    deadline, killed = time.monotonic() + 300, None
+    try:
+        while thread.is_alive() and time.monotonic() < deadline and killed is None:
+            # Once the first checkpoint (step 10) is registered, the workers are past it.
+            if _checkpoint_registered(tmp_path / "runs" / "tiny"):
+                workers = _train_workers_of_this_session()
+                if workers:
+                    killed = workers[-1].pid
+                    os.kill(killed, signal.SIGKILL)
+            time.sleep(0.2)
+    finally:  # never a run left training into the next test
+        thread.join(timeout=600)
     assert "error" not in outcome, outcome.get("error")
     assert killed is not None, "the run finished before a worker could be killed"
 
