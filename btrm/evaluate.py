@@ -384,6 +384,7 @@ def run_evaluation(config: EvalConfig) -> dict[str, Any]:
         **summary,
         "model_path": model_path,
         "data_path": without_credentials(config.data_path),
+        "processor": {"name": config.processor_name(), "path": config.custom_bt_dataset_path},
         "output": str(Path(config.output).resolve()),
         "tokenization": {**spec.to_dict(), "chat_template": config.chat_template or "the manifest's"},
         "data": data,

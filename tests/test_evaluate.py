@@ -181,6 +181,7 @@ def test_custom_processor_length_override_bad_rows_and_sources(pandalm_eval):
     summary, pairs = pandalm_eval.summary, pandalm_eval.pairs
     _check_summary_against_pairs(summary, pairs)
     assert summary["tokenization"]["max_length"] == 128
+    assert summary["processor"] == {"name": "PandaLMDataset", "path": str(pandalm_eval.data_path.parent / "pandalm.py")}
     assert (pairs[["chosen_tokens", "rejected_tokens"]] <= 128).all().all()
     truncated = pairs[pairs.truncated]
     assert len(truncated) > 0 and (truncated[["chosen_tokens", "rejected_tokens"]].max(axis=1) == 128).all()
