@@ -97,8 +97,8 @@ class DataOptions:
     chat_template: str | None = option(None, "Jinja chat template file for tokenizers without one, or a "
                                        "shipped name: plain (role: content segments, for BERT-style encoders).")
     max_drop_fraction: float = option(0.05, "Fail the run, printing the ledger, if more than this share of "
-                                      "pairs is dropped (ties, missing labels, invalid, identical, overlong; in an evaluation, also "
-                                      "the pairs the model fails on).")
+                                      "pairs is dropped (ties, missing labels, invalid, identical, overlong); an evaluation also "
+                                      "fails, after writing its results, past this share of pairs the model fails on.")
     num_data_workers: int = option(2, "Ray Data tasks at a time that read, convert and tokenize pairs.")
     data_worker_cpus: float = option(1.0, "CPUs reserved by each data task.")
 
@@ -247,6 +247,10 @@ def recorded_options(config) -> dict[str, Any]:
 def uploaded_working_dir() -> bool:
     """Whether this driver runs in a Ray job that uploaded its working directory (`ray job submit --working-dir
     .`): every worker of the job then runs in its own node's copy of it."""
+    import ray
+
+    if ray.is_initialized() and ray.get_runtime_context().runtime_env.get("working_dir"):
+        return True  # (also a driver's own `ray.init(runtime_env={"working_dir": ...})`)
     job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")  # what Ray gives a job's driver
     return bool((job.get("runtime_env") or {}).get("working_dir"))
 
@@ -307,7 +311,10 @@ def typed_values(cls: type, values: dict[str, Any]) -> dict[str, Any]:
     hints = get_type_hints(cls)
     typed = {}
     for name, value in values.items():
-        if value is None and fields[name].default is None:
+        if value is None:  # YAML's null (or ~, or a key with no value)
+            if fields[name].default is not None:
+                raise ValueError(f"{name}: null; give it a value, or leave it out for its default "
+                                 f"({fields[name].default!r})")
             typed[name] = None
             continue
         try:

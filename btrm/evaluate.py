@@ -103,8 +103,13 @@ class EvalConfig(DataOptions):
             raise ValueError(f"--output {self.output}: must end in {' or '.join(OUTPUT_SUFFIXES)}")
         if "://" in self.output:
             raise ValueError(f"--output {self.output}: a local file (on the machine running the job)")
-        if "://" not in self.data_path and Path(self.output).resolve() == Path(self.data_path).resolve():
-            raise ValueError(f"--output {self.output} is --data_path: the scores would replace the pairs")
+        if "://" not in self.data_path:
+            output, data = Path(self.output).resolve(), Path(self.data_path).resolve()
+            if output == data:
+                raise ValueError(f"--output {self.output} is --data_path: the scores would replace the pairs")
+            if data.is_dir() and output.is_relative_to(data):
+                raise ValueError(f"--output {self.output} is inside --data_path {self.data_path}: a later run "
+                                 "would read the scores as pairs")
         for name in ("batch_size", "max_batch_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be at least 1")

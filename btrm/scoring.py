@@ -86,10 +86,10 @@ class ConversationEncoder:
 def ray_actor_device() -> str | None:
     """Where a Ray actor scores: on its GPU where Ray gave it one, else on the CPU (Ray leaves an actor given
     no GPU the machine's CUDA_VISIBLE_DEVICES: torch would find the GPUs and take one Ray gave another).
-    None outside Ray: RewardScorer's own choice."""
+    None outside an actor (a driver, a script): RewardScorer's own choice."""
     import ray
 
-    if not ray.is_initialized():
+    if not ray.is_initialized() or ray.get_runtime_context().get_actor_id() is None:
         return None
     return "cuda" if ray.get_gpu_ids() else "cpu"
 
@@ -157,21 +157,26 @@ class RewardScorer:
         parts = [(g, answers) for g, group in enumerate(groups) for answers in _answer_parts(group, budget)]
         lengths = [len(groups[g].prompt_ids) + sum(len(groups[g].tails[k]) for k in answers) for g, answers in parts]
         rewards = [[0.0] * len(g.tails) for g in groups]
-        for row in plan_by_tokens(lengths, budget):
+        rows, broken = plan_by_tokens(lengths, budget), []
+        for row in rows:
             batch = pack_groups([groups[parts[i][0]].prompt_ids for i in row],
                                 [[groups[parts[i][0]].tails[k] for k in parts[i][1]] for i in row],
                                 self.pad_token_id, pad_to_multiple=FLEX_BLOCK if self.flex else 1)
-            scores = iter(self.reward_model(batch.to(self.device)).tolist())
+            scores = self.reward_model(batch.to(self.device)).tolist()
+            if not all(map(math.isfinite, scores)):
+                broken.append({parts[i][0] for i in row})
+            scores = iter(scores)
             for i in row:
                 g, answers = parts[i]
                 for k in answers:
                     rewards[g][k] = next(scores)
-        if len(groups) > 1:
-            # A packed row is one attention: a group whose rewards overflow to NaN or inf makes its row-mates'
-            # NaN too (a masked-out NaN value times its zero weight is still NaN). Those are scored again alone.
-            for g, scores in enumerate(rewards):
-                if not all(map(math.isfinite, scores)):
-                    rewards[g] = self.group_rewards([groups[g]], max_batch_tokens)[0]
+        # A packed row is one attention: a group whose activations overflow makes every reward of its row NaN
+        # (a masked-out NaN value times its zero weight is still NaN). The groups of such a row are scored again
+        # alone, so that an overflow costs its own group only; unless every row of several broke (a diverged
+        # model: scoring alone would mend nothing, at a forward a group).
+        if len(broken) < len(rows) or len(rows) == 1:
+            for g in sorted(set().union(*(row for row in broken if len(row) > 1))):
+                rewards[g] = self.group_rewards([groups[g]], max_batch_tokens)[0]
         return rewards
 
     def pair_rewards(self, pairs: dict[str, Any], max_batch_tokens: int = 32768) -> tuple[list[float], list[float]]:

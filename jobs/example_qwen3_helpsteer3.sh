@@ -22,6 +22,9 @@ set -euo pipefail
 : "${RAY_ADDRESS:?set RAY_ADDRESS to the dashboard of the cluster, e.g. http://127.0.0.1:8265}"
 : "${TRAIN:?set TRAIN to HelpSteer3 training pairs}"
 : "${EVAL:?set EVAL to HelpSteer3 held-out pairs}"
+if [[ -n "${TOKEN_FILE:-}" && -z "${BTRM_API_TOKEN:-}" ]]; then
+    echo "TOKEN_FILE is set: also set BTRM_API_TOKEN here to the same token (step 4 sends it)" >&2; exit 1
+fi
 SHARED="${SHARED:-/mnt/shared/btrm}"
 MODEL="${MODEL:-$SHARED/models/qwen3-1.7b-helpsteer3-rm}"
 EVAL_OUTPUT="${EVAL_OUTPUT:-$SHARED/eval/qwen3-1.7b-helpsteer3-rm/validation.parquet}"
@@ -90,7 +93,7 @@ done
 echo "$status"
 
 # 4. Call it (through `ray attach ... -p 8000`, or on the head itself). With TOKEN_FILE, the service
-#    requires the token: $BTRM_API_TOKEN here is sent as it.
-curl -s "$SERVE_URL/compare" -H 'content-type: application/json' ${BTRM_API_TOKEN:+-H "authorization: Bearer $BTRM_API_TOKEN"} \
+#    requires the token: $BTRM_API_TOKEN here is sent as it. A status other than 200 fails the script.
+curl -sS --fail-with-body "$SERVE_URL/compare" -H 'content-type: application/json' ${BTRM_API_TOKEN:+-H "authorization: Bearer $BTRM_API_TOKEN"} \
     -d '{"prompt": "What is the capital of Australia?", "chosen": "Canberra.", "rejected": "Sydney."}'
 echo

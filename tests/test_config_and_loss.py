@@ -60,7 +60,8 @@ def test_yaml_values_are_read_like_flags_and_bad_ones_name_the_option(tmp_path):
                         ("learning_rate: fast", "learning_rate: expected a number, got 'fast'"),
                         ("bf16: maybe", "bf16: expected true or false, got 'maybe'"),
                         ("overlong: cut", "overlong: 'cut' is not one of ['truncate_prompt', 'drop']"),
-                        ("logging_steps: true", "logging_steps: expected an integer, got True")):
+                        ("logging_steps: true", "logging_steps: expected an integer, got True"),
+                        ("project:", "project: null; give it a value, or leave it out for its default ('btrm')")):
         (tmp_path / "bad.yaml").write_text(f"train_set_path: a\n{text}\n")
         with pytest.raises(SystemExit, match=re.escape(f"--config {tmp_path / 'bad.yaml'}: {words}")):
             parse_config(TrainConfig, "t", ["--config", str(tmp_path / "bad.yaml")])

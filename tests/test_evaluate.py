@@ -296,7 +296,9 @@ def test_options_are_checked_before_any_work(trained_model_dir, tiny_qwen_dir, t
                         (["--model_path", "m", "--data_path", "x", "--output", "scores.csv"], "must end in"),
                         (["--model_path", "m", "--data_path", "x", "--output", "s3://b/s.parquet"], "a local file"),
                         (["--model_path", "m", "--data_path", "x.parquet", "--output", "./x.parquet"],
-                         "is --data_path: the scores would replace the pairs")):
+                         "is --data_path: the scores would replace the pairs"),
+                        (["--model_path", "m", "--data_path", str(tmp_path), "--output", str(tmp_path / "s.parquet")],
+                         "is inside --data_path")):
         with pytest.raises(SystemExit):
             parse(*argv)
         assert words in capsys.readouterr().err

@@ -667,8 +667,8 @@ def test_dead_model_replica_fails_requests_in_flight_fast_and_is_replaced(servic
 
     responses = asyncio.run(kill_while_busy())
     # No hang (the client would time out): each request either finished or failed, those the replica held
-    # with a 503 that says to retry.
-    assert all(isinstance(r, httpx.Response) and r.status_code in (200, 503) for r in responses), responses
+    # with a 503 that says to retry (one that waited for the replacement past request_timeout_s: a 408).
+    assert all(isinstance(r, httpx.Response) and r.status_code in (200, 408, 503) for r in responses), responses
     failed = [r for r in responses if r.status_code == 503]
     assert failed and all("model replica" in r.json()["detail"] and "retry" in r.json()["detail"]
                           and r.headers["retry-after"] == "5" for r in failed), [r.text for r in failed]
