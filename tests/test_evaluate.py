@@ -258,8 +258,8 @@ def test_a_pair_the_model_fails_on_is_reported_and_the_rest_are_scored(trained_m
 
 
 def test_pairs_the_model_fails_on_count_against_max_drop_fraction(ray_session, trained_model_dir, hh_helpful, tmp_path):
-    """The figures leave out the pairs the model could not score: past --max_drop_fraction of them, the job fails
-    (after writing its output whole), rather than report an accuracy of what was left."""
+    """The figures leave out the pairs the model could not score: past --max_drop_fraction of them (here 0), the
+    job fails (after writing its output whole), rather than report an accuracy of what was left."""
     import shutil
 
     pairs = [dict(p) for p in hh_helpful["test"][:20]]
@@ -277,13 +277,14 @@ def test_pairs_the_model_fails_on_count_against_max_drop_fraction(ray_session, t
     data = write_parquet_shards(pairs, tmp_path / "data")
     output = tmp_path / "scores.parquet"
     argv = ["--model_path", str(model_dir), "--data_path", str(data), "--output", str(output)]
-    summary, _ = _evaluate(argv)  # 1 of 20 pairs: 5%, the default limit
-    assert (summary["pairs"], summary["unscored"]) == (19, 1)
     with pytest.raises(SystemExit, match=r"1 of the 20 pairs could not be scored \(5.0% > --max_drop_fraction 0.0%\): "
                                          r"the figures above leave them out. The first, .*part-00000.parquet row 3: "
                                          "the model's rewards are not finite"):
         _evaluate(argv + ["--max_drop_fraction", "0"])
-    assert pq.read_table(output).num_rows == 20 and not list(tmp_path.glob(".*partial*"))
+    # Written first, whole: the pair's error in the output, the figures of the 19 others in the summary.
+    summary = json.loads(summary_path(output).read_text())
+    assert (summary["pairs"], summary["unscored"]) == (19, 1)
+    assert pq.read_table(output).column("error").null_count == 19 and not list(tmp_path.glob(".*partial*"))
 
 
 def test_options_are_checked_before_any_work(trained_model_dir, tiny_qwen_dir, tmp_path, capsys):
