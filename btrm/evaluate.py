@@ -379,11 +379,6 @@ def run_evaluation(config: EvalConfig) -> dict[str, Any]:
     pairs = score_pairs(config, model_path, spec, embedding_rows(model_config), ledger)
     data = close_ledger(ledger, config.max_drop_fraction)
     summary = summarize(pairs)
-    if summary["pairs"] == 0:
-        first = summary["unscored_pairs"][0]
-        raise RuntimeError(f"none of the {summary['unscored']} pairs could be scored; the first, {first['file']} "
-                           f"row {first['row']}: {first['error']}")
-
     write_pairs(pairs, config.output)
     summary = {
         **summary,
@@ -401,9 +396,10 @@ def run_evaluation(config: EvalConfig) -> dict[str, Any]:
         print(format_pairs(pairs, config.show), flush=True)
     print(f"[btrm] evaluation of {model_path} on {summary['data_path']}\n{format_summary(summary)}", flush=True)
     print(f"[btrm] per-pair results: {config.output}; summary: {summary_file}", flush=True)
-    # The figures leave out the pairs the model failed on: not a few random ones (out of memory takes the longest).
+    # The figures leave out the pairs the model failed on: not a few random ones (out of memory takes the longest);
+    # none scored is a failure whatever the limit.
     unscored = summary["unscored"] / (summary["pairs"] + summary["unscored"])
-    if unscored > config.max_drop_fraction:
+    if unscored > config.max_drop_fraction or summary["pairs"] == 0:
         first = summary["unscored_pairs"][0]
         raise SystemExit(f"{summary['unscored']} of the {summary['pairs'] + summary['unscored']} pairs could not be "
                          f"scored ({unscored:.1%} > --max_drop_fraction {config.max_drop_fraction:.1%}): the figures "

@@ -254,7 +254,8 @@ def test_a_pair_the_model_fails_on_is_reported_and_the_rest_are_scored(trained_m
     batch = _tokenized_batch(scorer, hh_helpful["test"][:4])
     diverged = scorer(batch).to_pandas()
     assert diverged.error.str.contains("not finite").all() and diverged.reward_chosen.isna().all()
-    assert summarize(scorer(batch))["unscored"] == 4
+    summary = summarize(scorer(batch))
+    assert summary["unscored"] == 4 and re.search(r"\n  accuracy +n/a\n", format_summary(summary))  # the job fails
 
 
 def test_pairs_the_model_fails_on_count_against_max_drop_fraction(ray_session, trained_model_dir, hh_helpful, tmp_path):
