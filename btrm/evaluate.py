@@ -34,7 +34,7 @@ from btrm.data import DataSpec, bad_data_ends_the_job, build_pair_dataset, close
 from btrm.export import read_manifest
 from btrm.model import embedding_rows
 from btrm.scoring import RewardScorer, ray_actor_device
-from btrm.sources import without_credentials
+from btrm.sources import glob_matches, is_glob, without_credentials
 from btrm.tokenize import OVERLONG_POLICIES, TokenizationSpec, read_chat_template
 
 OUTPUT_SUFFIXES = (".parquet", ".jsonl")
@@ -110,6 +110,11 @@ class EvalConfig(DataOptions):
             if data.is_dir() and output.is_relative_to(data):
                 raise ValueError(f"--output {self.output} is inside --data_path {self.data_path}: a later run "
                                  "would read the scores as pairs")
+            if is_glob(self.data_path):
+                for written in (self.output, str(summary_path(self.output))):
+                    if glob_matches(self.data_path, written):
+                        raise ValueError(f"--output {self.output}: --data_path {self.data_path} matches {written}, "
+                                         "so a later run would read it as pairs; write it elsewhere")
         for name in ("batch_size", "max_batch_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be at least 1")

@@ -100,12 +100,22 @@ def _glob_match(parts: Sequence[str], pattern: Sequence[str]) -> bool:
             and _glob_match(parts[1:], pattern[1:]))
 
 
+def is_glob(path: str) -> bool:
+    return any(ch in path for ch in "*?[")
+
+
+def glob_matches(pattern: str, path: str) -> bool:
+    """Whether the local glob ``pattern`` names the local file ``path`` (existing or not), as
+    :func:`list_data_files` would read it."""
+    return _glob_match(os.path.abspath(path).split("/"), os.path.abspath(pattern).split("/"))
+
+
 def list_data_files(source: str) -> list[str]:
     """The data files a source names: a file, a directory (recursively, leaving out hidden files and
     folders: names starting with . or _), or a glob; URIs without credentials or query (see Fragment)."""
     source, credentials, query = _split_uri(source)
     fs, path = _filesystem(source, credentials, query)
-    if any(ch in path for ch in "*?["):
+    if is_glob(path):
         base = path[: min(path.index(ch) for ch in "*?[" if ch in path)].rsplit("/", 1)[0] or "/"
         infos = fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
         files = sorted(i.path for i in infos

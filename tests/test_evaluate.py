@@ -293,6 +293,7 @@ def test_options_are_checked_before_any_work(trained_model_dir, tiny_qwen_dir, t
         return parse_config(EvalConfig, "test", list(argv))
 
     config = parse("--model_path", str(trained_model_dir), "--data_path", "x.parquet")
+    parse("--model_path", "m", "--data_path", "data/*.parquet", "--output", "data/scores/s.parquet")  # no match
     assert config.max_length is None and config.overlong is None and config.output.endswith(".parquet")
     for argv, words in ((["--data_path", "x"], "--model_path is required"), (["--model_path", "m"], "--data_path"),
                         (["--model_path", "m", "--data_path", "x", "--output", "scores.csv"], "must end in"),
@@ -300,7 +301,12 @@ def test_options_are_checked_before_any_work(trained_model_dir, tiny_qwen_dir, t
                         (["--model_path", "m", "--data_path", "x.parquet", "--output", "./x.parquet"],
                          "is --data_path: the scores would replace the pairs"),
                         (["--model_path", "m", "--data_path", str(tmp_path), "--output", str(tmp_path / "s.parquet")],
-                         "is inside --data_path")):
+                         "is inside --data_path"),
+                        (["--model_path", "m", "--data_path", f"{tmp_path}/**/*.parquet", "--output",
+                          str(tmp_path / "eval" / "s.parquet")], "/**/*.parquet matches"),
+                        # The summary, s.summary.json, is what this glob would read back.
+                        (["--model_path", "m", "--data_path", "data/*.json", "--output", "data/s.jsonl"],
+                         "matches data/s.summary.json")):
         with pytest.raises(SystemExit):
             parse(*argv)
         assert words in capsys.readouterr().err
