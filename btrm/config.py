@@ -134,17 +134,20 @@ class TrainConfig(DataOptions):
     per_device_train_batch_size: int = option(1, "Pairs per micro-batch on each worker. An optimizer step takes "
                                               "per_device_train_batch_size x gradient_accumulation_steps pairs "
                                               "per worker; with --packing they are cut by --max_tokens_per_batch.")
-    per_device_eval_batch_size: int = option(4, "Pairs per evaluation batch on each worker (without --packing).")
+    per_device_eval_batch_size: int = option(4, "Pairs per evaluation batch on each worker where pairs are "
+                                             "counted, not budgeted in tokens (encoders, --packing false, or "
+                                             "--max_tokens_per_batch 0).")
     gradient_accumulation_steps: int = option(64, "Micro-batches per optimizer step (see --per_device_train_batch_size).")
     packing: bool = option(True, "Decoder models: pack pairs into rows without padding, the prompt computed once "
                            "for both answers (exactly the rewards of the padded forward, far less compute). "
                            "Encoders, and --packing false, pad chosen and rejected per micro-batch.")
     max_tokens_per_batch: int = option(16384, "With --packing: most tokens in one micro-batch (a pair counts its "
                                        "prompt once and both answers); at least 2 x --max_length, so every pair "
-                                       "fits (CPUs, without FlexAttention: at most 1024). 0: "
+                                       "fits. Without FlexAttention (CPUs) btrm caps rows at 1024 tokens itself. 0: "
                                        "--per_device_train_batch_size pairs per micro-batch, packed.")
     attn_implementation: str = option("auto", "Attention kernels: auto (flex_attention for packed rows on GPUs, "
-                                      "sdpa otherwise), flex_attention, sdpa or eager.",
+                                      "sdpa for packed rows on CPUs, the model's own default for padded pairs), "
+                                      "flex_attention, sdpa or eager.",
                                       ("auto", "flex_attention", "sdpa", "eager"))
     compile_layers: str = option("auto", "torch.compile each decoder layer, fusing its element-wise work "
                                  "(norms, rotary, activations); auto: on GPUs below ZeRO-3.", ("auto", "true", "false"))

@@ -78,7 +78,7 @@ class EvalConfig(DataOptions):
     data_path: str | None = option(None, "Pairs to score: a parquet file, a directory of shards, a glob, a cloud URI "
                                    "or JSON/JSONL, read by --dataset_format or your own processor.")
     output: str = option("./outputs/eval/pairs.parquet", "Per-pair results, .parquet or .jsonl; the summary is "
-                         "written next to it as <name>.summary.json.")
+                         "written next to it as <output stem>.summary.json.")
     batch_size: int = option(256, "Pairs handed to a scoring actor at a time. Decoders: packed into rows of at "
                              "most --max_batch_tokens tokens, each prompt computed once for both answers (as in "
                              "training); encoders: sequences sorted by length and padded.")

@@ -85,7 +85,7 @@ class ServiceOptions:
     batch_wait_timeout_s: float = option(0.005, "How long a request reaching an idle model replica waits for others "
                                          "to join its batch (those arriving during a forward join the next at once).")
     max_batch_tokens: int = option(16384, "Most tokens in one forward pass, padding included (decoders: packed "
-                                   "rows, each prompt computed once; on CPUs at most 1024).")
+                                   "rows, each prompt computed once; on CPUs btrm caps rows at 1024 tokens itself).")
     replica_cpus: float = option(1.0, "CPUs reserved by each model replica (its torch threads).")
     replica_gpus: str = option("auto", "GPUs per model replica: auto (1 when the cluster has a GPU, else 0) or a "
                               "number; a fraction lets replicas share a GPU (0.25: four), each launching on its own core.")
