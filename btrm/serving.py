@@ -41,7 +41,7 @@ from fastapi.openapi.utils import get_openapi
 from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, PrivateAttr, Tag, model_validator
 from ray import serve
 from ray.exceptions import RayActorError
-from ray.serve.exceptions import BackPressureError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
 from starlette.datastructures import Headers
 from starlette.responses import JSONResponse
@@ -228,7 +228,8 @@ class Message(_Strict):
     """A chat message. ``content`` may be empty in a tool's reply and empty or left out in an assistant
     message that calls tools; ``tool_call_id`` and ``name`` belong to tool replies."""
 
-    role: Literal[ROLES]  # type: ignore[valid-type]
+    # "function": OpenAI's older function result, read as a tool message (as_message), as training reads it.
+    role: Literal[(*ROLES, "function")]  # type: ignore[valid-type]
     content: Annotated[str, AfterValidator(_unicode)] | None = None
     tool_calls: list[AnyToolCall] | None = None
     reasoning_content: Annotated[str, AfterValidator(_unicode)] | None = Field(
@@ -436,6 +437,12 @@ def _is_cuda_error(error: BaseException) -> bool:
     return isinstance(error, torch.AcceleratorError)
 
 
+def _is_out_of_memory(error: BaseException) -> bool:
+    import torch
+
+    return isinstance(error, torch.OutOfMemoryError)
+
+
 def _cause(error: BaseException) -> BaseException:
     """The exception a model replica raised, out of the RayTaskError that carried it to this replica."""
     return getattr(error, "cause", None) or error
@@ -447,9 +454,17 @@ def _message(error: BaseException) -> str:
     return str(cause.args[0]) if len(cause.args) == 1 else str(cause)
 
 
+# Serve's errors for a model replica this request cannot reach now: a 503 with Retry-After, as Serve's proxy
+# answers them, not a 500 that reads as the model's failure on this request.
+MODEL_UNREACHABLE = (RayActorError, BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError)
+
+
 def _unavailable(error: BaseException) -> str:
     if isinstance(error, BackPressureError):
         return "every model replica is at its queue limit (max_queued_requests): retry, or add replicas"
+    if isinstance(error, DeploymentUnavailableError):
+        return ("the model deployment is unavailable (its replicas failed to start, or it is being removed: "
+                "`serve status` says why): retry")
     return (f"the model replica serving this request died or cannot be reached ({type(error).__name__}); Serve "
             "is replacing it: retry")
 
@@ -503,9 +518,14 @@ def build_api(encoder, options: ServiceOptions, token: str | None, score_groups:
             rewards = await score_groups(encoded)
         except GPUFailed as e:
             raise HTTPException(503, _message(e), headers={"Retry-After": "15"}) from None
-        except (RayActorError, BackPressureError) as e:
+        except MODEL_UNREACHABLE as e:
             raise HTTPException(503, _unavailable(e), headers={"Retry-After": "5"}) from None
-        except Exception as e:  # the model's own failure on this request
+        except Exception as e:
+            if _is_out_of_memory(_cause(e)):  # even scored alone: the replica's memory, not the request, is short
+                raise HTTPException(503, f"the model replica ran out of GPU memory scoring this request: retry; if "
+                                         f"it persists, lower max_batch_tokens ({options.max_batch_tokens}) or give "
+                                         "each replica a larger GPU", headers={"Retry-After": "5"}) from None
+            # the model's own failure on this request
             raise HTTPException(500, f"the model failed to score this request: {type(_cause(e)).__name__}: "
                                      f"{_message(e)} (the model replica's log has the traceback; requests batched "
                                      "with it were scored without it)") from None
@@ -535,7 +555,7 @@ def build_api(encoder, options: ServiceOptions, token: str | None, score_groups:
     async def current_model_state() -> dict[str, Any]:
         try:
             state = await asyncio.wait_for(model_state(), MODEL_STATE_TIMEOUT_S)
-        except (RayActorError, BackPressureError) as e:
+        except MODEL_UNREACHABLE as e:
             raise HTTPException(503, _unavailable(e), headers={"Retry-After": "5"}) from None
         except asyncio.TimeoutError:  # (TimeoutError itself from Python 3.11 on; another class on 3.10)
             raise HTTPException(503, f"no model replica answered within {MODEL_STATE_TIMEOUT_S:g} s (starting, being "
@@ -960,7 +980,7 @@ def main(argv: list[str] | None = None) -> None:
         serve.run(build_app(service, num_replicas=command.num_replicas, api_replicas=command.api_replicas),
                   name=APP_NAME, route_prefix="/")
         print(f"[btrm] serving {command.model_path} at http://{command.host}:{command.port} "
-              f"(API docs: /docs); bearer token {'required' if guarded else 'not set: every route is open'}; "
+              f"(API docs: /docs{', with the token' if guarded else ''}); bearer token {'required' if guarded else 'not set: every route is open'}; "
               "Ctrl-C stops", flush=True)
         if not guarded and command.host not in ("127.0.0.1", "localhost", "::1"):
             print(f"[btrm] WARNING: listening on {command.host} without a token: set ${command.token_env} or "

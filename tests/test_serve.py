@@ -206,8 +206,14 @@ def test_messages_from_an_openai_response_score_as_they_came(service):
         sent = client.post("/score", json={"messages": [ask], "tools": json.dumps(SEARCH), "candidates": as_sent})
         expected = client.post("/score", json={"messages": [ask], "tools": SEARCH, "candidates": plain})
         audio = client.post("/score", json={"messages": [ask], "candidates": [response(audio={"id": "a1"})]})
+        # The legacy call's result, role "function" (training reads it as a tool message): scored as one.
+        result = {"name": "search", "content": "France beat Brazil 3-0 in the final."}
+        function, tool = (client.post("/score", json={"messages": [ask, legacy_call, {"role": role, **result}],
+                                                      "candidates": ["France."]}) for role in ("function", "tool"))
     assert sent.status_code == expected.status_code == 200, (sent.text, expected.text)
     assert sent.json()["rewards"] == pytest.approx(expected.json()["rewards"], abs=1e-5)
+    assert function.status_code == tool.status_code == 200, (function.text, tool.text)
+    assert function.json()["rewards"] == pytest.approx(tool.json()["rewards"], abs=1e-5)
     assert audio.status_code == 422 and "transcript as content" in audio.text
 
 
@@ -635,6 +641,48 @@ def test_a_cuda_error_answers_503_at_once_and_fails_the_health_check_so_serve_re
         assert "illegal memory access" in response.json()["detail"] and "retry" in response.json()["detail"]
     with pytest.raises(GPUFailed, match="Serve is replacing the replica"):
         replica.check_health()
+
+
+def test_a_model_replica_out_of_reach_or_out_of_memory_is_a_503_that_says_so(trained_model_dir):
+    """Serve's errors for a model deployment this request cannot reach (its replicas failed to start, a replica
+    gone), and a GPU out of memory on a request scored alone, answer 503 with Retry-After, as Serve's own proxy
+    answers them: not a 500 that reads as the model failing on this request. The real FastAPI app in this
+    process, its model side raising them as a Serve handle or the replica would."""
+    import torch
+    from ray.serve._private.common import DeploymentID
+    from ray.serve.exceptions import DeploymentUnavailableError, ReplicaUnavailableError
+
+    from btrm.scoring import ConversationEncoder
+    from btrm.serving import build_api
+
+    errors = {"deployment": DeploymentUnavailableError(DeploymentID(name="RewardModel", app_name=APP)),
+              "replica": ReplicaUnavailableError("RewardModel#abc"),
+              "memory": torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")}
+
+    async def scenario(error):
+        async def fail(*args):
+            raise error
+
+        async def state():
+            if not isinstance(error, torch.OutOfMemoryError):  # the state call needs no GPU memory
+                raise error
+            return {"device": "cuda:0", "dtype": "bfloat16", "gpu_failure": None}
+
+        options = ServiceOptions(model_path=str(trained_model_dir))
+        api = build_api(ConversationEncoder(str(trained_model_dir)), options, None, fail, state)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=api), base_url="http://replica") as client:
+            return [await client.post("/compare", json=GOOD_PAIR), await client.get("/health")]
+
+    for name, error in errors.items():
+        scored, health = asyncio.run(scenario(error))
+        words = {"deployment": "model deployment is unavailable", "replica": "cannot be reached",
+                 "memory": "ran out of GPU memory"}[name]
+        assert scored.status_code == 503 and scored.headers["retry-after"] == "5", (name, scored.text)
+        assert words in scored.json()["detail"] and "retry" in scored.json()["detail"], (name, scored.text)
+        if name == "memory":
+            assert health.status_code == 200, health.text
+        else:
+            assert health.status_code == 503 and words in health.json()["detail"], (name, health.text)
 
 
 # ----------------------------------------------------------------------------------------------
