@@ -25,19 +25,25 @@ def _mode(report_to: str, directory: str) -> str:
     mode = os.environ.get(f"{prefix}_MODE") or ("online" if os.environ.get(f"{prefix}_API_KEY") else "offline")
     if mode == "offline" and f"{prefix}_MODE" not in os.environ:
         print(f"[btrm] {report_to}: no ${prefix}_API_KEY where rank 0 runs: logging offline under {directory} "
+              f"on {os.uname().nodename} "
               f"(`{report_to} sync` uploads it); set ${prefix}_API_KEY in the job's environment, or "
               f"{prefix}_MODE=online where `{report_to} login` was run on every node", flush=True)
     return mode
 
 
+def new_run_id() -> str:
+    return secrets.token_hex(8)
+
+
 class Tracker:
-    """The run's tracker run. ``run_id``: the one a resumed run continues (from its checkpoint), so that a
-    --resume or a restart after a failure goes on in the same tracker run instead of starting another."""
+    """The run's tracker run. ``run_id``: the driver's (:func:`new_run_id`), or the one a resumed run continues
+    (from its checkpoint), so that a --resume or a restart after a failure goes on in the same tracker run
+    instead of starting another."""
 
     def __init__(self, report_to: str, project: str, run_name: str | None, config: dict[str, Any], directory: str,
-                 run_id: str | None = None):
+                 run_id: str):
         self.run = None
-        self.run_id = run_id or secrets.token_hex(8)
+        self.run_id = run_id
         if report_to == "wandb":
             import wandb
 

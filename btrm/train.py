@@ -27,7 +27,7 @@ from btrm.export import check_replaceable, publish_dir
 from btrm.model import embedding_rows, load_tokenizer, resolve_model_path, reward_token_rule
 from btrm.sources import without_credentials
 from btrm.tokenize import TokenizationSpec, prepare_tokenizer, read_chat_template
-from btrm.tracking import check_tracker
+from btrm.tracking import check_tracker, new_run_id
 from btrm.train_loop import EXPORT_DIR, Plan, check_resume_terms, recorded_resume_terms, resume_terms, train_loop_per_worker
 
 
@@ -132,6 +132,8 @@ def run_training(config: TrainConfig) -> ray.train.Result:
     check_tracker(config.report_to)
     check_job_output("--output_path", config.output_path)
     check_job_output("--storage_path", config.storage_path)
+    if config.report_to != "none":  # an offline run's files, `wandb sync`'s input, would go with the session
+        check_job_output("--tracking_dir", config.tracking_dir)
     if not ray.is_initialized():
         ray.init()
     config.run_name = config.run_name or time.strftime("btrm-%Y%m%d-%H%M%S")
@@ -208,7 +210,7 @@ def run_training(config: TrainConfig) -> ray.train.Result:
 
     plan = Plan(config=config, model_path=model_path, tokenization=spec.to_dict(), deepspeed_config=deepspeed_config,
                 use_gpu=use_gpu, total_steps=total_steps,
-                eval_shards=eval_shards, ledgers=ledgers)
+                eval_shards=eval_shards, ledgers=ledgers, tracker_run_id=new_run_id())
     # And what the data gave, before any worker starts: steps already trained are skipped by count.
     check_resume_terms(recorded_terms, {"pairs": train_ledger["pairs"]})
     trainer = TorchTrainer(

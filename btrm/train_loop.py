@@ -60,6 +60,9 @@ class Plan:
     total_steps: int
     eval_shards: list[Any]  # one MaterializedDataset per worker, or empty
     ledgers: dict[str, Any]
+    # Chosen here, not on a worker: workers Ray Train restarts before the first checkpoint (which keeps it)
+    # go on in the same tracker run instead of opening another.
+    tracker_run_id: str
 
 
 @dataclass
@@ -352,7 +355,7 @@ def train_loop_per_worker(loop_config: dict[str, Plan]) -> None:
     progress = Progress()
     history: list[dict[str, Any]] = []  # the log lines, exported as training_log.jsonl
     before: dict[str, float] = {}  # the untrained model's eval figures (--eval_before_training)
-    tracker_run_id = None  # a resumed run's tracker run, to go on in
+    tracker_run_id = plan.tracker_run_id  # or a resumed run's, to go on in
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as directory:
@@ -362,7 +365,7 @@ def train_loop_per_worker(loop_config: dict[str, Plan]) -> None:
         progress = Progress(**client_state["progress"])
         # A resumed run (--resume, or Ray Train restarting failed workers) exports the whole log, not its own part.
         history, before = client_state["history"], client_state["before"]
-        tracker_run_id = client_state.get("tracker_run_id")  # (checkpoints from before it was kept: a new run)
+        tracker_run_id = client_state.get("tracker_run_id") or tracker_run_id  # (older checkpoints kept none)
         if rank == 0:
             log.info(f"[btrm] resumed from step {progress.global_step} (epoch {progress.epoch}, "
                      f"{progress.pairs_seen} pairs seen)")
