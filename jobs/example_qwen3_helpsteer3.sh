@@ -56,7 +56,8 @@ ray job submit --submission-id "$RUN_NAME-train-$STAMP" --working-dir . \
     --storage_path "${STORAGE:-$SHARED/runs}" \
     --run_name "$RUN_NAME" \
     --resume "${RESUME:-false}" \
-    --report_to "${REPORT_TO:-none}"
+    --report_to "${REPORT_TO:-none}" \
+    --tracking_dir "$SHARED/tracking"
 
 # 2. Evaluate the export on the held-out pairs: per-pair rewards, accuracy (per domain too), length bias.
 #    The figures land next to the output as validation.summary.json.

@@ -21,4 +21,5 @@ ray job submit --working-dir . -- python jobs/train.py \
     --num_workers "$NUM_WORKERS" \
     --storage_path "$STORAGE" \
     --run_name "${RUN_NAME:-qwen3-1.7b-rm}" \
-    --report_to "${REPORT_TO:-none}"
+    --report_to "${REPORT_TO:-none}" \
+    --tracking_dir "$STORAGE/tracking"
