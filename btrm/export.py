@@ -10,6 +10,8 @@ renamed into place at the end, so an interrupted export never leaves a directory
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import math
 import os
@@ -71,7 +73,7 @@ def check_replaceable(destination: str | Path) -> None:
 
 
 def publish_dir(source: str | Path, destination: str | Path, filesystem: pafs.FileSystem | None = None) -> Path:
-    """Copies a finished directory to ``destination`` atomically (stage next to it, then rename).
+    """Copies a finished directory to ``destination`` atomically (stage next to it, then swap or rename).
 
     ``source`` may live on another ``filesystem`` (a checkpoint in cloud storage): only that directory is
     read, not the whole checkpoint around it, which also holds DeepSpeed's optimizer state (~12 bytes per
@@ -92,13 +94,32 @@ def publish_dir(source: str | Path, destination: str | Path, filesystem: pafs.Fi
         shutil.rmtree(staging, ignore_errors=True)  # an interrupted copy leaves nothing behind
         raise
     if destination.exists():
-        retired = destination.parent / f".{destination.name}.old-{uuid.uuid4().hex[:8]}"
-        os.rename(destination, retired)
-        os.rename(staging, destination)
-        shutil.rmtree(retired, ignore_errors=True)
+        if exchange(staging, destination):  # staging now holds the earlier export
+            shutil.rmtree(staging, ignore_errors=True)
+        else:  # a moment without the directory
+            retired = destination.parent / f".{destination.name}.old-{uuid.uuid4().hex[:8]}"
+            os.rename(destination, retired)
+            os.rename(staging, destination)
+            shutil.rmtree(retired, ignore_errors=True)
     else:
         os.rename(staging, destination)
     return destination
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Swaps two directories in one step (Linux's renameat2 RENAME_EXCHANGE), so that a reader of ``b`` (a
+    service loading the model) finds the earlier export or the new one, never nothing, and a job killed
+    meanwhile leaves one of them in place. False where the system or filesystem cannot (nothing changed)."""
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)  # glibc 2.28+
+    if renameat2 is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    error = ctypes.get_errno()
+    if error in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):  # the filesystem or kernel lacks it
+        return False
+    raise OSError(error, f"swapping {a} and {b}: {os.strerror(error)}")
 
 
 def read_manifest(model_dir: str | Path) -> dict[str, Any]:

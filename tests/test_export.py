@@ -54,6 +54,25 @@ def test_publish_replaces_an_earlier_export_only_when_complete(tmp_path, monkeyp
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["model"]
 
 
+def test_publish_swaps_an_earlier_export_for_the_new_one_in_one_step(tmp_path, monkeypatch):
+    """Where the system can (Linux), the new export and the earlier one trade places in one rename: the
+    directory is never missing, not even for a moment, for a service that loads it meanwhile."""
+    import btrm.export as export
+
+    destination = _export(tmp_path / "out" / "model", "old")
+    source = _export(tmp_path / "staged", "new")
+    renames = []
+    monkeypatch.setattr(export.os, "rename", lambda *paths: renames.append(paths))
+    publish_dir(source, destination)
+    assert (destination / "btrm.json").read_text() == "new" and renames == []
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["model"]
+    monkeypatch.undo()  # where it cannot: the earlier export renamed away, then the new one in
+    monkeypatch.setattr(export, "exchange", lambda a, b: False)
+    publish_dir(_export(tmp_path / "newer", "newer"), destination)
+    assert (destination / "btrm.json").read_text() == "newer"
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["model"]
+
+
 def test_manifest_and_log_values_are_strict_json():
     """A diverged run's NaN loss, or a step without a gradient norm, is written as null, not as NaN (which
     strict JSON readers, and the service's /info, refuse)."""
