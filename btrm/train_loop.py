@@ -533,17 +533,21 @@ def evaluate_pairs(engine, shard, batcher: MicroBatcher, lockstep: bool) -> dict
     rank run as many forwards as the busiest one."""
     engine.eval()
     ids, chosen, rejected = [], [], []
-    work = [take(pairs, indices) for pairs in shard.iter_batches(batch_size=4096, batch_format="numpy")
-            for indices in batcher.plan(batcher.lengths(pairs))]
-    count = torch.tensor([len(work)], device=engine.device)
-    dist.all_reduce(count, op=dist.ReduceOp.MAX)
-    for i in range(int(count.item())):
-        if i >= len(work) and not lockstep:
+    # Streamed: a large eval set is never held whole as micro-batches.
+    work = (take(pairs, indices) for pairs in shard.iter_batches(batch_size=4096, batch_format="numpy")
+            for indices in batcher.plan(batcher.lengths(pairs)))
+    while True:
+        pairs = next(work, None)
+        if lockstep:  # one forward on every rank while any rank has pairs left
+            more = torch.tensor([pairs is not None], dtype=torch.int32, device=engine.device)
+            dist.all_reduce(more, op=dist.ReduceOp.MAX)
+            if not more.item():
+                break
+        elif pairs is None:
             break
-        pairs = work[i] if i < len(work) else _FILLER_PAIRS
-        batch = batcher.collate(pairs).to(engine.device)
+        batch = batcher.collate(_FILLER_PAIRS if pairs is None else pairs).to(engine.device)
         r_c, r_r = batch.pair_rewards(engine(batch))
-        if i >= len(work):
+        if pairs is None:
             continue
         ids.extend(str(x) for x in pairs["id"])
         chosen.extend(r_c.tolist())

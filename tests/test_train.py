@@ -18,15 +18,15 @@ def _log(model_dir) -> list[dict]:
     return [json.loads(line) for line in (model_dir / "training_log.jsonl").read_text().splitlines()]
 
 
-def test_exported_model_reloads_to_the_engine_rewards(trained_model_dir, hh_helpful):
-    """Plain transformers, no btrm: the same rewards the trained engine gave the eval pairs."""
-    model = AutoModelForSequenceClassification.from_pretrained(trained_model_dir).eval()
-    tokenizer = AutoTokenizer.from_pretrained(trained_model_dir)
+def _assert_export_scores_as_the_engine(model_dir, eval_pairs: list[dict], count: int) -> list[dict]:
+    """Plain transformers, no btrm: the exported model gives ``count`` eval pairs the rewards the trained
+    engine gave them (eval_rewards.parquet); returns the engine's rewards."""
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     assert model.config.num_labels == 1 and model.config.pad_token_id == tokenizer.pad_token_id
-    pairs = {p["id"]: p for p in hh_helpful["test"]}
-    engine_rewards = pq.read_table(trained_model_dir / "eval_rewards.parquet").to_pylist()
-    assert len(engine_rewards) > 80
-    for row in engine_rewards[:24]:
+    pairs = {p["id"]: p for p in eval_pairs}
+    engine_rewards = pq.read_table(model_dir / "eval_rewards.parquet").to_pylist()
+    for row in engine_rewards[:count]:
         for side in ("chosen", "rejected"):
             ids = tokenizer.apply_chat_template(pairs[row["id"]][side], tokenize=True)["input_ids"]
             if len(ids) > 256:
@@ -34,6 +34,33 @@ def test_exported_model_reloads_to_the_engine_rewards(trained_model_dir, hh_help
             with torch.no_grad():
                 reward = model(input_ids=torch.tensor([ids])).logits.item()
             assert reward == pytest.approx(row[f"reward_{side}"], abs=1e-4)
+    return engine_rewards
+
+
+def test_exported_model_reloads_to_the_engine_rewards(trained_model_dir, hh_helpful):
+    assert len(_assert_export_scores_as_the_engine(trained_model_dir, hh_helpful["test"], 24)) > 80
+
+
+def test_zero3_evaluates_in_lockstep_exports_whole_weights_and_resumes(ray_session, tiny_qwen_dir, hh_helpful,
+                                                                       tmp_path):
+    """The reference's ZeRO-3 (configs/qwen3_1.7b_rm.yaml) end to end on 2 workers, each holding half of every
+    weight. Evaluation: a ZeRO-3 forward is a collective, so the worker with fewer eval batches (20 and 21
+    pairs, 4 a batch: 5 and 6 forwards) runs a filler forward while the other finishes, and none hangs. The
+    export gathers the whole weights: plain transformers gives the engine's rewards. A resume restores each
+    worker's part of the weights and optimizer state and goes on."""
+    rows, held_out = hh_helpful["train"][:48], hh_helpful["test"][:41]
+    options = dict(deepspeed="zero3", max_tokens_per_batch=0, per_device_eval_batch_size=4, save_steps=1,
+                   eval_steps=2, logging_steps=1)
+    _, model_dir = train_tiny(tmp_path, tiny_qwen_dir, rows, held_out, max_steps=2, **options)
+    eval_pairs = json.loads((model_dir / "btrm.json").read_text())["data"]["eval"]["pairs"]
+    assert len(_assert_export_scores_as_the_engine(model_dir, held_out, 12)) == eval_pairs > 36
+    first_run = _log(model_dir)
+    result, model_dir = train_tiny(tmp_path, tiny_qwen_dir, rows, held_out, max_steps=3, resume=True, **options)
+    log = _log(model_dir)
+    assert log[: len(first_run) - 1] == first_run[:-1]  # (the first run's final line stays, with its step)
+    assert [line["step"] for line in log if "train/loss" in line] == [1, 2, 3] and result.metrics["step"] == 3
+    assert log[-1]["eval/pairs"] == eval_pairs
+    _assert_export_scores_as_the_engine(model_dir, held_out, 12)
 
 
 def test_manifest_records_tokenization_eval_statistics_and_ledger(trained_model_dir):
