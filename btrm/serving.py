@@ -422,6 +422,10 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 ScoreGroups = Callable[[list[SharedPromptIds]], Awaitable[list[list[float]]]]
 ModelState = Callable[[], Awaitable[dict[str, Any]]]
 MODEL_STATE_TIMEOUT_S = 5.0  # /health and /info wait this long for a model replica to answer
+# A scoring request answered this recently shows that a model replica answers: /health says so at once rather
+# than queue its own call behind the requests a busy replica holds (a readiness probe timing out at peak load
+# would take every HTTP replica out of rotation).
+RECENTLY_SCORED_S = 5.0
 
 
 class GPUFailed(RuntimeError):
@@ -475,6 +479,7 @@ def build_api(encoder, options: ServiceOptions, token: str | None, score_groups:
     ``score_groups`` turns tokenized groups (a prompt and its answers) into each answer's reward (a model
     replica's batching queue); ``model_state`` says a model replica's device, dtype and GPU failure, if any."""
     spec = encoder.spec
+    last_scored = -math.inf  # time.monotonic() of the last request a model replica scored
     api = FastAPI(
         title="btrm reward model", version=btrm.__version__,
         description=f"Bradley-Terry reward model `{encoder.manifest.get('base_model')}`, max_length {spec.max_length}."
@@ -514,11 +519,14 @@ def build_api(encoder, options: ServiceOptions, token: str | None, score_groups:
 
     async def rewards_of(encoded: list[SharedPromptIds], names: list[list[str]]) -> list[list[float]]:
         """Each group's rewards; ``names``: each group's answers', for the error of a reward not finite."""
+        nonlocal last_scored
         try:
             rewards = await score_groups(encoded)
         except GPUFailed as e:
+            last_scored = -math.inf
             raise HTTPException(503, _message(e), headers={"Retry-After": "15"}) from None
         except MODEL_UNREACHABLE as e:
+            last_scored = -math.inf
             raise HTTPException(503, _unavailable(e), headers={"Retry-After": "5"}) from None
         except Exception as e:
             if _is_out_of_memory(_cause(e)):  # even scored alone: the replica's memory, not the request, is short
@@ -529,6 +537,7 @@ def build_api(encoder, options: ServiceOptions, token: str | None, score_groups:
             raise HTTPException(500, f"the model failed to score this request: {type(_cause(e)).__name__}: "
                                      f"{_message(e)} (the model replica's log has the traceback; requests batched "
                                      "with it were scored without it)") from None
+        last_scored = time.monotonic()
         broken = [name for group, group_names in zip(rewards, names) for r, name in zip(group, group_names)
                   if not math.isfinite(r)]
         if broken:  # JSON has no NaN: without this, a bare "Internal Server Error" that says nothing
@@ -566,7 +575,8 @@ def build_api(encoder, options: ServiceOptions, token: str | None, score_groups:
 
     @api.get("/health", response_model=Health, responses={503: _UNAVAILABLE})
     async def health() -> Health:
-        await current_model_state()
+        if time.monotonic() - last_scored > RECENTLY_SCORED_S:
+            await current_model_state()
         return Health()
 
     @api.get("/info", response_model=Info, responses={503: _UNAVAILABLE})

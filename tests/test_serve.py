@@ -685,6 +685,49 @@ def test_a_model_replica_out_of_reach_or_out_of_memory_is_a_503_that_says_so(tra
             assert health.status_code == 503 and words in health.json()["detail"], (name, health.text)
 
 
+def test_health_answers_at_once_while_requests_are_being_scored(trained_model_dir, monkeypatch):
+    """Under load a model replica's slots are taken by scoring requests, and /health's own call to it would wait
+    behind them (503 after MODEL_STATE_TIMEOUT_S: a readiness probe would take the service out at its peak).
+    A request scored within RECENTLY_SCORED_S shows a model replica answers: /health is 200 without asking.
+    Once scoring fails for want of a replica, or nothing was scored lately, /health asks again."""
+    from ray.exceptions import RayActorError
+
+    import btrm.serving as serving
+    from btrm.scoring import ConversationEncoder
+
+    monkeypatch.setattr(serving, "MODEL_STATE_TIMEOUT_S", 0.2)
+    monkeypatch.setattr(serving, "RECENTLY_SCORED_S", 1.0)
+    replica_gone = False
+
+    async def score_groups(groups):
+        if replica_gone:
+            raise RayActorError()
+        return [[0.5, -0.5] for _ in groups]
+
+    async def busy_replica_state():  # every slot taken: the call waits
+        await asyncio.sleep(3600)
+
+    async def scenario():
+        nonlocal replica_gone
+        options = ServiceOptions(model_path=str(trained_model_dir))
+        api = serving.build_api(ConversationEncoder(str(trained_model_dir)), options, None, score_groups,
+                                busy_replica_state)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=api), base_url="http://replica") as client:
+            statuses = [(await client.get("/health")).status_code]
+            statuses += [(await client.post("/compare", json=GOOD_PAIR)).status_code,
+                         (await client.get("/health")).status_code]
+            await asyncio.sleep(1.2)
+            statuses.append((await client.get("/health")).status_code)
+            statuses += [(await client.post("/compare", json=GOOD_PAIR)).status_code,
+                         (await client.get("/health")).status_code]
+            replica_gone = True
+            statuses += [(await client.post("/compare", json=GOOD_PAIR)).status_code,
+                         (await client.get("/health")).status_code]
+        return statuses
+
+    assert asyncio.run(scenario()) == [503, 200, 200, 503, 200, 200, 503, 503]
+
+
 # ----------------------------------------------------------------------------------------------
 # Last: it replaces the replica
 
