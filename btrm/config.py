@@ -143,7 +143,8 @@ class TrainConfig(DataOptions):
                            "Encoders, and --packing false, pad chosen and rejected per micro-batch.")
     max_tokens_per_batch: int = option(16384, "With --packing: most tokens in one micro-batch (a pair counts its "
                                        "prompt once and both answers); at least 2 x --max_length, so every pair "
-                                       "fits. Without FlexAttention (CPUs) btrm caps rows at 1024 tokens itself. 0: "
+                                       "fits. Without FlexAttention (CPUs, or sdpa/eager) btrm caps rows at 1024 tokens "
+                                       "itself. 0: "
                                        "--per_device_train_batch_size pairs per micro-batch, packed.")
     attn_implementation: str = option("auto", "Attention kernels: auto (flex_attention for packed rows on GPUs, "
                                       "sdpa for packed rows on CPUs, the model's own default for padded pairs), "
@@ -195,6 +196,9 @@ class TrainConfig(DataOptions):
         for name in ("eval_steps", "save_steps", "max_failures"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name} must be at least 0")
+        if "://" in self.tracking_dir:
+            raise ValueError(f"--tracking_dir {self.tracking_dir}: a local directory (wandb and swanlab write there; "
+                             "their runs reach the cloud through their own servers)")
         if "://" in self.output_path:
             raise ValueError(f"--output_path {self.output_path}: a local directory (on the machine running the job); "
                              "the run's checkpoints in --storage_path, which may be a cloud URI, hold the model too")

@@ -11,7 +11,6 @@ renamed into place at the end, so an interrupted export never leaves a directory
 from __future__ import annotations
 
 import ctypes
-import errno
 import json
 import math
 import os
@@ -110,16 +109,13 @@ def exchange(a: Path, b: Path) -> bool:
     """Swaps two directories in one step (Linux's renameat2 RENAME_EXCHANGE), so that a reader of ``b`` (a
     service loading the model) finds the earlier export or the new one, never nothing, and a job killed
     meanwhile leaves one of them in place. False where the system or filesystem cannot (nothing changed)."""
-    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)  # glibc 2.28+
+    renameat2 = getattr(ctypes.CDLL(None), "renameat2", None)  # glibc 2.28+
     if renameat2 is None:
         return False
     at_fdcwd, rename_exchange = -100, 2
-    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
-        return True
-    error = ctypes.get_errno()
-    if error in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):  # the filesystem or kernel lacks it
-        return False
-    raise OSError(error, f"swapping {a} and {b}: {os.strerror(error)}")
+    # A failed call changes nothing (an old kernel or a filesystem without it, a sandbox refusing it): the
+    # caller renames instead, and that reports its own errors.
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
 
 
 def read_manifest(model_dir: str | Path) -> dict[str, Any]:

@@ -409,8 +409,9 @@ def _refusal(description: str) -> dict[str, Any]:
     return {"description": description, "model": Refusal}
 
 
-_UNAVAILABLE = _refusal("No model replica can score now: its GPU failed (a CUDA error), it died, or all are at "
-                        "their queue limit; Serve replaces failed replicas: retry after Retry-After seconds")
+_UNAVAILABLE = _refusal("No model replica can score now: its GPU failed (a CUDA error) or ran out of memory, it "
+                        "died, all are at their queue limit, or the model deployment failed to start; Serve "
+                        "replaces failed replicas: retry after Retry-After seconds")
 
 # What both scoring routes may answer besides 200 and 422 (every 422 has FastAPI's list of errors).
 _ERRORS: dict[int | str, dict[str, Any]] = {

