@@ -19,7 +19,6 @@ from btrm.export import read_manifest
 from btrm.model import RewardModel, embedding_rows, load_reward_model, load_tokenizer, packing_unsupported
 from btrm.tokenize import PairTokenizer, SharedPromptIds, TokenizationSpec, Tools, tokens_past_embedding
 
-
 def length_buckets(lengths: Sequence[int], max_padding_ratio: float = 2.0) -> list[list[int]]:
     """Indices grouped so that no sequence is padded to more than ``max_padding_ratio`` times its length."""
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
@@ -172,12 +171,21 @@ class RewardScorer:
                     rewards[g][k] = next(scores)
         # A packed row is one attention: a group whose activations overflow makes every reward of its row NaN
         # (a masked-out NaN value times its zero weight is still NaN). The groups of such a row are scored again
-        # alone, so that an overflow costs its own group only; unless every row of several broke (a diverged
-        # model: scoring alone would mend nothing, at a forward a group).
-        if len(broken) < len(rows) or len(rows) == 1:
-            for g in sorted(set().union(*(row for row in broken if len(row) > 1))):
-                rewards[g] = self.group_rewards([groups[g]], max_batch_tokens)[0]
+        # alone, so that an overflow costs its own group only. Where every row of several broke, the model may
+        # have diverged, and scoring alone would mend nothing at a forward a group: a one-token forward tells.
+        if len(broken) == len(rows) > 1 and not self.scores_finitely():
+            return rewards
+        for g in sorted(set().union(*(row for row in broken if len(row) > 1))):
+            rewards[g] = self.group_rewards([groups[g]], max_batch_tokens)[0]
         return rewards
+
+    @torch.no_grad()
+    def scores_finitely(self) -> bool:
+        """Whether the model scores a one-token answer to a one-token prompt as a finite number: a diverged
+        model (NaN weights) does not, where a model that some inputs overflow does."""
+        batch = pack_groups([[self.pad_token_id]], [[[self.pad_token_id]]], self.pad_token_id,
+                            pad_to_multiple=FLEX_BLOCK if self.flex else 1)
+        return all(map(math.isfinite, self.reward_model(batch.to(self.device)).tolist()))
 
     def pair_rewards(self, pairs: dict[str, Any], max_batch_tokens: int = 32768) -> tuple[list[float], list[float]]:
         """Rewards of tokenized pairs (columns ``prompt_ids``, ``chosen_ids``, ``rejected_ids``)."""

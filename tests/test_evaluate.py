@@ -258,6 +258,47 @@ def test_a_pair_the_model_fails_on_is_reported_and_the_rest_are_scored(trained_m
     assert summary["unscored"] == 4 and re.search(r"\n  accuracy +n/a\n", format_summary(summary))  # the job fails
 
 
+def test_inputs_that_overflow_in_every_packed_row_cost_only_their_own_pairs(trained_model_dir, hh_helpful):
+    """Every packed row of a batch scoring NaN is most often a diverged model, but may be one overflowing pair
+    in each row: a one-token forward tells which. Inputs: the other pairs are scored as without them. A
+    diverged model: no pair is scored alone (a forward each, for nothing)."""
+    from btrm.batching import plan_by_tokens
+
+    scorer = PairScorer(str(trained_model_dir), MAX_LENGTH, max_batch_tokens=4096)
+    batch = _tokenized_batch(scorer, hh_helpful["test"][:8])
+    lengths = [len(batch["prompt_ids"][i]) + len(batch["chosen_ids"][i]) + len(batch["rejected_ids"][i]) for i in range(8)]
+    # A budget that packs the 8 pairs into rows of two or more.
+    scorer.max_batch_tokens = next(budget for budget in range(max(lengths), sum(lengths), 8)
+                                   if all(len(row) >= 2 for row in plan_by_tokens(lengths, budget)))
+    rows = plan_by_tokens(lengths, scorer.max_batch_tokens)
+    assert len(rows) >= 2
+    clean = scorer(batch).to_pandas()
+    # One pair of each row gets a token of its own whose embedding is NaN: every row scores NaN.
+    tokens = [{int(t) for side in ("prompt_ids", "chosen_ids", "rejected_ids") for t in batch[side][i]} for i in range(8)]
+    poisoned = {}
+    for row in rows:
+        pair = next(i for i in row if tokens[i] - set().union(*(tokens[j] for j in range(8) if j != i)))
+        poisoned[pair] = min(tokens[pair] - set().union(*(tokens[j] for j in range(8) if j != pair)))
+    embedding = scorer.scorer.model.get_input_embeddings().weight
+    kept = embedding.detach().clone()
+    with torch.no_grad():
+        embedding[list(poisoned.values())] = float("nan")
+    scored = scorer(batch).to_pandas()
+    with torch.no_grad():
+        embedding.copy_(kept)
+    assert scored.error.notna().tolist() == [i in poisoned for i in range(8)], (rows, poisoned)
+    ok = scored.error.isna()
+    assert np.allclose(scored.reward_chosen[ok], clean.reward_chosen[ok], atol=1e-5)
+    assert np.allclose(scored.reward_rejected[ok], clean.reward_rejected[ok], atol=1e-5)
+    # Diverged (a NaN head): one forward a row, then the one-token forward, and no more.
+    forwards = []
+    model_forward = scorer.scorer.reward_model.forward
+    scorer.scorer.reward_model.forward = lambda *args, **kwargs: forwards.append(1) or model_forward(*args, **kwargs)
+    torch.nn.init.constant_(scorer.scorer.model.score.weight, float("nan"))
+    assert scorer(batch).to_pandas().error.str.contains("not finite").all()
+    assert len(forwards) == len(rows) + 1
+
+
 def test_pairs_the_model_fails_on_count_against_max_drop_fraction(ray_session, trained_model_dir, hh_helpful, tmp_path):
     """The figures leave out the pairs the model could not score: past --max_drop_fraction of them (here 0), the
     job fails (after writing its output whole), rather than report an accuracy of what was left."""
