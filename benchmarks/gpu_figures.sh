@@ -9,14 +9,16 @@
 #   train-btrm-eager   the same with no compiled layers (packing alone; FlexAttention is still compiled, by
 #                transformers, at the first step and again at a new row length: the warm-up pass absorbs it)
 #   train-trl    TRL's RewardTrainer at its own 4 pairs per micro-batch (synthetic)
-#   train-real   both on real pairs (hh-rlhf, RM-Bench; needs QWEN3 data in BTRM_TEST_DATA or ../shared/data)
+#   train-real   both on real pairs (the Qwen3 tokenizer, hh-rlhf and RM-Bench from BTRM_TEST_DATA or ../shared/data)
 #   serve-1      the service's load benchmark, one replica on the GPU
 #   serve-4      the same, four model replicas sharing the GPU (each launching kernels on its own core)
 #   exactness    tests/test_packing.py's GPU test (bf16 FlexAttention against float32)
 # The first btrm stage compiles the decoder layers (minutes; the second pass it reports is warm); btrm's
 # stages log each recompilation (TORCH_LOGS=recompiles) and why.
 # Exits non-zero if any stage failed or ran out of time. PYTHON picks the interpreter (default python3).
-# Each stage writes its rows as it finishes them (a stage cut off by its limit keeps those). The stage limits
+# Each stage writes its rows as it finishes them (a stage cut off by its limit keeps those). At its limit a
+# benchmark prints every thread's stack into its log (SIGUSR1), and is killed 20 s later; a failed serving
+# stage leaves Ray's logs in OUTDIR/ray-logs-STAGE.tgz (its replicas log there, not to the stage's log). The stage limits
 # of one call must fit the device's 10 minutes a command: on a GPU session of 15 minutes (start-up included),
 # `preflight train-btrm train-trl` (at most 500 s) in one call, then `serve-1` (its model built first: at most
 # 410 s) in a second on the same card, if time is left.
@@ -47,11 +49,16 @@ stage() {  # stage NAME SECONDS COMMAND...: runs COMMAND with a time limit, its 
   local name=$1 seconds=$2 rc
   shift 2
   echo "=== $(( $(date +%s) - start )) s: $name (at most $seconds s)"
-  timeout -k 30 "$seconds" "$@" > "$out/$name.log" 2>&1
+  timeout -s USR1 -k 20 "$seconds" "$@" > "$out/$name.log" 2>&1
   rc=$?
   echo "=== $name: exit $rc$( { [ $rc = 124 ] || [ $rc = 137 ]; } && echo ', out of time')"
   grep -vE "^\(|^\[|^INFO|^[0-9]{4}-|raylet|[Ww]arning" "$out/$name.log" | tail -20
   [ $rc = 0 ] || worst=$rc
+  return $rc
+}
+
+ray_logs() {  # what the replicas of a failed serving stage logged
+  tar czf "$out/ray-logs-$1.tgz" -C /tmp/ray/session_latest logs 2>/dev/null || true
 }
 
 serve_model() {  # the serving stages' model, built once
@@ -70,10 +77,16 @@ preflight=$(cat <<'PY'
 import importlib.metadata as m, os, sys, torch
 assert torch.cuda.is_available(), "no CUDA device"
 print(torch.cuda.get_device_name(), "torch", torch.__version__, "python", sys.version.split()[0])
-for package in ("ray", "deepspeed", "fastapi", "transformers", "trl", "datasets", "httpx"):
+for package in ("ray", "deepspeed", "fastapi", "transformers", "trl", "datasets", "httpx", "pyarrow", "fsspec"):
     __import__(package)
     print(package, m.version(package))
+try:  # transformers' and TRL's trainers import peft wherever it is installed (the CPU tests run without it)
+    print("peft", m.version("peft"))
+except m.PackageNotFoundError:
+    print("peft: not installed")
 import btrm.train_loop, btrm.serving  # noqa: E401 - btrm and what it imports, from this checkout
+import transformers.trainer  # noqa: E401 - the trainers' lazy imports, loaded now rather than after btrm's stage
+from trl import RewardConfig, RewardTrainer  # noqa: F401
 tokenizer = os.path.join(os.environ["BTRM_TEST_DATA"], "tokenizers", "qwen3")
 assert os.path.isfile(os.path.join(tokenizer, "vocab.json")), f"no Qwen3 tokenizer in {tokenizer}"
 print("tokenizer", tokenizer)
@@ -81,17 +94,17 @@ PY
 )
 for name in $stages; do
   case $name in
-    preflight) stage "$name" 60 "$python" -c "$preflight" ;;
+    preflight) stage "$name" 40 "$python" -c "$preflight" ;;
     train-btrm) TORCH_LOGS=recompiles stage "$name" 330 "${throughput[@]}" --data synthetic --systems btrm \
                   --btrm_micro_batches 4 --btrm_max_tokens 65536 --json "$out/$name.json" ;;
     train-btrm-eager) TORCH_LOGS=recompiles stage "$name" 200 "${throughput[@]}" --data synthetic --systems btrm \
                         --btrm_micro_batches 4 --btrm_max_tokens 65536 --btrm_compile_layers false --json "$out/$name.json" ;;
-    train-trl) stage "$name" 110 "${throughput[@]}" --data synthetic --systems trl --trl_micro_batches 4 \
+    train-trl) stage "$name" 130 "${throughput[@]}" --data synthetic --systems trl --trl_micro_batches 4 \
                  --json "$out/$name.json" ;;
     train-real) stage "$name" 400 "${throughput[@]}" --data real --trl_micro_batches 4 --btrm_micro_batches 4 \
                   --btrm_max_tokens 65536 --json "$out/$name.json" ;;
-    serve-1) serve_model && stage "$name" 170 "${load[@]}" ;;
-    serve-4) serve_model && stage "$name" 120 "${load[@]}" --num_replicas 4 --replica_gpus 0.25 ;;
+    serve-1) serve_model && { stage "$name" 170 "${load[@]}" || ray_logs "$name"; } ;;
+    serve-4) serve_model && { stage "$name" 120 "${load[@]}" --num_replicas 4 --replica_gpus 0.25 || ray_logs "$name"; } ;;
     exactness) stage "$name" 150 "$python" -m pytest -q -p no:cacheprovider tests/test_packing.py -k gpu ;;
   esac
 done

@@ -28,8 +28,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ctypes
+import faulthandler
 import math
 import os
+import signal
 import socket
 import sys
 import time
@@ -273,4 +275,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    # SIGUSR1 prints every thread's stack and goes on: gpu_figures.sh sends it at a stage's time limit, so
+    # that a run cut off shows where it was (compiling, waiting for a replica), then stops it.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     main()

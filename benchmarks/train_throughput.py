@@ -26,12 +26,14 @@ btrm's DeepSpeed engine needs a 1-process group and keeps it for the rest of the
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import gc
 import gzip
 import importlib.util
 import json
 import os
 import random
+import signal
 import socket
 import sys
 import tempfile
@@ -608,4 +610,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    # SIGUSR1 prints every thread's stack and goes on: gpu_figures.sh sends it at a stage's time limit, so
+    # that a run cut off shows where it was (compiling, waiting for a replica), then stops it.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     main()
