@@ -527,7 +527,8 @@ def build_api(encoder, options: ServiceOptions, token: str | None, score_groups:
             last_scored = -math.inf
             raise HTTPException(503, _message(e), headers={"Retry-After": "15"}) from None
         except MODEL_UNREACHABLE as e:
-            last_scored = -math.inf
+            if not isinstance(e, BackPressureError):  # (a full queue: replicas busy, not gone)
+                last_scored = -math.inf
             raise HTTPException(503, _unavailable(e), headers={"Retry-After": "5"}) from None
         except Exception as e:
             if _is_out_of_memory(_cause(e)):  # even scored alone: the replica's memory, not the request, is short

@@ -688,27 +688,29 @@ def test_a_model_replica_out_of_reach_or_out_of_memory_is_a_503_that_says_so(tra
 def test_health_answers_at_once_while_requests_are_being_scored(trained_model_dir, monkeypatch):
     """Under load a model replica's slots are taken by scoring requests, and /health's own call to it would wait
     behind them (503 after MODEL_STATE_TIMEOUT_S: a readiness probe would take the service out at its peak).
-    A request scored within RECENTLY_SCORED_S shows a model replica answers: /health is 200 without asking.
-    Once scoring fails for want of a replica, or nothing was scored lately, /health asks again."""
+    A request scored within RECENTLY_SCORED_S shows a model replica answers: /health is 200 without asking, a
+    request refused for a full queue (replicas busy) included. Once scoring fails for want of a replica, or
+    nothing was scored lately, /health asks again."""
     from ray.exceptions import RayActorError
+    from ray.serve.exceptions import BackPressureError
 
     import btrm.serving as serving
     from btrm.scoring import ConversationEncoder
 
     monkeypatch.setattr(serving, "MODEL_STATE_TIMEOUT_S", 0.2)
     monkeypatch.setattr(serving, "RECENTLY_SCORED_S", 1.0)
-    replica_gone = False
+    failure = None
 
     async def score_groups(groups):
-        if replica_gone:
-            raise RayActorError()
+        if failure:
+            raise failure
         return [[0.5, -0.5] for _ in groups]
 
     async def busy_replica_state():  # every slot taken: the call waits
         await asyncio.sleep(3600)
 
     async def scenario():
-        nonlocal replica_gone
+        nonlocal failure
         options = ServiceOptions(model_path=str(trained_model_dir))
         api = serving.build_api(ConversationEncoder(str(trained_model_dir)), options, None, score_groups,
                                 busy_replica_state)
@@ -720,12 +722,15 @@ def test_health_answers_at_once_while_requests_are_being_scored(trained_model_di
             statuses.append((await client.get("/health")).status_code)
             statuses += [(await client.post("/compare", json=GOOD_PAIR)).status_code,
                          (await client.get("/health")).status_code]
-            replica_gone = True
+            failure = BackPressureError(num_queued_requests=1024, max_queued_requests=1024)
+            statuses += [(await client.post("/compare", json=GOOD_PAIR)).status_code,
+                         (await client.get("/health")).status_code]
+            failure = RayActorError()
             statuses += [(await client.post("/compare", json=GOOD_PAIR)).status_code,
                          (await client.get("/health")).status_code]
         return statuses
 
-    assert asyncio.run(scenario()) == [503, 200, 200, 503, 200, 200, 503, 503]
+    assert asyncio.run(scenario()) == [503, 200, 200, 503, 200, 200, 503, 200, 503, 503]
 
 
 # ----------------------------------------------------------------------------------------------
