@@ -38,7 +38,9 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.exception_handlers import request_validation_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
-from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, PrivateAttr, Tag, model_validator
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, PrivateAttr, Tag,
+                      model_validator)
+from pydantic_core import PydanticCustomError
 from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
@@ -73,8 +75,10 @@ class ServiceOptions:
     token_file: str | None = option(None, "File holding the bearer token (overrides --token_env).")
     require_token: bool = option(False, "Refuse to start without a bearer token (where a Serve config's application "
                                  "is built, on whichever node, its variable or file may be missing: fail, not open).")
-    max_candidates: int = option(64, "Most candidate answers one /score request may carry (more: 413).")
-    max_pairs: int = option(64, "Most pairs one batch /compare request may carry (more: 413).")
+    max_candidates: int = option(64, "Most candidate answers one /score request may carry (more: 413; "
+                                 "at most 4096).")
+    max_pairs: int = option(64, "Most pairs one batch /compare request may carry (more: 413; at "
+                            "most 4096).")
     max_body_bytes: int = option(8 * 1024 * 1024, "Largest request body in bytes (larger: 413).")
     max_request_chars: int = option(4 * 1024 * 1024, "Most characters one request has templated, its prompt counted "
                                     "once per answer (more: 413): a replica tokenizes one request at a time.")
@@ -99,6 +103,9 @@ class ServiceOptions:
                      "max_batch_sequences", "max_batch_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be at least 1")
+        for name in ("max_candidates", "max_pairs"):
+            if getattr(self, name) > MAX_LISTED:
+                raise ValueError(f"--{name} must be at most {MAX_LISTED}")
         # Serve refuses a request larger than a whole batch: the biggest request must fit in one.
         largest_request = max(self.max_candidates, 2 * self.max_pairs)
         if self.max_batch_sequences < largest_request:
@@ -324,8 +331,23 @@ class ComparePair(Conversation):
     rejected: Answer
 
 
+# The most pairs or candidates a request may list at all (max_pairs and max_candidates are at most this): past
+# it, validation stops at the list's length instead of checking each of ~200k tiny pairs an 8 MiB body can hold
+# (seconds of the HTTP replica's event loop), and the request gets the same 413 as one past max_pairs. Not in
+# the schema (as maxItems): the schema's bounds are 422s, and this is max_pairs' 413.
+MAX_LISTED = 4096
+LISTED_LIMITS = {"pairs": "max_pairs", "candidates": "max_candidates"}  # each list's option
+
+
+def _at_most_listed(value: Any) -> Any:
+    if isinstance(value, list) and len(value) > MAX_LISTED:
+        raise PydanticCustomError("too_many", "{count} items, more than any limit allows ({limit})",
+                                  {"count": len(value), "limit": MAX_LISTED})
+    return value
+
+
 class CompareBatch(_Strict):
-    pairs: list[ComparePair] = Field(min_length=1)
+    pairs: Annotated[list[ComparePair], BeforeValidator(_at_most_listed)] = Field(min_length=1)
 
 
 def _compare_kind(body: Any) -> str:
@@ -340,7 +362,8 @@ CompareRequest = Annotated[
 
 
 class ScoreRequest(Conversation):
-    candidates: list[Answer] = Field(min_length=1, description="Answers to the prompt, scored independently.")
+    candidates: Annotated[list[Answer], BeforeValidator(_at_most_listed)] = Field(
+        min_length=1, description="Answers to the prompt, scored independently.")
 
 
 class Truncation(BaseModel):
@@ -548,12 +571,20 @@ def build_api(encoder, options: ServiceOptions, token: str | None, score_groups:
                                      "train/loss and eval/accuracy)")
         return rewards
 
+    def too_many(field: str, count: int) -> HTTPException:
+        option = LISTED_LIMITS[field]
+        return HTTPException(413, f"{count} {field} in one request; the limit is {option}={getattr(options, option)}")
+
     @api.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
         # Each error's loc as the path into the JSON the client sent: pydantic adds the tag of each union the
         # value went through ("<pair>", "<message>", ...), which names no field of the request.
         exc = RequestValidationError([{**e, "loc": tuple(part for part in e["loc"] if part not in UNION_TAGS)}
                                       for e in exc.errors()], body=exc.body)
+        for e in exc.errors():  # more than MAX_LISTED pairs or candidates: the 413 of one past its limit
+            if e["type"] == "too_many" and e["loc"] in [("body", field) for field in LISTED_LIMITS]:
+                error = too_many(e["loc"][1], e["ctx"]["count"])
+                return JSONResponse({"detail": error.detail}, status_code=error.status_code)
         try:
             return await request_validation_exception_handler(request, exc)
         except (ValueError, RecursionError):
@@ -594,7 +625,7 @@ def build_api(encoder, options: ServiceOptions, token: str | None, score_groups:
     async def compare(request: CompareRequest) -> PairResult | BatchResult:
         pairs = request.pairs if isinstance(request, CompareBatch) else [request]
         if len(pairs) > options.max_pairs:
-            raise HTTPException(413, f"{len(pairs)} pairs in one request; the limit is max_pairs={options.max_pairs}")
+            raise too_many("pairs", len(pairs))
         check_size([(p, [p.chosen, p.rejected]) for p in pairs])
         encoded, names = [], []
         for i, p in enumerate(pairs):
@@ -614,8 +645,7 @@ def build_api(encoder, options: ServiceOptions, token: str | None, score_groups:
               responses={**_ERRORS, 413: _refusal("Too many candidates, or a candidate too long for the model")})
     async def score(request: ScoreRequest) -> ScoreResult:
         if len(request.candidates) > options.max_candidates:
-            raise HTTPException(413, f"{len(request.candidates)} candidates in one request; the limit is "
-                                     f"max_candidates={options.max_candidates}")
+            raise too_many("candidates", len(request.candidates))
         check_size([(request, request.candidates)])
         names = [f"candidate {k}" for k in range(len(request.candidates))]
         encoded = encode(request, request.candidates, ["body"], names)

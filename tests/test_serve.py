@@ -410,6 +410,8 @@ def test_options_and_token_sources(tmp_path, monkeypatch):
         ServiceOptions(model_path="m", max_pairs=100).validate()
     with pytest.raises(ValueError, match="replica_gpus"):
         ServiceOptions(model_path="m", replica_gpus="some").validate()
+    with pytest.raises(ValueError, match="--max_pairs must be at most 4096"):
+        ServiceOptions(model_path="m", max_pairs=5000, max_batch_sequences=10_000).validate()
     assert ServeCommand(model_path="m").host == "127.0.0.1"
 
     monkeypatch.delenv("BTRM_API_TOKEN", raising=False)
@@ -426,6 +428,23 @@ def test_options_and_token_sources(tmp_path, monkeypatch):
     monkeypatch.setenv("BTRM_API_TOKEN", "pässwörd")  # headers are Latin-1 bytes: it could never match
     with pytest.raises(ValueError, match="BTRM_API_TOKEN: the bearer token must be printable ASCII"):
         read_token(ServiceOptions())
+
+
+def test_a_list_past_max_listed_is_refused_by_its_length_before_any_item_is_read():
+    """Validation stops at the length of a list of more than MAX_LISTED pairs or candidates: an 8 MiB body holds
+    ~200k tiny pairs, seconds of the HTTP replica's event loop to check one by one before max_pairs refuses them
+    (the service answers it with max_pairs' 413: tests/test_serve_fuzz.py). Here every pair is malformed, and
+    the only error is the length."""
+    from pydantic import TypeAdapter, ValidationError
+
+    from btrm.serving import MAX_LISTED, CompareRequest, ScoreRequest
+
+    with pytest.raises(ValidationError) as refused:
+        TypeAdapter(CompareRequest).validate_python({"pairs": [{"chosen": 1}] * (MAX_LISTED + 1)})
+    assert [(e["type"], e["loc"]) for e in refused.value.errors()] == [("too_many", ("<batch>", "pairs"))]
+    with pytest.raises(ValidationError) as refused:
+        TypeAdapter(ScoreRequest).validate_python({"prompt": "hi", "candidates": [7] * (MAX_LISTED + 1)})
+    assert [(e["type"], e["loc"]) for e in refused.value.errors()] == [("too_many", ("candidates",))]
 
 
 def test_length_buckets_and_sigmoid():
