@@ -63,6 +63,14 @@ UNGUARDED_PATHS = ("/health",)
 # Options
 
 
+# The most pairs or candidates a request may list at all (max_pairs and max_candidates are at most this): past
+# it, validation stops at the list's length instead of checking each of ~200k tiny pairs an 8 MiB body can hold
+# (seconds of the HTTP replica's event loop), and the request gets the same 413 as one past max_pairs. Not in
+# the schema (as maxItems): the schema's bounds are 422s, and this is max_pairs' 413.
+MAX_LISTED = 4096
+LISTED_LIMITS = {"pairs": "max_pairs", "candidates": "max_candidates"}  # each list's option
+
+
 @dataclass
 class ServiceOptions:
     """What a replica needs: the model, the request limits, its resources and where the token comes from.
@@ -76,9 +84,9 @@ class ServiceOptions:
     require_token: bool = option(False, "Refuse to start without a bearer token (where a Serve config's application "
                                  "is built, on whichever node, its variable or file may be missing: fail, not open).")
     max_candidates: int = option(64, "Most candidate answers one /score request may carry (more: 413; "
-                                 "at most 4096).")
+                                 f"at most {MAX_LISTED}).")
     max_pairs: int = option(64, "Most pairs one batch /compare request may carry (more: 413; at "
-                            "most 4096).")
+                            f"most {MAX_LISTED}).")
     max_body_bytes: int = option(8 * 1024 * 1024, "Largest request body in bytes (larger: 413).")
     max_request_chars: int = option(4 * 1024 * 1024, "Most characters one request has templated, its prompt counted "
                                     "once per answer (more: 413): a replica tokenizes one request at a time.")
@@ -329,14 +337,6 @@ class ComparePair(Conversation):
         None, description="Echoed back, to match results to pairs.")
     chosen: Answer
     rejected: Answer
-
-
-# The most pairs or candidates a request may list at all (max_pairs and max_candidates are at most this): past
-# it, validation stops at the list's length instead of checking each of ~200k tiny pairs an 8 MiB body can hold
-# (seconds of the HTTP replica's event loop), and the request gets the same 413 as one past max_pairs. Not in
-# the schema (as maxItems): the schema's bounds are 422s, and this is max_pairs' 413.
-MAX_LISTED = 4096
-LISTED_LIMITS = {"pairs": "max_pairs", "candidates": "max_candidates"}  # each list's option
 
 
 def _at_most_listed(value: Any) -> Any:

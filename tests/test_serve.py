@@ -622,6 +622,17 @@ def test_requests_that_arrive_during_a_forward_all_go_into_the_next_one(trained_
     assert len(results[0][0]) == 2 and all(r[0] == pytest.approx(results[0][0], abs=1e-4) for r in results)
 
 
+def _in_process_api(model_dir, score_groups, model_state) -> httpx.AsyncClient:
+    """A client of the real FastAPI app of an HTTP replica, in this process, whose model side is
+    ``score_groups`` and ``model_state`` (a model replica's methods, or what a Serve handle would raise)."""
+    from btrm.scoring import ConversationEncoder
+    from btrm.serving import build_api
+
+    api = build_api(ConversationEncoder(str(model_dir)), ServiceOptions(model_path=str(model_dir)), None,
+                    score_groups, model_state)
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=api), base_url="http://replica")
+
+
 def test_a_cuda_error_answers_503_at_once_and_fails_the_health_check_so_serve_replaces_the_replica(trained_model_dir):
     """CUDA errors stick to a process (a device-side assert, an illegal memory access): after one, every forward
     on that GPU fails. This machine has no GPU, so the forward raises torch's CUDA error by hand; the rest is the
@@ -630,8 +641,7 @@ def test_a_cuda_error_answers_503_at_once_and_fails_the_health_check_so_serve_re
     503 that says to retry, no later forward is tried, and the model replica fails Serve's health check."""
     import torch
 
-    from btrm.scoring import ConversationEncoder
-    from btrm.serving import GPUFailed, RewardModelDeployment, build_api
+    from btrm.serving import GPUFailed, RewardModelDeployment
 
     forwards = []
 
@@ -640,12 +650,10 @@ def test_a_cuda_error_answers_503_at_once_and_fails_the_health_check_so_serve_re
         raise torch.AcceleratorError("CUDA error: an illegal memory access was encountered")
 
     async def scenario():
-        options = ServiceOptions(model_path=str(trained_model_dir))
-        replica = RewardModelDeployment.func_or_class(options)
+        replica = RewardModelDeployment.func_or_class(ServiceOptions(model_path=str(trained_model_dir)))
         replica.check_health()
         replica.scorer.group_rewards = broken_gpu
-        api = build_api(ConversationEncoder(str(trained_model_dir)), options, None, replica.score_groups, replica.state)
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=api), base_url="http://replica") as client:
+        async with _in_process_api(trained_model_dir, replica.score_groups, replica.state) as client:
             healthy = await client.get("/health")
             responses = [await client.post("/compare", json=GOOD_PAIR),
                          await client.post("/score", json={"prompt": "hi", "candidates": ["a", "b"]})]
@@ -671,9 +679,6 @@ def test_a_model_replica_out_of_reach_or_out_of_memory_is_a_503_that_says_so(tra
     from ray.serve._private.common import DeploymentID
     from ray.serve.exceptions import DeploymentUnavailableError, ReplicaUnavailableError
 
-    from btrm.scoring import ConversationEncoder
-    from btrm.serving import build_api
-
     errors = {"deployment": DeploymentUnavailableError(DeploymentID(name="RewardModel", app_name=APP)),
               "replica": ReplicaUnavailableError("RewardModel#abc"),
               "memory": torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")}
@@ -687,9 +692,7 @@ def test_a_model_replica_out_of_reach_or_out_of_memory_is_a_503_that_says_so(tra
                 raise error
             return {"device": "cuda:0", "dtype": "bfloat16", "gpu_failure": None}
 
-        options = ServiceOptions(model_path=str(trained_model_dir))
-        api = build_api(ConversationEncoder(str(trained_model_dir)), options, None, fail, state)
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=api), base_url="http://replica") as client:
+        async with _in_process_api(trained_model_dir, fail, state) as client:
             return [await client.post("/compare", json=GOOD_PAIR), await client.get("/health")]
 
     for name, error in errors.items():
@@ -714,7 +717,6 @@ def test_health_answers_at_once_while_requests_are_being_scored(trained_model_di
     from ray.serve.exceptions import BackPressureError
 
     import btrm.serving as serving
-    from btrm.scoring import ConversationEncoder
 
     monkeypatch.setattr(serving, "MODEL_STATE_TIMEOUT_S", 0.2)
     monkeypatch.setattr(serving, "RECENTLY_SCORED_S", 1.0)
@@ -730,10 +732,7 @@ def test_health_answers_at_once_while_requests_are_being_scored(trained_model_di
 
     async def scenario():
         nonlocal failure
-        options = ServiceOptions(model_path=str(trained_model_dir))
-        api = serving.build_api(ConversationEncoder(str(trained_model_dir)), options, None, score_groups,
-                                busy_replica_state)
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=api), base_url="http://replica") as client:
+        async with _in_process_api(trained_model_dir, score_groups, busy_replica_state) as client:
             statuses = [(await client.get("/health")).status_code]
             statuses += [(await client.post("/compare", json=GOOD_PAIR)).status_code,
                          (await client.get("/health")).status_code]
