@@ -193,9 +193,12 @@ class TrainConfig(DataOptions):
                      "num_train_epochs", "num_workers", "logging_steps", "save_total_limit"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be at least 1")
-        for name in ("eval_steps", "save_steps", "max_failures"):
+        for name in ("eval_steps", "save_steps", "max_failures", "learning_rate", "weight_decay", "max_grad_norm",
+                     "center_rewards_coefficient"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name} must be at least 0")
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise ValueError(f"--max_steps must be at least 1, or -1 (--num_train_epochs decides), got {self.max_steps}")
         if "://" in self.tracking_dir:
             raise ValueError(f"--tracking_dir {self.tracking_dir}: a local directory (wandb and swanlab write there; "
                              "their runs reach the cloud through their own servers)")

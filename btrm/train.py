@@ -69,17 +69,22 @@ def check_embedding_rows(tokenizer, model_config, model_name: str) -> None:
               "pair whose text holds one literally is dropped as invalid", flush=True)
 
 
-def pair_dataset(name: str, path: str, model_path: str, spec: TokenizationSpec, config,
-                 hold_out: float = 0.0, rows: int | None = None) -> tuple[Any, dict, Any]:
-    """Tokenized pairs, materialized (each epoch rereads them; Ray spills to disk what memory cannot
-    hold), with the closed ledger and, with ``hold_out``, the pairs of that share of the questions, held
-    out of the rest (else None). ``rows``: the model's embedding rows (a pair holding a token past them is
-    invalid)."""
+def planned_pairs(name: str, path: str, model_path: str, spec: TokenizationSpec, config,
+                  rows: int | None = None) -> tuple[Any, Any]:
+    """(a lazy dataset of tokenized pairs, its ledger). Its processor is loaded and its files listed and
+    checked now (build_pair_dataset), before any pair is read. ``rows``: the model's embedding rows (a pair
+    holding a token past them is invalid)."""
     ledger = new_ledger(name, config.max_drop_fraction)
     data_spec = DataSpec(path=path, tokenizer_path=model_path, tokenization=spec,
                          dataset_format=config.processor_name(), custom_bt_dataset_path=config.custom_bt_dataset_path,
                          embedding_rows=rows)
-    dataset = build_pair_dataset(data_spec, ledger, config.num_data_workers, config.data_worker_cpus)
+    return build_pair_dataset(data_spec, ledger, config.num_data_workers, config.data_worker_cpus), ledger
+
+
+def materialized_pairs(name: str, dataset, ledger, config, hold_out: float = 0.0) -> tuple[Any, dict, Any]:
+    """The pairs of :func:`planned_pairs`, read, tokenized and materialized (each epoch rereads them; Ray
+    spills to disk what memory cannot hold), with the closed ledger and, with ``hold_out``, the pairs of that
+    share of the questions, held out of the rest (else None)."""
     held_out = None
     if hold_out:
         # The pipeline runs once for both sides: the ledger counts every row once.
@@ -149,6 +154,9 @@ def run_training(config: TrainConfig) -> ray.train.Result:
         raise SystemExit(f"--model_name {config.model_name}: {where}, and its config cannot be loaded: {e}") from None
     spec = tokenization_for(model_path, model_config, config)
     use_gpu = gpus_wanted(config.use_gpu)
+    if config.attn_implementation == "flex_attention" and not use_gpu:  # (else every worker's first step fails)
+        raise SystemExit("--attn_implementation flex_attention: FlexAttention has no CPU backward, and these workers "
+                         "train on CPUs: use sdpa, or auto (sdpa on CPUs, flex_attention on GPUs)")
     if config.bf16 and not use_gpu:
         print("[btrm] --bf16 needs GPUs; these CPU workers train in float32", flush=True)
     deepspeed_config = load_deepspeed_config(config.deepspeed)
@@ -164,8 +172,13 @@ def run_training(config: TrainConfig) -> ray.train.Result:
     check_resume_terms(recorded_terms, resume_terms(config, deepspeed_config, use_gpu))
 
     rows = embedding_rows(model_config)
-    train_ds, train_ledger, eval_ds = pair_dataset("train", config.train_set_path, model_path, spec, config,
-                                                   hold_out=config.eval_split_ratio, rows=rows)
+    # Both sets planned before either is read: a wrong --eval_set_path stops the job now, not after the
+    # training pairs' tokenization.
+    train_planned = planned_pairs("train", config.train_set_path, model_path, spec, config, rows)
+    eval_planned = planned_pairs("eval", config.eval_set_path, model_path, spec, config, rows) \
+        if config.eval_set_path else None
+    train_ds, train_ledger, eval_ds = materialized_pairs("train", *train_planned, config,
+                                                         hold_out=config.eval_split_ratio)
     ledgers = {"train": train_ledger}
     if config.use_margin:
         check_margins(train_ledger, config.train_set_path)
@@ -179,8 +192,8 @@ def run_training(config: TrainConfig) -> ray.train.Result:
         print(f"[btrm] {held_out} of the {train_ledger['pairs']} training pairs held out for evaluation "
               f"(--eval_split_ratio {config.eval_split_ratio}: every pair of a held-out question)", flush=True)
     eval_shards = []
-    if config.eval_set_path:
-        eval_ds, ledgers["eval"], _ = pair_dataset("eval", config.eval_set_path, model_path, spec, config, rows=rows)
+    if eval_planned:
+        eval_ds, ledgers["eval"], _ = materialized_pairs("eval", *eval_planned, config)
     if eval_ds is not None:
         # Row-exact, disjoint shards (Dataset.split divides by blocks, and a small eval set is one block).
         count = eval_ds.count()

@@ -223,10 +223,13 @@ RESHUFFLE_PAIRS = 4096
 def resume_terms(config: TrainConfig, deepspeed_config: dict[str, Any], use_gpu: bool,
                  pairs: int | None = None) -> dict[str, Any]:
     """What a resumed run must keep of the run it continues: what decides which pairs each worker reads, in
-    which order (or skipping the steps already trained would skip others), and the layout of DeepSpeed's state
+    which order (or skipping the steps already trained would skip others), how they are tokenized (the rest
+    of the run would train on other ids than the manifest's), the model, and the layout of DeepSpeed's state
     (its ZeRO stage and precision: load_checkpoint reads the shards back as they were written). Without
     ``pairs`` (the training pairs the data gave), the terms the options alone decide."""
-    terms = {"train_set_path": without_credentials(config.train_set_path), "seed": config.seed,
+    terms = {"model_name": config.model_name, "dataset_format": config.processor_name(),
+             "max_length": config.max_length, "overlong": config.overlong, "chat_template": config.chat_template,
+             "train_set_path": without_credentials(config.train_set_path), "seed": config.seed,
              "eval_split_ratio": config.eval_split_ratio, "num_workers": config.num_workers,
              "pairs_per_step": config.per_device_train_batch_size * config.gradient_accumulation_steps,
              "zero_stage": deepspeed_config.get("zero_optimization", {}).get("stage", 0),

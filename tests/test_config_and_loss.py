@@ -34,6 +34,8 @@ def test_bad_options_are_refused_with_the_reason(tmp_path, capsys):
                          "give one or the other"),
                         (["--train_set_path", "x", "--save_total_limit", "0"], "--save_total_limit must be at least 1"),
                         (["--train_set_path", "x", "--eval_steps", "-5"], "--eval_steps must be at least 0"),
+                        (["--train_set_path", "x", "--learning_rate=-1e-5"], "--learning_rate must be at least 0"),
+                        (["--train_set_path", "x", "--max_steps", "0"], "--max_steps must be at least 1, or -1"),
                         (["--train_set_path", "x", "--output_path", "s3://b/rm"], "a local directory"),
                         (["--train_set_path", "x", "--deepspeed", "zero-3"], "neither a shipped config"),
                         (["--train_set_path", "x", "--eval_before_training"], "give --eval_set_path or"),

@@ -105,14 +105,15 @@ def test_every_build_of_the_same_data_trains_in_the_same_order(hh_helpful, qwen_
     the rebuilds differed.)"""
     from btrm.config import TrainConfig
     from btrm.tokenize import TokenizationSpec
-    from btrm.train import pair_dataset
+    from btrm.train import materialized_pairs, planned_pairs
 
     write_parquet_shards(hh_helpful["train"][:480], tmp_path / "shards", shards=3, row_group_size=40)
     config = TrainConfig(train_set_path=str(tmp_path / "shards"), num_data_workers=2, data_worker_cpus=0.5)
     builds = []
     for _ in range(4):
-        train, _, held_out = pair_dataset("train", config.train_set_path, qwen_tokenizer_dir,
-                                          TokenizationSpec(max_length=256), config, hold_out=0.2)
+        planned = planned_pairs("train", config.train_set_path, qwen_tokenizer_dir, TokenizationSpec(max_length=256),
+                                config)
+        train, _, held_out = materialized_pairs("train", *planned, config, hold_out=0.2)
         builds.append(([row["id"] for row in train.iter_rows()], [row["id"] for row in held_out.iter_rows()]))
     assert len(builds[0][0]) > 300 and len(builds[0][1]) > 40
     assert all(build == builds[0] for build in builds[1:])
@@ -234,7 +235,7 @@ def test_questions_opening_with_one_long_template_are_held_out_one_by_one(hh_hel
     shown with: the split still goes question by question (it went by the shown text, and all were one)."""
     from btrm.config import TrainConfig
     from btrm.tokenize import TokenizationSpec
-    from btrm.train import pair_dataset
+    from btrm.train import materialized_pairs, planned_pairs
 
     template = ("Read the conversation so far, then answer the user's last message as a careful, honest and "
                 "helpful assistant would. ") * 3
@@ -245,8 +246,9 @@ def test_questions_opening_with_one_long_template_are_held_out_one_by_one(hh_hel
         pairs.append(dict(pair, chosen=prompt + pair["chosen"][-1:], rejected=prompt + pair["rejected"][-1:]))
     write_parquet_shards(pairs, tmp_path / "shards")
     config = TrainConfig(train_set_path=str(tmp_path / "shards"), num_data_workers=1, data_worker_cpus=0.5)
-    rest, _, held_out = pair_dataset("train", config.train_set_path, qwen_tokenizer_dir,
-                                     TokenizationSpec(max_length=512), config, hold_out=0.25)
+    planned = planned_pairs("train", config.train_set_path, qwen_tokenizer_dir, TokenizationSpec(max_length=512),
+                            config)
+    rest, _, held_out = materialized_pairs("train", *planned, config, hold_out=0.25)
     rest, held_out = list(rest.iter_rows()), list(held_out.iter_rows())
     assert {r["question"][:100] for r in rest + held_out} == {" ".join(template.split())[:100]}
     question = {p["id"]: p["chosen"][-2]["content"] for p in pairs}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 
@@ -11,7 +12,7 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from btrm.train_loop import epoch_order
-from conftest import train_tiny
+from conftest import train_tiny, write_parquet_shards
 
 
 def _log(model_dir) -> list[dict]:
@@ -290,6 +291,16 @@ def test_the_driver_refuses_at_once_what_would_fail_after_training(ray_session, 
         train_main(["--model_name", tiny_qwen_dir, "--train_set_path", str(corrupt), "--max_length", "256",
                     "--output_path", str(tmp_path / "new"), "--storage_path", str(tmp_path / "runs")])
     assert str(stopped.value) == f"{corrupt}: not valid JSON (Expecting value: line 1 column 14 (char 13))"
+    # A wrong evaluation set stops the job before the training pairs are read, and CPU workers refuse FlexAttention.
+    capsys.readouterr()
+    written = write_parquet_shards(rows, tmp_path / "good")
+    for options, message in ((["--eval_set_path", str(absent)], f"{absent}: no such file or directory"),
+                             (["--attn_implementation", "flex_attention"], "FlexAttention has no CPU backward")):
+        with pytest.raises(SystemExit, match=re.escape(message)):
+            train_main(["--model_name", tiny_qwen_dir, "--train_set_path", str(written), "--max_length", "256",
+                        "--output_path", str(tmp_path / "new"), "--storage_path", str(tmp_path / "runs"),
+                        "--use_gpu", "false", *options])
+    assert "rows read from" not in capsys.readouterr().out
     with pytest.raises(SystemExit, match=r"--custom_bt_dataset_path .*mine.py: no such file"):
         train_main(["--model_name", tiny_qwen_dir, "--train_set_path", str(absent), "--max_length", "256",
                     "--output_path", str(tmp_path / "new"), "--storage_path", str(tmp_path / "runs"),
@@ -310,8 +321,9 @@ def test_workers_are_dealt_pairs_in_order_and_a_resume_must_read_them_as_before(
     """Ray Train's default ingest options leave order to chance (and to where blocks sit on a cluster);
     the checkpoint records what decides the order (and the layout of DeepSpeed's state), and a --resume that
     would read them otherwise stops."""
+    from btrm.config import TrainConfig
     from btrm.train import train_data_config
-    from btrm.train_loop import check_resume_terms
+    from btrm.train_loop import check_resume_terms, resume_terms
 
     assert train_data_config()._resolve_execution_options("train").preserve_order
     saved = {"train_set_path": "s3://b/train/", "pairs": 1000, "seed": 42, "eval_split_ratio": 0.05, "num_workers": 8,
@@ -327,6 +339,13 @@ def test_workers_are_dealt_pairs_in_order_and_a_resume_must_read_them_as_before(
     # DeepSpeed reads its state back in the layout it was written in.
     with pytest.raises(SystemExit, match=r"zero_stage: 2 then, 3 now; bf16: True then, False now"):
         check_resume_terms(saved, dict(saved, zero_stage=3, bf16=False))
+    # The model and the tokenization too: the rest of the run would train on other ids than its manifest says.
+    config = TrainConfig(train_set_path="s3://b/train/", model_name="Qwen/Qwen3-1.7B")
+    then = resume_terms(config, {}, use_gpu=True)
+    with pytest.raises(SystemExit, match=r"model_name: 'Qwen/Qwen3-1.7B' then, 'Qwen/Qwen3-4B' now; max_length: "
+                                         r"4096 then, 2048 now; overlong: 'truncate_prompt' then, 'drop' now\)"):
+        check_resume_terms(then, resume_terms(dataclasses.replace(config, model_name="Qwen/Qwen3-4B", max_length=2048,
+                                                                  overlong="drop"), {}, use_gpu=True))
 
 
 def test_each_epoch_reads_the_pairs_in_its_own_order_and_again_the_same_on_resume(ray_session):
