@@ -243,7 +243,7 @@ class PairPreprocessor:
         pairs, places = [], []
         for row_number, row in zip(row_numbers, rows):
             if isinstance(row, BadRow):
-                drop("invalid", row_number, f"the row {row.message}")
+                drop("invalid", row_number, f"the row {row.message}", row.field)
                 continue
             if not isinstance(row, dict):
                 drop("invalid", row_number, f"the row must be an object of fields, got {type(row).__name__}")
@@ -369,7 +369,7 @@ def build_pair_dataset(spec: DataSpec, ledger, num_tasks: int = 2, task_cpus: fl
     processor = load_processor(spec.dataset_format, spec.custom_bt_dataset_path)
     fragments = plan_fragments(spec.path, processor.required_fields)
     if all(f.num_rows == 0 for f in fragments):  # parquet files without rows (writers closed before any: Spark's empty parts)
-        raise SourceError(f"{without_credentials(spec.path)}: holds no rows (its parquet files have no row groups)")
+        raise SourceError(f"{without_credentials(spec.path)}: holds no rows (its parquet files are empty)")
     items = [{"fragment": asdict(f)} for f in fragments]
     dataset = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
         preprocess_fragments,

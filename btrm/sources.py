@@ -3,25 +3,28 @@
 A fragment is the unit of parallel work: one parquet row group (or a few) or one JSON file. It knows
 its file and the file row number of its first row, so every row can be named in an error exactly as a
 user would look it up. Parquet goes through pyarrow (any filesystem pyarrow understands: local, s3://,
-gs://, hdfs://); JSON/JSONL (optionally gzip-compressed) is a convenience for small files.
+gs://, hdfs://, abfs://); JSON/JSONL (optionally compressed) is a convenience for small files.
 """
 
 from __future__ import annotations
 
 import codecs
+import dataclasses
 import fnmatch
 import io
+import itertools
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 PARQUET_SUFFIXES = (".parquet", ".pq")
-JSON_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
+# pyarrow decompresses these on the fly (by the suffix).
+JSON_SUFFIXES = tuple(f"{kind}{compression}" for kind in (".jsonl", ".json") for compression in ("", ".gz", ".bz2", ".zst"))
 ROWS_PER_FRAGMENT = 8192
 
 
@@ -36,22 +39,33 @@ class Fragment:
     row_groups: tuple[int, ...] = ()
     first_row: int = 0  # file row number of the fragment's first row (0-based)
     num_rows: int | None = None
-    # What the source URI carried besides its path, to open every file of it the same way: credentials
-    # (s3://KEY:SECRET@bucket/...) and options (?endpoint_override=...&region=...). Never shown.
-    credentials: str = field(default="", repr=False)
-    query: str = field(default="", repr=False)
+    # Where pyarrow opens it: the file's path in the filesystem of the source the user gave (``location``), and
+    # that source itself, whole: a URI's credentials (s3://KEY:SECRET@bucket/...) and options
+    # (?endpoint_override=...&region=...) open every file of it the same way. Never shown.
+    location: str = field(default="", repr=False)
+    source: str = field(default="", repr=False)
+
+
+@dataclass(frozen=True)
+class DataFile:
+    path: str  # as shown (see Fragment)
+    location: str  # in the source's filesystem
 
 
 def _split_uri(source: str) -> tuple[str, str, str]:
-    """A source → (the source as shown: no credentials, no query; its credentials; its query). Local
-    paths are left whole: their '?' is a glob character."""
+    """A source → (the source as shown: no credentials, no query; its credentials; its query). A URI's
+    user part is a credential only with a password in it (s3://KEY:SECRET@bucket); without one it names
+    where the data is (abfs://container@account..., hdfs://user@namenode) and stays. Local paths are left
+    whole: their '?' is a glob character."""
     if "://" not in source:
         return source, "", ""
     scheme, rest = source.split("://", 1)
     rest, _, query = rest.partition("?")
     authority, slash, path = rest.partition("/")
-    credentials, _, host = authority.rpartition("@")
-    return f"{scheme}://{host}{slash}{path}", credentials, query
+    user, at, host = authority.rpartition("@")
+    if ":" not in user:
+        return f"{scheme}://{rest}", "", query
+    return f"{scheme}://{host}{slash}{path}", user, query
 
 
 def without_credentials(source: Any) -> Any:
@@ -65,21 +79,15 @@ def without_credentials(source: Any) -> Any:
     return f"{scheme}://***@{rest}" + (f"?{query}" if query else "")
 
 
-def _filesystem(path: str, credentials: str = "", query: str = "") -> tuple[pafs.FileSystem, str]:
-    if "://" in path:
-        scheme, rest = path.split("://", 1)
-        return pafs.FileSystem.from_uri(f"{scheme}://{credentials + '@' if credentials else ''}{rest}"
-                                        f"{'?' + query if query else ''}")
-    return pafs.LocalFileSystem(), os.path.abspath(path)
-
-
-def _display(path: str, original: str) -> str:
-    scheme = original.split("://", 1)[0] + "://" if "://" in original else ""
-    return scheme + path if scheme and not path.startswith(scheme) else path
+def _filesystem(source: str) -> tuple[pafs.FileSystem, str]:
+    """The filesystem of a source as the user gave it (credentials and options included), and its path there."""
+    if "://" in source:
+        return pafs.FileSystem.from_uri(source)
+    return pafs.LocalFileSystem(), os.path.abspath(source)
 
 
 def _is_data_file(path: str) -> bool:
-    return path.endswith(PARQUET_SUFFIXES + JSON_SUFFIXES)
+    return path.lower().endswith(PARQUET_SUFFIXES + JSON_SUFFIXES)
 
 
 def _hidden(name: str) -> bool:
@@ -87,17 +95,20 @@ def _hidden(name: str) -> bool:
     return name.startswith((".", "_"))
 
 
-def _glob_match(parts: Sequence[str], pattern: Sequence[str]) -> bool:
+def _glob_match(parts: Sequence[str], pattern: Sequence[str], folder: bool = False) -> bool:
     """Path components against pattern components, as a shell matches: a wildcard stays within one
-    component, ``**`` spans any number of them, and only a pattern that names it matches a hidden name."""
+    component, ``**`` spans any number of them, and only a pattern that names it matches a hidden name.
+    ``folder``: whether files below the folder ``parts`` can match (so the folder is worth listing)."""
+    if not parts and folder:
+        return True
     if not pattern:
         return not parts
     if pattern[0] == "**":
-        return any(_glob_match(parts[i:], pattern[1:]) for i in range(len(parts) + 1)
-                   if not any(_hidden(part) for part in parts[:i]))
+        return (_glob_match(parts, pattern[1:], folder)
+                or bool(parts) and not _hidden(parts[0]) and _glob_match(parts[1:], pattern, folder))
     return (bool(parts) and fnmatch.fnmatchcase(parts[0], pattern[0])
             and (not _hidden(parts[0]) or pattern[0][:1] == parts[0][:1])
-            and _glob_match(parts[1:], pattern[1:]))
+            and _glob_match(parts[1:], pattern[1:], folder))
 
 
 def is_glob(path: str) -> bool:
@@ -110,81 +121,127 @@ def glob_matches(pattern: str, path: str) -> bool:
     return _glob_match(os.path.abspath(path).split("/"), os.path.abspath(pattern).split("/"))
 
 
-def list_data_files(source: str) -> list[str]:
+def _files_below(fs: pafs.FileSystem, folder: str, wanted_file: Callable[[str], bool],
+                 wanted_folder: Callable[[str], bool], shown: Callable[[str], str]) -> list[str]:
+    """The files below ``folder`` that are wanted, listing only the folders that are: one folder at a time, so
+    that a hidden tree (.git/, Spark's _temporary/) or one a pattern cannot reach is never read, and a folder
+    that cannot be listed is named."""
+    files, pending = [], [folder]
+    while pending:
+        folder = pending.pop()
+        try:
+            infos = fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
+        except OSError as e:  # (pyarrow's errors: PermissionError, a network error, ...)
+            raise SourceError(f"{shown(folder)}: cannot be listed ({e})") from e
+        for info in infos:
+            if info.type == pafs.FileType.File and wanted_file(info.path):
+                files.append(info.path)
+            elif info.type == pafs.FileType.Directory and wanted_folder(info.path):
+                pending.append(info.path)
+    return sorted(files)
+
+
+def list_data_files(source: str) -> list[DataFile]:
     """The data files a source names: a file, a directory (recursively, leaving out hidden files and
-    folders: names starting with . or _), or a glob; URIs without credentials or query (see Fragment)."""
-    source, credentials, query = _split_uri(source)
-    fs, path = _filesystem(source, credentials, query)
-    if is_glob(path):
-        base = path[: min(path.index(ch) for ch in "*?[" if ch in path)].rsplit("/", 1)[0] or "/"
-        infos = fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
-        files = sorted(i.path for i in infos
-                       if i.type == pafs.FileType.File and _glob_match(i.path.split("/"), path.split("/")))
+    folders: names starting with . or _), or a glob. Files of other types in a directory are named in a note."""
+    shown_source, _, _ = _split_uri(source)
+    fs, path = _filesystem(source)
+    path = path.rstrip("/") or path
+    glob_at = min((path.index(ch) for ch in "*?[" if ch in path), default=None)
+    # The folder the listing starts from, in the filesystem and as shown: the source's path there and its
+    # shown form end in the same components (s3://bucket/a → bucket/a; abfs://c@account/a → c/a).
+    top = path if glob_at is None else path[:glob_at].rsplit("/", 1)[0]
+    shown_path = shown_source.rstrip("/")
+    shown_top = shown_path[: len(shown_path) - (len(path) - len(top))]
+    local = "://" not in source
+
+    def shown(location: str) -> str:
+        return location if local else shown_top + location[len(top):]
+
+    def relative(location: str) -> list[str]:
+        return location[len(top):].strip("/").split("/")
+
+    if glob_at is not None:
+        pattern = relative(path)
+        files = _files_below(fs, top, lambda f: _glob_match(relative(f), pattern),
+                             lambda d: _glob_match(relative(d), pattern, folder=True), shown)
         if not files:
-            raise SourceError(f"{source}: the pattern matches no files")
-        return [_display(f, source) for f in files]
+            raise SourceError(f"{shown_source}: the pattern matches no files")
+        return [DataFile(shown(f), f) for f in files]
     info = fs.get_file_info(path)
     if info.type == pafs.FileType.NotFound:
-        raise SourceError(f"{source}: no such file or directory")
+        raise SourceError(f"{shown_source}: no such file or directory")
     if info.type == pafs.FileType.File:
-        return [_display(path, source)]
-    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
-    files = sorted(i.path for i in infos if i.type == pafs.FileType.File and _is_data_file(i.path)
-                   and not any(_hidden(part) for part in i.path[len(path):].split("/")))
+        return [DataFile(shown(path), path)]
+    found = _files_below(fs, path, lambda f: not _hidden(f.rsplit("/", 1)[-1]),
+                         lambda d: not _hidden(d.rsplit("/", 1)[-1]), shown)
+    files = [f for f in found if _is_data_file(f)]
     if not files:
-        raise SourceError(f"{source}: the directory holds no data files "
+        raise SourceError(f"{shown_source}: the directory holds no data files "
                           f"({', '.join(PARQUET_SUFFIXES + JSON_SUFFIXES)})")
-    json_files = [f for f in files if f.endswith(JSON_SUFFIXES)]
+    others = [shown(f) for f in found if not _is_data_file(f)]
+    if others:  # (a README beside the shards, or data in a format btrm does not read: say which)
+        print(f"[btrm] {shown_source}: {len(others)} file(s) neither parquet nor JSON, not read: "
+              + ", ".join(others[:5]) + (", ..." if len(others) > 5 else ""), flush=True)
+    json_files = [f for f in files if f.lower().endswith(JSON_SUFFIXES)]
     if json_files and len(json_files) < len(files):
         # Parquet shards with JSON beside them: most likely metadata (dataset_info.json, a manifest) that
         # would be read as rows of pairs. Which files are data is the user's call: a glob says it.
-        shown = ", ".join(_display(f, source) for f in json_files[:3]) + (", ..." if len(json_files) > 3 else "")
-        suffix = next(s for s in PARQUET_SUFFIXES if any(f.endswith(s) for f in files))
-        raise SourceError(f"{source}: the directory mixes {len(files) - len(json_files)} parquet and "
-                          f"{len(json_files)} JSON file(s) ({shown}); name the data with a glob, e.g. "
-                          f"{source.rstrip('/')}/**/*{suffix}")
-    return [_display(f, source) for f in files]
+        named = ", ".join(shown(f) for f in json_files[:3]) + (", ..." if len(json_files) > 3 else "")
+        suffix = next(s for s in PARQUET_SUFFIXES if any(f.lower().endswith(s) for f in files))
+        raise SourceError(f"{shown_source}: the directory mixes {len(files) - len(json_files)} parquet and "
+                          f"{len(json_files)} JSON file(s) ({named}); name the data with a glob, e.g. "
+                          f"{shown_path}/**/*{suffix}")
+    return [DataFile(shown(f), f) for f in files]
 
 
 def plan_fragments(source: str, required_fields: tuple[str, ...] = ()) -> list[Fragment]:
     """Splits a source into fragments, checking every parquet footer and schema up front."""
     fragments: list[Fragment] = []
-    _, credentials, query = _split_uri(source)
-    for path in list_data_files(source):
-        if path.endswith(PARQUET_SUFFIXES):
-            fragments.extend(_parquet_fragments(path, credentials, query, required_fields))
-        elif path.endswith(JSON_SUFFIXES):
-            fragments.append(Fragment(path, "json", credentials=credentials, query=query))
+    for file in list_data_files(source):
+        if file.path.lower().endswith(PARQUET_SUFFIXES):
+            fragments.extend(_parquet_fragments(file, source, required_fields))
+        elif file.path.lower().endswith(JSON_SUFFIXES):
+            fragments.append(Fragment(file.path, "json", location=file.location, source=source))
         else:
-            raise SourceError(f"{path}: unknown file type; btrm reads parquet ({', '.join(PARQUET_SUFFIXES)}) "
+            raise SourceError(f"{file.path}: unknown file type; btrm reads parquet ({', '.join(PARQUET_SUFFIXES)}) "
                               f"and JSON ({', '.join(JSON_SUFFIXES)})")
     return fragments
 
 
-def _open_parquet(path: str, credentials: str, query: str) -> pq.ParquetFile:
-    fs, local = _filesystem(path, credentials, query)
+def _opened(fragment: Fragment) -> tuple[pafs.FileSystem, str]:
+    """The fragment's filesystem and its path there (a fragment made by hand: a local path)."""
+    if not fragment.source:
+        return pafs.LocalFileSystem(), os.path.abspath(fragment.path)
+    return _filesystem(fragment.source)[0], fragment.location
+
+
+def _open_parquet(fragment: Fragment) -> pq.ParquetFile:
+    fs, location = _opened(fragment)
     try:
-        return pq.ParquetFile(fs.open_input_file(local))
+        return pq.ParquetFile(fs.open_input_file(location))
     except (pa.ArrowException, OSError) as e:
-        raise SourceError(f"{path}: not a readable parquet file ({e}); is it truncated or of another format?") from e
+        raise SourceError(f"{fragment.path}: not a readable parquet file ({e}); is it truncated or of another "
+                          "format?") from e
 
 
-def _parquet_fragments(path: str, credentials: str, query: str, required_fields: tuple[str, ...]) -> list[Fragment]:
-    meta = _open_parquet(path, credentials, query).metadata
+def _parquet_fragments(file: DataFile, source: str, required_fields: tuple[str, ...]) -> list[Fragment]:
+    whole = Fragment(file.path, "parquet", location=file.location, source=source)
+    meta = _open_parquet(whole).metadata
     columns = set(meta.schema.to_arrow_schema().names)
     missing = [f for f in required_fields if f not in columns]
     if missing:
-        raise SourceError(f"{path}: missing column(s) {missing}; the file has {sorted(columns)}. "
+        raise SourceError(f"{file.path}: missing column(s) {missing}; the file has {sorted(columns)}. "
                           "Pick the processor for this data (--dataset_format / --custom_bt_dataset_name) "
                           "or convert it to the standard format")
     if meta.num_row_groups == 0:  # closed before any row was written (Spark's empty parts): the ledger names it
-        return [Fragment(path, "parquet", (), 0, 0, credentials, query)]
+        return [dataclasses.replace(whole, num_rows=0)]
     fragments, group, first, rows = [], [], 0, 0
     for i in range(meta.num_row_groups):
         group.append(i)
         rows += meta.row_group(i).num_rows
         if rows >= ROWS_PER_FRAGMENT or i == meta.num_row_groups - 1:
-            fragments.append(Fragment(path, "parquet", tuple(group), first, rows, credentials, query))
+            fragments.append(dataclasses.replace(whole, row_groups=tuple(group), first_row=first, num_rows=rows))
             group, first, rows = [], first + rows, 0
     return fragments
 
@@ -202,12 +259,16 @@ def read_fragment(fragment: Fragment, batch_rows: int) -> Iterator[tuple[Sequenc
 @dataclass(frozen=True)
 class BadRow:
     message: str
+    field: str | None = None
+
+
+DECODE_ERRORS = (UnicodeDecodeError, KeyError, pa.ArrowException)  # KeyError: a MAP's key twice
 
 
 def _read_parquet(fragment: Fragment, batch_rows: int) -> Iterator[tuple[Sequence[int], list[Any]]]:
     if fragment.num_rows == 0:  # no row groups: pyarrow would read every row group when given none
         return
-    parquet = _open_parquet(fragment.path, fragment.credentials, fragment.query)
+    parquet = _open_parquet(fragment)
     row = fragment.first_row
     try:
         for batch in parquet.iter_batches(batch_size=batch_rows, row_groups=list(fragment.row_groups)):
@@ -220,37 +281,60 @@ def _read_parquet(fragment: Fragment, batch_rows: int) -> Iterator[tuple[Sequenc
 def _decode_rows(batch: pa.RecordBatch) -> list[Any]:
     try:
         return batch.to_pylist(maps_as_pydicts="strict")  # a MAP column (say, messages from Spark) as dicts
-    except (UnicodeDecodeError, KeyError, pa.ArrowException):
+    except DECODE_ERRORS:
         # One bad value (say, invalid UTF-8) must not take its neighbours down: decode row by row.
         rows = []
         for i in range(batch.num_rows):
             try:
                 rows.append(batch.slice(i, 1).to_pylist(maps_as_pydicts="strict")[0])
-            except (UnicodeDecodeError, KeyError, pa.ArrowException) as e:  # KeyError: a map's key twice
-                rows.append(BadRow(f"cannot be decoded: {e}"))
+            except DECODE_ERRORS as e:
+                rows.append(_undecodable(batch.slice(i, 1), e))
         return rows
 
 
+def _undecodable(row: pa.RecordBatch, error: Exception) -> BadRow:
+    """The row's first column that cannot be decoded, named."""
+    for name, column in zip(row.schema.names, row.columns):
+        try:
+            column.to_pylist(maps_as_pydicts="strict")
+        except DECODE_ERRORS as e:
+            return BadRow(f"cannot be decoded: {e}", name)
+    return BadRow(f"cannot be decoded: {error}")
+
+
 def _read_json(fragment: Fragment, batch_rows: int) -> Iterator[tuple[Sequence[int], list[Any]]]:
-    fs, local = _filesystem(fragment.path, fragment.credentials, fragment.query)
+    fs, location = _opened(fragment)
     try:
         # pyarrow decompresses .gz (and other compressed suffixes) on the fly; JSONL is read line by line, so a
         # task holds one batch of rows, not the whole file.
-        with fs.open_input_stream(local) as stream:
+        with fs.open_input_stream(location) as stream:
             yield from _json_rows(fragment.path, io.BufferedReader(stream), batch_rows)
     except (pa.ArrowException, OSError) as e:
         raise SourceError(f"{fragment.path}: cannot be read ({e}); is it truncated or corrupt?") from e
 
 
 def _json_rows(path: str, lines: io.BufferedReader, batch_rows: int) -> Iterator[tuple[Sequence[int], list[Any]]]:
-    numbers, batch, first = [], [], True
-    for number, line in enumerate(lines):
-        if not line.strip():  # blank lines (a trailing newline, say) hold no row
+    numbered = enumerate(lines)
+    for number, line in numbered:  # to the first line that holds something: which layout is this?
+        if not line.strip():
             continue
-        if first and line.removeprefix(codecs.BOM_UTF8).lstrip()[:1] == b"[":
+        start = line.removeprefix(codecs.BOM_UTF8).lstrip()[:1]
+        if start == b"[":
             yield from _json_array_rows(path, line + lines.read(), batch_rows)  # the file is one JSON array
             return
-        first = False
+        if start == b"{" and isinstance(_json_line(line), BadRow):
+            rest = lines.read()  # one object written over several lines, or JSON lines whose first is broken?
+            _refuse_one_object(path, line + rest)
+            numbered = enumerate(io.BytesIO(rest), start=number + 1)
+        yield from _json_line_rows(itertools.chain([(number, line)], numbered), batch_rows)
+        return
+
+
+def _json_line_rows(numbered: Iterator[tuple[int, bytes]], batch_rows: int) -> Iterator[tuple[Sequence[int], list[Any]]]:
+    numbers, batch = [], []
+    for number, line in numbered:
+        if not line.strip():  # blank lines (a trailing newline, say) hold no row
+            continue
         numbers.append(number)
         batch.append(_json_line(line))
         if len(batch) == batch_rows:
@@ -258,6 +342,20 @@ def _json_rows(path: str, lines: io.BufferedReader, batch_rows: int) -> Iterator
             numbers, batch = [], []
     if batch:
         yield numbers, batch
+
+
+def _refuse_one_object(path: str, data: bytes) -> None:
+    """A file holding one JSON object (pretty-printed, say {"data": [...]}) is no rows of pairs: read line by
+    line, every line but a few would be dropped as broken JSON, and the ledger would not say why."""
+    try:
+        whole = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return  # JSON lines, the first one broken: dropped and named like any other
+    if isinstance(whole, dict):
+        lists = [key for key, value in whole.items() if isinstance(value, list)]
+        raise SourceError(f"{path}: one JSON object, not rows of pairs"
+                          + (f" (its field {lists[0]!r} holds a list)" if lists else "")
+                          + ": write one pair per line (JSON lines) or one JSON array of pairs")
 
 
 def _json_array_rows(path: str, data: bytes, batch_rows: int) -> Iterator[tuple[Sequence[int], list[Any]]]:

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from btrm.data import DataError
-from btrm.sources import SourceError, plan_fragments
+from btrm.sources import SourceError, plan_fragments, read_fragment
 from conftest import run_pipeline
 
 pytestmark = pytest.mark.usefixtures("ray_session")
@@ -74,6 +74,7 @@ def test_invalid_utf8_and_broken_json_lines_only_cost_their_own_row(qwen_tokeniz
     kept, ledger = run_pipeline(tmp_path / "utf8.parquet", qwen_tokenizer_dir)
     assert ledger["pairs"] == 2 and ledger["dropped"]["invalid"] == 1
     assert ledger["examples"][0]["row"] == 1 and "cannot be decoded" in ledger["examples"][0]["message"]
+    assert ledger["examples"][0]["field"] == "answer"
 
     # Valid JSON escapes of a lone surrogate (text cut inside an emoji), in an answer and in an id.
     cut_emoji = {"chosen": Q + [{"role": "assistant", "content": "Seven \ud83d"}], "rejected": Q + [B]}
@@ -124,10 +125,13 @@ def test_files_that_cannot_be_read_fail_early_naming_the_file(hh_helpful, tmp_pa
         "empty_dir": "the directory holds no data files",
         "absent.parquet": "no such file or directory",
         "*.nothing": "the pattern matches no files",
+        "pretty.json": "one JSON object, not rows of pairs (its field 'data' holds a list): write one pair per line",
     }
+    (tmp_path / "pretty.json").write_text(json.dumps({"data": [{"chosen": [], "rejected": []}] * 2}, indent=2))
     for name, words in cases.items():
         with pytest.raises(SourceError) as error:
-            plan_fragments(str(tmp_path / name), ("chosen", "rejected"))
+            [rows for fragment in plan_fragments(str(tmp_path / name), ("chosen", "rejected"))
+             for rows in read_fragment(fragment, 100)]  # (a JSON file is first read by the task that reads it)
         assert words in str(error.value) and str(tmp_path) in str(error.value), name
 
 

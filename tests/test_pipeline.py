@@ -9,6 +9,7 @@ import os
 import random
 import textwrap
 
+import pyarrow as pa
 import pytest
 from transformers import AutoTokenizer
 
@@ -173,7 +174,7 @@ def test_directories_and_globs_leave_out_hidden_files_and_wildcards_stay_in_thei
                  "_temporary/0/part-0.jsonl", ".hidden.jsonl", "sub/_partial.jsonl"):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text("{}\n")
-    found = lambda source: [os.path.relpath(f, tmp_path) for f in list_data_files(str(source))]  # noqa: E731
+    found = lambda source: [os.path.relpath(f.path, tmp_path) for f in list_data_files(str(source))]  # noqa: E731
     assert found(tmp_path) == ["sub/more.jsonl", "train.jsonl"]
     assert found(tmp_path / "*.jsonl") == ["train.jsonl"]  # not the same names one folder down
     assert found(tmp_path / "**" / "*.jsonl") == ["sub/more.jsonl", "train.jsonl"]
@@ -188,6 +189,32 @@ def test_directories_and_globs_leave_out_hidden_files_and_wildcards_stay_in_thei
                                           r"with a glob, e.g. .*shards/\*\*/\*.parquet"):
         list_data_files(str(shards))
     assert found(shards / "**" / "*.parquet") == ["shards/part-0.parquet", "shards/part-1.parquet"]
+
+
+def test_uri_sources_show_their_files_as_given_and_open_them_where_they_are(tmp_path, capsys):
+    """A URI source (file:// here: the path s3://, gs://, hdfs:// and abfs:// sources take) names each file under
+    the URI the user gave, and its readers open it in that URI's filesystem; a directory says which files it
+    does not read. A URI's user part is a secret only with a password in it: abfs's container and hdfs's user
+    say where the data is."""
+    from btrm.sources import Fragment, _opened, list_data_files, plan_fragments, read_fragment, without_credentials
+
+    (tmp_path / "data" / "sub").mkdir(parents=True)
+    (tmp_path / "data" / "sub" / "a.JSONL").write_text('{"n": 1}\n')
+    (tmp_path / "data" / "b.jsonl.zst").write_bytes(pa.Codec("zstd").compress(b'{"n": 2}\n', asbytes=True))
+    (tmp_path / "data" / "notes.md").write_text("how the pairs were made")
+    uri = f"file://{tmp_path}/data"
+    assert [f.path for f in list_data_files(uri)] == [f"{uri}/b.jsonl.zst", f"{uri}/sub/a.JSONL"]
+    assert f"{uri}: 1 file(s) neither parquet nor JSON, not read: {uri}/notes.md" in capsys.readouterr().out
+    fragments = plan_fragments(f"{uri}/*/*.JSONL")
+    assert [f.path for f in fragments] == [f"{uri}/sub/a.JSONL"]
+    assert [rows for f in fragments for _, rows in read_fragment(f, 10)] == [[{"n": 1}]]
+    container = "abfs://pairs@account.dfs.core.windows.net/hh"
+    assert without_credentials(container) == container
+    assert without_credentials("hdfs://alice@namenode:8020/hh") == "hdfs://alice@namenode:8020/hh"
+    assert without_credentials("abfs://:K3Y@account.dfs.core.windows.net/pairs") == "abfs://***@account.dfs.core.windows.net/pairs"
+    filesystem, location = _opened(Fragment(f"{container}/part-0.parquet", "parquet", location="pairs/hh/part-0.parquet",
+                                            source=container))
+    assert filesystem.__reduce__()[1][0]["account_name"] == "account" and location == "pairs/hh/part-0.parquet"
 
 
 def helpsteer3_rows(pairs, seed=0):
