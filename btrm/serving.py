@@ -223,6 +223,13 @@ class FlatToolCall(FunctionCall):
     type: Literal["function"] = "function"
 
 
+class TextPart(_Strict):
+    """OpenAI's text content part: a message's content may be a list of them (joined by newlines, as in training)."""
+
+    type: Literal["text"]
+    text: Annotated[str, AfterValidator(_unicode)]
+
+
 def _call_layout(value: Any) -> str:
     return "<flat>" if isinstance(value, dict) and "function" not in value and "name" in value else "<wrapped>"
 
@@ -232,7 +239,7 @@ def _call_layout(value: Any) -> str:
 # members' types in the others (tools, arguments: an object or a JSON string). invalid_request drops them, so
 # that a loc is the path into the JSON sent.
 UNION_TAGS = frozenset({"<wrapped>", "<flat>", "<text>", "<message>", "<pair>", "<batch>", "str", "dict[str,any]",
-                        "list[dict[str,any]]"})
+                        "list[dict[str,any]]", "list[TextPart]"})
 
 # Told apart by the "function" key, so that a bad call's errors name the fields of the layout it meant.
 AnyToolCall = Annotated[Annotated[ToolCall, Tag("<wrapped>")] | Annotated[FlatToolCall, Tag("<flat>")],
@@ -245,7 +252,7 @@ class Message(_Strict):
 
     # "function": OpenAI's older function result, read as a tool message (as_message), as training reads it.
     role: Literal[(*ROLES, "function")]  # type: ignore[valid-type]
-    content: Annotated[str, AfterValidator(_unicode)] | None = None
+    content: Annotated[str, AfterValidator(_unicode)] | list[TextPart] | None = None
     tool_calls: list[AnyToolCall] | None = None
     reasoning_content: Annotated[str, AfterValidator(_unicode)] | None = Field(
         None, description="An assistant's thinking, apart from its answer (rendered as the chat template does).")

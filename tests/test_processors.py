@@ -78,6 +78,12 @@ def weather_call(arguments, **layout):
     ({"chosen": PROMPT + [dict(GOOD, audio={"id": "a1", "transcript": "Paris."})], "rejected": PROMPT + [BAD]},
      "chosen[1].audio", "transcript as content"),
     ({"chosen": PROMPT + [dict(GOOD, refusal="I can't say.")], "rejected": PROMPT + [BAD]}, "chosen[1].refusal", "not both"),
+    ({"chosen": PROMPT + [dict(GOOD, content=[{"type": "image_url", "image_url": {"url": "x"}}])],
+      "rejected": PROMPT + [BAD]}, "chosen[1].content[0]", "a part of type 'image_url' cannot be read by a text model"),
+    ({"chosen": PROMPT + [dict(GOOD, content=[{"type": "text", "text": None}])], "rejected": PROMPT + [BAD]},
+     "chosen[1].content[0].text", "string"),
+    ({"chosen": [{"role": "user", "content": ""}, GOOD], "rejected": [{"role": "user", "content": ""}, BAD]},
+     "chosen[0].content", "empty"),
     ({"chosen": PROMPT + [weather_call({}, function_call={"name": "get_weather", "arguments": "{}"})],
       "rejected": PROMPT + [BAD]}, "chosen[1].function_call", "not both"),
 ])
@@ -97,6 +103,15 @@ def test_a_tool_reply_may_be_empty_and_the_older_function_reply_is_one():
     silent = {"role": "tool", "content": None, "tool_call_id": "call_1"}
     pair = validate_pair({"chosen": [ASK, weather_call({}), silent, GOOD], "rejected": [ASK, weather_call({}), silent, BAD]})
     assert pair["chosen"][2] == {"role": "tool", "content": "", "tool_call_id": "call_1"}
+
+
+def test_text_content_parts_and_an_empty_system_prompt_are_read_as_chat_templates_render_them():
+    """OpenAI's list of content parts (text only) is the text, joined by newlines; an empty system prompt, common
+    in exports, is kept as it was given (a user or assistant turn must say something)."""
+    system = {"role": "system", "content": ""}
+    parts = {"role": "user", "content": [{"type": "text", "text": "How do I boil"}, {"type": "text", "text": "an egg?"}]}
+    pair = validate_pair({"chosen": [system, parts, GOOD], "rejected": [system, parts, BAD]})
+    assert pair["chosen"][:2] == [system, {"role": "user", "content": "How do I boil\nan egg?"}]
 
 
 def test_identical_answers_are_dropped_not_invalid():

@@ -210,11 +210,20 @@ def test_messages_from_an_openai_response_score_as_they_came(service):
         result = {"name": "search", "content": "France beat Brazil 3-0 in the final."}
         function, tool = (client.post("/score", json={"messages": [ask, legacy_call, {"role": role, **result}],
                                                       "candidates": ["France."]}) for role in ("function", "tool"))
+        # Content as OpenAI's text parts is their text, joined by newlines (as training reads it).
+        parts = {"role": "user", "content": [{"type": "text", "text": "Who won the"}, {"type": "text", "text": "1998 World Cup?"}]}
+        as_parts, as_text = (client.post("/score", json={"messages": [message], "candidates": ["France."]})
+                             for message in (parts, {"role": "user", "content": "Who won the\n1998 World Cup?"}))
+        image = client.post("/score", json={"messages": [{"role": "user", "content": [{"type": "image_url", "text": "x"}]}],
+                                            "candidates": ["France."]})
     assert sent.status_code == expected.status_code == 200, (sent.text, expected.text)
     assert sent.json()["rewards"] == pytest.approx(expected.json()["rewards"], abs=1e-5)
     assert function.status_code == tool.status_code == 200, (function.text, tool.text)
     assert function.json()["rewards"] == pytest.approx(tool.json()["rewards"], abs=1e-5)
     assert audio.status_code == 422 and "transcript as content" in audio.text
+    assert as_parts.status_code == as_text.status_code == 200, (as_parts.text, as_text.text)
+    assert as_parts.json()["rewards"] == as_text.json()["rewards"]
+    assert image.status_code == 422 and '"loc":["body","messages",0,"content",0,"type"]' in image.text, image.text
 
 
 def test_overlong_prompt_is_cut_and_flagged(service, trained_model_dir):

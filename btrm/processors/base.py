@@ -114,9 +114,10 @@ def as_message(value: Any, field: str) -> dict[str, Any]:
         content = "" if content is None else content
     if role == "tool" and content is None:  # a tool that returned nothing
         content = ""
-    content = _string(content, f"{field}.content")
-    # A tool may return nothing, and a tool call may come without words; any other turn must say something.
-    if not content.strip() and role != "tool" and "tool_calls" not in message:
+    content = _text_content(content, f"{field}.content")
+    # A tool may return nothing, a tool call may come without words, and exports often carry an empty system
+    # prompt (rendered as given); any other turn must say something.
+    if not content.strip() and role not in ("tool", "system") and "tool_calls" not in message:
         raise RowError(f"{field}.content", "is empty")
     message["content"] = content
     # A reasoning model's thinking, kept apart from the answer (the Qwen3 template renders it in <think>).
@@ -193,6 +194,22 @@ def _plain_json(value: Any, top: str, field: str, depth: int) -> Any:
     if value is None or isinstance(value, (bool, int, float)):
         return value
     raise RowError(field, f"holds a {type(value).__name__}, which is not JSON")
+
+
+def _text_content(value: Any, field: str) -> str:
+    """A message's content: text, or OpenAI's list of content parts, text only, joined by newlines (as vLLM
+    joins them): chat templates render content that is a string."""
+    if not isinstance(value, (list, tuple)):
+        return _string(value, field)
+    texts = []
+    for i, part in enumerate(value):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind != "text":
+            what = f"a part of type {kind!r}" if kind else f"a {type(part).__name__}"
+            raise RowError(f"{field}[{i}]", f"{what} cannot be read by a text model: content is a string or a "
+                                            "list of text parts {'type': 'text', 'text': ...}")
+        texts.append(_string(part.get("text"), f"{field}[{i}].text"))
+    return "\n".join(texts)
 
 
 def _string(value: Any, field: str) -> str:
