@@ -236,10 +236,13 @@ class PairTokenizer:
         excess = len(prompt) + longest - self.spec.max_length
         if excess <= 0:
             return SharedPromptIds(prompt, tails, 0)
-        if self.spec.overlong == "drop":
+        if self.spec.overlong == "drop" or tools:
+            # Offered tools are defined where chat templates render them, at the conversation's start: a cut from
+            # the left would take them first, and leave calls to tools the model never sees defined.
+            why = " (the prompt offers tools, defined at its start: it is never cut)" if tools else ""
             raise AnswersTooLong(self._too_long(tails, len(prompt)),
                                  f"the prompt's {len(prompt)} tokens and the longest answer's {longest} are "
-                                 f"{len(prompt) + longest} > max_length {self.spec.max_length}")
+                                 f"{len(prompt) + longest} > max_length {self.spec.max_length}{why}")
         # Only the conversation before the answers is cut, from its left: what the answers share at their
         # start (their turn's opening, a common first sentence) belongs to them. An encoder's reward token
         # opens the sequence: it stays, and the cut starts right after it.

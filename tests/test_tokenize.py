@@ -87,6 +87,28 @@ def test_tool_use_templates_like_apply_chat_template_with_tools(qwen):
         assert tokenizer.encode_group(pair, tools).sequence(0) == qwen.apply_chat_template(words, tools=tools)["input_ids"]
 
 
+def test_a_prompt_that_offers_tools_is_never_cut(qwen):
+    """Templates define the offered tools at the conversation's start, which a cut from the left takes first:
+    a pair that offers tools and is too long is dropped as overlong, never left calling tools it never saw."""
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": "Today's weather in a city. " * 8,
+                                               "parameters": {"type": "object", "properties": {}}}}]
+    call = {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {"name": "get_weather",
+                                                                                                  "arguments": {}}}]}
+    pair = [PROMPT + [call], PROMPT + [{"role": "assistant", "content": "I cannot know."}]]
+    whole = PairTokenizer(qwen, TokenizationSpec(max_length=4096)).encode_group(pair, tools)
+    longest = len(whole.prompt_ids) + max(len(t) for t in whole.tails)
+    assert PairTokenizer(qwen, TokenizationSpec(max_length=longest)).encode_group(pair, tools) == whole
+    with pytest.raises(RowDropped, match=r"> max_length \d+ \(the prompt offers tools, defined at its start: it is "
+                                         r"never cut\)") as dropped:
+        PairTokenizer(qwen, TokenizationSpec(max_length=longest - 1)).encode_group(pair, tools)
+    assert dropped.value.reason == "overlong" and dropped.value.answers == [k for k, t in enumerate(whole.tails)
+                                                                            if len(whole.prompt_ids) + len(t) == longest]
+    plain = [pair[0][:-1] + [{"role": "assistant", "content": "Rain, 12 C."}], pair[1]]  # (without tools: cut)
+    untouched = PairTokenizer(qwen, TokenizationSpec(max_length=4096)).encode_group(plain)
+    shortest = len(untouched.prompt_ids) + max(len(t) for t in untouched.tails)
+    assert PairTokenizer(qwen, TokenizationSpec(max_length=shortest - 1)).encode_group(plain).truncated == 1
+
+
 def test_reasoning_content_reaches_the_template(qwen):
     """An answer's thinking kept apart (reasoning_content) lands in its <think> block, as apply_chat_template puts it."""
     from btrm.processors import validate_pair
