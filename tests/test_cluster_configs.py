@@ -46,6 +46,12 @@ def test_kuberay_rayjob_runs_a_real_entry_point_with_valid_options():
     flags = _train_flags(entrypoint)
     TrainConfig(**{k: v for k, v in flags.items()})  # every flag is an option of the training job
     assert flags["deepspeed"] in SHIPPED
+    # Every pod's /dev/shm is memory (Kubernetes gives 64 MB: NCCL within a pod and Ray's object store need more).
+    cluster = job["spec"]["rayClusterSpec"]
+    for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
+        pod = group["template"]["spec"]
+        shm = [m["name"] for c in pod["containers"] for m in c["volumeMounts"] if m["mountPath"] == "/dev/shm"]
+        assert [v["emptyDir"]["medium"] for v in pod["volumes"] if v["name"] in shm] == ["Memory"]
 
 
 def test_kuberay_rayservice_serves_the_repositorys_application():
