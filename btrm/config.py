@@ -11,6 +11,7 @@ import difflib
 import json
 import os
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence, TypeVar, get_type_hints
@@ -275,6 +276,18 @@ def check_job_output(option: str, path: str) -> None:
         raise SystemExit(f"{option} {path}: a relative path, and this Ray job runs in its unpacked copy of the "
                          f"working directory ({os.getcwd()}), which Ray deletes with the session: give an absolute "
                          "path on storage every node reads (or a cloud URI where the option takes one)")
+
+
+def check_writable(option: str, path: str) -> None:
+    """Refuses, before any work, a local output whose folder cannot be made or written in (a read-only mount,
+    a path through a file): found when the work is done, it would lose the results."""
+    folder = Path(path).expanduser().absolute().parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as e:
+        raise SystemExit(f"{option} {path}: cannot write in {folder} ({e.strerror or e}); give a path that can be "
+                         "written") from None
 
 
 def parse_config(cls: type[T], description: str, argv: Sequence[str] | None = None) -> T:

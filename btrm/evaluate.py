@@ -28,8 +28,8 @@ import ray
 import ray.data
 
 from btrm.batching import take
-from btrm.config import (SCORING_DTYPES, USE_GPU_CHOICES, DataOptions, check_job_output, gpus_wanted, option,
-                         parse_config)
+from btrm.config import (SCORING_DTYPES, USE_GPU_CHOICES, DataOptions, check_job_output, check_writable, gpus_wanted,
+                         option, parse_config)
 from btrm.data import DataSpec, bad_data_ends_the_job, build_pair_dataset, close_ledger, new_ledger
 from btrm.export import read_manifest
 from btrm.model import embedding_rows
@@ -309,7 +309,10 @@ def eval_tokenization(config: EvalConfig, manifest: dict[str, Any], model_config
             tokenization["chat_template"] = read_chat_template(config.chat_template)
         except FileNotFoundError as e:
             raise SystemExit(str(e)) from None
-    spec = TokenizationSpec(**tokenization)
+    try:
+        spec = TokenizationSpec(**tokenization)
+    except ValueError as e:  # (--max_length 4)
+        raise SystemExit(f"--max_length/--overlong: {e}") from None
     limit = getattr(model_config, "max_position_embeddings", None)
     if limit is not None and spec.max_length > limit:
         raise SystemExit(f"--max_length {spec.max_length} exceeds what {config.model_path} can read ({limit} positions)")
@@ -371,6 +374,7 @@ def run_evaluation(config: EvalConfig) -> dict[str, Any]:
     from transformers import AutoConfig
 
     check_job_output("--output", config.output)
+    check_writable("--output", config.output)  # now, not after the scoring
     model_path = str(Path(config.model_path).resolve())
     try:
         manifest = read_manifest(model_path)

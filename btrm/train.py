@@ -20,7 +20,7 @@ import ray.train
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from btrm.config import TrainConfig, check_job_output, gpus_wanted
+from btrm.config import TrainConfig, check_job_output, check_writable, gpus_wanted
 from btrm.data import DataSpec, build_pair_dataset, close_ledger, new_ledger, split_by_question
 from btrm.deepspeed_configs import fill_deepspeed_config, load_deepspeed_config
 from btrm.export import check_replaceable, publish_dir
@@ -145,6 +145,7 @@ def run_training(config: TrainConfig) -> ray.train.Result:
     storage_path = config.storage_path if "://" in config.storage_path else os.path.abspath(config.storage_path)
     check_run_directory(storage_path, config.run_name, config.resume)
     check_replaceable(config.output_path)  # now, not after the training it would take to find out
+    check_writable("--output_path", config.output_path)
     config.tracking_dir = os.path.abspath(config.tracking_dir)  # workers have another working directory
     model_path = resolve_model_path(config.model_name)
     try:
@@ -246,7 +247,12 @@ def run_training(config: TrainConfig) -> ray.train.Result:
     )
     result = trainer.fit()
     checkpoint = result.checkpoint
-    destination = publish_dir(f"{checkpoint.path}/{EXPORT_DIR}", config.output_path, filesystem=checkpoint.filesystem)
+    exported = f"{checkpoint.path}/{EXPORT_DIR}"
+    try:
+        destination = publish_dir(exported, config.output_path, filesystem=checkpoint.filesystem)
+    except OSError as e:  # (out of disk, say): the trained model is safe in the checkpoint
+        raise SystemExit(f"--output_path {config.output_path}: the model could not be written there ({e}); it is "
+                         f"whole in the run's last checkpoint: copy {exported} from --storage_path") from None
     metrics = result.metrics or {}
     if "eval/accuracy" in metrics:
         before = metrics.get("eval/accuracy_before_training")

@@ -359,6 +359,12 @@ def test_options_are_checked_before_any_work(trained_model_dir, tiny_qwen_dir, t
         main(["--model_path", tiny_qwen_dir, "--data_path", "x.parquet", "--output", str(tmp_path / "s.parquet")])
     with pytest.raises(SystemExit, match="4096 positions"):
         main(["--model_path", str(trained_model_dir), "--data_path", "x.parquet", "--max_length", "5000"])
+    with pytest.raises(SystemExit, match="--max_length/--overlong: max_length must be at least 8 tokens, got 4"):
+        main(["--model_path", str(trained_model_dir), "--data_path", "x.parquet", "--max_length", "4"])
+    # An output that cannot be written is found now, not after the scoring.
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit, match=f"--output {tmp_path}/file/s.jsonl: cannot write in {tmp_path}/file "):
+        main(["--model_path", str(trained_model_dir), "--data_path", "x.parquet", "--output", str(tmp_path / "file" / "s.jsonl")])
 
 
 def test_job_script_is_the_cli():
