@@ -85,10 +85,16 @@ if token_file:  # read where the application is built, on any node; without it t
 open(path, "w").write(yaml.safe_dump(config, sort_keys=False))
 EOF
 serve deploy -a "$RAY_ADDRESS" "$SERVE_CONFIG"
-while true; do   # the application goes DEPLOYING → RUNNING once its replicas have loaded the model
+# The application goes DEPLOYING → RUNNING once its replicas have loaded the model; a GPU node that never
+# starts (quota, capacity) would keep it DEPLOYING: give up after SERVE_WAIT_S (default 30 minutes).
+deadline=$((SECONDS + ${SERVE_WAIT_S:-1800}))
+while true; do
     status="$(serve status -a "$RAY_ADDRESS" -n btrm)"   # this application's only: the cluster may run others
     grep -q "^status: RUNNING" <<<"$status" && break
     if grep -q "^status: DEPLOY_FAILED" <<<"$status"; then echo "$status"; exit 1; fi
+    if ((SECONDS > deadline)); then
+        echo "$status"; echo "btrm: not RUNNING after ${SERVE_WAIT_S:-1800} s (are GPU nodes starting? ray status)"; exit 1
+    fi
     sleep 10
 done
 echo "$status"
