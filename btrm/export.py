@@ -15,6 +15,7 @@ import json
 import math
 import os
 import shutil
+import socket
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
@@ -120,6 +121,9 @@ def exchange(a: Path, b: Path) -> bool:
 
 def read_manifest(model_dir: str | Path) -> dict[str, Any]:
     path = Path(model_dir) / MANIFEST
+    if not Path(model_dir).is_dir():  # (on a cluster, replicas and scoring actors read it on their own nodes)
+        raise FileNotFoundError(f"{model_dir}: no such directory on {socket.gethostname()}; on a cluster, a model "
+                                "must be where every node reads it (shared storage)")
     if not path.is_file():
         raise FileNotFoundError(f"{model_dir}: no {MANIFEST}; is this a model exported by btrm?")
     return json.loads(path.read_text())

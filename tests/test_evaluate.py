@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import socket
 import re
 import subprocess
 import sys
@@ -357,6 +358,9 @@ def test_options_are_checked_before_any_work(trained_model_dir, tiny_qwen_dir, t
                           AutoConfig.from_pretrained(trained_model_dir))
     with pytest.raises(SystemExit, match="--model_path .*: no btrm.json; is this a model exported by btrm"):
         main(["--model_path", tiny_qwen_dir, "--data_path", "x.parquet", "--output", str(tmp_path / "s.parquet")])
+    with pytest.raises(SystemExit, match=f"--model_path {tmp_path}/absent: no such directory on {socket.gethostname()}; "
+                                         "on a cluster, a model must be where every node reads it"):
+        main(["--model_path", str(tmp_path / "absent"), "--data_path", "x.parquet", "--output", str(tmp_path / "s.parquet")])
     with pytest.raises(SystemExit, match="4096 positions"):
         main(["--model_path", str(trained_model_dir), "--data_path", "x.parquet", "--max_length", "5000"])
     with pytest.raises(SystemExit, match="--max_length/--overlong: max_length must be at least 8 tokens, got 4"):
