@@ -196,7 +196,7 @@ class TrainConfig(DataOptions):
                 raise ValueError(f"--{name} must be at least 1")
         for name in ("eval_steps", "save_steps", "max_failures", "learning_rate", "weight_decay", "max_grad_norm",
                      "center_rewards_coefficient"):
-            if getattr(self, name) < 0:
+            if not getattr(self, name) >= 0:  # (NaN too)
                 raise ValueError(f"--{name} must be at least 0")
         if self.max_steps == 0 or self.max_steps < -1:
             raise ValueError(f"--max_steps must be at least 1, or -1 (--num_train_epochs decides), got {self.max_steps}")

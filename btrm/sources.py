@@ -15,6 +15,7 @@ import io
 import itertools
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
@@ -100,7 +101,7 @@ def _glob_match(parts: Sequence[str], pattern: Sequence[str], folder: bool = Fal
     component, ``**`` spans any number of them, and only a pattern that names it matches a hidden name.
     ``folder``: whether files below the folder ``parts`` can match (so the folder is worth listing)."""
     if not parts and folder:
-        return True
+        return bool(pattern)  # (a pattern used up: nothing below this folder can match)
     if not pattern:
         return not parts
     if pattern[0] == "**":
@@ -121,23 +122,27 @@ def glob_matches(pattern: str, path: str) -> bool:
     return _glob_match(os.path.abspath(path).split("/"), os.path.abspath(pattern).split("/"))
 
 
+# Folders listed at once (each listing a round trip to an object store: a Hive-partitioned tree has thousands).
+LISTING_THREADS = 16
+
+
 def _files_below(fs: pafs.FileSystem, folder: str, wanted_file: Callable[[str], bool],
                  wanted_folder: Callable[[str], bool], shown: Callable[[str], str]) -> list[str]:
-    """The files below ``folder`` that are wanted, listing only the folders that are: one folder at a time, so
-    that a hidden tree (.git/, Spark's _temporary/) or one a pattern cannot reach is never read, and a folder
-    that cannot be listed is named."""
-    files, pending = [], [folder]
-    while pending:
-        folder = pending.pop()
+    """The files below ``folder`` that are wanted, listing only the folders that are, a level at a time: a
+    hidden tree (.git/, Spark's _temporary/) or one a pattern cannot reach is never read, and a folder that
+    cannot be listed is named."""
+    def listing(folder: str) -> list[pafs.FileInfo]:
         try:
-            infos = fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
+            return fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
         except OSError as e:  # (pyarrow's errors: PermissionError, a network error, ...)
             raise SourceError(f"{shown(folder)}: cannot be listed ({e})") from e
-        for info in infos:
-            if info.type == pafs.FileType.File and wanted_file(info.path):
-                files.append(info.path)
-            elif info.type == pafs.FileType.Directory and wanted_folder(info.path):
-                pending.append(info.path)
+
+    files, level = [], [folder]
+    with ThreadPoolExecutor(LISTING_THREADS) as pool:
+        while level:
+            infos = [info for listed in pool.map(listing, level) for info in listed]
+            files += [info.path for info in infos if info.type == pafs.FileType.File and wanted_file(info.path)]
+            level = [info.path for info in infos if info.type == pafs.FileType.Directory and wanted_folder(info.path)]
     return sorted(files)
 
 
@@ -145,15 +150,19 @@ def list_data_files(source: str) -> list[DataFile]:
     """The data files a source names: a file, a directory (recursively, leaving out hidden files and
     folders: names starting with . or _), or a glob. Files of other types in a directory are named in a note."""
     shown_source, _, _ = _split_uri(source)
-    fs, path = _filesystem(source)
+    local = "://" not in source
+    try:
+        fs, path = _filesystem(source)
+    except (pa.ArrowException, OSError) as e:
+        raise SourceError(f"{shown_source}: cannot be read ({e})") from e
     path = path.rstrip("/") or path
     glob_at = min((path.index(ch) for ch in "*?[" if ch in path), default=None)
     # The folder the listing starts from, in the filesystem and as shown: the source's path there and its
-    # shown form end in the same components (s3://bucket/a → bucket/a; abfs://c@account/a → c/a).
-    top = path if glob_at is None else path[:glob_at].rsplit("/", 1)[0]
+    # shown form end in the same components (s3://bucket/a → bucket/a; abfs://c@account/a → c/a), counted by
+    # component (pyarrow decodes %20 and the like, the shown form keeps them).
+    top = path if glob_at is None else path[:glob_at].rsplit("/", 1)[0] or ("/" if local else "")
     shown_path = shown_source.rstrip("/")
-    shown_top = shown_path[: len(shown_path) - (len(path) - len(top))]
-    local = "://" not in source
+    shown_top = shown_path.rsplit("/", path[len(top):].strip("/").count("/") + 1)[0] if top != path else shown_path
 
     def shown(location: str) -> str:
         return location if local else shown_top + location[len(top):]
@@ -168,7 +177,10 @@ def list_data_files(source: str) -> list[DataFile]:
         if not files:
             raise SourceError(f"{shown_source}: the pattern matches no files")
         return [DataFile(shown(f), f) for f in files]
-    info = fs.get_file_info(path)
+    try:
+        info = fs.get_file_info(path)
+    except (pa.ArrowException, OSError) as e:
+        raise SourceError(f"{shown_source}: cannot be read ({e})") from e
     if info.type == pafs.FileType.NotFound:
         raise SourceError(f"{shown_source}: no such file or directory")
     if info.type == pafs.FileType.File:
@@ -307,10 +319,16 @@ def _read_json(fragment: Fragment, batch_rows: int) -> Iterator[tuple[Sequence[i
     try:
         # pyarrow decompresses .gz (and other compressed suffixes) on the fly; JSONL is read line by line, so a
         # task holds one batch of rows, not the whole file.
-        with fs.open_input_stream(location) as stream:
+        with fs.open_input_stream(location, compression=_compression(location)) as stream:
             yield from _json_rows(fragment.path, io.BufferedReader(stream), batch_rows)
     except (pa.ArrowException, OSError) as e:
         raise SourceError(f"{fragment.path}: cannot be read ({e}); is it truncated or corrupt?") from e
+
+
+def _compression(location: str) -> str | None:
+    # (pyarrow's own detection goes by the suffix as written: X.JSONL.GZ would be read as its gzip bytes)
+    suffix = location.lower().rsplit(".", 1)[-1]
+    return {"gz": "gzip", "bz2": "bz2", "zst": "zstd"}.get(suffix)
 
 
 def _json_rows(path: str, lines: io.BufferedReader, batch_rows: int) -> Iterator[tuple[Sequence[int], list[Any]]]:
@@ -323,9 +341,15 @@ def _json_rows(path: str, lines: io.BufferedReader, batch_rows: int) -> Iterator
             yield from _json_array_rows(path, line + lines.read(), batch_rows)  # the file is one JSON array
             return
         if start == b"{" and isinstance(_json_line(line), BadRow):
-            rest = lines.read()  # one object written over several lines, or JSON lines whose first is broken?
-            _refuse_one_object(path, line + rest)
-            numbered = enumerate(io.BytesIO(rest), start=number + 1)
+            # One object written over several lines, or JSON lines whose first is broken? The next line tells,
+            # without reading a large file whole: only an object's own lines do not parse alone.
+            following = next(((n, text) for n, text in numbered if text.strip()), None)
+            if following is None or isinstance(_json_line(following[1]), BadRow):
+                rest = (following[1] if following else b"") + lines.read()
+                _refuse_one_object(path, line + rest)
+                numbered = enumerate(io.BytesIO(rest), start=following[0] if following else number + 1)
+            else:
+                numbered = itertools.chain([following], numbered)
         yield from _json_line_rows(itertools.chain([(number, line)], numbered), batch_rows)
         return
 

@@ -186,6 +186,10 @@ def test_byte_order_marks_map_columns_and_rows_a_processor_leaves_empty(qwen_tok
     (tmp_path / "rows.jsonl").write_text(f"{json.dumps(rows[0])}\n\n[1, 2]\n{json.dumps(rows[1])}\n")
     read = list(read_fragment(Fragment(str(tmp_path / "rows.jsonl"), "json"), 2))
     assert read == [([0, 2], [rows[0], [1, 2]]), ([3], [rows[1]])]
+    # A broken first line is one bad row, not a file read whole as one object.
+    (tmp_path / "broken.jsonl").write_text('{"chosen": [\n\n' + "".join(json.dumps(r) + "\n" for r in rows))
+    [(numbers, read)] = read_fragment(Fragment(str(tmp_path / "broken.jsonl"), "json"), 10)
+    assert numbers == [0, 2, 3] and type(read[0]).__name__ == "BadRow" and read[1:] == rows
     message = pa.map_(pa.string(), pa.string())  # messages as Spark writes a map<string,string> column
     table = pa.table({side: pa.array([[list(m.items()) for m in row[side]] for row in rows], pa.list_(message))
                       for side in ("chosen", "rejected")})

@@ -200,14 +200,16 @@ def test_uri_sources_show_their_files_as_given_and_open_them_where_they_are(tmp_
 
     (tmp_path / "data" / "sub").mkdir(parents=True)
     (tmp_path / "data" / "sub" / "a.JSONL").write_text('{"n": 1}\n')
+    (tmp_path / "data" / "sub" / "c d.JSONL.GZ").write_bytes(gzip.compress(b'{"n": 3}\n'))
     (tmp_path / "data" / "b.jsonl.zst").write_bytes(pa.Codec("zstd").compress(b'{"n": 2}\n', asbytes=True))
     (tmp_path / "data" / "notes.md").write_text("how the pairs were made")
     uri = f"file://{tmp_path}/data"
-    assert [f.path for f in list_data_files(uri)] == [f"{uri}/b.jsonl.zst", f"{uri}/sub/a.JSONL"]
+    assert [f.path for f in list_data_files(uri)] == [f"{uri}/b.jsonl.zst", f"{uri}/sub/a.JSONL", f"{uri}/sub/c d.JSONL.GZ"]
     assert f"{uri}: 1 file(s) neither parquet nor JSON, not read: {uri}/notes.md" in capsys.readouterr().out
-    fragments = plan_fragments(f"{uri}/*/*.JSONL")
-    assert [f.path for f in fragments] == [f"{uri}/sub/a.JSONL"]
-    assert [rows for f in fragments for _, rows in read_fragment(f, 10)] == [[{"n": 1}]]
+    fragments = plan_fragments(f"{uri}/*/*.JSONL*")
+    assert [rows for f in fragments for _, rows in read_fragment(f, 10)] == [[{"n": 1}], [{"n": 3}]]
+    # pyarrow decodes a URI's %20; the files are still shown under the URI as given.
+    assert [f.path for f in list_data_files(f"{uri}/*/c%20*")] == [f"{uri}/sub/c d.JSONL.GZ"]
     container = "abfs://pairs@account.dfs.core.windows.net/hh"
     assert without_credentials(container) == container
     assert without_credentials("hdfs://alice@namenode:8020/hh") == "hdfs://alice@namenode:8020/hh"

@@ -79,7 +79,7 @@ def weather_call(arguments, **layout):
      "chosen[1].audio", "transcript as content"),
     ({"chosen": PROMPT + [dict(GOOD, refusal="I can't say.")], "rejected": PROMPT + [BAD]}, "chosen[1].refusal", "not both"),
     ({"chosen": PROMPT + [dict(GOOD, content=[{"type": "image_url", "image_url": {"url": "x"}}])],
-      "rejected": PROMPT + [BAD]}, "chosen[1].content[0]", "a part of type 'image_url' cannot be read by a text model"),
+      "rejected": PROMPT + [BAD]}, "chosen[1].content[0]", "a part of type 'image_url' cannot be read by a text model: give text parts only"),
     ({"chosen": PROMPT + [dict(GOOD, content=[{"type": "text", "text": None}])], "rejected": PROMPT + [BAD]},
      "chosen[1].content[0].text", "string"),
     ({"chosen": [{"role": "user", "content": ""}, GOOD], "rejected": [{"role": "user", "content": ""}, BAD]},

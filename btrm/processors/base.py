@@ -199,15 +199,19 @@ def _plain_json(value: Any, top: str, field: str, depth: int) -> Any:
 def _text_content(value: Any, field: str) -> str:
     """A message's content: text, or OpenAI's list of content parts, text only, joined by newlines (as vLLM
     joins them): chat templates render content that is a string."""
+    if hasattr(value, "tolist") and not isinstance(value, str):  # a numpy array (pandas rows)
+        value = value.tolist()
     if not isinstance(value, (list, tuple)):
         return _string(value, field)
     texts = []
     for i, part in enumerate(value):
         kind = part.get("type") if isinstance(part, dict) else None
+        if kind is None:
+            raise RowError(f"{field}[{i}]", "must be a text part {'type': 'text', 'text': ...} (content is a string "
+                                            f"or a list of them), got {type(part).__name__}")
         if kind != "text":
-            what = f"a part of type {kind!r}" if kind else f"a {type(part).__name__}"
-            raise RowError(f"{field}[{i}]", f"{what} cannot be read by a text model: content is a string or a "
-                                            "list of text parts {'type': 'text', 'text': ...}")
+            raise RowError(f"{field}[{i}]", f"a part of type {kind!r} cannot be read by a text model: give text "
+                                            "parts only")
         texts.append(_string(part.get("text"), f"{field}[{i}].text"))
     return "\n".join(texts)
 
