@@ -188,13 +188,13 @@ def list_data_files(source: str) -> list[DataFile]:
     found = _files_below(fs, path, lambda f: not _hidden(f.rsplit("/", 1)[-1]),
                          lambda d: not _hidden(d.rsplit("/", 1)[-1]), shown)
     files = [f for f in found if _is_data_file(f)]
+    others = [shown(f) for f in found if not _is_data_file(f)]
+    named = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
     if not files:
         raise SourceError(f"{shown_source}: the directory holds no data files "
-                          f"({', '.join(PARQUET_SUFFIXES + JSON_SUFFIXES)})")
-    others = [shown(f) for f in found if not _is_data_file(f)]
+                          f"({', '.join(PARQUET_SUFFIXES + JSON_SUFFIXES)})" + (f"; it holds {named}" if others else ""))
     if others:  # (a README beside the shards, or data in a format btrm does not read: say which)
-        print(f"[btrm] {shown_source}: {len(others)} file(s) neither parquet nor JSON, not read: "
-              + ", ".join(others[:5]) + (", ..." if len(others) > 5 else ""), flush=True)
+        print(f"[btrm] {shown_source}: {len(others)} file(s) neither parquet nor JSON, not read: {named}", flush=True)
     json_files = [f for f in files if f.lower().endswith(JSON_SUFFIXES)]
     if json_files and len(json_files) < len(files):
         # Parquet shards with JSON beside them: most likely metadata (dataset_info.json, a manifest) that

@@ -117,12 +117,16 @@ def test_files_that_cannot_be_read_fail_early_naming_the_file(hh_helpful, tmp_pa
     (tmp_path / "text.parquet").write_text("chosen,rejected\na,b\n")
     pq.write_table(pa.table({"prompt": ["q"], "answer": ["a"]}), tmp_path / "schema.parquet")
     (tmp_path / "empty_dir").mkdir()
+    (tmp_path / "arrow_dir").mkdir()
+    (tmp_path / "arrow_dir" / "data-00000-of-00001.arrow").write_bytes(b"")  # a datasets cache, say
     cases = {
         "truncated.parquet": "not a readable parquet file",
         "empty.parquet": "not a readable parquet file",
         "text.parquet": "not a readable parquet file",
         "schema.parquet": "missing column(s) ['chosen', 'rejected']; the file has ['answer', 'prompt']",
         "empty_dir": "the directory holds no data files",
+        "arrow_dir": f"the directory holds no data files (.parquet, .pq, .jsonl, .jsonl.gz, .jsonl.bz2, .jsonl.zst, "
+                     f".json, .json.gz, .json.bz2, .json.zst); it holds {tmp_path}/arrow_dir/data-00000-of-00001.arrow",
         "absent.parquet": "no such file or directory",
         "*.nothing": "the pattern matches no files",
         "pretty.json": "one JSON object, not rows of pairs (its field 'data' holds a list): write one pair per line",
