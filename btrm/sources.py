@@ -137,12 +137,33 @@ def _files_below(fs: pafs.FileSystem, folder: str, wanted_file: Callable[[str], 
         except OSError as e:  # (pyarrow's errors: PermissionError, a network error, ...)
             raise SourceError(f"{shown(folder)}: cannot be listed ({e})") from e
 
+    seen: set[str] = set()
+    again: list[str] = []
+
+    def first_time(path: str) -> bool:
+        # Local symbolic links: a folder linked twice (latest -> v3 beside v3/) would give its pairs twice, and a
+        # link to a folder above loops. What a link leads to is read once, where it is first found.
+        if not isinstance(fs, pafs.LocalFileSystem):
+            return True
+        real = os.path.realpath(path)
+        if real in seen:
+            again.append(path)
+            return False
+        seen.add(real)
+        return True
+
+    first_time(folder)
     files, level = [], [folder]
     with ThreadPoolExecutor(LISTING_THREADS) as pool:
         while level:
-            infos = [info for listed in pool.map(listing, level) for info in listed]
-            files += [info.path for info in infos if info.type == pafs.FileType.File and wanted_file(info.path)]
-            level = [info.path for info in infos if info.type == pafs.FileType.Directory and wanted_folder(info.path)]
+            infos = sorted((info for listed in pool.map(listing, level) for info in listed), key=lambda i: i.path)
+            files += [info.path for info in infos
+                      if info.type == pafs.FileType.File and wanted_file(info.path) and first_time(info.path)]
+            level = [info.path for info in infos
+                     if info.type == pafs.FileType.Directory and wanted_folder(info.path) and first_time(info.path)]
+    if again:
+        print(f"[btrm] {shown(folder)}: {len(again)} path(s) lead where an earlier one did (symbolic links), not "
+              f"read again: {', '.join(shown(p) for p in again[:5])}" + (", ..." if len(again) > 5 else ""), flush=True)
     return sorted(files)
 
 

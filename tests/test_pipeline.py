@@ -167,7 +167,7 @@ def test_a_cloud_source_opens_every_file_with_the_credentials_and_options_of_its
     assert "s3cret" not in str(missing.value) + json.dumps(ledger, default=str)
 
 
-def test_directories_and_globs_leave_out_hidden_files_and_wildcards_stay_in_their_folder(tmp_path):
+def test_directories_and_globs_leave_out_hidden_files_and_wildcards_stay_in_their_folder(tmp_path, capsys):
     from btrm.sources import SourceError, list_data_files
 
     for name in ("train.jsonl", "sub/more.jsonl", ".ipynb_checkpoints/train-checkpoint.jsonl",
@@ -189,6 +189,16 @@ def test_directories_and_globs_leave_out_hidden_files_and_wildcards_stay_in_thei
                                           r"with a glob, e.g. .*shards/\*\*/\*.parquet"):
         list_data_files(str(shards))
     assert found(shards / "**" / "*.parquet") == ["shards/part-0.parquet", "shards/part-1.parquet"]
+    # What symbolic links lead to is read once: a folder linked beside itself, a link to a folder above (a loop).
+    linked = tmp_path / "linked"
+    (linked / "v3").mkdir(parents=True)
+    (linked / "v3" / "part-0.jsonl").write_text("{}\n")
+    (linked / "latest").symlink_to("v3")
+    (linked / "v3" / "up").symlink_to("..")
+    capsys.readouterr()
+    assert found(linked) == found(linked / "**" / "*.jsonl") == ["linked/latest/part-0.jsonl"]
+    assert f"{linked}: 2 path(s) lead where an earlier one did (symbolic links), not read again: {linked}/v3, " in \
+        capsys.readouterr().out
 
 
 def test_uri_sources_show_their_files_as_given_and_open_them_where_they_are(tmp_path, capsys):
