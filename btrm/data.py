@@ -27,7 +27,8 @@ import ray
 from btrm.config import uploaded_working_dir
 from btrm.export import model_on_this_node
 from btrm.processors import ProcessorError, RowDropped, RowError, load_processor
-from btrm.sources import BadRow, Fragment, SourceError, plan_fragments, read_fragment, without_credentials
+from btrm.sources import (BadRow, Fragment, SourceError, first_few, plan_fragments, read_fragment,
+                          without_credentials)
 from btrm.tokenize import PairTokenizer, TokenizationSpec, tokens_past_embedding
 
 DROP_REASONS = ("invalid", "tie", "missing_label", "identical", "overlong")
@@ -185,7 +186,7 @@ def format_ledger(ledger: dict[str, Any]) -> str:
     ]
     if ledger["files_without_rows"]:
         empty = ledger["files_without_rows"]
-        lines.append(f"  {len(empty)} file(s) hold no rows: {', '.join(empty[:3])}" + (", ..." if len(empty) > 3 else ""))
+        lines.append(f"  {len(empty)} file(s) hold no rows: {first_few(empty, 3)}")
     if ledger["unread_fields"]:  # a misspelt optional field (`margn`) shows here
         lines.append(f"  ignored fields (the processor does not read them): {', '.join(ledger['unread_fields'])}")
     for example in ledger["examples"][:10]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import codecs
 import dataclasses
 import fnmatch
+import functools
 import io
 import itertools
 import json
@@ -80,15 +81,27 @@ def without_credentials(source: Any) -> Any:
     return f"{scheme}://***@{rest}" + (f"?{query}" if query else "")
 
 
+# One client per source and process: planning opens every parquet footer, a data task every fragment (and an
+# s3:// URI without a region looks the bucket's up over the network each time a filesystem is made).
+_uri_filesystem = functools.lru_cache(maxsize=16)(pafs.FileSystem.from_uri)
+
+
 def _filesystem(source: str) -> tuple[pafs.FileSystem, str]:
     """The filesystem of a source as the user gave it (credentials and options included), and its path there."""
     if "://" in source:
-        return pafs.FileSystem.from_uri(source)
+        return _uri_filesystem(source)
     return pafs.LocalFileSystem(), os.path.abspath(source)
 
 
-def _is_data_file(path: str) -> bool:
-    return path.lower().endswith(PARQUET_SUFFIXES + JSON_SUFFIXES)
+def _kind(path: str) -> str | None:
+    """"parquet", "json", or None for a file btrm does not read (by its suffix, in any case)."""
+    lowered = path.lower()
+    return "parquet" if lowered.endswith(PARQUET_SUFFIXES) else "json" if lowered.endswith(JSON_SUFFIXES) else None
+
+
+def first_few(names: Sequence[str], count: int = 5) -> str:
+    """"a, b, c, ..." for messages that name files or fields."""
+    return ", ".join(names[:count]) + (", ..." if len(names) > count else "")
 
 
 def _hidden(name: str) -> bool:
@@ -140,14 +153,14 @@ def _files_below(fs: pafs.FileSystem, folder: str, wanted_file: Callable[[str], 
     seen: set[str] = set()
     again: list[str] = []
 
-    def first_time(path: str) -> bool:
+    def first_time(folder: str) -> bool:
         # Local symbolic links: a folder linked twice (latest -> v3 beside v3/) would give its pairs twice, and a
         # link to a folder above loops. What a link leads to is read once, where it is first found.
         if not isinstance(fs, pafs.LocalFileSystem):
             return True
-        real = os.path.realpath(path)
+        real = os.path.realpath(folder)
         if real in seen:
-            again.append(path)
+            again.append(folder)
             return False
         seen.add(real)
         return True
@@ -157,13 +170,12 @@ def _files_below(fs: pafs.FileSystem, folder: str, wanted_file: Callable[[str], 
     with ThreadPoolExecutor(LISTING_THREADS) as pool:
         while level:
             infos = sorted((info for listed in pool.map(listing, level) for info in listed), key=lambda i: i.path)
-            files += [info.path for info in infos
-                      if info.type == pafs.FileType.File and wanted_file(info.path) and first_time(info.path)]
+            files += [info.path for info in infos if info.type == pafs.FileType.File and wanted_file(info.path)]
             level = [info.path for info in infos
                      if info.type == pafs.FileType.Directory and wanted_folder(info.path) and first_time(info.path)]
     if again:
-        print(f"[btrm] {shown(folder)}: {len(again)} path(s) lead where an earlier one did (symbolic links), not "
-              f"read again: {', '.join(shown(p) for p in again[:5])}" + (", ..." if len(again) > 5 else ""), flush=True)
+        print(f"[btrm] {shown(folder)}: {len(again)} folder(s) lead where an earlier one did (symbolic links), not "
+              f"read again: {first_few([shown(p) for p in again])}", flush=True)
     return sorted(files)
 
 
@@ -177,7 +189,7 @@ def list_data_files(source: str) -> list[DataFile]:
     except (pa.ArrowException, OSError) as e:
         raise SourceError(f"{shown_source}: cannot be read ({e})") from e
     path = path.rstrip("/") or path
-    glob_at = min((path.index(ch) for ch in "*?[" if ch in path), default=None)
+    glob_at = min(path.index(ch) for ch in "*?[" if ch in path) if is_glob(path) else None
     # The folder the listing starts from, in the filesystem and as shown: the source's path there and its
     # shown form end in the same components (s3://bucket/a → bucket/a; abfs://c@account/a → c/a), counted by
     # component (pyarrow decodes %20 and the like, the shown form keeps them).
@@ -208,19 +220,19 @@ def list_data_files(source: str) -> list[DataFile]:
         return [DataFile(shown(path), path)]
     found = _files_below(fs, path, lambda f: not _hidden(f.rsplit("/", 1)[-1]),
                          lambda d: not _hidden(d.rsplit("/", 1)[-1]), shown)
-    files = [f for f in found if _is_data_file(f)]
-    others = [shown(f) for f in found if not _is_data_file(f)]
-    named = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
+    files = [f for f in found if _kind(f)]
+    others = [shown(f) for f in found if not _kind(f)]
+    named = first_few(others)
     if not files:
         raise SourceError(f"{shown_source}: the directory holds no data files "
                           f"({', '.join(PARQUET_SUFFIXES + JSON_SUFFIXES)})" + (f"; it holds {named}" if others else ""))
     if others:  # (a README beside the shards, or data in a format btrm does not read: say which)
         print(f"[btrm] {shown_source}: {len(others)} file(s) neither parquet nor JSON, not read: {named}", flush=True)
-    json_files = [f for f in files if f.lower().endswith(JSON_SUFFIXES)]
+    json_files = [f for f in files if _kind(f) == "json"]
     if json_files and len(json_files) < len(files):
         # Parquet shards with JSON beside them: most likely metadata (dataset_info.json, a manifest) that
         # would be read as rows of pairs. Which files are data is the user's call: a glob says it.
-        named = ", ".join(shown(f) for f in json_files[:3]) + (", ..." if len(json_files) > 3 else "")
+        named = first_few([shown(f) for f in json_files], 3)
         suffix = next(s for s in PARQUET_SUFFIXES if any(f.lower().endswith(s) for f in files))
         raise SourceError(f"{shown_source}: the directory mixes {len(files) - len(json_files)} parquet and "
                           f"{len(json_files)} JSON file(s) ({named}); name the data with a glob, e.g. "
@@ -232,9 +244,10 @@ def plan_fragments(source: str, required_fields: tuple[str, ...] = ()) -> list[F
     """Splits a source into fragments, checking every parquet footer and schema up front."""
     fragments: list[Fragment] = []
     for file in list_data_files(source):
-        if file.path.lower().endswith(PARQUET_SUFFIXES):
+        kind = _kind(file.path)
+        if kind == "parquet":
             fragments.extend(_parquet_fragments(file, source, required_fields))
-        elif file.path.lower().endswith(JSON_SUFFIXES):
+        elif kind == "json":
             fragments.append(Fragment(file.path, "json", location=file.location, source=source))
         else:
             raise SourceError(f"{file.path}: unknown file type; btrm reads parquet ({', '.join(PARQUET_SUFFIXES)}) "
@@ -243,10 +256,9 @@ def plan_fragments(source: str, required_fields: tuple[str, ...] = ()) -> list[F
 
 
 def _opened(fragment: Fragment) -> tuple[pafs.FileSystem, str]:
-    """The fragment's filesystem and its path there (a fragment made by hand: a local path)."""
-    if not fragment.source:
-        return pafs.LocalFileSystem(), os.path.abspath(fragment.path)
-    return _filesystem(fragment.source)[0], fragment.location
+    """The fragment's filesystem and its path there (a fragment made by hand has only its local path)."""
+    fs, path = _filesystem(fragment.source or fragment.path)
+    return fs, fragment.location or path
 
 
 def _open_parquet(fragment: Fragment) -> pq.ParquetFile:

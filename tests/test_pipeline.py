@@ -197,7 +197,7 @@ def test_directories_and_globs_leave_out_hidden_files_and_wildcards_stay_in_thei
     (linked / "v3" / "up").symlink_to("..")
     capsys.readouterr()
     assert found(linked) == found(linked / "**" / "*.jsonl") == ["linked/latest/part-0.jsonl"]
-    assert f"{linked}: 2 path(s) lead where an earlier one did (symbolic links), not read again: {linked}/v3, " in \
+    assert f"{linked}: 2 folder(s) lead where an earlier one did (symbolic links), not read again: {linked}/v3, " in \
         capsys.readouterr().out
 
 
