@@ -465,6 +465,11 @@ class GPUFailed(RuntimeError):
     Serve's health check and Serve replaces it."""
 
 
+class ReplicaOutOfMemory(RuntimeError):
+    """The GPU ran out of memory on a request scored alone: the replica's memory is short, not the request bad
+    (the GPU stays usable)."""
+
+
 def _is_cuda_error(error: BaseException) -> bool:
     import torch
 
@@ -556,16 +561,13 @@ def build_api(encoder, options: ServiceOptions, token: str | None, score_groups:
         except GPUFailed as e:
             last_scored = -math.inf
             raise HTTPException(503, _message(e), headers={"Retry-After": "15"}) from None
+        except ReplicaOutOfMemory as e:
+            raise HTTPException(503, _message(e), headers={"Retry-After": "5"}) from None
         except MODEL_UNREACHABLE as e:
             if not isinstance(e, BackPressureError):  # (a full queue: replicas busy, not gone)
                 last_scored = -math.inf
             raise HTTPException(503, _unavailable(e), headers={"Retry-After": "5"}) from None
-        except Exception as e:
-            if _is_out_of_memory(_cause(e)):  # even scored alone: the replica's memory, not the request, is short
-                raise HTTPException(503, f"the model replica ran out of GPU memory scoring this request: retry; if "
-                                         f"it persists, lower max_batch_tokens ({options.max_batch_tokens}) or give "
-                                         "each replica a larger GPU", headers={"Retry-After": "5"}) from None
-            # the model's own failure on this request
+        except Exception as e:  # the model's own failure on this request
             raise HTTPException(500, f"the model failed to score this request: {type(_cause(e)).__name__}: "
                                      f"{_message(e)} (the model replica's log has the traceback; requests batched "
                                      "with it were scored without it)") from None
@@ -879,6 +881,10 @@ class RewardModelDeployment:
             return await asyncio.to_thread(self.scorer.group_rewards, groups, self.options.max_batch_tokens)
         except Exception as e:
             logger.exception("btrm: scoring %d groups of answers failed", len(groups))
+            if _is_out_of_memory(e):
+                raise ReplicaOutOfMemory(f"the model replica ran out of GPU memory scoring this request: retry; if "
+                                         f"it persists, lower max_batch_tokens ({self.options.max_batch_tokens}) or "
+                                         "give each replica a larger GPU") from None
             if not _is_cuda_error(e):
                 raise
             self.gpu_failure = f"this replica's GPU failed ({type(e).__name__}: {e}); Serve is replacing the replica: retry"

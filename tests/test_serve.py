@@ -683,37 +683,46 @@ def test_a_model_replica_out_of_reach_or_out_of_memory_is_a_503_that_says_so(tra
     """Serve's errors for a model deployment this request cannot reach (its replicas failed to start, a replica
     gone), and a GPU out of memory on a request scored alone, answer 503 with Retry-After, as Serve's own proxy
     answers them: not a 500 that reads as the model failing on this request. The real FastAPI app in this
-    process, its model side raising them as a Serve handle or the replica would."""
+    process, its model side raising Serve's errors as a handle would, or the real model replica class whose
+    forward runs out of memory (raised by hand: no GPU here)."""
     import torch
     from ray.serve._private.common import DeploymentID
     from ray.serve.exceptions import DeploymentUnavailableError, ReplicaUnavailableError
 
-    errors = {"deployment": DeploymentUnavailableError(DeploymentID(name="RewardModel", app_name=APP)),
-              "replica": ReplicaUnavailableError("RewardModel#abc"),
-              "memory": torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")}
+    from btrm.serving import RewardModelDeployment
+
+    forwards = []
+
+    def out_of_memory(groups, max_batch_tokens):
+        forwards.append(len(groups))
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
     async def scenario(error):
-        async def fail(*args):
-            raise error
-
-        async def state():
-            if not isinstance(error, torch.OutOfMemoryError):  # the state call needs no GPU memory
+        if error is None:  # the model replica itself, its GPU short of memory
+            replica = RewardModelDeployment.func_or_class(ServiceOptions(model_path=str(trained_model_dir)))
+            replica.scorer.group_rewards = out_of_memory
+            score_groups, state = replica.score_groups, replica.state
+        else:
+            async def score_groups(*args):
                 raise error
-            return {"device": "cuda:0", "dtype": "bfloat16", "gpu_failure": None}
 
-        async with _in_process_api(trained_model_dir, fail, state) as client:
+            state = score_groups
+        async with _in_process_api(trained_model_dir, score_groups, state) as client:
             return [await client.post("/compare", json=GOOD_PAIR), await client.get("/health")]
 
+    errors = {"deployment": DeploymentUnavailableError(DeploymentID(name="RewardModel", app_name=APP)),
+              "replica": ReplicaUnavailableError("RewardModel#abc"), "memory": None}
     for name, error in errors.items():
         scored, health = asyncio.run(scenario(error))
         words = {"deployment": "model deployment is unavailable", "replica": "cannot be reached",
-                 "memory": "ran out of GPU memory"}[name]
+                 "memory": "ran out of GPU memory scoring this request: retry; if it persists, lower max_batch_tokens"}[name]
         assert scored.status_code == 503 and scored.headers["retry-after"] == "5", (name, scored.text)
         assert words in scored.json()["detail"] and "retry" in scored.json()["detail"], (name, scored.text)
         if name == "memory":
-            assert health.status_code == 200, health.text
+            assert health.status_code == 200, health.text  # (the GPU stays usable)
         else:
             assert health.status_code == 503 and words in health.json()["detail"], (name, health.text)
+    assert forwards == [1]
 
 
 def test_health_answers_at_once_while_requests_are_being_scored(trained_model_dir, monkeypatch):
