@@ -20,8 +20,8 @@ import torch  # noqa: E402
 from train_throughput import build_classifier, model_config  # noqa: E402
 
 from btrm.export import write_model_dir  # noqa: E402
-from btrm.model import load_tokenizer, reward_token_rule  # noqa: E402
-from btrm.tokenize import TokenizationSpec, prepare_tokenizer  # noqa: E402
+from btrm.model import reward_token_rule  # noqa: E402
+from btrm.tokenize import TokenizationSpec, load_tokenizer, prepare_tokenizer  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:

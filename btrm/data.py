@@ -25,11 +25,10 @@ import pyarrow as pa
 import ray
 
 from btrm.config import uploaded_working_dir
-from btrm.export import model_on_this_node
 from btrm.processors import ProcessorError, RowDropped, RowError, load_processor
 from btrm.sources import (BadRow, Fragment, SourceError, first_few, plan_fragments, read_fragment,
                           without_credentials)
-from btrm.tokenize import PairTokenizer, TokenizationSpec, tokens_past_embedding
+from btrm.tokenize import PairTokenizer, TokenizationSpec, load_tokenizer, tokens_past_embedding
 
 DROP_REASONS = ("invalid", "tie", "missing_label", "identical", "overlong")
 EXAMPLES_PER_REASON = 20  # places of dropped rows kept in the ledger, per drop reason
@@ -208,12 +207,9 @@ class PairPreprocessor:
     tokenizer of one data spec, loaded once in each process that runs the pipeline's tasks."""
 
     def __init__(self, spec: DataSpec):
-        from transformers import AutoTokenizer
-
         self.spec = spec
         self.processor = load_processor(spec.dataset_format, spec.custom_bt_dataset_path)
-        tokenizer = AutoTokenizer.from_pretrained(model_on_this_node(spec.tokenizer_path))
-        self.tokenizer = PairTokenizer(tokenizer, spec.tokenization)
+        self.tokenizer = PairTokenizer(load_tokenizer(spec.tokenizer_path), spec.tokenization)
 
     def __call__(self, batch: dict[str, Any], ledger) -> Iterator[pa.Table]:
         pending = None  # the previous batch's report: checked while this one is processed, not waited for

@@ -119,18 +119,18 @@ def exchange(a: Path, b: Path) -> bool:
     return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
 
 
-def model_on_this_node(path: str | Path, hub_names: bool = True) -> str:
-    """``path``, a model directory found on this node. One that is not is said so, naming the node: on a cluster,
-    a worker, scoring actor or replica reads it on its own (transformers would take an absolute path missing
-    here for a malformed hub name). ``hub_names``: a relative path that is no directory here is a hub name."""
-    if not Path(path).is_dir() and (os.path.isabs(path) or not hub_names):
+def model_on_this_node(path: str | Path) -> str:
+    """``path``, a model directory found on this node, or a hub name (a relative path that is no directory
+    here). An absolute path missing here is said so, naming the node: on a cluster, a worker, scoring actor or
+    replica reads it on its own (transformers would take it for a malformed hub name)."""
+    if os.path.isabs(path) and not Path(path).is_dir():
         raise FileNotFoundError(f"{path}: no such directory on {socket.gethostname()}; on a cluster, a model "
                                 "must be where every node reads it (shared storage)")
     return str(path)
 
 
 def read_manifest(model_dir: str | Path) -> dict[str, Any]:
-    path = Path(model_on_this_node(model_dir, hub_names=False)) / MANIFEST
+    path = Path(model_on_this_node(os.path.abspath(model_dir))) / MANIFEST
     if not path.is_file():
         raise FileNotFoundError(f"{model_dir}: no {MANIFEST}; is this a model exported by btrm?")
     return json.loads(path.read_text())

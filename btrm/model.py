@@ -40,12 +40,6 @@ def embedding_rows(model_config) -> int | None:
     return getattr(model_config.get_text_config(), "vocab_size", None)
 
 
-def load_tokenizer(path: str):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(model_on_this_node(path))
-
-
 def load_reward_model(path: str, pad_token_id: int, dtype: torch.dtype = torch.float32):
     """An ``AutoModelForSequenceClassification`` with one output and ``pad_token_id`` set.
 

@@ -16,8 +16,10 @@ import torch
 from btrm.batching import DENSE_MASK_TOKENS, FLEX_BLOCK, pack_groups, pad_sequences, plan_by_tokens
 from btrm.config import SCORING_DTYPES
 from btrm.export import read_manifest
-from btrm.model import RewardModel, embedding_rows, load_reward_model, load_tokenizer, packing_unsupported
-from btrm.tokenize import PairTokenizer, SharedPromptIds, TokenizationSpec, Tools, tokens_past_embedding
+from btrm.model import RewardModel, embedding_rows, load_reward_model, packing_unsupported
+from btrm.tokenize import (PairTokenizer, SharedPromptIds, TokenizationSpec, Tools, load_tokenizer,
+                           tokens_past_embedding)
+
 
 def length_buckets(lengths: Sequence[int], max_padding_ratio: float = 2.0) -> list[list[int]]:
     """Indices grouped so that no sequence is padded to more than ``max_padding_ratio`` times its length."""

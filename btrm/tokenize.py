@@ -21,6 +21,7 @@ from typing import Any, Optional, Sequence
 
 import jinja2
 
+from btrm.export import model_on_this_node
 from btrm.processors.base import RowDropped
 
 OVERLONG_POLICIES = ("truncate_prompt", "drop")
@@ -73,6 +74,12 @@ def read_chat_template(name_or_path: str | Path | None) -> str | None:
         raise FileNotFoundError(f"--chat_template {name_or_path}: neither a Jinja template file nor a shipped "
                                 f"template ({sorted(SHIPPED_TEMPLATES)})")
     return path.read_text()
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_on_this_node(path))
 
 
 def prepare_tokenizer(tokenizer, chat_template: str | None = None):

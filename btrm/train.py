@@ -24,9 +24,9 @@ from btrm.config import TrainConfig, check_job_output, check_writable, gpus_want
 from btrm.data import DataSpec, build_pair_dataset, close_ledger, new_ledger, split_by_question
 from btrm.deepspeed_configs import fill_deepspeed_config, load_deepspeed_config
 from btrm.export import check_replaceable, publish_dir
-from btrm.model import embedding_rows, load_tokenizer, resolve_model_path, reward_token_rule
+from btrm.model import embedding_rows, resolve_model_path, reward_token_rule
 from btrm.sources import without_credentials
-from btrm.tokenize import TokenizationSpec, prepare_tokenizer, read_chat_template
+from btrm.tokenize import TokenizationSpec, load_tokenizer, prepare_tokenizer, read_chat_template
 from btrm.tracking import check_tracker, new_run_id
 from btrm.train_loop import EXPORT_DIR, Plan, check_resume_terms, recorded_resume_terms, resume_terms, train_loop_per_worker
 
@@ -70,7 +70,7 @@ def check_embedding_rows(tokenizer, model_config, model_name: str) -> None:
 
 
 def planned_pairs(name: str, path: str, model_path: str, spec: TokenizationSpec, config,
-                  rows: int | None = None) -> tuple[Any, Any]:
+                  rows: int | None) -> tuple[Any, Any]:
     """(a lazy dataset of tokenized pairs, its ledger). Its processor is loaded and its files listed and
     checked now (build_pair_dataset), before any pair is read. ``rows``: the model's embedding rows (a pair
     holding a token past them is invalid)."""
@@ -81,16 +81,16 @@ def planned_pairs(name: str, path: str, model_path: str, spec: TokenizationSpec,
     return build_pair_dataset(data_spec, ledger, config.num_data_workers, config.data_worker_cpus), ledger
 
 
-def materialized_pairs(name: str, dataset, ledger, config, hold_out: float = 0.0) -> tuple[Any, dict, Any]:
+def materialized_pairs(dataset, ledger, config, hold_out: float = 0.0, shuffle: bool = False) -> tuple[Any, dict, Any]:
     """The pairs of :func:`planned_pairs`, read, tokenized and materialized (each epoch rereads them; Ray
     spills to disk what memory cannot hold), with the closed ledger and, with ``hold_out``, the pairs of that
-    share of the questions, held out of the rest (else None)."""
+    share of the questions, held out of the rest (else None). ``shuffle``: in --seed's order (training's)."""
     held_out = None
     if hold_out:
         # The pipeline runs once for both sides: the ledger counts every row once.
         dataset, held_out = split_by_question(dataset.materialize(), hold_out, config.seed)
         held_out = held_out.materialize()
-    if name == "train":
+    if shuffle:
         dataset = dataset.random_shuffle(seed=config.seed)
     dataset = dataset.materialize()
     summary = close_ledger(ledger, config.max_drop_fraction)
@@ -178,8 +178,8 @@ def run_training(config: TrainConfig) -> ray.train.Result:
     train_planned = planned_pairs("train", config.train_set_path, model_path, spec, config, rows)
     eval_planned = planned_pairs("eval", config.eval_set_path, model_path, spec, config, rows) \
         if config.eval_set_path else None
-    train_ds, train_ledger, eval_ds = materialized_pairs("train", *train_planned, config,
-                                                         hold_out=config.eval_split_ratio)
+    train_ds, train_ledger, eval_ds = materialized_pairs(*train_planned, config, hold_out=config.eval_split_ratio,
+                                                         shuffle=True)
     ledgers = {"train": train_ledger}
     if config.use_margin:
         check_margins(train_ledger, config.train_set_path)
@@ -194,7 +194,7 @@ def run_training(config: TrainConfig) -> ray.train.Result:
               f"(--eval_split_ratio {config.eval_split_ratio}: every pair of a held-out question)", flush=True)
     eval_shards = []
     if eval_planned:
-        eval_ds, ledgers["eval"], _ = materialized_pairs("eval", *eval_planned, config)
+        eval_ds, ledgers["eval"], _ = materialized_pairs(*eval_planned, config)
     if eval_ds is not None:
         # Row-exact, disjoint shards (Dataset.split divides by blocks, and a small eval set is one block).
         count = eval_ds.count()

@@ -32,9 +32,9 @@ from btrm.config import TrainConfig, recorded_options
 from btrm.deepspeed_configs import fill_deepspeed_config, load_deepspeed_config
 from btrm.export import json_safe, write_model_dir
 from btrm.loss import bradley_terry_loss, pair_correct
-from btrm.model import RewardModel, disable_dropout, load_reward_model, load_tokenizer, packing_unsupported
+from btrm.model import RewardModel, disable_dropout, load_reward_model, packing_unsupported
 from btrm.sources import without_credentials
-from btrm.tokenize import prepare_tokenizer
+from btrm.tokenize import load_tokenizer, prepare_tokenizer
 from btrm.tracking import Tracker
 
 # Workers log instead of printing: Ray Train 2.60 redirects a worker's print to the root logger and, since

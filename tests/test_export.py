@@ -138,7 +138,8 @@ def test_a_model_directory_missing_where_it_is_read_names_the_node(tmp_path):
     import socket
 
     from btrm.export import model_on_this_node, read_manifest
-    from btrm.model import load_reward_model, load_tokenizer
+    from btrm.model import load_reward_model
+    from btrm.tokenize import load_tokenizer
 
     for load in (load_tokenizer, lambda path: load_reward_model(path, 0), read_manifest):
         with pytest.raises(FileNotFoundError, match=f"{tmp_path}/absent: no such directory on {socket.gethostname()}; "

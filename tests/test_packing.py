@@ -18,8 +18,8 @@ from btrm.batching import (FLEX_BLOCK, MicroBatcher, collate_pairs, pack_groups,
                            take)
 from btrm.config import TrainConfig
 from btrm.loss import bradley_terry_loss
-from btrm.model import RewardModel, load_reward_model, load_tokenizer, packing_unsupported
-from btrm.tokenize import PairTokenizer, TokenizationSpec
+from btrm.model import RewardModel, load_reward_model, packing_unsupported
+from btrm.tokenize import PairTokenizer, TokenizationSpec, load_tokenizer
 
 from conftest import free_port
 

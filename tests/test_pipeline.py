@@ -113,8 +113,8 @@ def test_every_build_of_the_same_data_trains_in_the_same_order(hh_helpful, qwen_
     builds = []
     for _ in range(4):
         planned = planned_pairs("train", config.train_set_path, qwen_tokenizer_dir, TokenizationSpec(max_length=256),
-                                config)
-        train, _, held_out = materialized_pairs("train", *planned, config, hold_out=0.2)
+                                config, rows=None)
+        train, _, held_out = materialized_pairs(*planned, config, hold_out=0.2, shuffle=True)
         builds.append(([row["id"] for row in train.iter_rows()], [row["id"] for row in held_out.iter_rows()]))
     assert len(builds[0][0]) > 300 and len(builds[0][1]) > 40
     assert all(build == builds[0] for build in builds[1:])
@@ -286,8 +286,8 @@ def test_questions_opening_with_one_long_template_are_held_out_one_by_one(hh_hel
     write_parquet_shards(pairs, tmp_path / "shards")
     config = TrainConfig(train_set_path=str(tmp_path / "shards"), num_data_workers=1, data_worker_cpus=0.5)
     planned = planned_pairs("train", config.train_set_path, qwen_tokenizer_dir, TokenizationSpec(max_length=512),
-                            config)
-    rest, _, held_out = materialized_pairs("train", *planned, config, hold_out=0.25)
+                            config, rows=None)
+    rest, _, held_out = materialized_pairs(*planned, config, hold_out=0.25, shuffle=True)
     rest, held_out = list(rest.iter_rows()), list(held_out.iter_rows())
     assert {r["question"][:100] for r in rest + held_out} == {" ".join(template.split())[:100]}
     question = {p["id"]: p["chosen"][-2]["content"] for p in pairs}

