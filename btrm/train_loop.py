@@ -225,7 +225,8 @@ def resume_terms(config: TrainConfig, deepspeed_config: dict[str, Any], use_gpu:
     """What a resumed run must keep of the run it continues: what decides which pairs each worker reads, in
     which order (or skipping the steps already trained would skip others), how they are tokenized (the rest
     of the run would train on other ids than the manifest's), the model, and the layout of DeepSpeed's state
-    (its ZeRO stage and precision: load_checkpoint reads the shards back as they were written). Without
+    (its ZeRO stage and precisions: load_checkpoint reads the shards back as they were written; under ZeRO-1,
+    bf16 summed in float32 is another optimizer). Without
     ``pairs`` (the training pairs the data gave), the terms the options alone decide."""
     terms = {"model_name": config.model_name, "dataset_format": config.processor_name(),
              "max_length": config.max_length, "overlong": config.overlong, "chat_template": config.chat_template,
@@ -233,7 +234,8 @@ def resume_terms(config: TrainConfig, deepspeed_config: dict[str, Any], use_gpu:
              "eval_split_ratio": config.eval_split_ratio, "num_workers": config.num_workers,
              "pairs_per_step": config.per_device_train_batch_size * config.gradient_accumulation_steps,
              "zero_stage": deepspeed_config.get("zero_optimization", {}).get("stage", 0),
-             "bf16": config.bf16 and use_gpu}
+             "bf16": config.bf16 and use_gpu,
+             "grad_accum_dtype": deepspeed_config.get("data_types", {}).get("grad_accum_dtype")}
     return terms if pairs is None else {**terms, "pairs": pairs}
 
 

@@ -290,6 +290,55 @@ def test_deepspeed_step_on_packed_pairs_equals_padded(process_group, tiny_qwen_d
     assert losses[False][3] == 6 and losses[True][3] >= 2
 
 
+def test_bf16_steps_sum_the_micro_batch_gradients_in_float32_under_the_shipped_zero_configs(process_group, tiny_qwen_dir,
+                                                                                           pairs):
+    """The reference's step, one pair a micro-batch over many, in bfloat16 (here on CPU, enabled in the config):
+    under a shipped ZeRO config the step's gradient is the float32 sum of the micro-batches' bf16 gradients,
+    not DeepSpeed's default, a bf16 sum rounded at every micro-batch."""
+    from deepspeed.utils import safe_get_full_grad
+
+    from btrm.deepspeed_configs import load_deepspeed_config
+    from btrm.train_loop import build_engine, micro_batcher, train_step
+
+    count = len(pairs["prompt_ids"])
+    classifier = load_reward_model(tiny_qwen_dir, load_tokenizer(tiny_qwen_dir).pad_token_id)
+    for parameter in classifier.parameters():  # as DeepSpeed's bf16 casts: the weights, not the buffers (RoPE's)
+        parameter.data = parameter.data.bfloat16()
+    summed = [torch.zeros(p.shape) for p in classifier.parameters()]
+    for k in range(count):
+        chosen, rejected = RewardModel(classifier)(collate_pairs(take(pairs, [k]), classifier.config.pad_token_id))
+        (bradley_terry_loss(chosen, rejected, reduction="sum") / count).backward()
+        for total, parameter in zip(summed, classifier.parameters()):
+            total += parameter.grad.float()
+        classifier.zero_grad(set_to_none=True)
+    float32_sum = torch.cat([total.flatten() for total in summed])
+
+    def step_error(stage: str, grad_accum_dtype: str) -> float:
+        classifier = load_reward_model(tiny_qwen_dir, load_tokenizer(tiny_qwen_dir).pad_token_id)
+        config = TrainConfig(train_set_path="unused", max_length=160, packing=False, per_device_train_batch_size=1,
+                             gradient_accumulation_steps=count, gradient_checkpointing=False, deepspeed=stage)
+        shipped = load_deepspeed_config(stage)
+        assert shipped["data_types"] == {"grad_accum_dtype": "fp32"}
+        engine = build_engine(classifier, config, use_gpu=False, total_steps=1, deepspeed_config={
+            **shipped, "bf16": {"enabled": True}, "data_types": {"grad_accum_dtype": grad_accum_dtype}})
+        step, gradient = engine.step, []
+
+        def step_keeping_the_gradient():  # read before the step: it clears the gradients
+            gradient.extend(safe_get_full_grad(p).float().flatten() for p in engine.module.parameters())
+            step()
+
+        engine.step = step_keeping_the_gradient
+        result = train_step(engine, pairs, micro_batcher(classifier, config, classifier.config.pad_token_id, 1), config)
+        assert result["micro_batches"] == count and engine.global_steps == 1
+        return ((torch.cat(gradient) - float32_sum).norm() / float32_sum.norm()).item()
+
+    summed_in_bf16 = step_error("zero2", "bf16")  # (the same under every stage)
+    assert summed_in_bf16 > 1e-3
+    # Exact under ZeRO-2/3 (1e-9); ZeRO-1's bf16 optimizer keeps a fifth of the bf16 sum's rounding.
+    assert {stage: step_error(stage, "fp32") < summed_in_bf16 / 3 for stage in ("zero1", "zero2", "zero3")} == \
+        {"zero1": True, "zero2": True, "zero3": True}
+
+
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_compiled_layers_train_exactly_and_compile_once_for_every_layer_and_row_length(process_group, tiny_qwen_dir,
                                                                                        pairs, checkpointing):

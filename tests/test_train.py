@@ -323,6 +323,7 @@ def test_workers_are_dealt_pairs_in_order_and_a_resume_must_read_them_as_before(
     the checkpoint records what decides the order (and the layout of DeepSpeed's state), and a --resume that
     would read them otherwise stops."""
     from btrm.config import TrainConfig
+    from btrm.deepspeed_configs import load_deepspeed_config
     from btrm.train import train_data_config
     from btrm.train_loop import check_resume_terms, resume_terms
 
@@ -340,6 +341,10 @@ def test_workers_are_dealt_pairs_in_order_and_a_resume_must_read_them_as_before(
     # DeepSpeed reads its state back in the layout it was written in.
     with pytest.raises(SystemExit, match=r"zero_stage: 2 then, 3 now; bf16: True then, False now"):
         check_resume_terms(saved, dict(saved, zero_stage=3, bf16=False))
+    with pytest.raises(SystemExit, match=r"grad_accum_dtype: None then, 'fp32' now"):
+        check_resume_terms({**saved, "grad_accum_dtype": None},
+                           resume_terms(TrainConfig(train_set_path="s3://b/train/"), load_deepspeed_config("zero1"),
+                                        use_gpu=True, pairs=1000))
     # The model and the tokenization too: the rest of the run would train on other ids than its manifest says.
     config = TrainConfig(train_set_path="s3://b/train/", model_name="Qwen/Qwen3-1.7B")
     then = resume_terms(config, {}, use_gpu=True)
