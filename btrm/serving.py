@@ -30,6 +30,7 @@ import os
 import signal
 import time
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Awaitable, Callable, Literal
@@ -63,10 +64,10 @@ UNGUARDED_PATHS = ("/health",)
 # Options
 
 
-# The most pairs or candidates a request may list at all (max_pairs and max_candidates are at most this): past
-# it, validation stops at the list's length instead of checking each of ~200k tiny pairs an 8 MiB body can hold
-# (seconds of the HTTP replica's event loop), and the request gets the same 413 as one past max_pairs. Not in
-# the schema (as maxItems): the schema's bounds are 422s, and this is max_pairs' 413.
+# The most pairs, candidates, messages or tools a request may list at all (max_pairs and max_candidates are at
+# most this): past it, validation stops at the list's length instead of checking each of ~200k tiny pairs (or
+# messages) an 8 MiB body can hold (seconds of the HTTP replica's event loop), and the request gets a 413, the
+# same as one past max_pairs. Not in the schema (as maxItems): the schema's bounds are 422s.
 MAX_LISTED = 4096
 LISTED_LIMITS = {"pairs": "max_pairs", "candidates": "max_candidates"}  # each list's option
 
@@ -299,16 +300,23 @@ Answer = Annotated[
 ]
 
 
+def _at_most_listed(value: Any) -> Any:
+    if isinstance(value, list) and len(value) > MAX_LISTED:
+        raise PydanticCustomError("too_many", "{count} items, more than any limit allows ({limit})",
+                                  {"count": len(value), "limit": MAX_LISTED})
+    return value
+
+
 class Conversation(_Strict):
     """The prompt every answer is judged against: a plain ``prompt`` (one user turn) or ``messages``, and
     the ``tools`` it offers."""
 
     prompt: Text | None = Field(None, description="A single user turn; the same as messages=[{role: user, ...}].")
-    messages: list[Message] | None = Field(None, min_length=1, description="The conversation before the answer; "
-                                           "its last turn is a user (or tool) message.")
-    tools: list[dict[str, Any]] | str | None = Field(None, description="Tool schemas the conversation offers (as "
-                                                 "apply_chat_template's tools), or a JSON string of that list, "
-                                                 "as in the training data.")
+    messages: Annotated[list[Message] | None, BeforeValidator(_at_most_listed)] = Field(
+        None, min_length=1, description="The conversation before the answer; its last turn is a user (or tool) message.")
+    tools: Annotated[list[dict[str, Any]] | str | None, BeforeValidator(_at_most_listed)] = Field(
+        None, description="Tool schemas the conversation offers (as apply_chat_template's tools), or a JSON string "
+                          "of that list, as in the training data.")
 
     _prompt: list[dict[str, Any]] = PrivateAttr()
     _tools: list[dict[str, Any]] | None = PrivateAttr()
@@ -344,13 +352,6 @@ class ComparePair(Conversation):
         None, description="Echoed back, to match results to pairs.")
     chosen: Answer
     rejected: Answer
-
-
-def _at_most_listed(value: Any) -> Any:
-    if isinstance(value, list) and len(value) > MAX_LISTED:
-        raise PydanticCustomError("too_many", "{count} items, more than any limit allows ({limit})",
-                                  {"count": len(value), "limit": MAX_LISTED})
-    return value
 
 
 class CompareBatch(_Strict):
@@ -516,6 +517,10 @@ def build_api(encoder, options: ServiceOptions, token: str | None, score_groups:
     replica's batching queue); ``model_state`` says a model replica's device, dtype and GPU failure, if any."""
     spec = encoder.spec
     last_scored = -math.inf  # time.monotonic() of the last request a model replica scored
+    # Templating and tokenizing take a millisecond an answer, seconds for the largest request the limits allow:
+    # on a thread, so that the event loop goes on answering /health and passing other requests to the model.
+    # One thread: a fast tokenizer must not be used by two at once (it sets its truncation on every call).
+    tokenizing = ThreadPoolExecutor(1, thread_name_prefix="btrm-tokenize")
     api = FastAPI(
         title="btrm reward model", version=btrm.__version__,
         description=f"Bradley-Terry reward model `{encoder.manifest.get('base_model')}`, max_length {spec.max_length}."
@@ -590,9 +595,11 @@ def build_api(encoder, options: ServiceOptions, token: str | None, score_groups:
         # value went through ("<pair>", "<message>", ...), which names no field of the request.
         exc = RequestValidationError([{**e, "loc": tuple(part for part in e["loc"] if part not in UNION_TAGS)}
                                       for e in exc.errors()], body=exc.body)
-        for e in exc.errors():  # more than MAX_LISTED pairs or candidates: the 413 of one past its limit
-            if e["type"] == "too_many" and e["loc"] in [("body", field) for field in LISTED_LIMITS]:
-                error = too_many(e["loc"][1], e["ctx"]["count"])
+        for e in exc.errors():  # a list past MAX_LISTED: a 413 (pairs or candidates: the one of max_pairs...)
+            if e["type"] == "too_many":
+                field, count = e["loc"][-1], e["ctx"]["count"]
+                error = too_many(field, count) if e["loc"] == ("body", field) and field in LISTED_LIMITS else \
+                    HTTPException(413, f"{count} {field} at {'.'.join(map(str, e['loc'][1:]))}; the limit is {MAX_LISTED}")
                 return JSONResponse({"detail": error.detail}, status_code=error.status_code)
         try:
             return await request_validation_exception_handler(request, exc)
@@ -635,13 +642,16 @@ def build_api(encoder, options: ServiceOptions, token: str | None, score_groups:
         pairs = request.pairs if isinstance(request, CompareBatch) else [request]
         if len(pairs) > options.max_pairs:
             raise too_many("pairs", len(pairs))
-        check_size([(p, [p.chosen, p.rejected]) for p in pairs])
-        encoded, names = [], []
-        for i, p in enumerate(pairs):
-            batch = isinstance(request, CompareBatch)
-            what = f"pair {i}" if batch else "the pair"
-            names.append([f"{what}'s chosen answer", f"{what}'s rejected answer"])
-            encoded.append(encode(p, [p.chosen, p.rejected], ["body", "pairs", i] if batch else ["body"], names[-1]))
+        batch = isinstance(request, CompareBatch)
+        names = [[f"{what}'s chosen answer", f"{what}'s rejected answer"]
+                 for what in ([f"pair {i}" for i in range(len(pairs))] if batch else ["the pair"])]
+
+        def tokenized() -> list[SharedPromptIds]:
+            check_size([(p, [p.chosen, p.rejected]) for p in pairs])
+            return [encode(p, [p.chosen, p.rejected], ["body", "pairs", i] if batch else ["body"], pair_names)
+                    for i, (p, pair_names) in enumerate(zip(pairs, names))]
+
+        encoded = await asyncio.get_running_loop().run_in_executor(tokenizing, tokenized)
         rewards = await rewards_of(encoded, names)
         results = []
         for pair, e, (chosen, rejected) in zip(pairs, encoded, rewards):
@@ -655,9 +665,13 @@ def build_api(encoder, options: ServiceOptions, token: str | None, score_groups:
     async def score(request: ScoreRequest) -> ScoreResult:
         if len(request.candidates) > options.max_candidates:
             raise too_many("candidates", len(request.candidates))
-        check_size([(request, request.candidates)])
         names = [f"candidate {k}" for k in range(len(request.candidates))]
-        encoded = encode(request, request.candidates, ["body"], names)
+
+        def tokenized() -> SharedPromptIds:
+            check_size([(request, request.candidates)])
+            return encode(request, request.candidates, ["body"], names)
+
+        encoded = await asyncio.get_running_loop().run_in_executor(tokenizing, tokenized)
         [rewards] = await rewards_of([encoded], [names])
         ranking = sorted(range(len(rewards)), key=lambda k: -rewards[k])
         return ScoreResult(rewards=rewards, ranking=ranking, truncated=encoded.truncated > 0,

@@ -332,14 +332,39 @@ def test_thousands_of_candidates_or_pairs_are_refused_before_any_scoring(service
         tiny_candidates = client.post("/score", json={"prompt": "hi", "candidates": ["a"] * 150_000})  # ~750 KB
         pairs = client.post("/compare", json={"pairs": [pair] * 5000})
         one_huge_answer = client.post("/score", json={"prompt": "hi", "candidates": ["ok", "word " * 180_000]})  # ~900 KB
+        turns = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}] * 2500 + [{"role": "user", "content": "c"}]
+        messages = client.post("/compare", json={"pairs": [pair, {"messages": turns, "chosen": "d", "rejected": "e"}]})
+        tools = client.post("/score", json={"prompt": "hi", "tools": [{"type": "function"}] * 5000, "candidates": ["a"]})
         still_fine = client.post("/score", json={"prompt": "hi", "candidates": ["a", "b"]})
     elapsed = time.monotonic() - started
     for response in (candidates, tiny_candidates):
         assert response.status_code == 413 and "max_candidates=8" in response.text, response.text[:300]
     assert pairs.status_code == 413 and "max_pairs=32" in pairs.text, pairs.text[:300]
+    assert messages.status_code == 413 and "5001 messages at pairs.1.messages; the limit is 4096" in messages.text, \
+        messages.text[:300]
+    assert tools.status_code == 413 and "5000 tools at tools; the limit is 4096" in tools.text, tools.text[:300]
     assert one_huge_answer.status_code == 413 and "answers are never cut" in one_huge_answer.text
     assert still_fine.status_code == 200, still_fine.text
     assert elapsed < 60, f"refusing oversized requests took {elapsed:.1f}s"
+
+
+def test_health_is_answered_while_a_large_request_is_tokenized(service, traffic):
+    """Templating and tokenizing run beside the HTTP replica's event loop (requests take turns on one thread):
+    while a large request (a 900 KB prompt, cut to max_length) is tokenized, /health is answered at once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def timed(client, method, path, **kwargs):
+        started = time.monotonic()
+        response = client.request(method, path, **kwargs)
+        return response, time.monotonic() - started
+
+    with traffic.httpx_client("beside a large request", service.url) as client, ThreadPoolExecutor(1) as background:
+        large = background.submit(timed, client, "POST", "/score", json={"prompt": "word\n" * 150_000, "candidates": ["ok"]})
+        time.sleep(0.3)
+        health, health_s = timed(client, "GET", "/health")
+        large, large_s = large.result()
+    assert large.status_code == 200 and large.json()["truncated"], large.text[:300]
+    assert health.status_code == 200 and health_s < large_s / 4, (health_s, large_s)
 
 
 def test_one_overlong_candidate_is_refused_like_two(service, traffic):
