@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import hmac
 import json
 import logging
@@ -51,6 +52,7 @@ from starlette.responses import JSONResponse
 
 import btrm
 from btrm.config import SCORING_DTYPES, option, parse_config, typed_values
+from btrm.export import read_manifest
 from btrm.processors.base import ROLES, RowError, as_message, as_tools, check_conversation, is_unicode
 from btrm.tokenize import TEMPLATE_ERRORS, AnswersTooLong, SharedPromptIds, TokensPastEmbedding, tool_names
 
@@ -451,7 +453,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     503: _UNAVAILABLE,
 }
 
-ScoreGroups = Callable[[list[SharedPromptIds]], Awaitable[list[list[float]]]]
+ScoreGroups = Callable[[list[SharedPromptIds], str], Awaitable[list[list[float]]]]  # (groups, export_id)
 ModelState = Callable[[], Awaitable[dict[str, Any]]]
 MODEL_STATE_TIMEOUT_S = 5.0  # /health and /info wait this long for a model replica to answer
 # A scoring request answered this recently shows that a model replica answers: /health says so at once rather
@@ -469,6 +471,17 @@ class GPUFailed(RuntimeError):
 class ReplicaOutOfMemory(RuntimeError):
     """The GPU ran out of memory on a request scored alone: the replica's memory is short, not the request bad
     (the GPU stays usable)."""
+
+
+class OtherExport(RuntimeError):
+    """The model replica holds another export than the one the HTTP replica tokenized the request for: during a
+    rollout, Serve's handles reach replicas of the old version and the new; and a model directory replaced in
+    place reaches replicas started after it. Its rewards would be for other token ids than it expects."""
+
+
+def export_id(manifest: dict[str, Any]) -> str:
+    """What tells two exports apart: their manifests (tokenization, training figures and options) differ."""
+    return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _is_cuda_error(error: BaseException) -> bool:
@@ -514,8 +527,10 @@ def build_api(encoder, options: ServiceOptions, token: str | None, score_groups:
               model_state: ModelState) -> FastAPI:
     """The FastAPI app of an HTTP replica. ``encoder`` tokenizes (a :class:`btrm.scoring.ConversationEncoder`);
     ``score_groups`` turns tokenized groups (a prompt and its answers) into each answer's reward (a model
-    replica's batching queue); ``model_state`` says a model replica's device, dtype and GPU failure, if any."""
+    replica's batching queue, told which export the ids are for); ``model_state`` says a model replica's device,
+    dtype and GPU failure, if any."""
     spec = encoder.spec
+    export = export_id(encoder.manifest)
     last_scored = -math.inf  # time.monotonic() of the last request a model replica scored
     # Templating and tokenizing take a millisecond an answer, seconds for the largest request the limits allow:
     # on a thread, so that the event loop goes on answering /health and passing other requests to the model.
@@ -562,11 +577,11 @@ def build_api(encoder, options: ServiceOptions, token: str | None, score_groups:
         """Each group's rewards; ``names``: each group's answers', for the error of a reward not finite."""
         nonlocal last_scored
         try:
-            rewards = await score_groups(encoded)
+            rewards = await score_groups(encoded, export)
         except GPUFailed as e:
             last_scored = -math.inf
             raise HTTPException(503, _message(e), headers={"Retry-After": "15"}) from None
-        except ReplicaOutOfMemory as e:
+        except (ReplicaOutOfMemory, OtherExport) as e:
             raise HTTPException(503, _message(e), headers={"Retry-After": "5"}) from None
         except MODEL_UNREACHABLE as e:
             if not isinstance(e, BackPressureError):  # (a full queue: replicas busy, not gone)
@@ -869,12 +884,18 @@ class RewardModelDeployment:
         self.options = options
         self.gpu_failure: str | None = None  # how this replica's GPU failed (a CUDA error), once it has
         self.scorer = RewardScorer(options.model_path, ray_actor_device(), dtype=options.dtype)
+        self.export = export_id(read_manifest(options.model_path))
         # A /score request with 64 candidates weighs 64: batches are counted in answers, not requests.
         self.queue = ForwardQueue(self.rewards_of_batch, _answer_count, options.max_batch_sequences,
                                   options.batch_wait_timeout_s)
 
-    async def score_groups(self, groups: list[SharedPromptIds]) -> list[list[float]]:
-        """One request's tokenized groups → their rewards, scored in one batch with concurrent requests'."""
+    async def score_groups(self, groups: list[SharedPromptIds], export: str) -> list[list[float]]:
+        """One request's tokenized groups, for the export ``export`` (its :func:`export_id`) → their rewards,
+        scored in one batch with concurrent requests'."""
+        if export != self.export:
+            raise OtherExport(f"this model replica holds another export of {self.options.model_path} ({self.export}) "
+                              f"than the request was tokenized for ({export}): a rollout is under way (retry), or the "
+                              "directory was replaced while the service ran (deploy the service again)")
         return await self.queue.submit(groups)
 
     async def state(self) -> dict[str, Any]:
@@ -968,8 +989,6 @@ def build_app(options: ServiceOptions, num_replicas: int | None = None, api_repl
     """The Serve application for ``options`` (validated here; the token is read here): ``api_replicas`` HTTP
     replicas in front of ``num_replicas`` model replicas (None: the deployments' defaults, or a Serve
     config's). ``model_deployment``: the model replicas' (a benchmark's stand-in for a GPU replaces it)."""
-    from btrm.export import read_manifest
-
     options.validate()
     read_manifest(options.model_path)  # fail now, not in every replica, when the directory is wrong
     token = read_token(options)
@@ -1009,8 +1028,6 @@ def main(argv: list[str] | None = None) -> None:
     """``btrm serve --model_path DIR``: the service on this machine, until Ctrl-C. On a cluster's Ray
     (``--ray_address``) it adds its application beside the others there and removes only its own at exit."""
     import ray
-
-    from btrm.export import read_manifest
 
     command = parse_config(ServeCommand, "Serve an exported reward model over HTTP (Ray Serve).", argv)
     # Replicas start in Ray's working directory, not this shell's.

@@ -621,9 +621,9 @@ def test_requests_that_arrive_during_a_forward_all_go_into_the_next_one(trained_
         replica.scorer.group_rewards = slow_forward
         pair = replica.scorer.encoder.encode_group([[{"role": "user", "content": "hi"}, {"role": "assistant", "content": a}]
                                             for a in ("hello", "go away")])
-        first = asyncio.create_task(replica.score_groups([pair]))
+        first = asyncio.create_task(replica.score_groups([pair], replica.export))
         await asyncio.to_thread(started.wait)
-        later = [asyncio.create_task(replica.score_groups([pair])) for _ in range(40)]
+        later = [asyncio.create_task(replica.score_groups([pair], replica.export)) for _ in range(40)]
         return await asyncio.gather(first, *later)
 
     results = asyncio.run(scenario())
@@ -725,6 +725,33 @@ def test_a_model_replica_out_of_reach_or_out_of_memory_is_a_503_that_says_so(tra
     assert forwards == [1]
 
 
+def test_a_model_replica_holding_another_export_refuses_ids_tokenized_for_this_one(trained_model_dir, tmp_path):
+    """During a rollout Serve's handles reach model replicas of the old version and the new, and a model directory
+    replaced in place reaches replicas started after it: a model replica whose export is not the one the HTTP
+    replica tokenized for answers a 503 to retry, not rewards for other ids. The real model replica class and
+    the real FastAPI app in this process; the replica loads a copy of the export trained further (its manifest
+    says so)."""
+    import shutil
+
+    from btrm.serving import RewardModelDeployment
+
+    retrained = shutil.copytree(trained_model_dir, tmp_path / "model")
+    manifest = json.loads((retrained / "btrm.json").read_text())
+    manifest["training"]["steps"] += 1
+    (retrained / "btrm.json").write_text(json.dumps(manifest))
+
+    async def scenario(model_dir):
+        replica = RewardModelDeployment.func_or_class(ServiceOptions(model_path=str(model_dir)))
+        async with _in_process_api(trained_model_dir, replica.score_groups, replica.state) as client:
+            return await client.post("/compare", json=GOOD_PAIR)
+
+    assert asyncio.run(scenario(trained_model_dir)).status_code == 200
+    refused = asyncio.run(scenario(retrained))
+    assert refused.status_code == 503 and refused.headers["retry-after"] == "5", refused.text
+    assert f"holds another export of {retrained}" in refused.json()["detail"], refused.text
+    assert "a rollout is under way (retry)" in refused.json()["detail"], refused.text
+
+
 def test_health_answers_at_once_while_requests_are_being_scored(trained_model_dir, monkeypatch):
     """Under load a model replica's slots are taken by scoring requests, and /health's own call to it would wait
     behind them (503 after MODEL_STATE_TIMEOUT_S: a readiness probe would take the service out at its peak).
@@ -740,7 +767,7 @@ def test_health_answers_at_once_while_requests_are_being_scored(trained_model_di
     monkeypatch.setattr(serving, "RECENTLY_SCORED_S", 1.0)
     failure = None
 
-    async def score_groups(groups):
+    async def score_groups(groups, export):
         if failure:
             raise failure
         return [[0.5, -0.5] for _ in groups]
