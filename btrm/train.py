@@ -223,7 +223,7 @@ def run_training(config: TrainConfig) -> ray.train.Result:
           f"{total_steps} optimizer steps ({total_steps / steps_per_epoch:.3g} epoch(s) of {steps_per_epoch})", flush=True)
 
     plan = Plan(config=config, model_path=model_path, tokenization=spec.to_dict(), deepspeed_config=deepspeed_config,
-                use_gpu=use_gpu, total_steps=total_steps,
+                use_gpu=use_gpu, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
                 eval_shards=eval_shards, ledgers=ledgers, tracker_run_id=new_run_id())
     # And what the data gave, before any worker starts: steps already trained are skipped by count.
     check_resume_terms(recorded_terms, {"pairs": train_ledger["pairs"]})

@@ -58,6 +58,7 @@ class Plan:
     deepspeed_config: dict[str, Any]
     use_gpu: bool
     total_steps: int
+    steps_per_epoch: int
     eval_shards: list[Any]  # one MaterializedDataset per worker, or empty
     ledgers: dict[str, Any]
     # Chosen here, not on a worker: workers Ray Train restarts before the first checkpoint (which keeps it)
@@ -73,6 +74,15 @@ class Progress:
     epoch: int = 0
     step_in_epoch: int = 0  # optimizer steps done in the current epoch
     pairs_seen: int = 0
+
+    @classmethod
+    def resumed(cls, saved: dict[str, int], steps_per_epoch: int) -> "Progress":
+        """A checkpoint's progress; at the next epoch's start when it was taken at an epoch's last step: a finished
+        run extended by more epochs would otherwise read its last epoch's pairs again only to skip them all."""
+        progress = cls(**saved)
+        if progress.step_in_epoch >= steps_per_epoch:
+            progress.epoch, progress.step_in_epoch = progress.epoch + 1, 0
+        return progress
 
 
 @dataclass
@@ -367,7 +377,7 @@ def train_loop_per_worker(loop_config: dict[str, Plan]) -> None:
             _, client_state = engine.load_checkpoint(directory, tag=CHECKPOINT_TAG)
             restore_rng_state(directory, rank)
         follow_schedule(engine, config)
-        progress = Progress(**client_state["progress"])
+        progress = Progress.resumed(client_state["progress"], plan.steps_per_epoch)
         # A resumed run (--resume, or Ray Train restarting failed workers) exports the whole log, not its own part.
         history, before = client_state["history"], client_state["before"]
         tracker_run_id = client_state.get("tracker_run_id") or tracker_run_id  # (older checkpoints kept none)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from btrm.train_loop import epoch_order
+from btrm.train_loop import Progress, epoch_order
 from conftest import train_tiny, write_parquet_shards
 
 
@@ -368,4 +368,13 @@ def test_each_epoch_reads_the_pairs_in_its_own_order_and_again_the_same_on_resum
     assert sorted(second) == sorted(third) == list(range(1000))  # every pair once an epoch, none dropped
     assert len({tuple(first), tuple(second), tuple(third)}) == 3
     assert order(1) == second  # what a resumed run skips is what it had trained
+
+
+def test_a_run_checkpointed_at_an_epochs_end_resumes_at_the_next_epochs_start():
+    """Mid-epoch, a resumed run reads the epoch's order again and skips the steps it had trained; at an epoch's
+    last step (a finished run extended by --num_train_epochs, say) there is nothing of that epoch left to skip to."""
+    middle = {"global_step": 37, "epoch": 1, "step_in_epoch": 12, "pairs_seen": 296}
+    assert Progress.resumed(middle, steps_per_epoch=25) == Progress(**middle)
+    end = {"global_step": 50, "epoch": 1, "step_in_epoch": 25, "pairs_seen": 400}
+    assert Progress.resumed(end, steps_per_epoch=25) == Progress(global_step=50, epoch=2, step_in_epoch=0, pairs_seen=400)
 
