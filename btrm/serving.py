@@ -45,6 +45,7 @@ from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Di
 from pydantic_core import PydanticCustomError
 from ray import serve
 from ray.exceptions import RayActorError
+from ray.serve.config import BackpressureConfig
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
 from starlette.datastructures import Headers
@@ -952,10 +953,11 @@ class RewardModelDeployment:
 
 
 # max_ongoing_requests: an HTTP replica mostly awaits the model; it must hold enough requests to fill the
-# model replicas' batches. max_queued_requests: past it the proxy answers 503 at once (without a limit it holds
-# every request, its body included, in memory until a replica is free). One CPU: it tokenizes, and runs Serve's
-# and FastAPI's request handling.
-@serve.deployment(name="RewardAPI", max_ongoing_requests=256, max_queued_requests=1024, ray_actor_options={"num_cpus": 1})
+# model replicas' batches. max_queued_requests: past it the proxy answers 503 at once, with Retry-After as the
+# service's own 503s (without a limit it holds every request, its body included, in memory until a replica is
+# free). One CPU: it tokenizes, and runs Serve's and FastAPI's request handling.
+@serve.deployment(name="RewardAPI", max_ongoing_requests=256, max_queued_requests=1024,
+                  backpressure_config=BackpressureConfig(retry_after_s=5), ray_actor_options={"num_cpus": 1})
 @serve.ingress()
 class RewardAPIDeployment:
     """An HTTP replica: the FastAPI app (built at replica start around this replica's tokenization and token)
