@@ -611,7 +611,7 @@ def build_api(encoder, options: ServiceOptions, token: str | None, score_groups:
         # value went through ("<pair>", "<message>", ...), which names no field of the request.
         exc = RequestValidationError([{**e, "loc": tuple(part for part in e["loc"] if part not in UNION_TAGS)}
                                       for e in exc.errors()], body=exc.body)
-        for e in exc.errors():  # a list past MAX_LISTED: a 413 (pairs or candidates: the one of max_pairs...)
+        for e in exc.errors():  # a list past MAX_LISTED: a 413 (pairs or candidates: the one their option gives)
             if e["type"] == "too_many":
                 field, count = e["loc"][-1], e["ctx"]["count"]
                 error = too_many(field, count) if e["loc"] == ("body", field) and field in LISTED_LIMITS else \
