@@ -60,7 +60,11 @@ def parse_float(value: str | int | float) -> float:
 
 
 def parse_str(value: Any) -> str:
-    return str(value).lower() if isinstance(value, bool) else str(value)  # YAML's `use_gpu: true` means "true"
+    if isinstance(value, bool):
+        return str(value).lower()  # YAML's `use_gpu: true` means "true"
+    # A path under ~: a shell expands it only as a word of its own, not in --output=~/x nor in a YAML file, and
+    # taken as written it names a folder called "~" in the job's working directory.
+    return os.path.expanduser(value) if isinstance(value, str) and value.startswith("~") else str(value)
 
 
 # How an option's value is read, from a flag's text and from a YAML scalar alike.

@@ -103,6 +103,9 @@ class EvalConfig(DataOptions):
             raise ValueError(f"--output {self.output}: must end in {' or '.join(OUTPUT_SUFFIXES)}")
         if "://" in self.output:
             raise ValueError(f"--output {self.output}: a local file (on the machine running the job)")
+        for written in (Path(self.output), summary_path(self.output)):
+            if written.is_dir():  # found only when the scores are written, after all the scoring
+                raise ValueError(f"--output {self.output}: {written} is a directory; give a file's path")
         if "://" not in self.data_path:
             output, data = Path(self.output).resolve(), Path(self.data_path).resolve()
             if output == data:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import re
 
 import pytest
@@ -21,6 +22,12 @@ def test_flags_override_yaml_override_defaults(tmp_path):
     assert (config.train_set_path, config.learning_rate, config.bf16, config.logging_steps) == ("a.parquet", 3e-6, False, 3)
     assert config.gradient_checkpointing is False and config.max_length == 4096 and config.model_name == "Qwen/Qwen3-1.7B"
     assert parse_config(TrainConfig, "t", ["--train_set_path", "x", "--bf16"]).bf16 is True
+    # A path under ~, where no shell expands it: in a YAML file, or after --option= (taken as written, it named a
+    # folder called "~" in the job's working directory).
+    yaml_file.write_text("train_set_path: ~/data/train.parquet\n")
+    config = parse_config(TrainConfig, "t", ["--config", str(yaml_file), "--output_path=~/models/rm"])
+    assert (config.train_set_path, config.output_path) == (os.path.expanduser("~/data/train.parquet"),
+                                                           os.path.expanduser("~/models/rm"))
 
 
 def test_bad_options_are_refused_with_the_reason(tmp_path, capsys):

@@ -335,6 +335,8 @@ def test_options_are_checked_before_any_work(trained_model_dir, tiny_qwen_dir, t
         return parse_config(EvalConfig, "test", list(argv))
 
     config = parse("--model_path", str(trained_model_dir), "--data_path", "x.parquet")
+    shards = tmp_path / "scores.parquet"
+    shards.mkdir()
     parse("--model_path", "m", "--data_path", "data/*.parquet", "--output", "data/scores/s.parquet")  # no match
     assert config.max_length is None and config.overlong is None and config.output.endswith(".parquet")
     for argv, words in ((["--data_path", "x"], "--model_path is required"), (["--model_path", "m"], "--data_path"),
@@ -348,7 +350,10 @@ def test_options_are_checked_before_any_work(trained_model_dir, tiny_qwen_dir, t
                           str(tmp_path / "eval" / "s.parquet")], "/**/*.parquet matches"),
                         # The summary, s.summary.json, is what this glob would read back.
                         (["--model_path", "m", "--data_path", "data/*.json", "--output", "data/s.jsonl"],
-                         "matches data/s.summary.json")):
+                         "matches data/s.summary.json"),
+                        # A folder of that name (an earlier Ray Data write, say) would be found after the scoring.
+                        (["--model_path", "m", "--data_path", "x", "--output", str(shards)],
+                         f"{shards} is a directory; give a file's path")):
         with pytest.raises(SystemExit):
             parse(*argv)
         assert words in capsys.readouterr().err
