@@ -131,6 +131,22 @@ def check_run_directory(storage_path: str, run_name: str, resume: bool) -> None:
         raise SystemExit(f"--resume: there is no run {run_name!r} in {storage_path}")
 
 
+def check_apart_from_export(config: TrainConfig, storage_path: str) -> None:
+    """Publishing replaces --output_path whole: the run's checkpoints and tracker files must not be inside it
+    (they were deleted with an earlier export), nor the export inside the run's directory."""
+    output = Path(config.output_path).resolve()
+    inside = {"--storage_path": storage_path}
+    if config.report_to != "none":
+        inside["--tracking_dir"] = config.tracking_dir
+    for option, path in inside.items():
+        if "://" not in path and Path(path).resolve().is_relative_to(output):
+            raise SystemExit(f"{option} {path} is inside --output_path {config.output_path}, which the export "
+                             "replaces whole: give them places apart")
+    if "://" not in storage_path and output.is_relative_to(Path(storage_path, config.run_name).resolve()):
+        raise SystemExit(f"--output_path {config.output_path} is inside the run's directory under --storage_path "
+                         f"({Path(storage_path, config.run_name)}), where Ray Train writes checkpoints: give another")
+
+
 def run_training(config: TrainConfig) -> ray.train.Result:
     from transformers import AutoConfig
 
@@ -144,9 +160,10 @@ def run_training(config: TrainConfig) -> ray.train.Result:
     config.run_name = config.run_name or time.strftime("btrm-%Y%m%d-%H%M%S")
     storage_path = config.storage_path if "://" in config.storage_path else os.path.abspath(config.storage_path)
     check_run_directory(storage_path, config.run_name, config.resume)
+    config.tracking_dir = os.path.abspath(config.tracking_dir)  # workers have another working directory
+    check_apart_from_export(config, storage_path)
     check_replaceable(config.output_path)  # now, not after the training it would take to find out
     check_writable("--output_path", config.output_path)
-    config.tracking_dir = os.path.abspath(config.tracking_dir)  # workers have another working directory
     model_path = resolve_model_path(config.model_name)
     try:
         model_config = AutoConfig.from_pretrained(model_path)

@@ -268,6 +268,15 @@ def test_the_driver_refuses_at_once_what_would_fail_after_training(ray_session, 
     with pytest.raises(SystemExit, match="holds files but no btrm.json"):
         train_tiny(tmp_path, tiny_qwen_dir, rows, None)
     assert (tmp_path / "model" / "notes.txt").read_text() == "keep"
+    # The run's checkpoints or tracker files inside the export would go with the next export, which replaces it whole.
+    new = tmp_path / "new"
+    for options, words in ((dict(storage_path=str(new / "runs")), f"--storage_path {new}/runs is inside --output_path"),
+                           (dict(report_to="wandb", tracking_dir=str(new / "tracking")),
+                            f"--tracking_dir {new}/tracking is inside --output_path"),
+                           (dict(output_path=str(tmp_path / "runs" / "tiny" / "model")),
+                            "is inside the run's directory under --storage_path")):
+        with pytest.raises(SystemExit, match=words):
+            train_tiny(tmp_path, tiny_qwen_dir, rows, None, **{"output_path": str(new), **options})
     config = tmp_path / "ds.json"
     config.write_text(json.dumps({"zero_optimization": {"stage": 2}, "train_batch_size": 4096}))
     with pytest.raises(SystemExit, match=r"--deepspeed .*ds.json: DeepSpeed config sets train_batch_size=4096 but"):
