@@ -121,6 +121,14 @@ def test_deepspeed_configs_fill_auto_values_and_refuse_contradictions():
                               max_grad_norm=1.0, bf16=False, hidden_size=64)
     with pytest.raises(FileNotFoundError, match="neither a shipped config"):
         load_deepspeed_config("zero9")
+    # What DeepSpeed would refuse on every GPU worker, after the data is read (CPU workers train in float32).
+    for raw, words in (({"fp16": {"enabled": True}}, "fp16 and bf16 both enabled"),
+                       ({**load_deepspeed_config("zero1"), "zero_optimization": {"stage": 0}}, "needs ZeRO")):
+        with pytest.raises(ValueError, match=words):
+            fill_deepspeed_config(raw, micro_batch=2, accumulation=1, world_size=1, max_grad_norm=1.0, bf16=True,
+                                  hidden_size=64)
+        fill_deepspeed_config(raw, micro_batch=2, accumulation=1, world_size=1, max_grad_norm=1.0, bf16=False,
+                              hidden_size=64)
 
 
 def test_loss_margin_and_centering():

@@ -350,6 +350,9 @@ def test_workers_are_dealt_pairs_in_order_and_a_resume_must_read_them_as_before(
     # DeepSpeed reads its state back in the layout it was written in.
     with pytest.raises(SystemExit, match=r"zero_stage: 2 then, 3 now; bf16: True then, False now"):
         check_resume_terms(saved, dict(saved, zero_stage=3, bf16=False))
+    # A DeepSpeed config's own bf16 setting is what the engine trains in, whatever --bf16 says.
+    explicit = resume_terms(TrainConfig(train_set_path="s3://b/train/", bf16=True), {"bf16": {"enabled": False}}, True)
+    assert explicit["bf16"] is False
     with pytest.raises(SystemExit, match=r"grad_accum_dtype: None then, 'fp32' now"):
         check_resume_terms({**saved, "grad_accum_dtype": None},
                            resume_terms(TrainConfig(train_set_path="s3://b/train/"), load_deepspeed_config("zero1"),

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 SHIPPED = {p.stem: p for p in Path(__file__).parent.glob("*.json")}
+FLOAT32_NAMES = ("fp32", "float32", "float", "torch.float32")  # what DeepSpeed's DtypeEnum reads as float32
 
 
 def load_deepspeed_config(name_or_path: str) -> dict[str, Any]:
@@ -42,7 +43,13 @@ def fill_deepspeed_config(raw: dict[str, Any], *, micro_batch: int, accumulation
     config.setdefault("bf16", {})
     if config["bf16"].get("enabled", "auto") == "auto":
         config["bf16"]["enabled"] = bf16
+    if config["bf16"]["enabled"] and config.get("fp16", {}).get("enabled"):
+        raise ValueError("DeepSpeed config: fp16 and bf16 both enabled (bf16 \"auto\" follows --bf16): enable one")
     zero = config.setdefault("zero_optimization", {"stage": 0})
+    if (config["bf16"]["enabled"] and zero.get("stage", 0) == 0
+            and config.get("data_types", {}).get("grad_accum_dtype") in FLOAT32_NAMES):
+        raise ValueError("DeepSpeed config: data_types.grad_accum_dtype fp32 with bf16 needs ZeRO (stage 1-3): DeepSpeed "
+                         "refuses it at stage 0; remove data_types or use a ZeRO stage")
     zero_auto = {
         "reduce_bucket_size": hidden_size * hidden_size,
         "stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
