@@ -93,16 +93,25 @@ def publish_dir(source: str | Path, destination: str | Path, filesystem: pafs.Fi
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)  # an interrupted copy leaves nothing behind
         raise
-    if destination.exists():
-        if exchange(staging, destination):  # staging now holds the earlier export
-            shutil.rmtree(staging, ignore_errors=True)
-        else:  # a moment without the directory
-            retired = destination.parent / f".{destination.name}.old-{uuid.uuid4().hex[:8]}"
+    if destination.exists() and exchange(staging, destination):  # staging now holds the earlier export
+        shutil.rmtree(staging, ignore_errors=True)
+        return destination
+    # Else renames, with a moment without the directory where there is an earlier export. A rename that fails (a
+    # mount point: EBUSY) leaves things as they were: the earlier export in place, no staging copy behind.
+    retired = destination.parent / f".{destination.name}.old-{uuid.uuid4().hex[:8]}"
+    try:
+        if destination.exists():
             os.rename(destination, retired)
+        try:
             os.rename(staging, destination)
-            shutil.rmtree(retired, ignore_errors=True)
-    else:
-        os.rename(staging, destination)
+        except OSError:
+            if retired.exists():
+                os.rename(retired, destination)
+            raise
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    shutil.rmtree(retired, ignore_errors=True)
     return destination
 
 

@@ -73,6 +73,19 @@ def test_publish_swaps_an_earlier_export_for_the_new_one_in_one_step(tmp_path, m
     publish_dir(_export(tmp_path / "newer", "newer"), destination)
     assert (destination / "btrm.json").read_text() == "newer"
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["model"]
+    # A rename refused midway (the new export's, say) puts the earlier export back and leaves no copy behind.
+    rename = export.os.rename
+
+    def refusing_the_new_one(source, target):
+        if ".staging-" in str(source):
+            raise OSError(16, "Device or resource busy")
+        rename(source, target)
+
+    monkeypatch.setattr(export.os, "rename", refusing_the_new_one)
+    with pytest.raises(OSError, match="busy"):
+        publish_dir(_export(tmp_path / "newest", "newest"), destination)
+    assert (destination / "btrm.json").read_text() == "newer"
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["model"]
 
 
 def test_manifest_and_log_values_are_strict_json():
