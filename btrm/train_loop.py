@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 from btrm.batching import DENSE_MASK_TOKENS, FLEX_BLOCK, MicroBatcher, split_to, take
 from btrm.config import TrainConfig, recorded_options
-from btrm.deepspeed_configs import fill_deepspeed_config, load_deepspeed_config
+from btrm.deepspeed_configs import bf16_enabled, fill_deepspeed_config, load_deepspeed_config
 from btrm.export import json_safe, write_model_dir
 from btrm.loss import bradley_terry_loss, pair_correct
 from btrm.model import RewardModel, disable_dropout, load_reward_model, packing_unsupported
@@ -244,15 +244,9 @@ def resume_terms(config: TrainConfig, deepspeed_config: dict[str, Any], use_gpu:
              "eval_split_ratio": config.eval_split_ratio, "num_workers": config.num_workers,
              "pairs_per_step": config.per_device_train_batch_size * config.gradient_accumulation_steps,
              "zero_stage": deepspeed_config.get("zero_optimization", {}).get("stage", 0),
-             "bf16": _bf16(config, deepspeed_config, use_gpu),
+             "bf16": bf16_enabled(deepspeed_config, config.bf16 and use_gpu),
              "grad_accum_dtype": deepspeed_config.get("data_types", {}).get("grad_accum_dtype")}
     return terms if pairs is None else {**terms, "pairs": pairs}
-
-
-def _bf16(config: TrainConfig, deepspeed_config: dict[str, Any], use_gpu: bool) -> bool:
-    """Whether the engine trains in bf16: --bf16 on GPUs, unless the DeepSpeed config says (not "auto")."""
-    enabled = deepspeed_config.get("bf16", {}).get("enabled", "auto")
-    return config.bf16 and use_gpu if enabled == "auto" else bool(enabled)
 
 
 def recorded_resume_terms(run_dir: str) -> dict[str, Any] | None:

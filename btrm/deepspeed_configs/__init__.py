@@ -40,9 +40,7 @@ def fill_deepspeed_config(raw: dict[str, Any], *, micro_batch: int, accumulation
         elif config[key] != value:
             raise ValueError(f"DeepSpeed config sets {key}={config[key]} but the job's options give {value}; "
                              "set it to \"auto\" or make them agree")
-    config.setdefault("bf16", {})
-    if config["bf16"].get("enabled", "auto") == "auto":
-        config["bf16"]["enabled"] = bf16
+    config.setdefault("bf16", {})["enabled"] = bf16_enabled(config, bf16)
     if config["bf16"]["enabled"] and config.get("fp16", {}).get("enabled"):
         raise ValueError("DeepSpeed config: fp16 and bf16 both enabled (bf16 \"auto\" follows --bf16): enable one")
     zero = config.setdefault("zero_optimization", {"stage": 0})
@@ -66,6 +64,12 @@ def fill_deepspeed_config(raw: dict[str, Any], *, micro_batch: int, accumulation
     if leftover:
         raise ValueError(f"DeepSpeed config: btrm cannot fill \"auto\" for {leftover}; give values")
     return config
+
+
+def bf16_enabled(raw: dict[str, Any], bf16: bool) -> bool:
+    """Whether the engine trains in bf16: ``bf16`` (--bf16 on GPUs) unless the config says itself (not "auto")."""
+    enabled = raw.get("bf16", {}).get("enabled", "auto")
+    return bf16 if enabled == "auto" else bool(enabled)
 
 
 def _walk(node: Any, prefix: str = ""):
