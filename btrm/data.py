@@ -408,13 +408,17 @@ def new_ledger(name: str, max_drop_fraction: float):
     return Ledger.remote(name, max_drop_fraction)
 
 
-def close_ledger(ledger, max_drop_fraction: float) -> dict[str, Any]:
-    """The final ledger, printed and checked against the limits (callers write it next to their outputs)."""
+def close_ledger(ledger) -> dict[str, Any]:
+    """The final ledger, printed (callers write it next to their outputs); a dataset that left no pair fails."""
     summary = ray.get(ledger.summary.remote())
     print(format_ledger(summary), flush=True)
-    if summary["drop_fraction"] > max_drop_fraction:
-        raise DataError(f"{summary['dataset']}: {summary['drop_fraction']:.1%} of pairs dropped > "
-                        f"--max_drop_fraction {max_drop_fraction:.1%}; fix the data or raise the limit", summary)
     if summary["pairs"] == 0:
         raise DataError(f"{summary['dataset']}: no usable pairs", summary)
     return summary
+
+
+def check_drop_fraction(summary: dict[str, Any], max_drop_fraction: float) -> None:
+    """Fails a run whose data dropped more than ``max_drop_fraction`` of its pairs, with the ledger."""
+    if summary["drop_fraction"] > max_drop_fraction:
+        raise DataError(f"{summary['dataset']}: {summary['drop_fraction']:.1%} of pairs dropped > "
+                        f"--max_drop_fraction {max_drop_fraction:.1%}; fix the data or raise the limit", summary)

@@ -30,7 +30,8 @@ import ray.data
 from btrm.batching import take
 from btrm.config import (SCORING_DTYPES, USE_GPU_CHOICES, DataOptions, check_job_output, check_writable, gpus_wanted,
                          option, parse_config)
-from btrm.data import DataSpec, bad_data_ends_the_job, build_pair_dataset, close_ledger, new_ledger
+from btrm.data import (DataSpec, bad_data_ends_the_job, build_pair_dataset, check_drop_fraction, close_ledger,
+                       new_ledger)
 from btrm.export import read_manifest
 from btrm.model import embedding_rows
 from btrm.scoring import RewardScorer, ray_actor_device
@@ -389,7 +390,7 @@ def run_evaluation(config: EvalConfig) -> dict[str, Any]:
         ray.init()
     ledger = new_ledger("eval", config.max_drop_fraction)
     pairs = score_pairs(config, model_path, spec, embedding_rows(model_config), ledger)
-    data = close_ledger(ledger, config.max_drop_fraction)
+    data = close_ledger(ledger)
     summary = summarize(pairs)
     write_pairs(pairs, config.output)
     summary = {
@@ -408,6 +409,8 @@ def run_evaluation(config: EvalConfig) -> dict[str, Any]:
         print(format_pairs(pairs, config.show), flush=True)
     print(f"[btrm] evaluation of {model_path} on {summary['data_path']}\n{format_summary(summary)}", flush=True)
     print(f"[btrm] per-pair results: {config.output}; summary: {summary_file}", flush=True)
+    # Checked once the output is written: the scores of the pairs kept are the job's work, kept whatever the verdict.
+    check_drop_fraction(data, config.max_drop_fraction)
     # The figures leave out the pairs the model failed on: not a few random ones (out of memory takes the longest);
     # none scored is a failure whatever the limit.
     unscored = summary["unscored"] / (summary["pairs"] + summary["unscored"])

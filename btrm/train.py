@@ -21,7 +21,7 @@ from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from btrm.config import TrainConfig, check_job_output, check_writable, gpus_wanted
-from btrm.data import DataSpec, build_pair_dataset, close_ledger, new_ledger, split_by_question
+from btrm.data import DataSpec, build_pair_dataset, check_drop_fraction, close_ledger, new_ledger, split_by_question
 from btrm.deepspeed_configs import fill_deepspeed_config, load_deepspeed_config
 from btrm.export import check_replaceable, publish_dir
 from btrm.model import embedding_rows, resolve_model_path, reward_token_rule
@@ -93,7 +93,8 @@ def materialized_pairs(dataset, ledger, config, hold_out: float = 0.0, shuffle: 
     if shuffle:
         dataset = dataset.random_shuffle(seed=config.seed)
     dataset = dataset.materialize()
-    summary = close_ledger(ledger, config.max_drop_fraction)
+    summary = close_ledger(ledger)
+    check_drop_fraction(summary, config.max_drop_fraction)
     return dataset, summary, held_out
 
 

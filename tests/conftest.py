@@ -140,7 +140,7 @@ def trained_model_dir(ray_session, tiny_qwen_dir, hh_helpful, tmp_path_factory) 
 
 def run_pipeline(path, tokenizer_dir: str, max_drop_fraction: float = 1.0, **options):
     """Runs the Ray Data pair pipeline over ``path``; returns (rows sorted by file and row, ledger)."""
-    from btrm.data import DataSpec, build_pair_dataset, close_ledger, new_ledger
+    from btrm.data import DataSpec, build_pair_dataset, check_drop_fraction, close_ledger, new_ledger
     from btrm.tokenize import TokenizationSpec
 
     tokenization = TokenizationSpec(max_length=options.pop("max_length", 1024),
@@ -149,7 +149,8 @@ def run_pipeline(path, tokenizer_dir: str, max_drop_fraction: float = 1.0, **opt
     ledger = new_ledger("test", max_drop_fraction)
     spec = DataSpec(path=str(path), tokenizer_path=tokenizer_dir, tokenization=tokenization, **options)
     rows = build_pair_dataset(spec, ledger, num_tasks=2, task_cpus=0.5).take_all()
-    summary = close_ledger(ledger, max_drop_fraction)
+    summary = close_ledger(ledger)
+    check_drop_fraction(summary, max_drop_fraction)
     return sorted(rows, key=lambda r: (r["file"], r["row"])), summary
 
 

@@ -60,10 +60,12 @@ class Evaluation:
     data_path: Path
 
 
-def _evaluate(argv: list[str]) -> tuple[dict, str]:
-    """Runs the job's entry point as `btrm evaluate` would; returns the summary JSON and what it printed."""
+def _evaluate(argv: list[str], failure: str | None = None) -> tuple[dict, str]:
+    """Runs the job's entry point as `btrm evaluate` would; returns the summary JSON and what it printed.
+    ``failure``: the message the job must end with, once it has written its files."""
     stdout = io.StringIO()
-    with contextlib.redirect_stdout(stdout):
+    ends = pytest.raises(SystemExit, match=failure) if failure else contextlib.nullcontext()
+    with contextlib.redirect_stdout(stdout), ends:
         main(argv + ["--batch_size", "32", "--num_data_workers", "1", "--data_worker_cpus", "0.5"])
     output = Path(argv[argv.index("--output") + 1])
     return json.loads(summary_path(output).read_text()), stdout.getvalue()
@@ -82,7 +84,8 @@ def hh_eval(ray_session, trained_model_dir, hh_helpful, tmp_path_factory) -> Eva
 
 @pytest.fixture(scope="module")
 def pandalm_eval(ray_session, trained_model_dir, shared_data, tmp_path_factory) -> Evaluation:
-    """A custom processor on PandaLM (JSONL with one corrupt line), --max_length override, JSONL out."""
+    """A custom processor on PandaLM (JSONL with one corrupt line), --max_length override, JSONL out; its ties,
+    overlong and invalid rows are more than the default --max_drop_fraction: the job fails, after writing."""
     tmp = tmp_path_factory.mktemp("evaluate-pandalm")
     processor = tmp / "pandalm.py"
     processor.write_text(PANDALM_PROCESSOR)
@@ -93,8 +96,9 @@ def pandalm_eval(ray_session, trained_model_dir, shared_data, tmp_path_factory) 
     output = tmp / "out" / "scores.jsonl"
     summary, stdout = _evaluate(["--model_path", str(trained_model_dir), "--data_path", str(data),
                                  "--output", str(output), "--custom_bt_dataset_path", str(processor),
-                                 "--custom_bt_dataset_name", "PandaLMDataset", "--max_length", "128",
-                                 "--max_drop_fraction", "0.5"])
+                                 "--custom_bt_dataset_name", "PandaLMDataset", "--max_length", "128"],
+                                failure=r"eval: \d+\.\d% of pairs dropped > --max_drop_fraction 5\.0%; fix the data or "
+                                        r"raise the limit\n\[eval\] 121 rows read")
     return Evaluation(pd.read_json(output, lines=True, dtype=False), summary, stdout, data)
 
 
@@ -188,7 +192,8 @@ def test_custom_processor_length_override_bad_rows_and_sources(pandalm_eval):
     assert len(truncated) > 0 and (truncated[["chosen_tokens", "rejected_tokens"]].max(axis=1) == 128).all()
     ledger = summary["data"]
     assert ledger["rows_read"] == 121 and ledger["pairs"] == len(pairs) == summary["pairs"]
-    assert ledger["dropped"]["tie"] > 0 and ledger["dropped"]["overlong"] > 0
+    assert ledger["dropped"]["tie"] > 0 and ledger["dropped"]["overlong"] > 0 and ledger["drop_fraction"] > 0.05
+    assert not list(pandalm_eval.data_path.parent.glob("out/.*partial*"))
     # The corrupt line, and PandaLM's own empty responses, are reported with their place; the rest go on.
     invalid = {e["row"]: e for e in ledger["examples"] if e["reason"] == "invalid"}
     assert ledger["dropped"]["invalid"] == len(invalid) > 1
