@@ -40,7 +40,7 @@ def weather_call(arguments, **layout):
 
 
 @pytest.mark.parametrize("row, field, words", [
-    ({"rejected": PROMPT + [BAD]}, "chosen", "missing"),
+    ({"prompt": "Hi", "response_rejected": "x"}, "chosen", "missing (the row has ['prompt', 'response_rejected'])"),
     ({"chosen": "not json", "rejected": PROMPT + [BAD]}, "chosen", "not a JSON list"),
     ({"chosen": PROMPT + [{"role": "robot", "content": "x"}], "rejected": PROMPT + [BAD]}, "chosen[1].role", "unknown role"),
     ({"chosen": PROMPT + [{"role": "assistant", "content": "  "}], "rejected": PROMPT + [BAD]}, "chosen[1].content", "empty"),
@@ -61,6 +61,8 @@ def weather_call(arguments, **layout):
       "rejected": PROMPT + [BAD]}, "chosen[1].tool_calls[0].function.arguments", "not JSON"),
     ({"chosen": PROMPT + [{"role": "assistant", "tool_calls": []}], "rejected": PROMPT + [BAD]}, "chosen[1].content", "string"),
     ({"chosen": PROMPT + [weather_call('{"city": ' * 2000)], "rejected": PROMPT + [BAD]},
+     "chosen[1].tool_calls[0].function.arguments", "not JSON"),
+    ({"chosen": PROMPT + [weather_call('{"days": ' + "9" * 5000 + "}")], "rejected": PROMPT + [BAD]},
      "chosen[1].tool_calls[0].function.arguments", "not JSON"),
     ({"chosen": PROMPT + [weather_call({"city": "\ud800"})], "rejected": PROMPT + [BAD]},
      "chosen[1].tool_calls[0].function.arguments.city", "lone surrogate"),
@@ -191,6 +193,10 @@ def test_helpsteer3_rm_gallery_layout():
         helpsteer3.pairs(rm_gallery_row(labels=(False, False)))
     with pytest.raises(RowDropped, match="missing_label"):
         helpsteer3.pairs(rm_gallery_row(labels=(True, None)))
+    with pytest.raises(RowError, match="must be true or false, got 'false'") as error:  # not read as preferred
+        helpsteer3.pairs(rm_gallery_row(labels=("false", "true")))
+    assert error.value.field == "output[0].answer.label.is_preferred"
+    assert helpsteer3.pairs({**rm_gallery_row(), "id": None, "unique_id": "u1"})[0]["id"] == "u1"
 
 
 def test_helpsteer3_native_layout_direction_margin_ties():
@@ -202,8 +208,15 @@ def test_helpsteer3_native_layout_direction_margin_ties():
     assert pair["chosen"][-1] == BAD and pair["margin"] == 3
     with pytest.raises(RowDropped, match="tie"):
         helpsteer3.pairs({**row, "overall_preference": 0})
-    with pytest.raises(RowDropped, match="missing_label"):
-        helpsteer3.pairs({**row, "overall_preference": None})
+    for missing in (None, float("nan")):  # NaN: pandas' missing value
+        with pytest.raises(RowDropped, match="missing_label"):
+            helpsteer3.pairs({**row, "overall_preference": missing})
+    # A bad response is named as the row names it, whichever side the preference puts it on.
+    for preference, fields in ((-1, ("response1", "response2")), (1, ("response2", "response1"))):
+        for field, value, words in ((fields[0], "", "empty"), (fields[1], 3, "must be a string")):
+            with pytest.raises(RowError, match=words) as error:
+                helpsteer3.pairs({**row, "overall_preference": preference, field: value})
+            assert error.value.field == f"{field}.content"
     with pytest.raises(RowError, match="-3..3"):
         helpsteer3.pairs({**row, "overall_preference": 5})
     assert helpsteer3.pairs({**row, "overall_preference": 2.0})[0]["margin"] == 2  # parquet may store them as floats

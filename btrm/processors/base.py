@@ -163,7 +163,7 @@ def _given(value: Any) -> bool:
 def _parse_json(text: str, field: str, what: str) -> Any:
     try:
         return json.loads(text)
-    except (json.JSONDecodeError, RecursionError):
+    except (ValueError, RecursionError):  # ValueError: invalid JSON, or an integer of more than 4300 digits
         raise RowError(field, f"is a string that is not {what}") from None
 
 

@@ -48,11 +48,13 @@ class HelpSteer3Dataset(BaseBradleyTerryTrainDataset):
             is_preferred = label.get("is_preferred") if isinstance(label, dict) else None
             if is_preferred is None:
                 raise RowDropped("missing_label", f"output[{i}].answer.label.is_preferred is missing")
+            if is_preferred not in (True, False):  # (0 and 1 too) the string "false" must not read as preferred
+                raise RowError(f"output[{i}].answer.label.is_preferred", f"must be true or false, got {is_preferred!r}")
             answer = as_message(answer, f"output[{i}].answer")
             (preferred if is_preferred else other).append(answer)
         if len(preferred) != 1 or not other:
             raise RowDropped("tie", f"{len(preferred)} preferred and {len(other)} non-preferred answers")
-        row_id = row.get("id", row.get("unique_id"))
+        row_id = first_given(row, "id", "unique_id")
         return [
             {
                 "chosen": prompt + preferred,
@@ -65,9 +67,11 @@ class HelpSteer3Dataset(BaseBradleyTerryTrainDataset):
 
     def _from_native(self, row: dict[str, Any]) -> dict[str, Any]:
         context = as_messages(require(row, "context"), "context")
-        responses = [require(row, "response1"), require(row, "response2")]
+        # Checked under their own names: which one becomes chosen depends on the preference.
+        responses = [as_message({"role": "assistant", "content": require(row, field)}, field)
+                     for field in ("response1", "response2")]
         preference = row.get("overall_preference")
-        if preference is None:
+        if preference is None or preference != preference:  # NaN: pandas' missing value (a concat of subsets)
             raise RowDropped("missing_label", "overall_preference is missing")
         try:
             integer = int(preference)
@@ -82,8 +86,8 @@ class HelpSteer3Dataset(BaseBradleyTerryTrainDataset):
             raise RowDropped("tie", "overall_preference is 0")
         better, worse = responses if preference < 0 else responses[::-1]
         return {
-            "chosen": context + [{"role": "assistant", "content": better}],
-            "rejected": context + [{"role": "assistant", "content": worse}],
+            "chosen": context + [better],
+            "rejected": context + [worse],
             "margin": abs(preference),
             "id": row.get("id"),
             "source": first_given(row, "domain", "source"),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from btrm.processors.base import BaseBradleyTerryTrainDataset, first_given
+from btrm.processors.base import BaseBradleyTerryTrainDataset, first_given, require
 
 
 class StandardDataset(BaseBradleyTerryTrainDataset):
@@ -17,8 +17,8 @@ class StandardDataset(BaseBradleyTerryTrainDataset):
 
     def convert(self, row: dict[str, Any]) -> dict[str, Any]:
         return {
-            "chosen": row.get("chosen"),
-            "rejected": row.get("rejected"),
+            "chosen": require(row, "chosen"),  # (here, not in the pair's check: its error names the row's fields)
+            "rejected": require(row, "rejected"),
             "tools": row.get("tools"),
             "margin": row.get("margin"),
             "id": row.get("id"),
