@@ -215,18 +215,21 @@ class PairPreprocessor:
         pending = None  # the previous batch's report: checked while this one is processed, not waited for
         for fragment in batch["fragment"]:
             rows_read = 0
-            for row_numbers, rows in read_fragment(Fragment(**fragment), self.spec.batch_rows):
-                table, report = self.process_rows(fragment["path"], row_numbers, rows)
+            fragment = Fragment(**fragment)
+            for row_numbers, rows in read_fragment(fragment, self.spec.batch_rows):
+                table, report = self.process_rows(fragment.path, row_numbers, rows, fragment.unread_columns)
                 rows_read += len(rows)
                 _check(pending, ledger)
-                pending = ledger.record.remote((fragment["path"], row_numbers[0]), report)
+                pending = ledger.record.remote((fragment.path, row_numbers[0]), report)
                 yield table
             if not rows_read:  # an empty file (a failed upload, say) is reported, not passed over
                 _check(pending, ledger)
-                pending = ledger.record.remote((fragment["path"], NO_ROWS), LedgerReport())
+                pending = ledger.record.remote((fragment.path, NO_ROWS), LedgerReport())
         _check(pending, ledger)
 
-    def process_rows(self, path: str, row_numbers, rows: list[Any]) -> tuple[pa.Table, LedgerReport]:
+    def process_rows(self, path: str, row_numbers, rows: list[Any],
+                     unread_columns: tuple[str, ...] = ()) -> tuple[pa.Table, LedgerReport]:
+        """``unread_columns``: the file's columns left unread (the rows do not hold them), for the ledger."""
         report = LedgerReport(rows_read=len(rows))
 
         def drop(reason: str, row: int, message: str, field: str | None = None) -> None:
@@ -237,7 +240,7 @@ class PairPreprocessor:
         read_fields = self.processor.read_fields
         if read_fields is not None:
             fields = {name for row in rows if isinstance(row, dict) for name in row}
-            report.unread_fields = sorted(fields - set(read_fields))
+            report.unread_fields = sorted((fields - set(read_fields)) | set(unread_columns))
         pairs, places = [], []
         for row_number, row in zip(row_numbers, rows):
             if isinstance(row, BadRow):
@@ -365,7 +368,7 @@ def build_pair_dataset(spec: DataSpec, ledger, num_tasks: int = 2, task_cpus: fl
     """A lazy Ray Dataset of tokenized pairs. Planning (listing files, checking parquet footers and
     schemas) happens now, on the caller, so a wrong path or a corrupt file fails before any work."""
     processor = load_processor(spec.dataset_format, spec.custom_bt_dataset_path)
-    fragments = plan_fragments(spec.path, processor.required_fields)
+    fragments = plan_fragments(spec.path, processor.required_fields, processor.read_fields)
     if all(f.num_rows == 0 for f in fragments):  # parquet files without rows (writers closed before any: Spark's empty parts)
         raise SourceError(f"{without_credentials(spec.path)}: holds no rows (its parquet files are empty)")
     items = [{"fragment": asdict(f)} for f in fragments]

@@ -41,11 +41,19 @@ class Fragment:
     row_groups: tuple[int, ...] = ()
     first_row: int = 0  # file row number of the fragment's first row (0-based)
     num_rows: int | None = None
+    # A parquet file's columns that the processor declares it does not read: never decoded (a column of images
+    # costs no memory, a bad value in a column of notes no row), only named in the ledger.
+    unread_columns: tuple[str, ...] = ()
     # Where pyarrow opens it: the file's path in the filesystem of the source the user gave (``location``), and
     # that source itself, whole: a URI's credentials (s3://KEY:SECRET@bucket/...) and options
     # (?endpoint_override=...&region=...) open every file of it the same way. Never shown.
     location: str = field(default="", repr=False)
     source: str = field(default="", repr=False)
+
+    def __post_init__(self):
+        # Ray Data hands a fragment back to its task with the tuples as numpy arrays.
+        object.__setattr__(self, "row_groups", tuple(int(i) for i in self.row_groups))
+        object.__setattr__(self, "unread_columns", tuple(str(name) for name in self.unread_columns))
 
 
 @dataclass(frozen=True)
@@ -126,7 +134,9 @@ def _glob_match(parts: Sequence[str], pattern: Sequence[str], folder: bool = Fal
 
 
 def is_glob(path: str) -> bool:
-    return any(ch in path for ch in "*?[")
+    """Whether ``path`` is a pattern: it holds *, ? or [, and is not the name of a local file or folder as
+    written (`pairs[v2].jsonl`)."""
+    return any(ch in path for ch in "*?[") and not ("://" not in path and os.path.lexists(path))
 
 
 def glob_matches(pattern: str, path: str) -> bool:
@@ -146,9 +156,12 @@ def _files_below(fs: pafs.FileSystem, folder: str, wanted_file: Callable[[str], 
     cannot be listed is named."""
     def listing(folder: str) -> list[pafs.FileInfo]:
         try:
-            return fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
+            infos = fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
         except OSError as e:  # (pyarrow's errors: PermissionError, a network error, ...)
             raise SourceError(f"{shown(folder)}: cannot be listed ({e})") from e
+        if isinstance(fs, pafs.LocalFileSystem):
+            _refuse_dangling_links(folder, {info.path for info in infos}, wanted_file)
+        return infos
 
     seen: set[str] = set()
     again: list[str] = []
@@ -177,6 +190,16 @@ def _files_below(fs: pafs.FileSystem, folder: str, wanted_file: Callable[[str], 
         print(f"[btrm] {shown(folder)}: {len(again)} folder(s) lead where an earlier one did (symbolic links), not "
               f"read again: {first_few([shown(p) for p in again])}", flush=True)
     return sorted(files)
+
+
+def _refuse_dangling_links(folder: str, listed: set[str], wanted_file: Callable[[str], bool]) -> None:
+    """pyarrow lists no symbolic link whose target is missing: a copied Hugging Face cache (its snapshot's
+    files link to ../../blobs/) would lose its data without a word."""
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if entry.path not in listed and entry.is_symlink() and not os.path.exists(entry.path) and wanted_file(entry.path):
+                raise SourceError(f"{entry.path}: a symbolic link to {os.readlink(entry.path)}, which does not exist "
+                                  "(copied without what it links to?); copy the files themselves (cp -L)")
 
 
 def list_data_files(source: str) -> list[DataFile]:
@@ -240,13 +263,15 @@ def list_data_files(source: str) -> list[DataFile]:
     return [DataFile(shown(f), f) for f in files]
 
 
-def plan_fragments(source: str, required_fields: tuple[str, ...] = ()) -> list[Fragment]:
-    """Splits a source into fragments, checking every parquet footer and schema up front."""
+def plan_fragments(source: str, required_fields: tuple[str, ...] = (),
+                   read_fields: tuple[str, ...] | None = None) -> list[Fragment]:
+    """Splits a source into fragments, checking every parquet footer and schema up front. ``read_fields``: the
+    processor's (None: it reads any), the only parquet columns read."""
     fragments: list[Fragment] = []
     for file in list_data_files(source):
         kind = _kind(file.path)
         if kind == "parquet":
-            fragments.extend(_parquet_fragments(file, source, required_fields))
+            fragments.extend(_parquet_fragments(file, source, required_fields, read_fields))
         elif kind == "json":
             fragments.append(Fragment(file.path, "json", location=file.location, source=source))
         else:
@@ -270,15 +295,17 @@ def _open_parquet(fragment: Fragment) -> pq.ParquetFile:
                           "format?") from e
 
 
-def _parquet_fragments(file: DataFile, source: str, required_fields: tuple[str, ...]) -> list[Fragment]:
-    whole = Fragment(file.path, "parquet", location=file.location, source=source)
-    meta = _open_parquet(whole).metadata
-    columns = set(meta.schema.to_arrow_schema().names)
+def _parquet_fragments(file: DataFile, source: str, required_fields: tuple[str, ...],
+                       read_fields: tuple[str, ...] | None) -> list[Fragment]:
+    meta = _open_parquet(Fragment(file.path, "parquet", location=file.location, source=source)).metadata
+    columns = meta.schema.to_arrow_schema().names
     missing = [f for f in required_fields if f not in columns]
     if missing:
         raise SourceError(f"{file.path}: missing column(s) {missing}; the file has {sorted(columns)}. "
                           "Pick the processor for this data (--dataset_format / --custom_bt_dataset_name) "
                           "or convert it to the standard format")
+    unread = () if read_fields is None else tuple(sorted({c for c in columns if c not in read_fields}))
+    whole = Fragment(file.path, "parquet", unread_columns=unread, location=file.location, source=source)
     if meta.num_row_groups == 0:  # closed before any row was written (Spark's empty parts): the ledger names it
         return [dataclasses.replace(whole, num_rows=0)]
     fragments, group, first, rows = [], [], 0, 0
@@ -307,16 +334,21 @@ class BadRow:
     field: str | None = None
 
 
-DECODE_ERRORS = (UnicodeDecodeError, KeyError, pa.ArrowException)  # KeyError: a MAP's key twice
+# KeyError: a MAP's key twice; OverflowError: a date or timestamp past Python's year 9999 (a database's "infinity").
+DECODE_ERRORS = (UnicodeDecodeError, KeyError, OverflowError, pa.ArrowException)
+# json's: invalid JSON or UTF-8 (ValueErrors both), an integer of more than 4300 digits (ValueError), nesting
+# deeper than the interpreter's recursion limit (RecursionError).
+JSON_ERRORS = (ValueError, RecursionError)
 
 
 def _read_parquet(fragment: Fragment, batch_rows: int) -> Iterator[tuple[Sequence[int], list[Any]]]:
     if fragment.num_rows == 0:  # no row groups: pyarrow would read every row group when given none
         return
     parquet = _open_parquet(fragment)
+    columns = [name for name in parquet.schema_arrow.names if name not in fragment.unread_columns]
     row = fragment.first_row
     try:
-        for batch in parquet.iter_batches(batch_size=batch_rows, row_groups=list(fragment.row_groups)):
+        for batch in parquet.iter_batches(batch_size=batch_rows, row_groups=list(fragment.row_groups), columns=columns):
             yield range(row, row + batch.num_rows), _decode_rows(batch)
             row += batch.num_rows
     except (pa.ArrowException, OSError) as e:
@@ -379,7 +411,7 @@ def _json_rows(path: str, lines: io.BufferedReader, batch_rows: int) -> Iterator
             following = next(((n, text) for n, text in numbered if text.strip()), None)
             if following is None or isinstance(_json_line(following[1]), BadRow):
                 rest = (following[1] if following else b"") + lines.read()
-                _refuse_one_object(path, line + rest)
+                _refuse_objects_over_lines(path, line + rest, len(line))
                 numbered = enumerate(io.BytesIO(rest), start=following[0] if following else number + 1)
             else:
                 numbered = itertools.chain([following], numbered)
@@ -401,13 +433,19 @@ def _json_line_rows(numbered: Iterator[tuple[int, bytes]], batch_rows: int) -> I
         yield numbers, batch
 
 
-def _refuse_one_object(path: str, data: bytes) -> None:
-    """A file holding one JSON object (pretty-printed, say {"data": [...]}) is no rows of pairs: read line by
-    line, every line but a few would be dropped as broken JSON, and the ledger would not say why."""
+def _refuse_objects_over_lines(path: str, data: bytes, first_line_length: int) -> None:
+    """A file holding one JSON object (pretty-printed, say {"data": [...]}) is no rows of pairs, nor are objects
+    pretty-printed one after another (`jq .`): read line by line, every line but a few would be dropped as
+    broken JSON, and the ledger would not say why."""
     try:
         whole = json.loads(data)
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except json.JSONDecodeError as e:
+        if e.msg == "Extra data" and e.pos > first_line_length:  # a whole object over several lines, then more
+            raise SourceError(f"{path}: JSON objects each written over several lines (pretty-printed), one after "
+                              "another: write one per line (JSON lines, as `jq -c` does) or one JSON array of them") from None
         return  # JSON lines, the first one broken: dropped and named like any other
+    except JSON_ERRORS:
+        return
     if isinstance(whole, dict):
         lists = [key for key, value in whole.items() if isinstance(value, list)]
         raise SourceError(f"{path}: one JSON object, not rows of pairs"
@@ -418,7 +456,7 @@ def _refuse_one_object(path: str, data: bytes) -> None:
 def _json_array_rows(path: str, data: bytes, batch_rows: int) -> Iterator[tuple[Sequence[int], list[Any]]]:
     try:
         rows = json.loads(data)  # (json.loads skips a BOM itself)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except JSON_ERRORS as e:
         raise SourceError(f"{path}: not valid JSON ({e})") from e
     for start in range(0, len(rows), batch_rows):
         yield range(start, min(start + batch_rows, len(rows))), rows[start : start + batch_rows]
@@ -427,5 +465,5 @@ def _json_array_rows(path: str, data: bytes, batch_rows: int) -> Iterator[tuple[
 def _json_line(line: bytes) -> Any:
     try:
         return json.loads(line)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except JSON_ERRORS as e:
         return BadRow(f"is not valid JSON: {e}")

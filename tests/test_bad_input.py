@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from btrm.data import DataError
-from btrm.sources import SourceError, plan_fragments, read_fragment
+from btrm.sources import Fragment, SourceError, plan_fragments, read_fragment
 from conftest import run_pipeline
 
 pytestmark = pytest.mark.usefixtures("ray_session")
@@ -65,30 +65,36 @@ def test_each_malformed_row_is_dropped_counted_and_named(qwen_tokenizer_dir, tmp
 
 
 def test_invalid_utf8_and_broken_json_lines_only_cost_their_own_row(qwen_tokenizer_dir, tmp_path):
-    content = pa.array(["Seven.", "Eight.", "Nine."]).cast(pa.binary())
-    bad = pa.array([b"Seven.", b"\xff\xfe not text", b"Nine."], pa.binary())
-    table = pa.table({"answer": pa.Array.from_buffers(pa.string(), 3, bad.buffers()), "other": content})
+    bad = pa.array([b"pair-0", b"\xff\xfe not text", b"pair-2"], pa.binary())
+    ids = pa.Array.from_buffers(pa.string(), 3, bad.buffers())
     rows = [{"chosen": Q + [{"role": "assistant", "content": "x" + str(i)}], "rejected": Q + [B]} for i in range(3)]
-    struct = pa.Table.from_pylist(rows)
-    pq.write_table(struct.append_column("answer", table["answer"]), tmp_path / "utf8.parquet")
+    # Columns the processor does not read are never decoded: invalid UTF-8 there, or a date past Python's year
+    # 9999 (a database's "infinity"), costs no row.
+    created = pa.array([0, 1, 2**31 - 1], pa.int32()).cast(pa.date32())
+    table = pa.Table.from_pylist(rows).append_column("id", ids).append_column("notes", ids).append_column("created", created)
+    pq.write_table(table, tmp_path / "utf8.parquet")
     kept, ledger = run_pipeline(tmp_path / "utf8.parquet", qwen_tokenizer_dir)
-    assert ledger["pairs"] == 2 and ledger["dropped"]["invalid"] == 1
-    assert ledger["examples"][0]["row"] == 1 and "cannot be decoded" in ledger["examples"][0]["message"]
-    assert ledger["examples"][0]["field"] == "answer"
+    assert ledger["pairs"] == 2 and ledger["dropped"]["invalid"] == 1 and ledger["unread_fields"] == ["created", "notes"]
+    [example] = ledger["examples"]
+    assert (example["row"], example["field"]) == (1, "id") and "cannot be decoded" in example["message"]
+    # Read (a processor that declares no read_fields reads every column), each costs its own row, named.
+    [(_, decoded)] = read_fragment(Fragment(str(tmp_path / "utf8.parquet"), "parquet", row_groups=(0,), num_rows=3), 10)
+    assert [getattr(row, "field", None) for row in decoded] == [None, "id", "created"]
 
     # Valid JSON escapes of a lone surrogate (text cut inside an emoji), in an answer and in an id.
     cut_emoji = {"chosen": Q + [{"role": "assistant", "content": "Seven \ud83d"}], "rejected": Q + [B]}
     cut_call = {"chosen": Q + [{"role": "assistant", "tool_calls": [{"function": {"name": "f\ud800"}}]}],
                 "rejected": Q + [B]}
     lines = [json.dumps(rows[0]), '{"chosen": [truncated', "", json.dumps(rows[2]), "[1, 2]", json.dumps(cut_emoji),
-             json.dumps({**rows[1], "id": "pair-\udc00"}), json.dumps(cut_call)]
+             json.dumps({**rows[1], "id": "pair-\udc00"}), json.dumps(cut_call),
+             '{"margin": ' + "9" * 5000 + "}", '{"chosen": ' + "[" * 100_000 + "]" * 100_000 + "}"]  # json: no int, no recursion
     (tmp_path / "lines.jsonl").write_text("\n".join(lines) + "\n")
     kept, ledger = run_pipeline(tmp_path / "lines.jsonl", qwen_tokenizer_dir)
-    assert ledger["pairs"] == 2 and ledger["dropped"]["invalid"] == 5
-    assert [e["row"] for e in ledger["examples"]] == [1, 4, 5, 6, 7]  # 0-based line numbers; the blank line is no row
-    assert "not valid JSON" in ledger["examples"][0]["message"]
-    assert [e["field"] for e in ledger["examples"][2:]] == ["chosen[1].content", "id", "chosen[1].tool_calls[0].function.name"]
-    assert all("not valid Unicode text" in e["message"] for e in ledger["examples"][2:])
+    assert ledger["pairs"] == 2 and ledger["dropped"]["invalid"] == 7
+    assert [e["row"] for e in ledger["examples"]] == [1, 4, 5, 6, 7, 8, 9]  # 0-based line numbers; the blank line is no row
+    assert all("not valid JSON" in ledger["examples"][k]["message"] for k in (0, 5, 6))
+    assert [e["field"] for e in ledger["examples"][2:5]] == ["chosen[1].content", "id", "chosen[1].tool_calls[0].function.name"]
+    assert all("not valid Unicode text" in e["message"] for e in ledger["examples"][2:5])
 
 
 def test_a_pair_holding_a_token_past_the_embedding_is_dropped_naming_it(qwen_tokenizer_dir, tmp_path):
@@ -130,8 +136,16 @@ def test_files_that_cannot_be_read_fail_early_naming_the_file(hh_helpful, tmp_pa
         "absent.parquet": "no such file or directory",
         "*.nothing": "the pattern matches no files",
         "pretty.json": "one JSON object, not rows of pairs (its field 'data' holds a list): write one pair per line",
+        "linked": f"{tmp_path}/linked/b.jsonl: a symbolic link to ../../blobs/b, which does not exist",
+        "pretty.jsonl": "JSON objects each written over several lines (pretty-printed), one after another: write one "
+                        "per line (JSON lines, as `jq -c` does)",
     }
     (tmp_path / "pretty.json").write_text(json.dumps({"data": [{"chosen": [], "rejected": []}] * 2}, indent=2))
+    (tmp_path / "linked").mkdir()  # a Hugging Face cache's snapshot copied without its blobs
+    (tmp_path / "linked" / "a.jsonl").write_text("")
+    (tmp_path / "linked" / "b.jsonl").symlink_to("../../blobs/b")
+    pairs = [json.dumps({"chosen": [A], "rejected": [B]}, indent=2) for _ in range(2)]
+    (tmp_path / "pretty.jsonl").write_text("\n".join(pairs) + "\n")  # `jq .` of JSON lines
     for name, words in cases.items():
         with pytest.raises(SourceError) as error:
             [rows for fragment in plan_fragments(str(tmp_path / name), ("chosen", "rejected"))
@@ -180,7 +194,6 @@ def test_a_conversation_the_chat_template_refuses_costs_only_its_row(qwen_tokeni
 
 def test_byte_order_marks_map_columns_and_rows_a_processor_leaves_empty(qwen_tokenizer_dir, tmp_path):
     from btrm.data import DataSpec, PairPreprocessor
-    from btrm.sources import Fragment, read_fragment
     from btrm.tokenize import TokenizationSpec
 
     rows = [{"chosen": Q + [A], "rejected": Q + [B]}, {"chosen": Q + [B], "rejected": Q + [A]}]

@@ -199,6 +199,10 @@ def test_directories_and_globs_leave_out_hidden_files_and_wildcards_stay_in_thei
     assert found(linked) == found(linked / "**" / "*.jsonl") == ["linked/latest/part-0.jsonl"]
     assert f"{linked}: 2 folder(s) lead where an earlier one did (symbolic links), not read again: {linked}/v3, " in \
         capsys.readouterr().out
+    # A name holding a wildcard's characters is read as written where it exists, a pattern elsewhere.
+    (tmp_path / "pairs[v2]").mkdir()
+    (tmp_path / "pairs[v2]" / "a.jsonl").write_text("{}\n")
+    assert found(tmp_path / "pairs[v2]") == found(tmp_path / "pairs[[]v2]" / "*.jsonl") == ["pairs[v2]/a.jsonl"]
 
 
 def test_uri_sources_show_their_files_as_given_and_open_them_where_they_are(tmp_path, capsys):

@@ -55,7 +55,8 @@ class BaseBradleyTerryTrainDataset:
     name: ClassVar[str] = "custom"
     required_fields: ClassVar[tuple[str, ...]] = ()
     # Every field convert reads, where a processor declares them: the ledger names a source's other fields as
-    # ignored, so a misspelt optional one (`margn`) shows. None: undeclared, and nothing is said.
+    # ignored, so a misspelt optional one (`margn`) shows, and a parquet file's other columns are not read at all
+    # (convert never sees them). None: undeclared; every column is read and nothing is said.
     read_fields: ClassVar[tuple[str, ...] | None] = None
 
     def convert(self, row: dict[str, Any]) -> dict[str, Any] | Iterable[dict[str, Any]]:
