@@ -102,8 +102,9 @@ class DataOptions:
     chat_template: str | None = option(None, "Jinja chat template file for tokenizers without one, or a "
                                        "shipped name: plain (role: content segments, for BERT-style encoders).")
     max_drop_fraction: float = option(0.05, "Fail the run, printing the ledger, if more than this share of "
-                                      "pairs is dropped (ties, missing labels, invalid, identical, overlong) or, in an evaluation, "
-                                      "left unscored by the model; an evaluation writes its results first.")
+                                      "pairs is dropped (missing labels, invalid, identical, overlong; ties, which hold no "
+                                      "preference, are counted apart) or, in an evaluation, left unscored by the model; an "
+                                      "evaluation writes its results first.")
     num_data_workers: int = option(2, "Ray Data tasks at a time that read, convert and tokenize pairs.")
     data_worker_cpus: float = option(1.0, "CPUs reserved by each data task.")
 

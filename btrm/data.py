@@ -96,9 +96,16 @@ class LedgerReport:
         return sum(self.dropped.values())
 
     @property
+    def dropped_against_limit(self) -> int:
+        """The drops --max_drop_fraction bounds: all but ties, which hold no preference by design (HelpSteer3's
+        "about the same", a PandaLM draw), not by a fault of the data; a tie-heavy source must not fail its run."""
+        return self.dropped_total - self.dropped.get("tie", 0)
+
+    @property
     def drop_fraction(self) -> float:
-        seen = self.pairs + self.dropped_total
-        return self.dropped_total / seen if seen else 0.0
+        """Of the pairs the rows gave, ties left out, the share dropped."""
+        seen = self.pairs + self.dropped_against_limit
+        return self.dropped_against_limit / seen if seen else 0.0
 
 
 class DataError(RuntimeError):
@@ -141,10 +148,10 @@ class Ledger:
         self.reports[key] = report
         self.rows_read += report.rows_read - replaced.rows_read
         self.pairs += report.pairs - replaced.pairs
-        self.dropped += report.dropped_total - replaced.dropped_total
+        self.dropped += report.dropped_against_limit - replaced.dropped_against_limit
         seen = self.pairs + self.dropped
         if self.rows_read >= self.early_check_rows and seen and self.dropped / seen > self.max_drop_fraction:
-            return (f"{self.name}: {self.dropped} of {seen} pairs dropped ({self.dropped / seen:.1%}) > "
+            return (f"{self.name}: {self.dropped} of {seen} pairs dropped ({self.dropped / seen:.1%}, ties aside) > "
                     f"--max_drop_fraction {self.max_drop_fraction:.1%}")
         return None
 
@@ -179,7 +186,8 @@ def format_ledger(ledger: dict[str, Any]) -> str:
     drops = ", ".join(f"{k} {v}" for k, v in ledger["dropped"].items() if v) or "none"
     lines = [
         f"[{ledger['dataset']}] {ledger['rows_read']} rows read from {ledger['files']} file(s) → "
-        f"{ledger['pairs']} pairs; dropped {ledger['dropped_total']} ({ledger['drop_fraction']:.1%}): {drops}; "
+        f"{ledger['pairs']} pairs; dropped {ledger['dropped_total']} ({ledger['drop_fraction']:.1%}"
+        f"{', ties aside' if ledger['dropped'].get('tie') else ''}): {drops}; "
         f"prompt truncated in {ledger['truncated']} pairs ({ledger['truncated_tokens']} tokens)"
         + (f"; {ledger['with_margin']} with a margin" if ledger["with_margin"] else ""),
     ]
@@ -423,5 +431,5 @@ def close_ledger(ledger) -> dict[str, Any]:
 def check_drop_fraction(summary: dict[str, Any], max_drop_fraction: float) -> None:
     """Fails a run whose data dropped more than ``max_drop_fraction`` of its pairs, with the ledger."""
     if summary["drop_fraction"] > max_drop_fraction:
-        raise DataError(f"{summary['dataset']}: {summary['drop_fraction']:.1%} of pairs dropped > "
+        raise DataError(f"{summary['dataset']}: {summary['drop_fraction']:.1%} of pairs dropped (ties aside) > "
                         f"--max_drop_fraction {max_drop_fraction:.1%}; fix the data or raise the limit", summary)

@@ -12,7 +12,8 @@
 #
 # TRAIN / EVAL: HelpSteer3 preference data in NVIDIA's layout (context, response1, response2,
 # overall_preference) or RM-Gallery's (input, output[].answer.label.is_preferred): parquet, JSON/JSONL(.gz), a
-# directory, a glob or a cloud URI. Ties (overall_preference 0) are dropped and counted in the ledger.
+# directory, a glob or a cloud URI. Ties (overall_preference 0) are dropped and counted in the ledger (apart:
+# they do not count against --max_drop_fraction).
 # TOKEN_FILE: a file every node reads (on SHARED, say) holding a bearer token the service then requires.
 # SHARED: a directory every node mounts (NFS, EFS, a PVC): the export, the evaluation and the service
 # all read the model from there. If the cluster uses token auth (Ray 2.60 turns it on when the head has

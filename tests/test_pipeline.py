@@ -420,17 +420,21 @@ def test_the_ledger_stops_a_run_early_on_its_running_counts_and_a_retried_batch_
 
     from btrm.data import DROP_REASONS, LedgerReport, new_ledger
 
-    def report(pairs: int, invalid: int) -> LedgerReport:
-        return LedgerReport(rows_read=pairs + invalid, pairs=pairs, dropped={**dict.fromkeys(DROP_REASONS, 0), "invalid": invalid})
+    def report(pairs: int, invalid: int, ties: int = 0) -> LedgerReport:
+        return LedgerReport(rows_read=pairs + invalid + ties, pairs=pairs,
+                            dropped={**dict.fromkeys(DROP_REASONS, 0), "invalid": invalid, "tie": ties})
 
     ledger = new_ledger("early", 0.1)
     assert ray.get(ledger.record.remote(("a.parquet", 0), report(900, 100))) is None  # 1,000 rows: too few to judge
     assert ray.get(ledger.record.remote(("a.parquet", 0), report(900, 100))) is None  # retried: replaces
     assert ray.get(ledger.record.remote(("a.parquet", 1000), report(1000, 0))) is None  # 5% of 2,000
-    assert ray.get(ledger.record.remote(("b.parquet", 0), report(700, 200))) == (
-        "early: 300 of 2900 pairs dropped (10.3%) > --max_drop_fraction 10.0%")
+    # Ties hold no preference by design: not a fault of the data, and not counted against the limit.
+    assert ray.get(ledger.record.remote(("t.parquet", 0), report(700, 0, ties=1000))) is None
+    assert ray.get(ledger.record.remote(("b.parquet", 0), report(700, 300))) == (
+        "early: 400 of 3700 pairs dropped (10.8%, ties aside) > --max_drop_fraction 10.0%")
     summary = ray.get(ledger.summary.remote())
-    assert (summary["rows_read"], summary["pairs"], summary["dropped_total"], summary["files"]) == (2900, 2600, 300, 2)
+    assert (summary["rows_read"], summary["pairs"], summary["dropped_total"], summary["files"]) == (4700, 3300, 1400, 3)
+    assert summary["drop_fraction"] == round(400 / 3700, 6)
 
 
 def test_too_many_drops_fail_the_run_with_the_ledger(hh_helpful, qwen_tokenizer_dir, tmp_path):
