@@ -101,7 +101,8 @@ class RewardScorer:
     def __init__(self, model_dir: str, device: str | torch.device | None = None, max_length: int | None = None,
                  dtype: str = "auto"):
         self.model_dir, self.max_length = model_dir, max_length
-        self.pad_token_id = read_manifest(model_dir)["pad_token_id"]  # the export's tokenizer's, recorded
+        self.manifest = read_manifest(model_dir)
+        self.pad_token_id = self.manifest["pad_token_id"]  # the export's tokenizer's, recorded
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = scoring_dtype(dtype, self.device)
         self.model = load_reward_model(model_dir, self.pad_token_id, self.dtype).to(self.device).eval()

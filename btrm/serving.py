@@ -885,7 +885,7 @@ class RewardModelDeployment:
         self.options = options
         self.gpu_failure: str | None = None  # how this replica's GPU failed (a CUDA error), once it has
         self.scorer = RewardScorer(options.model_path, ray_actor_device(), dtype=options.dtype)
-        self.export = export_id(read_manifest(options.model_path))
+        self.export = export_id(self.scorer.manifest)  # the manifest read with the weights, not read again
         # A /score request with 64 candidates weighs 64: batches are counted in answers, not requests.
         self.queue = ForwardQueue(self.rewards_of_batch, _answer_count, options.max_batch_sequences,
                                   options.batch_wait_timeout_s)
