@@ -33,7 +33,7 @@ from btrm.config import (SCORING_DTYPES, USE_GPU_CHOICES, DataOptions, check_job
 from btrm.data import (DataSpec, bad_data_ends_the_job, build_pair_dataset, check_drop_fraction, close_ledger,
                        new_ledger)
 from btrm.export import read_manifest
-from btrm.model import embedding_rows
+from btrm.model import embedding_rows, position_limit
 from btrm.scoring import RewardScorer, ray_actor_device
 from btrm.sources import glob_matches, is_glob, without_credentials
 from btrm.tokenize import OVERLONG_POLICIES, TokenizationSpec, read_chat_template
@@ -317,7 +317,7 @@ def eval_tokenization(config: EvalConfig, manifest: dict[str, Any], model_config
         spec = TokenizationSpec(**tokenization)
     except ValueError as e:  # (--max_length 4)
         raise SystemExit(f"--max_length/--overlong: {e}") from None
-    limit = getattr(model_config, "max_position_embeddings", None)
+    limit = position_limit(model_config)
     if limit is not None and spec.max_length > limit:
         raise SystemExit(f"--max_length {spec.max_length} exceeds what {config.model_path} can read ({limit} positions)")
     return spec

@@ -40,6 +40,11 @@ def embedding_rows(model_config) -> int | None:
     return getattr(model_config.get_text_config(), "vocab_size", None)
 
 
+def position_limit(model_config) -> int | None:
+    """How many positions the model reads (its text config's max_position_embeddings), where the config says."""
+    return getattr(model_config.get_text_config(), "max_position_embeddings", None)
+
+
 def load_reward_model(path: str, pad_token_id: int, dtype: torch.dtype = torch.float32):
     """An ``AutoModelForSequenceClassification`` with one output and ``pad_token_id`` set.
 
@@ -50,6 +55,8 @@ def load_reward_model(path: str, pad_token_id: int, dtype: torch.dtype = torch.f
 
     model = AutoModelForSequenceClassification.from_pretrained(model_on_this_node(path), num_labels=1, dtype=dtype)
     model.config.pad_token_id = pad_token_id
+    # A composite config (Gemma 3, Qwen3.5: a text config inside) pools at the text config's pad token.
+    model.config.get_text_config().pad_token_id = pad_token_id
     return model
 
 
@@ -70,7 +77,7 @@ def packing_unsupported(classifier) -> str | None:
         return "an encoder reads its reward at the first token, which sees every answer in a packed row"
     if not hasattr(classifier, "score") or not hasattr(classifier, "base_model"):
         return f"{type(classifier).__name__} has no `score` head over a base model"
-    config = classifier.config
+    config = classifier.config.get_text_config()  # (a composite config, Gemma 3's, keeps its layers' in there)
     # A packed row places each answer after its prompt through position_ids; a model that positions tokens
     # by their place in the row (ALiBi: Bloom, MPT, Falcon's alibi variant) would see other pairs' lengths.
     if "position_ids" not in inspect.signature(classifier.base_model.forward).parameters or getattr(config, "alibi", False):

@@ -24,7 +24,7 @@ from btrm.config import TrainConfig, check_job_output, check_writable, gpus_want
 from btrm.data import DataSpec, build_pair_dataset, check_drop_fraction, close_ledger, new_ledger, split_by_question
 from btrm.deepspeed_configs import fill_deepspeed_config, load_deepspeed_config
 from btrm.export import check_replaceable, publish_dir
-from btrm.model import embedding_rows, resolve_model_path, reward_token_rule
+from btrm.model import embedding_rows, position_limit, resolve_model_path, reward_token_rule
 from btrm.sources import without_credentials
 from btrm.tokenize import TokenizationSpec, load_tokenizer, prepare_tokenizer, read_chat_template
 from btrm.tracking import check_tracker, new_run_id
@@ -34,7 +34,7 @@ from btrm.train_loop import EXPORT_DIR, Plan, check_resume_terms, recorded_resum
 def tokenization_for(model_path: str, model_config, config) -> TokenizationSpec:
     """The tokenization a model (at ``model_path``, its ``AutoConfig`` ``model_config``) gets, checked on the
     driver (no chat template, too long a max_length, a tokenizer with more tokens than the embedding has rows)."""
-    limit = getattr(model_config, "max_position_embeddings", None)
+    limit = position_limit(model_config)
     if limit is not None and config.max_length > limit:
         raise SystemExit(f"--max_length {config.max_length} exceeds what {config.model_name} can read "
                          f"({limit} positions); lower it")

@@ -14,8 +14,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from btrm.batching import (FLEX_BLOCK, MicroBatcher, collate_pairs, pack_groups, pack_pairs, plan_by_tokens, split_to,
-                           take)
+from btrm.batching import (FLEX_BLOCK, MicroBatcher, collate_pairs, pack_groups, pack_pairs, pad_sequences, plan_by_tokens,
+                           split_to, take)
 from btrm.config import TrainConfig
 from btrm.loss import bradley_terry_loss
 from btrm.model import RewardModel, load_reward_model, packing_unsupported
@@ -89,6 +89,13 @@ def _tiny_classifier(model_type: str, **options):
     return AutoModelForSequenceClassification.from_config(config, attn_implementation="eager").eval()
 
 
+GEMMA3 = {"text_config": {"vocab_size": 128, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                          "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8, "sliding_window": 8,
+                          "pad_token_id": None},
+          "vision_config": {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+                            "image_size": 28, "patch_size": 14}, "mm_tokens_per_image": 4}
+
+
 @pytest.mark.parametrize("model_type, options, refusal", [
     ("llama", {}, None),
     ("mistral", {"sliding_window": None}, None),
@@ -100,6 +107,8 @@ def _tiny_classifier(model_type: str, **options):
     ("bloom", {}, "bloom positions tokens by their place in the row (ALiBi)"),
     ("mpt", {}, "mpt positions tokens by their place in the row (ALiBi)"),
     ("falcon", {"alibi": True}, "falcon positions tokens by their place in the row (ALiBi)"),
+    # A composite config: the layers' attention is in its text config.
+    ("gemma3", GEMMA3, "sliding-window attention layers (['sliding_attention'])"),
 ])
 def test_packing_serves_only_architectures_it_computes_exactly(model_type, options, refusal):
     """What packing_unsupported lets through packs to the rewards of each sequence alone (sequences longer
@@ -118,6 +127,17 @@ def test_packing_serves_only_architectures_it_computes_exactly(model_type, optio
         packed = RewardModel(classifier)(pack_groups(prompts, answers, pad_token_id=0)).tolist()
     alone = [_alone(classifier, prompt, answer) for prompt, group in zip(prompts, answers) for answer in group]
     assert packed == pytest.approx(alone, abs=1e-5)
+
+
+def test_a_composite_config_reads_each_reward_at_its_last_token_past_the_padding(tmp_path):
+    """Gemma 3's classifier pools at its text config's pad token (the top-level config is not read)."""
+    _tiny_classifier("gemma3", **GEMMA3).save_pretrained(tmp_path)
+    classifier = load_reward_model(str(tmp_path), pad_token_id=0).eval()
+    sequences = [[5, 6, 7, 8, 9, 10], [5, 6, 7]]
+    input_ids, attention_mask = pad_sequences(sequences, pad_token_id=0)
+    with torch.no_grad():
+        padded = classifier(input_ids=input_ids, attention_mask=attention_mask).logits.squeeze(-1).tolist()
+    assert padded == pytest.approx([_alone(classifier, s, []) for s in sequences], abs=1e-5)
 
 
 def test_flex_attention_block_mask_gives_the_same_rewards(classifier, pairs):
