@@ -29,6 +29,8 @@ OVERLONG_POLICIES = ("truncate_prompt", "drop")
 # attribute), or a TypeError from an expression over values of the wrong type (a tool schema it did not expect).
 TEMPLATE_ERRORS = (jinja2.TemplateError, TypeError)
 REWARD_TOKENS = ("last", "first")
+# The day btrm's exports render where a template stamps one: the date Llama 3.1's template falls back to.
+TEMPLATE_DATE = "26 Jul 2024"
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,10 @@ class TokenizationSpec:
     overlong: str = "truncate_prompt"
     reward_token: str = "last"
     chat_template: str | None = None  # None: the tokenizer's own
+    # The day a template that stamps one renders (Llama 3.x's "Today Date: ..."), fixed: left to the template it is
+    # the day of each run, and a service would tokenize otherwise than the training it serves. None: the
+    # template's own (manifests from before btrm fixed it).
+    date_string: str | None = None
 
     def __post_init__(self):
         if self.overlong not in OVERLONG_POLICIES:
@@ -139,7 +145,7 @@ def _renamed(conversation: Sequence[dict], tools: Tools, alias: dict[str, str]) 
 
 
 def _unrendered_tool_names(tokenizer, conversation: Sequence[dict], tools: Tools, text: str,
-                           add_generation_prompt: bool) -> list[str]:
+                           add_generation_prompt: bool, variables: dict[str, Any]) -> list[str]:
     """The offered tools and called functions whose names the template left out of ``text``."""
     names = tool_names(conversation, tools)
     if not names:  # most conversations: nothing to look for
@@ -158,18 +164,20 @@ def _unrendered_tool_names(tokenizer, conversation: Sequence[dict], tools: Tools
     said = {name for name in alias if name in elsewhere or joined.count(name) > 1}
     if said:
         again = tokenizer.apply_chat_template(messages, tools=offered, tokenize=False,
-                                              add_generation_prompt=add_generation_prompt)
+                                              add_generation_prompt=add_generation_prompt, **variables)
         missing |= {name for name in said if alias[name] not in again}
     return sorted(missing)
 
 
 def _template_ids(tokenizer, conversations: Sequence[Sequence[dict]], tools: Tools = None,
-                  add_generation_prompt: bool = False) -> list[list[int]]:
-    # Equivalent to apply_chat_template(tokenize=True), but one batched call to the Rust tokenizer.
+                  add_generation_prompt: bool = False, variables: dict[str, Any] | None = None) -> list[list[int]]:
+    # Equivalent to apply_chat_template(tokenize=True), but one batched call to the Rust tokenizer. ``variables``:
+    # more the template may read (date_string).
+    variables = variables or {}
     texts = tokenizer.apply_chat_template(list(conversations), tools=tools, tokenize=False,
-                                          add_generation_prompt=add_generation_prompt)
+                                          add_generation_prompt=add_generation_prompt, **variables)
     for conversation, text in zip(conversations, texts):
-        missing = _unrendered_tool_names(tokenizer, conversation, tools, text, add_generation_prompt)
+        missing = _unrendered_tool_names(tokenizer, conversation, tools, text, add_generation_prompt, variables)
         if missing:
             raise UnrenderedToolUse(f"it leaves out the tools or tool calls {missing} (a template without tool "
                                     "support): give a --chat_template that renders them")
@@ -182,9 +190,10 @@ class PairTokenizer:
     def __init__(self, tokenizer, spec: TokenizationSpec):
         self.tokenizer = prepare_tokenizer(tokenizer, spec.chat_template)
         self.spec = spec
+        self.template_variables = {"date_string": spec.date_string} if spec.date_string is not None else {}
 
     def encode_conversations(self, conversations: Sequence[Sequence[dict]], tools: Tools = None) -> list[list[int]]:
-        return _template_ids(self.tokenizer, conversations, tools)
+        return _template_ids(self.tokenizer, conversations, tools, variables=self.template_variables)
 
     def encode_group(self, conversations: Sequence[Sequence[dict]], tools: Tools = None) -> SharedPromptIds:
         """Tokenizes conversations that share a prompt (and the ``tools`` it offers). Raises
@@ -228,7 +237,8 @@ class PairTokenizer:
                        answer_opening: bool = True) -> int:
         """How many leading tokens of ``sequence`` are the conversation before its answer: what the prompt
         alone templates to, with the answer's turn opening (``<|im_start|>assistant\n``) or without."""
-        prompt = _template_ids(self.tokenizer, [conversation[:-1]], tools, add_generation_prompt=answer_opening)[0]
+        prompt = _template_ids(self.tokenizer, [conversation[:-1]], tools, add_generation_prompt=answer_opening,
+                               variables=self.template_variables)[0]
         return _common_prefix_length([sequence, prompt])
 
     def _share_prompt(self, conversations: Sequence[Sequence[dict]], sequences: list[list[int]],

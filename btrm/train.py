@@ -26,7 +26,7 @@ from btrm.deepspeed_configs import fill_deepspeed_config, load_deepspeed_config
 from btrm.export import check_replaceable, publish_dir
 from btrm.model import embedding_rows, position_limit, resolve_model_path, reward_token_rule
 from btrm.sources import without_credentials
-from btrm.tokenize import TokenizationSpec, load_tokenizer, prepare_tokenizer, read_chat_template
+from btrm.tokenize import TEMPLATE_DATE, TokenizationSpec, load_tokenizer, prepare_tokenizer, read_chat_template
 from btrm.tracking import check_tracker, new_run_id
 from btrm.train_loop import EXPORT_DIR, Plan, check_resume_terms, recorded_resume_terms, resume_terms, train_loop_per_worker
 
@@ -41,7 +41,7 @@ def tokenization_for(model_path: str, model_config, config) -> TokenizationSpec:
     try:
         spec = TokenizationSpec(max_length=config.max_length, overlong=config.overlong,
                                 reward_token=reward_token_rule(model_config),
-                                chat_template=read_chat_template(config.chat_template))
+                                chat_template=read_chat_template(config.chat_template), date_string=TEMPLATE_DATE)
         tokenizer = prepare_tokenizer(load_tokenizer(model_path), spec.chat_template)
     except (FileNotFoundError, ValueError) as e:  # no such --chat_template; a tokenizer without one: what to pass
         raise SystemExit(str(e)) from None

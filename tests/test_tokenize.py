@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import time
 
 import jinja2
 import pytest
@@ -191,6 +192,17 @@ def test_a_template_opening_with_bos_keeps_it_when_the_prompt_is_cut(qwen_tokeni
     assert full.prompt_ids[0] == cut.prompt_ids[0] == llama_like.bos_token_id and cut.truncated > 0
     assert cut.prompt_ids[1:] == full.prompt_ids[1 + cut.truncated :] and cut.tails == full.tails
     assert max(len(cut.sequence(k)) for k in (0, 1)) == 80
+
+
+def test_a_template_that_stamps_the_day_renders_the_one_the_spec_fixes(qwen_tokenizer_dir):
+    dated = AutoTokenizer.from_pretrained(qwen_tokenizer_dir)
+    # Llama 3.2's opening: the day of the call unless the caller gives date_string.
+    dated.chat_template = ('{%- if not date_string is defined %}{%- set date_string = strftime_now("%d %b %Y") %}'
+                           '{%- endif %}Today Date: {{ date_string }}' + dated.chat_template)
+    fixed = PairTokenizer(dated, TokenizationSpec(max_length=4096, date_string="26 Jul 2024")).encode_group([CHOSEN, REJECTED])
+    assert dated.decode(fixed.prompt_ids).startswith("Today Date: 26 Jul 2024<|im_start|>system")
+    today = PairTokenizer(dated, TokenizationSpec(max_length=4096)).encode_group([CHOSEN, REJECTED])  # an older manifest's
+    assert dated.decode(today.prompt_ids).startswith(f"Today Date: {time.strftime('%d %b %Y')}<|im_start|>")
 
 
 def test_encoder_keeps_its_pooled_first_token_when_truncated():

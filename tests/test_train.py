@@ -69,6 +69,7 @@ def test_manifest_records_tokenization_eval_statistics_and_ledger(trained_model_
     assert manifest["tokenization"]["max_length"] == 256
     assert manifest["tokenization"]["overlong"] == "truncate_prompt"
     assert manifest["tokenization"]["reward_token"] == "last"
+    assert manifest["tokenization"]["date_string"] == "26 Jul 2024"  # whatever the day: a service tokenizes alike
     assert "<|im_start|>" in manifest["tokenization"]["chat_template"]
     rewards = pq.read_table(trained_model_dir / "eval_rewards.parquet").to_pandas()
     both = torch.tensor(list(rewards.reward_chosen) + list(rewards.reward_rejected), dtype=torch.float64)
