@@ -100,7 +100,7 @@ class DataOptions:
                                                 "(a BaseBradleyTerryTrainDataset subclass).")
     custom_bt_dataset_name: str | None = option(None, "Name of the processor class in --custom_bt_dataset_path.")
     chat_template: str | None = option(None, "Jinja chat template file for tokenizers without one, or a "
-                                       "shipped name: plain (role: content segments, for BERT-style encoders).")
+                                       "shipped name: plain (role: content segments, for BERT-style encoders and base decoders).")
     max_drop_fraction: float = option(0.05, "Fail the run, printing the ledger, if more than this share of "
                                       "pairs is dropped (missing labels, invalid, identical, overlong; ties, which hold no "
                                       "preference, are counted apart) or, in an evaluation, left unscored by the model; an "

@@ -100,7 +100,7 @@ def prepare_tokenizer(tokenizer, chat_template: str | None = None):
     if tokenizer.chat_template is None:
         raise ValueError(
             f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no chat template: pass --chat_template FILE "
-            "or --chat_template plain (shipped with btrm, for encoders such as BERT)"
+            "or --chat_template plain (shipped with btrm, for encoders such as BERT and base decoders)"
         )
     probe = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
     probe_ids = _template_ids(tokenizer, [probe])[0]

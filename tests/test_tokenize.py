@@ -228,6 +228,17 @@ def test_plain_template_shows_an_encoder_tools_thinking_and_tool_calls():
     assert text.endswith('[SEP]assistant: (thinking: Check the sky.)  (call get_weather {"city": "Paris"})[SEP]')
 
 
+def test_plain_template_closes_a_decoders_segments_with_its_end_of_sequence_token(qwen):
+    """A base decoder (no classifier or separator token) gets its BOS, where it has one, and EOS after each turn:
+    the reward is read at the EOS closing the answer, not at the answer's last word."""
+    conversation = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    rendered = qwen.apply_chat_template(conversation, chat_template=read_chat_template("plain"), tokenize=False)
+    assert rendered == "user: Hi<|im_end|>assistant: Hello<|im_end|>"  # (this vocabulary has no BOS)
+    encoded = PairTokenizer(qwen, TokenizationSpec(max_length=64, chat_template=read_chat_template("plain"))).encode_group(
+        [conversation, conversation[:1] + [{"role": "assistant", "content": "Bye"}]])
+    assert [tail[-1] for tail in encoded.tails] == [qwen.eos_token_id] * 2
+
+
 def test_tokenizer_without_pad_token_borrows_one_that_is_not_the_reward_token(qwen_tokenizer_dir):
     tokenizer = AutoTokenizer.from_pretrained(qwen_tokenizer_dir)
     vocab_size = len(tokenizer)
