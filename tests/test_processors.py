@@ -152,6 +152,27 @@ def test_tool_use_is_normalised_to_what_chat_templates_expect():
     assert pair["tools"][0]["function"]["parameters"]["required"] == ["city"]
 
 
+def test_tools_and_arguments_read_alike_from_parquet_structs_and_json_lines(tmp_path):
+    """A parquet struct column holds every key of any row: this row's schemas and arguments come back with the other
+    row's properties and arguments as nulls, which a template's tojson would render (trained on, never served)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from btrm.sources import Fragment, read_fragment
+
+    search = {"type": "function", "function": {"name": "search", "parameters": {
+        "type": "object", "properties": {"query": {"type": "string"}}}}}
+    call = {"role": "assistant", "tool_calls": [{"id": "call_1", "type": "function",
+                                                  "function": {"name": "search", "arguments": {"query": "rain"}}}]}
+    rows = [{"chosen": [ASK, weather_call({"city": "Paris"})], "rejected": [ASK, BAD], "tools": WEATHER},
+            {"chosen": [ASK, call], "rejected": [ASK, BAD], "tools": [search]}]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "tools.parquet")
+    [(_, read)] = read_fragment(Fragment(str(tmp_path / "tools.parquet"), "parquet", row_groups=(0,), num_rows=2), 10)
+    assert read[1]["tools"][0]["function"]["parameters"]["properties"]["city"] is None  # (what Arrow gives)
+    standard = load_processor("standard")
+    assert [standard.pairs(row) for row in read] == [standard.pairs(row) for row in rows]
+
+
 def test_openai_response_messages_train_as_they_came():
     """A message as OpenAI's API returns it (every key present, most null): a refusal is the content, the
     older function_call a tool call, annotations change nothing."""

@@ -174,7 +174,9 @@ MAX_JSON_DEPTH = 32
 def as_plain_json(value: Any, field: str) -> Any:
     """``value`` as plain JSON (objects with string keys, lists, text, numbers, booleans, null), bounded in
     depth: what a chat template's ``tojson`` renders alike in training and serving. Tool schemas and call
-    arguments are free JSON from users and their parquet columns (numpy arrays among them)."""
+    arguments are free JSON from users and their parquet columns (numpy arrays among them). An object's member
+    that is null counts as absent, as a message's does: a parquet struct column gives every row every key of
+    any row (schemas with other rows' properties as null), and JSON lines of the same data would not."""
     return _plain_json(value, field, field, 0)
 
 
@@ -187,7 +189,7 @@ def _plain_json(value: Any, top: str, field: str, depth: int) -> Any:
         bad_key = next((key for key in value if not isinstance(key, str) or not is_unicode(key)), None)
         if bad_key is not None:
             raise RowError(field, f"has a key that is not valid Unicode text: {bad_key!r}")
-        return {key: _plain_json(item, top, f"{field}.{key}", depth + 1) for key, item in value.items()}
+        return {key: _plain_json(item, top, f"{field}.{key}", depth + 1) for key, item in value.items() if item is not None}
     if isinstance(value, (list, tuple)):
         return [_plain_json(item, top, f"{field}[{i}]", depth + 1) for i, item in enumerate(value)]
     if isinstance(value, str):
