@@ -32,6 +32,10 @@ def reward_token_rule(config) -> str:
     (BERT and kin, whose head pools the first token) at the first."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
+    if getattr(config, "is_encoder_decoder", False):
+        # (BART and kin pool at the last </s>, of which every sequence of a batch must hold as many)
+        raise ValueError(f"{config.model_type} is an encoder-decoder model, which btrm does not train as a reward "
+                         "model: take a decoder (Qwen, Llama, ...) or an encoder (BERT, DeBERTa, ...)")
     return "first" if config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES else "last"
 
 

@@ -264,6 +264,12 @@ def test_the_driver_refuses_at_once_what_would_fail_after_training(ray_session, 
     special.add_special_tokens({"additional_special_tokens": ["<image_soft_token>"]})
     check_embedding_rows(special, AutoConfig.from_pretrained(tiny_qwen_dir), "gemma-like")
     assert "special tokens ['<image_soft_token>'] have ids past the model's" in capsys.readouterr().out
+    # BART and kin pool at the last </s> (each sequence of a batch must hold as many): refused, not mistrained.
+    encoder_decoder = tmp_path / "bart"
+    shutil.copytree(tiny_qwen_dir, encoder_decoder)
+    AutoConfig.for_model("bart", vocab_size=len(tokenizer)).to_json_file(encoder_decoder / "config.json")
+    with pytest.raises(SystemExit, match="bart is an encoder-decoder model, which btrm does not train as a reward model"):
+        train_tiny(tmp_path, str(encoder_decoder), rows, None)
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "notes.txt").write_text("keep")
     with pytest.raises(SystemExit, match="holds files but no btrm.json"):
