@@ -133,6 +133,19 @@ def _glob_match(parts: Sequence[str], pattern: Sequence[str], folder: bool = Fal
             and _glob_match(parts[1:], pattern[1:], folder))
 
 
+def _in_named_folder(parts: Sequence[str], pattern: Sequence[str], depth: int = 0) -> bool:
+    """Whether ``parts`` (``depth`` levels below it: 1 for a file in it) is at or below a folder the whole pattern
+    names, with no hidden name (Spark's _SUCCESS, .crc files) on the way: read as a directory given as the
+    source is (Spark writes `out/train.parquet` as a folder of parts)."""
+    return any(_glob_match(parts[:k], pattern) and not any(map(_hidden, parts[k:]))
+               for k in range(1, len(parts) - depth + 1))
+
+
+def _glob_names_file(parts: Sequence[str], pattern: Sequence[str], data_file: bool) -> bool:
+    """Whether a glob reads the file at ``parts``: the pattern names it, or a folder above it (then only data files)."""
+    return _glob_match(parts, pattern) or data_file and _in_named_folder(parts, pattern, depth=1)
+
+
 def is_glob(path: str) -> bool:
     """Whether ``path`` is a pattern: it holds *, ? or [, and is not the name of a local file or folder as
     written (`pairs[v2].jsonl`)."""
@@ -142,7 +155,7 @@ def is_glob(path: str) -> bool:
 def glob_matches(pattern: str, path: str) -> bool:
     """Whether the local glob ``pattern`` names the local file ``path`` (existing or not), as
     :func:`list_data_files` would read it."""
-    return _glob_match(os.path.abspath(path).split("/"), os.path.abspath(pattern).split("/"))
+    return _glob_names_file(os.path.abspath(path).split("/"), os.path.abspath(pattern).split("/"), bool(_kind(path)))
 
 
 # Folders listed at once (each listing a round trip to an object store: a Hive-partitioned tree has thousands).
@@ -228,8 +241,9 @@ def list_data_files(source: str) -> list[DataFile]:
 
     if glob_at is not None:
         pattern = relative(path)
-        files = _files_below(fs, top, lambda f: _glob_match(relative(f), pattern),
-                             lambda d: _glob_match(relative(d), pattern, folder=True), shown)
+        files = _files_below(fs, top, lambda f: _glob_names_file(relative(f), pattern, bool(_kind(f))),
+                             lambda d: _glob_match(relative(d), pattern, folder=True) or _in_named_folder(relative(d), pattern),
+                             shown)
         if not files:
             raise SourceError(f"{shown_source}: the pattern matches no files")
         return [DataFile(shown(f), f) for f in files]

@@ -356,6 +356,9 @@ def test_options_are_checked_before_any_work(trained_model_dir, tiny_qwen_dir, t
                         # The summary, s.summary.json, is what this glob would read back.
                         (["--model_path", "m", "--data_path", "data/*.json", "--output", "data/s.jsonl"],
                          "matches data/s.summary.json"),
+                        # A folder the pattern names is read whole (Spark's folders of parts), the scores in it too.
+                        (["--model_path", "m", "--data_path", "data/*", "--output", "data/scores/s.parquet"],
+                         "matches data/scores/s.parquet"),
                         # A folder of that name (an earlier Ray Data write, say) would be found after the scoring.
                         (["--model_path", "m", "--data_path", "x", "--output", str(shards)],
                          f"{shards} is a directory; give a file's path")):

@@ -203,6 +203,13 @@ def test_directories_and_globs_leave_out_hidden_files_and_wildcards_stay_in_thei
     (tmp_path / "pairs[v2]").mkdir()
     (tmp_path / "pairs[v2]" / "a.jsonl").write_text("{}\n")
     assert found(tmp_path / "pairs[v2]") == found(tmp_path / "pairs[[]v2]" / "*.jsonl") == ["pairs[v2]/a.jsonl"]
+    # A folder the pattern names is read as a directory: Spark writes `train.parquet` as a folder of parts.
+    for name in ("spark/train.parquet/part-0.parquet", "spark/train.parquet/_SUCCESS", "spark/train.parquet/.part-0.crc",
+                 "spark/test.parquet/part-0.parquet", "spark/notes.txt"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("{}\n")
+    assert found(tmp_path / "spark" / "*.parquet") == ["spark/test.parquet/part-0.parquet", "spark/train.parquet/part-0.parquet"]
+    assert found(tmp_path / "spark" / "t*") == ["spark/test.parquet/part-0.parquet", "spark/train.parquet/part-0.parquet"]
 
 
 def test_uri_sources_show_their_files_as_given_and_open_them_where_they_are(tmp_path, capsys):
