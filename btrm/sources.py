@@ -318,6 +318,9 @@ def _parquet_fragments(file: DataFile, source: str, required_fields: tuple[str, 
         raise SourceError(f"{file.path}: missing column(s) {missing}; the file has {sorted(columns)}. "
                           "Pick the processor for this data (--dataset_format / --custom_bt_dataset_name) "
                           "or convert it to the standard format")
+    twice = sorted({c for c in columns if columns.count(c) > 1})
+    if twice:  # (a row would hold one of them, the last, and nothing would say so)
+        raise SourceError(f"{file.path}: column(s) {twice} appear more than once; rename them apart")
     unread = () if read_fields is None else tuple(sorted({c for c in columns if c not in read_fields}))
     whole = Fragment(file.path, "parquet", unread_columns=unread, location=file.location, source=source)
     if meta.num_row_groups == 0:  # closed before any row was written (Spark's empty parts): the ledger names it

@@ -122,6 +122,7 @@ def test_files_that_cannot_be_read_fail_early_naming_the_file(hh_helpful, tmp_pa
     (tmp_path / "empty.parquet").write_bytes(b"")
     (tmp_path / "text.parquet").write_text("chosen,rejected\na,b\n")
     pq.write_table(pa.table({"prompt": ["q"], "answer": ["a"]}), tmp_path / "schema.parquet")
+    pq.write_table(pa.Table.from_arrays([pa.array(["a"])] * 3, ["chosen", "rejected", "chosen"]), tmp_path / "twice.parquet")
     (tmp_path / "empty_dir").mkdir()
     (tmp_path / "arrow_dir").mkdir()
     (tmp_path / "arrow_dir" / "data-00000-of-00001.arrow").write_bytes(b"")  # a datasets cache, say
@@ -130,6 +131,7 @@ def test_files_that_cannot_be_read_fail_early_naming_the_file(hh_helpful, tmp_pa
         "empty.parquet": "not a readable parquet file",
         "text.parquet": "not a readable parquet file",
         "schema.parquet": "missing column(s) ['chosen', 'rejected']; the file has ['answer', 'prompt']",
+        "twice.parquet": "column(s) ['chosen'] appear more than once; rename them apart",
         "empty_dir": "the directory holds no data files",
         "arrow_dir": f"the directory holds no data files (.parquet, .pq, .jsonl, .jsonl.gz, .jsonl.bz2, .jsonl.zst, "
                      f".json, .json.gz, .json.bz2, .json.zst); it holds {tmp_path}/arrow_dir/data-00000-of-00001.arrow",
