@@ -197,6 +197,10 @@ def pack_groups(prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[Seq
             reward_index.append(offset - 1)
             num_tokens += len(prompt) + len(tail)
     padding = -offset % pad_to_multiple
+    if pad_to_multiple > 1:
+        # Two blocks at least: compiled FlexAttention kernels are traced for dynamic row lengths, which never cover
+        # one block, so a row of one (a short request to the service) compiled them again, for seconds.
+        padding = max(padding, 2 * pad_to_multiple - offset)
     if padding:
         ids.append(np.full(padding, pad_token_id))
         positions.append(np.arange(padding))
