@@ -20,7 +20,7 @@
 # benchmark prints every thread's stack into its log (SIGUSR1), and is killed 20 s later; a failed serving
 # stage leaves Ray's logs in OUTDIR/ray-logs-STAGE.tgz (its replicas log there, not to the stage's log). The stage limits
 # of one call must fit the device's 10 minutes a command: on a GPU session of 15 minutes (start-up included),
-# `preflight train-btrm train-trl` (at most 500 s) in one call, then `serve-1` (its model built first: at most
+# `preflight train-btrm train-trl` (at most 520 s) in one call, then `serve-1` (its model built first: at most
 # 410 s) in a second on the same card, if time is left.
 set -u
 out=${1:?usage: bash benchmarks/gpu_figures.sh OUTDIR [STAGE ...]}
@@ -94,7 +94,10 @@ PY
 )
 for name in $stages; do
   case $name in
-    preflight) stage "$name" 40 "$python" -c "$preflight" ;;
+    # A failed preflight (no GPU, a missing package, no tokenizer) ends the run: every stage would fail as it did,
+    # on device time. Out of time (cold imports on a fresh machine), the stages go on.
+    preflight) stage "$name" 60 "$python" -c "$preflight" || { rc=$?; [ $rc = 124 ] || [ $rc = 137 ] || {
+                 echo "=== preflight failed: no other stage runs"; exit $rc; }; } ;;
     train-btrm) TORCH_LOGS=recompiles stage "$name" 330 "${throughput[@]}" --data synthetic --systems btrm \
                   --btrm_micro_batches 4 --btrm_max_tokens 65536 --json "$out/$name.json" ;;
     train-btrm-eager) TORCH_LOGS=recompiles stage "$name" 200 "${throughput[@]}" --data synthetic --systems btrm \
