@@ -488,8 +488,10 @@ def export_id(manifest: dict[str, Any]) -> str:
 def _is_cuda_error(error: BaseException) -> bool:
     import torch
 
-    # Out of memory is not one: it leaves the GPU usable (the batch is scored again request by request).
-    return isinstance(error, torch.AcceleratorError)
+    # Out of memory is not one: it leaves the GPU usable (the batch is scored again request by request). A compiled
+    # kernel's launch (Triton's, FlexAttention's) reports one as a plain RuntimeError.
+    return isinstance(error, torch.AcceleratorError) or (isinstance(error, RuntimeError)
+                                                         and str(error).startswith("Triton Error [CUDA]"))
 
 
 def _is_out_of_memory(error: BaseException) -> bool:

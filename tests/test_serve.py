@@ -652,13 +652,13 @@ def test_a_cuda_error_answers_503_at_once_and_fails_the_health_check_so_serve_re
 
     from btrm.serving import GPUFailed, RewardModelDeployment
 
-    forwards = []
+    async def scenario(error):
+        forwards = []
 
-    def broken_gpu(groups, max_batch_tokens):
-        forwards.append(len(groups))
-        raise torch.AcceleratorError("CUDA error: an illegal memory access was encountered")
+        def broken_gpu(groups, max_batch_tokens):
+            forwards.append(len(groups))
+            raise error
 
-    async def scenario():
         replica = RewardModelDeployment.func_or_class(ServiceOptions(model_path=str(trained_model_dir)))
         replica.check_health()
         replica.scorer.group_rewards = broken_gpu
@@ -667,16 +667,19 @@ def test_a_cuda_error_answers_503_at_once_and_fails_the_health_check_so_serve_re
             responses = [await client.post("/compare", json=GOOD_PAIR),
                          await client.post("/score", json={"prompt": "hi", "candidates": ["a", "b"]})]
             health = await client.get("/health")
-        return replica, healthy, responses, health
+        return replica, forwards, healthy, responses, health
 
-    replica, healthy, responses, health = asyncio.run(scenario())
-    assert healthy.status_code == 200
-    assert forwards == [1]
-    for response in [*responses, health]:
-        assert response.status_code == 503 and response.headers["retry-after"] == "15", response.text
-        assert "illegal memory access" in response.json()["detail"] and "retry" in response.json()["detail"]
-    with pytest.raises(GPUFailed, match="Serve is replacing the replica"):
-        replica.check_health()
+    # torch's own, and a compiled kernel's launch (Triton's: FlexAttention's kernels), which is a plain RuntimeError.
+    for error in (torch.AcceleratorError("CUDA error: an illegal memory access was encountered"),
+                  RuntimeError("Triton Error [CUDA]: an illegal memory access was encountered")):
+        replica, forwards, healthy, responses, health = asyncio.run(scenario(error))
+        assert healthy.status_code == 200
+        assert forwards == [1]
+        for response in [*responses, health]:
+            assert response.status_code == 503 and response.headers["retry-after"] == "15", response.text
+            assert "illegal memory access" in response.json()["detail"] and "retry" in response.json()["detail"]
+        with pytest.raises(GPUFailed, match="Serve is replacing the replica"):
+            replica.check_health()
 
 
 def test_a_model_replica_out_of_reach_or_out_of_memory_is_a_503_that_says_so(trained_model_dir):
