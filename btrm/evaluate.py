@@ -34,7 +34,7 @@ from btrm.data import (DataSpec, bad_data_ends_the_job, build_pair_dataset, chec
                        new_ledger)
 from btrm.export import read_manifest
 from btrm.model import embedding_rows, position_limit
-from btrm.scoring import RewardScorer, ray_actor_device
+from btrm.scoring import RewardScorer, is_cuda_error, ray_actor_device
 from btrm.sources import glob_matches, is_glob, without_credentials
 from btrm.tokenize import OVERLONG_POLICIES, TokenizationSpec, read_chat_template
 
@@ -170,7 +170,10 @@ class PairScorer:
         try:
             r_chosen, r_rejected = self.scorer.pair_rewards(batch, self.max_batch_tokens)
             return r_chosen, r_rejected, [None] * len(r_chosen)
-        except Exception:
+        except Exception as e:
+            if is_cuda_error(e):  # every later forward of this actor fails too: pair by pair, each would be an error
+                raise RuntimeError(f"the GPU of this scoring actor failed ({type(e).__name__}: {e}); its CUDA context "
+                                   "is unusable: run the evaluation again") from e
             # One pair the model fails on must not take its batch down: find it by scoring pair by pair.
             return self._score_one_by_one(batch)
 

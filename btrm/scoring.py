@@ -84,6 +84,14 @@ class ConversationEncoder:
         return encoded
 
 
+def is_cuda_error(error: BaseException) -> bool:
+    """A CUDA error: it sticks to the process (a device-side assert, an illegal memory access), and every later
+    forward on its GPU fails. Out of memory is not one: it leaves the GPU usable. A compiled kernel's launch
+    (Triton's: FlexAttention's kernels) reports one as a plain RuntimeError."""
+    return isinstance(error, torch.AcceleratorError) or (isinstance(error, RuntimeError)
+                                                         and str(error).startswith("Triton Error [CUDA]"))
+
+
 def ray_actor_device() -> str | None:
     """Where a Ray actor scores: on its GPU where Ray gave it one, else on the CPU (Ray leaves an actor given
     no GPU the machine's CUDA_VISIBLE_DEVICES: torch would find the GPUs and take one Ray gave another).

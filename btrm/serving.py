@@ -485,15 +485,6 @@ def export_id(manifest: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _is_cuda_error(error: BaseException) -> bool:
-    import torch
-
-    # Out of memory is not one: it leaves the GPU usable (the batch is scored again request by request). A compiled
-    # kernel's launch (Triton's, FlexAttention's) reports one as a plain RuntimeError.
-    return isinstance(error, torch.AcceleratorError) or (isinstance(error, RuntimeError)
-                                                         and str(error).startswith("Triton Error [CUDA]"))
-
-
 def _is_out_of_memory(error: BaseException) -> bool:
     import torch
 
@@ -918,12 +909,14 @@ class RewardModelDeployment:
             # In a thread: the event loop keeps taking in the next requests meanwhile.
             return await asyncio.to_thread(self.scorer.group_rewards, groups, self.options.max_batch_tokens)
         except Exception as e:
+            from btrm.scoring import is_cuda_error
+
             logger.exception("btrm: scoring %d groups of answers failed", len(groups))
             if _is_out_of_memory(e):
                 raise ReplicaOutOfMemory(f"the model replica ran out of GPU memory scoring this request: retry; if "
                                          f"it persists, lower max_batch_tokens ({self.options.max_batch_tokens}) or "
                                          "give each replica a larger GPU") from None
-            if not _is_cuda_error(e):
+            if not is_cuda_error(e):
                 raise
             self.gpu_failure = f"this replica's GPU failed ({type(e).__name__}: {e}); Serve is replacing the replica: retry"
             raise GPUFailed(self.gpu_failure) from None

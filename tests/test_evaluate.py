@@ -262,6 +262,15 @@ def test_a_pair_the_model_fails_on_is_reported_and_the_rest_are_scored(trained_m
     assert diverged.error.str.contains("not finite").all() and diverged.reward_chosen.isna().all()
     summary = summarize(scorer(batch))
     assert summary["unscored"] == 4 and re.search(r"\n  accuracy +n/a\n", format_summary(summary))  # the job fails
+    # A CUDA error sticks to the process (raised by hand: no GPU here): the batch fails, naming it, rather than
+    # every pair of it and of every later batch being scored alone, each one more error.
+    def broken_gpu(*args, **kwargs):
+        raise torch.AcceleratorError("CUDA error: an illegal memory access was encountered")
+
+    scorer.scorer.pair_rewards = broken_gpu
+    with pytest.raises(RuntimeError, match="the GPU of this scoring actor failed .*illegal memory access.*run the "
+                                           "evaluation again"):
+        scorer(batch)
 
 
 def test_inputs_that_overflow_in_every_packed_row_cost_only_their_own_pairs(trained_model_dir, hh_helpful):
