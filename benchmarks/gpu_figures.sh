@@ -111,5 +111,11 @@ for name in $stages; do
     exactness) stage "$name" 150 "$python" -m pytest -q -p no:cacheprovider tests/test_packing.py -k gpu ;;
   esac
 done
+# btrm's and TRL's stages write apart: their ratios (the targets), where this call ran both.
+if [ -f "$out/train-trl.json" ] && ls "$out"/train-btrm*.json > /dev/null 2>&1; then
+  "$python" benchmarks/train_throughput.py --compare "$out"/train-btrm*.json "$out/train-trl.json" \
+    > "$out/comparison.txt" 2>&1
+  cat "$out/comparison.txt"
+fi
 echo "=== $(( $(date +%s) - start )) s: done"
 exit $worst

@@ -3,6 +3,7 @@ config, the same pairs in the same order and the same device.
 
     python benchmarks/train_throughput.py --mode full [--json out.json]   # one GPU: Qwen3-1.7B shape
     python benchmarks/train_throughput.py --mode tiny                     # CPU smoke run (the test's)
+    python benchmarks/train_throughput.py --compare btrm.json trl.json      # the ratios of separate runs' rows
 
 Modes: ``full`` trains a randomly initialised Qwen3-1.7B-shaped classifier on the GPU (bf16, gradient
 checkpointing, fused AdamW, max_length 4096; TRL with sdpa attention, btrm with whatever attention its
@@ -462,6 +463,29 @@ def comparison(rows: list[dict]) -> dict[str, dict]:
     return ratios
 
 
+def print_comparison(ratios: dict[str, dict], pairs_per_step: int) -> None:
+    print()
+    for name, r in ratios.items():
+        at4 = "n/a" if r["at_micro_4"] is None else f"{r['at_micro_4']:.2f}x"
+        mfu = "n/a" if r["btrm_best_mfu"] is None else f"{r['btrm_best_mfu']:.1%}"
+        print(f"{name}, {pairs_per_step} pairs per step: at 4 pairs per micro-batch btrm is {at4} TRL; "
+              f"btrm's best {r['btrm_best_pairs_per_s']:.2f} pairs/s ({r['btrm_best_setting']}, MFU {mfu}) is "
+              f"{r['vs_trl_best']:.2f}x TRL's best ({r['trl_best_setting']})")
+
+
+def compare_reports(paths: list[Path]) -> dict[str, dict]:
+    """The comparison of the rows of --json files written by separate runs, which must have measured alike."""
+    reports = [json.loads(path.read_text()) for path in paths]
+    alike = ("device", "mode", "layers", "hidden", "max_length", "pairs_per_step", "steps", "data")
+    for path, report in zip(paths[1:], reports[1:]):
+        differ = [key for key in alike if report["header"].get(key) != reports[0]["header"].get(key)]
+        if differ:
+            raise SystemExit(f"{path} was measured otherwise than {paths[0]} ({', '.join(differ)}): no comparison")
+    ratios = comparison([row for report in reports for row in report["results"]])
+    print_comparison(ratios, reports[0]["header"]["pairs_per_step"])
+    return ratios
+
+
 def optimizer_memory_note(params: int) -> str:
     return (f"optimizer memory: TRL trains bf16 weights, so AdamW's m and v are bf16 (4 B/param); DeepSpeed's bf16 "
             f"keeps fp32 master weights, m and v (12 B/param) plus an fp32 gradient partition (4 B/param): ~12 B/param "
@@ -531,6 +555,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="real data and the Qwen3 tokenizer (real data is skipped without it)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="also write the header, rows and ratios here")
+    parser.add_argument("--compare", type=Path, nargs="+", metavar="JSON", help="measure nothing: compare the rows of "
+                        "these --json files, written by separate runs on the same device, model and data (btrm's and "
+                        "TRL's, as benchmarks/gpu_figures.sh's stages write them)")
     args = parser.parse_args(argv)
     for key, value in MODES[args.mode].items():
         if getattr(args, key, None) is None:
@@ -561,6 +588,9 @@ def load_data(args, vocab: int) -> dict[str, tuple[dict, int | None]]:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.compare:
+        compare_reports(args.compare)
+        return
     if args.mode == "full" and not torch.cuda.is_available():
         raise SystemExit("--mode full needs a GPU (--mode tiny runs on the CPU)")
     device = torch.device("cuda" if args.mode == "full" else "cpu")
@@ -596,13 +626,7 @@ def main(argv: list[str] | None = None) -> None:
                 if args.json:  # row by row: a run cut short by a time limit keeps the rows it finished
                     args.json.write_text(json.dumps({"header": info, "results": rows}, indent=2))
     ratios = comparison(rows)
-    print()
-    for name, r in ratios.items():
-        at4 = "n/a" if r["at_micro_4"] is None else f"{r['at_micro_4']:.2f}x"
-        mfu = "n/a" if r["btrm_best_mfu"] is None else f"{r['btrm_best_mfu']:.1%}"
-        print(f"{name}, {args.pairs_per_step} pairs per step: at 4 pairs per micro-batch btrm is {at4} TRL; "
-              f"btrm's best {r['btrm_best_pairs_per_s']:.2f} pairs/s ({r['btrm_best_setting']}, MFU {mfu}) is "
-              f"{r['vs_trl_best']:.2f}x TRL's best ({r['trl_best_setting']})")
+    print_comparison(ratios, args.pairs_per_step)
     if device.type == "cuda":  # on the CPU both train float32 weights
         print(optimizer_memory_note(params))
     if args.json:

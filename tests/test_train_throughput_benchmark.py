@@ -3,6 +3,7 @@ random_reward_model.py (the serving benchmark's model) and serve_load.py."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -15,7 +16,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_tiny_mode_prints_figures_for_both_systems(tmp_path):
+def test_tiny_mode_prints_figures_for_both_systems(tmp_path, capsys, monkeypatch):
     report_path = tmp_path / "throughput.json"
     command = [sys.executable, str(REPO / "benchmarks" / "train_throughput.py"), "--mode", "tiny",
                "--json", str(report_path)]
@@ -41,7 +42,24 @@ def test_tiny_mode_prints_figures_for_both_systems(tmp_path):
                     and row["setting"] in line)
         assert f"{row['pairs_per_s']:.2f}" in line and "n/a" in line, line
     assert {row["setting"] for row in rows if row["system"] == "btrm"} == {"micro 4 x2", "1024 tokens"}
-    assert any("at 4 pairs per micro-batch btrm is" in line for line in lines), run.stdout
+    compared = [line for line in lines if "at 4 pairs per micro-batch btrm is" in line]
+    assert compared, run.stdout
+    # gpu_figures.sh runs each system in a stage of its own: --compare joins their files into the same ratios.
+    apart = []
+    for system in ("btrm", "trl"):
+        apart.append(tmp_path / f"{system}.json")
+        apart[-1].write_text(json.dumps({**report, "results": [row for row in rows if row["system"] == system]}))
+    spec = importlib.util.spec_from_file_location("train_throughput", REPO / "benchmarks" / "train_throughput.py")
+    benchmark = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, benchmark)  # (its dataclasses look their module up there)
+    spec.loader.exec_module(benchmark)
+    assert benchmark.compare_reports(apart) == report["comparison"]
+    printed = capsys.readouterr().out.splitlines()
+    assert all(line in printed for line in compared), (compared, printed)
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({**report, "header": {**report["header"], "pairs_per_step": 64}}))
+    with pytest.raises(SystemExit, match="was measured otherwise than .* \\(pairs_per_step\\): no comparison"):
+        benchmark.compare_reports([apart[0], other])
 
 
 @pytest.fixture(scope="module")
