@@ -9,6 +9,7 @@ import argparse
 import dataclasses
 import difflib
 import json
+import math
 import os
 import sys
 import tempfile
@@ -201,8 +202,10 @@ class TrainConfig(DataOptions):
                 raise ValueError(f"--{name} must be at least 1")
         for name in ("eval_steps", "save_steps", "max_failures", "learning_rate", "weight_decay", "max_grad_norm",
                      "center_rewards_coefficient"):
-            if not getattr(self, name) >= 0:  # (NaN too)
-                raise ValueError(f"--{name} must be at least 0")
+            if not 0 <= getattr(self, name) < math.inf:  # (NaN too; an infinite rate trains on NaNs)
+                raise ValueError(f"--{name} must be at least 0, and finite")
+        if not 0 < self.cpus_per_worker < math.inf:
+            raise ValueError(f"--cpus_per_worker must be above 0, got {self.cpus_per_worker}")
         if self.max_steps == 0 or self.max_steps < -1:
             raise ValueError(f"--max_steps must be at least 1, or -1 (--num_train_epochs decides), got {self.max_steps}")
         if "://" in self.tracking_dir:
@@ -211,7 +214,9 @@ class TrainConfig(DataOptions):
         if "://" in self.output_path:
             raise ValueError(f"--output_path {self.output_path}: a local directory (on the machine running the job); "
                              "the run's checkpoints in --storage_path, which may be a cloud URI, hold the model too")
-        if self.packing and 0 < self.max_tokens_per_batch < 2 * self.max_length or self.max_tokens_per_batch < 0:
+        if self.max_tokens_per_batch < 0:
+            raise ValueError(f"--max_tokens_per_batch must be at least 0 (0: pairs counted), got {self.max_tokens_per_batch}")
+        if self.packing and 0 < self.max_tokens_per_batch < 2 * self.max_length:
             raise ValueError(f"--max_tokens_per_batch {self.max_tokens_per_batch} is less than 2 x --max_length "
                              f"({2 * self.max_length}): a pair of that length would not fit one micro-batch")
         if self.resume and not self.run_name:

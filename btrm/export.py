@@ -59,6 +59,10 @@ def write_model_dir(directory: str | Path, model, state_dict, tokenizer, manifes
     (directory / MANIFEST).write_text(json.dumps(json_safe(manifest), indent=2, default=str, allow_nan=False))
 
 
+class ExportNotReplaceable(SystemExit):
+    """A destination that publishing may not replace (a job stops with it, saying why)."""
+
+
 def check_replaceable(destination: str | Path) -> None:
     """Refuses a destination that is something other than nothing, an empty directory or an earlier export:
     publishing replaces it whole."""
@@ -66,10 +70,11 @@ def check_replaceable(destination: str | Path) -> None:
     if not destination.exists() and not destination.is_symlink():
         return
     if not destination.is_dir():
-        raise SystemExit(f"{destination} exists and is not a directory: give a new directory for the model")
+        raise ExportNotReplaceable(f"{destination} exists and is not a directory: give a new directory for the model")
     if any(destination.iterdir()) and not (destination / MANIFEST).is_file():
-        raise SystemExit(f"{destination} holds files but no {MANIFEST}: it is not a model exported by btrm, and "
-                         "exporting replaces the whole directory. Give a new directory (or an earlier export's)")
+        raise ExportNotReplaceable(f"{destination} holds files but no {MANIFEST}: it is not a model exported by btrm, "
+                                   "and exporting replaces the whole directory. Give a new directory (or an earlier "
+                                   "export's)")
 
 
 def publish_dir(source: str | Path, destination: str | Path, filesystem: pafs.FileSystem | None = None) -> Path:

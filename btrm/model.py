@@ -27,15 +27,27 @@ def resolve_model_path(name: str) -> str:
     return name
 
 
-def reward_token_rule(config) -> str:
-    """Where a classifier of this architecture reads its score: decoders at the last token, encoders
-    (BERT and kin, whose head pools the first token) at the first."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+def check_reward_architecture(config) -> None:
+    """Refuses, with a ValueError saying why, an architecture btrm cannot train as a reward model: checked on the
+    driver from the model's ``AutoConfig``, before any pair is read (else each worker fails on loading it)."""
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
 
     if getattr(config, "is_encoder_decoder", False):
         # (BART and kin pool at the last </s>, of which every sequence of a batch must hold as many)
         raise ValueError(f"{config.model_type} is an encoder-decoder model, which btrm does not train as a reward "
                          "model: take a decoder (Qwen, Llama, ...) or an encoder (BERT, DeBERTa, ...)")
+    if config.model_type not in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES:
+        raise ValueError(f"transformers {transformers.__version__} has no sequence-classification model for "
+                         f"{config.model_type} (AutoModelForSequenceClassification), which a reward model is: take "
+                         "a model of an architecture that has one (Qwen, Llama, Mistral, Gemma, BERT, ...)")
+
+
+def reward_token_rule(config) -> str:
+    """Where a classifier of this architecture reads its score: decoders at the last token, encoders
+    (BERT and kin, whose head pools the first token) at the first."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
     return "first" if config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES else "last"
 
 
@@ -44,9 +56,20 @@ def embedding_rows(model_config) -> int | None:
     return getattr(model_config.get_text_config(), "vocab_size", None)
 
 
+# Encoders that number positions from pad_token_id + 1 (RoBERTa's create_position_ids_from_input_ids): the first
+# pad_token_id + 1 rows of their position table are never a token's (RoBERTa: 514 rows, 512 tokens).
+POSITIONS_AFTER_PADDING = {"roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "longformer", "data2vec-text",
+                           "roberta-prelayernorm", "ibert", "xmod", "mpnet", "luke", "markuplm", "lilt"}
+
+
 def position_limit(model_config) -> int | None:
-    """How many positions the model reads (its text config's max_position_embeddings), where the config says."""
-    return getattr(model_config.get_text_config(), "max_position_embeddings", None)
+    """How many tokens the model reads (its text config's max_position_embeddings, less the rows a model that
+    numbers positions after the padding index never uses), where the config says."""
+    config = model_config.get_text_config()
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit is not None and config.model_type in POSITIONS_AFTER_PADDING:
+        limit -= (config.pad_token_id or 0) + 1
+    return limit
 
 
 def load_reward_model(path: str, pad_token_id: int, dtype: torch.dtype = torch.float32):

@@ -23,12 +23,12 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from btrm.config import TrainConfig, check_job_output, check_writable, gpus_wanted
 from btrm.data import DataSpec, build_pair_dataset, check_drop_fraction, close_ledger, new_ledger, split_by_question
 from btrm.deepspeed_configs import fill_deepspeed_config, load_deepspeed_config
-from btrm.export import check_replaceable, publish_dir
-from btrm.model import embedding_rows, position_limit, resolve_model_path, reward_token_rule
+from btrm.export import ExportNotReplaceable, check_replaceable, publish_dir
+from btrm.model import check_reward_architecture, embedding_rows, position_limit, resolve_model_path, reward_token_rule
 from btrm.sources import without_credentials
 from btrm.tokenize import TEMPLATE_DATE, TokenizationSpec, load_tokenizer, prepare_tokenizer, read_chat_template
 from btrm.tracking import check_tracker, new_run_id
-from btrm.train_loop import EXPORT_DIR, Plan, check_resume_terms, recorded_resume_terms, resume_terms, train_loop_per_worker
+from btrm.train_loop import EXPORT_DIR, LAST_TRAIN_LOSS, NON_FINITE_TENSORS, Plan, check_resume_terms, recorded_resume_terms, resume_terms, train_loop_per_worker
 
 
 def tokenization_for(model_path: str, model_config, config) -> TokenizationSpec:
@@ -171,6 +171,10 @@ def run_training(config: TrainConfig) -> ray.train.Result:
     except (OSError, ValueError) as e:  # no such directory, no hub to reach, not a model transformers knows
         where = "a directory here" if os.path.isdir(model_path) else "not a directory here, so a hub name"
         raise SystemExit(f"--model_name {config.model_name}: {where}, and its config cannot be loaded: {e}") from None
+    try:
+        check_reward_architecture(model_config)
+    except ValueError as e:
+        raise SystemExit(f"--model_name {config.model_name}: {e}") from None
     spec = tokenization_for(model_path, model_config, config)
     use_gpu = gpus_wanted(config.use_gpu)
     if config.attn_implementation == "flex_attention" and not use_gpu:  # (else every worker's first step fails)
@@ -264,17 +268,36 @@ def run_training(config: TrainConfig) -> ray.train.Result:
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
     )
     result = trainer.fit()
-    checkpoint = result.checkpoint
-    exported = f"{checkpoint.path}/{EXPORT_DIR}"
-    try:
-        destination = publish_dir(exported, config.output_path, filesystem=checkpoint.filesystem)
-    except OSError as e:  # (out of disk, say): the trained model is safe in the checkpoint
-        raise SystemExit(f"--output_path {config.output_path}: the model could not be written there ({e}); it is "
-                         f"whole in the run's last checkpoint: copy {exported} from --storage_path") from None
     metrics = result.metrics or {}
     if "eval/accuracy" in metrics:
         before = metrics.get("eval/accuracy_before_training")
         print(f"[btrm] eval accuracy {metrics['eval/accuracy']:.4f} over {metrics['eval/pairs']} pairs"
               + (f" (untrained: {before:.4f})" if before is not None else ""), flush=True)
+    # Where the run's last checkpoint is, as a user names it (a cloud URI with its scheme), credentials masked.
+    checkpoint = result.checkpoint
+    kept = f"{without_credentials(storage_path).rstrip('/')}/{config.run_name}/{Path(checkpoint.path).name}"
+    diverged = unusable_model(metrics)
+    if diverged:
+        raise SystemExit(f"the run diverged: {diverged}. The model is not published at --output_path (what it holds "
+                         f"stays); the model and the run's log are in its last checkpoint, {kept}/{EXPORT_DIR}. "
+                         "Lower --learning_rate or --max_grad_norm, or raise --warmup_ratio")
+    exported = f"{checkpoint.path}/{EXPORT_DIR}"
+    try:
+        destination = publish_dir(exported, config.output_path, filesystem=checkpoint.filesystem)
+    except (OSError, ExportNotReplaceable) as e:  # (out of disk, say; files put there meanwhile): the model is safe
+        raise SystemExit(f"--output_path {config.output_path}: the model could not be written there ({e}); it is "
+                         f"whole in the run's last checkpoint: copy {kept}/{EXPORT_DIR}") from None
     print(f"[btrm] model exported to {destination}", flush=True)
     return result
+
+
+def unusable_model(metrics: dict[str, Any]) -> str | None:
+    """Why the trained model the final report describes scores no pair (NaN or infinite weights or eval loss:
+    a diverged run), or None."""
+    tensors = metrics.get(NON_FINITE_TENSORS, 0)
+    if tensors:
+        return f"{tensors} weight tensors of the trained model hold NaN or infinite values"
+    for key, what in ((LAST_TRAIN_LOSS, "last logged training loss"), ("eval/loss", "final eval loss")):
+        if metrics.get(key) is not None and not math.isfinite(metrics[key]):
+            return f"its {what} is {metrics[key]}"
+    return None

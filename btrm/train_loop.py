@@ -45,6 +45,10 @@ CHECKPOINT_TAG = "deepspeed"
 EXPORT_DIR = "model"
 EVAL_REWARDS = "eval_rewards.parquet"
 TRAINING_LOG = "training_log.jsonl"
+# In the final report only, for the driver, which publishes no model of a diverged run: how many of the export's
+# weight tensors hold NaN or infinities, and the last logged training loss.
+NON_FINITE_TENSORS = "export/non_finite_tensors"
+LAST_TRAIN_LOSS = "export/last_train_loss"
 RESUME_TERMS = "resume_terms.json"  # beside DeepSpeed's state: the driver checks a --resume against it before starting
 
 
@@ -245,7 +249,10 @@ def resume_terms(config: TrainConfig, deepspeed_config: dict[str, Any], use_gpu:
              "pairs_per_step": config.per_device_train_batch_size * config.gradient_accumulation_steps,
              "zero_stage": deepspeed_config.get("zero_optimization", {}).get("stage", 0),
              "bf16": bf16_enabled(deepspeed_config, config.bf16 and use_gpu),
-             "grad_accum_dtype": deepspeed_config.get("data_types", {}).get("grad_accum_dtype")}
+             "grad_accum_dtype": deepspeed_config.get("data_types", {}).get("grad_accum_dtype"),
+             # (CPU workers would load a GPU run's DeepSpeed state; and a resume that finds no GPU nodes up, on an
+             # autoscaling cluster, says so here rather than as a change of bf16)
+             "use_gpu": use_gpu}
     return terms if pairs is None else {**terms, "pairs": pairs}
 
 
@@ -268,11 +275,14 @@ def recorded_resume_terms(run_dir: str) -> dict[str, Any] | None:
 def check_resume_terms(saved: dict[str, Any] | None, now: dict[str, Any]) -> None:
     if saved is None:
         return
-    changed = [f"{key}: {saved[key]!r} then, {now[key]!r} now" for key in now if key in saved and saved[key] != now[key]]
+    changed = [key for key in now if key in saved and saved[key] != now[key]]
     if changed:
-        raise SystemExit("--resume: the run being continued was trained otherwise (" + "; ".join(changed)
-                         + "). Resume with the same data and options (a resume reads the pairs in the same order and "
-                         "DeepSpeed's state in the same layout), or start a new run (another --run_name)")
+        gpus = (" (--use_gpu true waits for GPU workers: an autoscaling cluster starts GPU nodes for them)"
+                if "use_gpu" in changed and saved["use_gpu"] else "")
+        raise SystemExit("--resume: the run being continued was trained otherwise ("
+                         + "; ".join(f"{key}: {saved[key]!r} then, {now[key]!r} now" for key in changed)
+                         + f"). Resume with the same data and options{gpus} (a resume reads the pairs in the same order "
+                         "and DeepSpeed's state in the same layout), or start a new run (another --run_name)")
 
 
 def epoch_order(seed: int, epoch: int) -> dict[str, int]:
@@ -490,6 +500,12 @@ def train_loop_per_worker(loop_config: dict[str, Plan]) -> None:
         if rank == 0:
             export_dir = os.path.join(directory, EXPORT_DIR)
             state_dict = {k.removeprefix("classifier."): v for k, v in state_dict.items()}
+            # A diverged run's weights score every pair NaN: the driver is told, and publishes nothing over what
+            # --output_path holds (the checkpoint keeps the model and its log, to see where it went wrong).
+            non_finite = [name for name, tensor in state_dict.items()
+                          if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+            losses = [line["train/loss"] for line in history if "train/loss" in line]
+            metrics = {**metrics, NON_FINITE_TENSORS: len(non_finite), **({LAST_TRAIN_LOSS: losses[-1]} if losses else {})}
             write_model_dir(export_dir, engine.module.classifier, state_dict, tokenizer,
                             _manifest(plan, tokenizer, final, progress))
             _write_side_files(export_dir, plan.ledgers, history, final.get("rewards"))

@@ -42,6 +42,10 @@ def test_bad_options_are_refused_with_the_reason(tmp_path, capsys):
                         (["--train_set_path", "x", "--save_total_limit", "0"], "--save_total_limit must be at least 1"),
                         (["--train_set_path", "x", "--eval_steps", "-5"], "--eval_steps must be at least 0"),
                         (["--train_set_path", "x", "--learning_rate=-1e-5"], "--learning_rate must be at least 0"),
+                        (["--train_set_path", "x", "--learning_rate", "inf"], "--learning_rate must be at least 0, and finite"),
+                        (["--train_set_path", "x", "--cpus_per_worker", "0"], "--cpus_per_worker must be above 0"),
+                        (["--train_set_path", "x", "--packing", "false", "--max_tokens_per_batch", "-5"],
+                         "--max_tokens_per_batch must be at least 0"),
                         (["--train_set_path", "x", "--max_steps", "0"], "--max_steps must be at least 1, or -1"),
                         (["--train_set_path", "x", "--output_path", "s3://b/rm"], "a local directory"),
                         (["--train_set_path", "x", "--deepspeed", "zero-3"], "neither a shipped config"),
@@ -152,3 +156,12 @@ def test_padded_batches_and_summed_loss():
     r_c, r_r = torch.tensor([2.0, 0.0]), torch.tensor([1.0, 1.0])
     summed = bradley_terry_loss(r_c, r_r, batch.margin, 0.1, reduction="sum")
     assert summed.item() == pytest.approx(2 * bradley_terry_loss(r_c, r_r, batch.margin, 0.1).item())
+
+def test_position_limit_leaves_out_the_rows_roberta_never_uses():
+    """RoBERTa numbers positions from pad_token_id + 1: its 514 position rows read 512 tokens."""
+    from transformers import AutoConfig
+
+    from btrm.model import position_limit
+
+    assert position_limit(AutoConfig.for_model("roberta", max_position_embeddings=514, pad_token_id=1)) == 512
+    assert position_limit(AutoConfig.for_model("bert", max_position_embeddings=512)) == 512

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -113,6 +114,15 @@ def test_eval_split_ratio_holds_out_whole_questions_for_evaluation(ray_session, 
     held_questions = {questions[row["id"]] for row in evaluated}
     trained = [p for p in rows if questions[p["id"]] not in held_questions and p["chosen"] != p["rejected"]]
     assert len(trained) + len(evaluated) == manifest["data"]["train"]["pairs"]  # every kept pair on one side
+    # A run that diverges (a learning rate of 1e37: every score NaN from the second step on) publishes nothing: the
+    # earlier export stays, and the message names the checkpoint that keeps the model and its log.
+    with pytest.raises(SystemExit, match=r"the run diverged: its last logged training loss is nan. The model is not "
+                                         r"published at --output_path") as stopped:
+        train_tiny(tmp_path, tiny_qwen_dir, rows, None, eval_split_ratio=0.25, max_steps=2, num_workers=1,
+                   learning_rate=1e37, run_name="diverged")
+    kept = re.search(r"last checkpoint, (\S+/model)\. ", str(stopped.value)).group(1)
+    assert (Path(kept) / "btrm.json").is_file() and kept.startswith(str(tmp_path / "runs" / "diverged"))
+    assert json.loads((model_dir / "btrm.json").read_text()) == manifest
 
 
 def test_eval_cadence_resume_and_options(ray_session, tiny_qwen_dir, hh_helpful, tmp_path, capsys):
@@ -270,6 +280,13 @@ def test_the_driver_refuses_at_once_what_would_fail_after_training(ray_session, 
     AutoConfig.for_model("bart", vocab_size=len(tokenizer)).to_json_file(encoder_decoder / "config.json")
     with pytest.raises(SystemExit, match="bart is an encoder-decoder model, which btrm does not train as a reward model"):
         train_tiny(tmp_path, str(encoder_decoder), rows, None)
+    # An architecture transformers has no sequence classifier for would fail on every worker, after the data's reading.
+    no_classifier = tmp_path / "cohere"
+    shutil.copytree(tiny_qwen_dir, no_classifier)
+    AutoConfig.for_model("cohere", vocab_size=len(tokenizer)).to_json_file(no_classifier / "config.json")
+    with pytest.raises(SystemExit, match=rf"--model_name {re.escape(str(no_classifier))}: transformers .* has no "
+                                         "sequence-classification model for cohere"):
+        train_tiny(tmp_path, str(no_classifier), rows, None)
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "notes.txt").write_text("keep")
     with pytest.raises(SystemExit, match="holds files but no btrm.json"):
@@ -371,6 +388,10 @@ def test_workers_are_dealt_pairs_in_order_and_a_resume_must_read_them_as_before(
                                          r"4096 then, 2048 now; overlong: 'truncate_prompt' then, 'drop' now\)"):
         check_resume_terms(then, resume_terms(dataclasses.replace(config, model_name="Qwen/Qwen3-4B", max_length=2048,
                                                                   overlong="drop"), {}, use_gpu=True))
+    # A GPU run resumed where no GPU worker is up now (an autoscaler took the GPU nodes down) says how to get them.
+    with pytest.raises(SystemExit, match=r"use_gpu: True then, False now\). Resume with the same data and options "
+                                         r"\(--use_gpu true waits for GPU workers"):
+        check_resume_terms(then, resume_terms(dataclasses.replace(config, bf16=False), {}, use_gpu=False))
 
 
 def test_each_epoch_reads_the_pairs_in_its_own_order_and_again_the_same_on_resume(ray_session):
