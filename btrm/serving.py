@@ -55,7 +55,8 @@ import btrm
 from btrm.config import SCORING_DTYPES, option, parse_config, typed_values
 from btrm.export import read_manifest
 from btrm.processors.base import ROLES, RowError, as_message, as_tools, check_conversation, is_unicode
-from btrm.tokenize import TEMPLATE_ERRORS, AnswersTooLong, SharedPromptIds, TokensPastEmbedding, tool_names
+from btrm.tokenize import (TEMPLATE_ERRORS, AnswersTooLong, SharedPromptIds, TokensPastEmbedding, UnrenderedToolUse,
+                            tool_names)
 
 logger = logging.getLogger("ray.serve")  # Serve's logger: lines reach the replica's log, as Ray's docs say
 
@@ -102,6 +103,9 @@ class ServiceOptions:
                                          "to join its batch (those arriving during a forward join the next at once).")
     max_batch_tokens: int = option(16384, "Most tokens in one forward pass, padding included (decoders: packed "
                                    "rows, each prompt computed once; on CPUs btrm caps rows at 1024 tokens itself).")
+    forward_timeout_s: float = option(300.0, "A forward pass still running after this long fails the model "
+                                      "replica's health check and Serve replaces the replica (a hung GPU would hold "
+                                      "every request sent to it); 0: no limit.")
     replica_cpus: float = option(1.0, "CPUs reserved by each model replica (its torch threads).")
     replica_gpus: str = option("auto", "GPUs per model replica: auto (1 when the cluster has a GPU, else 0) or a "
                               "number; a fraction lets replicas share a GPU (0.25: four), each launching on its own core.")
@@ -123,8 +127,9 @@ class ServiceOptions:
         if self.max_batch_sequences < largest_request:
             raise ValueError(f"--max_batch_sequences ({self.max_batch_sequences}) must be at least max_candidates "
                              f"and 2 x max_pairs ({largest_request}): the largest request is scored in one batch")
-        if self.batch_wait_timeout_s < 0:
-            raise ValueError("--batch_wait_timeout_s must be >= 0")
+        for name in ("batch_wait_timeout_s", "forward_timeout_s"):
+            if not 0 <= getattr(self, name) < math.inf:
+                raise ValueError(f"--{name} must be >= 0, and finite")
         if self.dtype not in SCORING_DTYPES:  # flags check choices; a Serve config's args reach only this
             raise ValueError(f"--dtype {self.dtype!r}: expected one of {list(SCORING_DTYPES)}")
         if self.replica_gpus != "auto":
@@ -159,6 +164,10 @@ class ServeCommand(ServiceOptions):
         for name in ("num_replicas", "api_replicas"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be at least 1")
+        if not 1 <= self.port <= 65535:
+            raise ValueError(f"--port must be in [1, 65535], got {self.port}")
+        if not 0 < self.request_timeout_s < math.inf:
+            raise ValueError(f"--request_timeout_s must be above 0, and finite, got {self.request_timeout_s}")
 
 
 def read_token(options: ServiceOptions) -> str | None:
@@ -244,6 +253,13 @@ def _call_layout(value: Any) -> str:
 # that a loc is the path into the JSON sent.
 UNION_TAGS = frozenset({"<wrapped>", "<flat>", "<text>", "<message>", "<pair>", "<batch>", "str", "dict[str,any]",
                         "list[dict[str,any]]", "list[TextPart]"})
+
+
+
+def _union_tag(part: str | int) -> bool:
+    # (and pydantic's own for a validated member: content's text is "function-after[_unicode(), str]")
+    return part in UNION_TAGS or isinstance(part, str) and part.startswith("function-after[")
+
 
 # Told apart by the "function" key, so that a bad call's errors name the fields of the layout it meant.
 AnyToolCall = Annotated[Annotated[ToolCall, Tag("<wrapped>")] | Annotated[FlatToolCall, Tag("<flat>")],
@@ -469,6 +485,11 @@ class GPUFailed(RuntimeError):
     Serve's health check and Serve replaces it."""
 
 
+class ForwardHung(RuntimeError):
+    """A forward pass that outlasted forward_timeout_s (a GPU that hangs): the replica fails Serve's health check,
+    and Serve replaces it; the requests it held get a 503 that says to retry."""
+
+
 class ReplicaOutOfMemory(RuntimeError):
     """The GPU ran out of memory on a request scored alone: the replica's memory is short, not the request bad
     (the GPU stays usable)."""
@@ -561,6 +582,12 @@ def build_api(encoder, options: ServiceOptions, token: str | None, score_groups:
             raise HTTPException(413, f"{', '.join(names[k] for k in e.answers)}: too long for the model's "
                                      f"max_length={spec.max_length} tokens (overlong policy {spec.overlong!r}; "
                                      f"answers are never cut): {e.detail}") from None
+        except UnrenderedToolUse as e:  # (what training says, "give a --chat_template", is no client's to do)
+            raise HTTPException(422, [{"type": "chat_template", "loc": loc,
+                                       "msg": f"the model's chat template does not render the tools or tool calls "
+                                              f"{e.names}: it would score the answers without seeing them. This model "
+                                              "scores conversations without tools (its chat template has no tool "
+                                              "support)"}]) from None
         except TEMPLATE_ERRORS as e:  # (a 422 like every other: a list of errors, each with its loc)
             raise HTTPException(422, [{"type": "chat_template", "loc": loc,
                                        "msg": f"the model's chat template rejects this conversation: {e}"}]) from None
@@ -602,7 +629,7 @@ def build_api(encoder, options: ServiceOptions, token: str | None, score_groups:
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
         # Each error's loc as the path into the JSON the client sent: pydantic adds the tag of each union the
         # value went through ("<pair>", "<message>", ...), which names no field of the request.
-        exc = RequestValidationError([{**e, "loc": tuple(part for part in e["loc"] if part not in UNION_TAGS)}
+        exc = RequestValidationError([{**e, "loc": tuple(part for part in e["loc"] if not _union_tag(part))}
                                       for e in exc.errors()], body=exc.body)
         for e in exc.errors():  # a list past MAX_LISTED: a 413 (pairs or candidates: the one their option gives)
             if e["type"] == "too_many":
@@ -877,6 +904,7 @@ class RewardModelDeployment:
 
         self.options = options
         self.gpu_failure: str | None = None  # how this replica's GPU failed (a CUDA error), once it has
+        self.forward_started: float | None = None  # time.monotonic() when the forward under way began
         self.scorer = RewardScorer(options.model_path, ray_actor_device(), dtype=options.dtype)
         self.export = export_id(self.scorer.manifest)  # the manifest read with the weights, not read again
         # A /score request with 64 candidates weighs 64: batches are counted in answers, not requests.
@@ -901,10 +929,17 @@ class RewardModelDeployment:
         """Serve's health check, every health_check_period_s: a replica that fails it is replaced."""
         if self.gpu_failure:
             raise GPUFailed(self.gpu_failure)
+        # A forward runs in a thread (this check on the event loop still answers): one that hangs there would keep
+        # the replica healthy, and every request sent to it waiting, for ever.
+        timeout, started = self.options.forward_timeout_s, self.forward_started
+        if timeout and started is not None and time.monotonic() - started > timeout:
+            raise ForwardHung(f"a forward pass has run for {time.monotonic() - started:.0f} s, past forward_timeout_s="
+                              f"{timeout}: Serve replaces this replica")
 
     async def _rewards(self, groups: list[SharedPromptIds]) -> list[list[float]]:
         if self.gpu_failure:
             raise GPUFailed(self.gpu_failure)
+        self.forward_started = time.monotonic()  # (the queue runs one forward at a time)
         try:
             # In a thread: the event loop keeps taking in the next requests meanwhile.
             return await asyncio.to_thread(self.scorer.group_rewards, groups, self.options.max_batch_tokens)
@@ -920,6 +955,8 @@ class RewardModelDeployment:
                 raise
             self.gpu_failure = f"this replica's GPU failed ({type(e).__name__}: {e}); Serve is replacing the replica: retry"
             raise GPUFailed(self.gpu_failure) from None
+        finally:
+            self.forward_started = None
 
     async def rewards_of_batch(self, requests: list[list[SharedPromptIds]]) -> list[list[list[float]] | Exception]:
         """The tokenized groups of many concurrent requests → each request's rewards, group by group
@@ -1057,8 +1094,8 @@ def main(argv: list[str] | None = None) -> None:
                              f"{APP_NAME!r}; it is left as it is. Stop it first (`serve delete {APP_NAME}`), or update "
                              "it with `serve deploy` and a Serve config (serve/config.yaml)")
         if running.proxies:  # serve.start's HTTP options apply only to a Serve it starts
-            print("[btrm] Serve already runs on this cluster: its own HTTP host and port apply, not --host/--port",
-                  flush=True)
+            print("[btrm] Serve already runs on this cluster: its own HTTP host, port and request timeout apply, not "
+                  "--host, --port and --request_timeout_s", flush=True)
         serve.start(http_options={"host": command.host, "port": command.port,
                                   "request_timeout_s": command.request_timeout_s})
         deployed = True  # (from here on, a half-made application of ours is ours to remove)

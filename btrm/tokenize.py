@@ -120,7 +120,15 @@ Tools = Optional[list[dict]]  # the tool schemas a conversation offers (None: no
 
 class UnrenderedToolUse(jinja2.TemplateError):
     """The chat template left out offered tools or tool calls (a template without tool support): the
-    model would judge answers without seeing what they answer or do."""
+    model would judge answers without seeing what they answer or do. ``names``: those left out."""
+
+    def __init__(self, names: list[str]):
+        super().__init__(f"it leaves out the tools or tool calls {names} (a template without tool support): give a "
+                         "--chat_template that renders them")
+        self.names = names
+
+    def __reduce__(self):  # (pickled as it was made: Ray carries exceptions between processes)
+        return type(self), (self.names,)
 
 
 def tool_names(conversation: Sequence[dict], tools: Tools) -> set[str]:
@@ -179,8 +187,7 @@ def _template_ids(tokenizer, conversations: Sequence[Sequence[dict]], tools: Too
     for conversation, text in zip(conversations, texts):
         missing = _unrendered_tool_names(tokenizer, conversation, tools, text, add_generation_prompt, variables)
         if missing:
-            raise UnrenderedToolUse(f"it leaves out the tools or tool calls {missing} (a template without tool "
-                                    "support): give a --chat_template that renders them")
+            raise UnrenderedToolUse(missing)
     return tokenizer(texts, add_special_tokens=False)["input_ids"]
 
 

@@ -304,6 +304,9 @@ BAD_REQUESTS = [
      '"loc":["body","candidates",0,"text"]'),
     ("/compare", {**GOOD_PAIR, "message": "hi"}, 422, '"loc":["body","message"]'),
     ("/compare", {"pairs": [{**GOOD_PAIR, "batch": 1}]}, 422, '"loc":["body","pairs",0,"batch"]'),
+    # A content of the wrong type: each branch of its union named by the field alone.
+    ("/score", {"messages": [{"role": "user", "content": 5}], "candidates": ["a"]}, 422,
+     '"loc":["body","messages",0,"content"],"msg":"Input should be a valid string"'),
 ]
 
 
@@ -386,6 +389,11 @@ def test_serve_config_file_builds_this_application(trained_model_dir, monkeypatc
     options.validate()
     with pytest.raises(ValueError, match="--dtype 'float16': expected one of"):
         ServiceOptions(model_path="somewhere", dtype="float16").validate()
+    for bad, words in ((dict(port=70000), r"--port must be in \[1, 65535\]"),
+                       (dict(request_timeout_s=0), "--request_timeout_s must be above 0"),
+                       (dict(forward_timeout_s=float("nan")), "--forward_timeout_s must be >= 0, and finite")):
+        with pytest.raises(ValueError, match=words):
+            ServeCommand(model_path="somewhere", **bad).validate()
     with pytest.raises(ValueError, match=r"application args: unknown option\(s\) \['max_candidate'\] \(did you mean "
                                          r"max_candidates\?\)"):
         app_builder({"model_path": "x", "max_candidate": 3})
@@ -642,6 +650,35 @@ def _in_process_api(model_dir, score_groups, model_state) -> httpx.AsyncClient:
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=api), base_url="http://replica")
 
 
+def test_tools_a_models_template_cannot_render_are_a_422_for_the_client(trained_model_dir, tmp_path):
+    """A model trained with a template without tool support cannot see a request's tools: the 422 says so in the
+    client's terms (training's advice, --chat_template, is the operator's). The real FastAPI app in this process."""
+    import pickle
+    import shutil
+
+    from btrm.tokenize import UnrenderedToolUse
+
+    toolless = tmp_path / "toolless"
+    shutil.copytree(trained_model_dir, toolless)
+    manifest = json.loads((toolless / "btrm.json").read_text())
+    manifest["tokenization"]["chat_template"] = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}"
+                                                 "<|im_end|>\n{% endfor %}")
+    (toolless / "btrm.json").write_text(json.dumps(manifest))
+
+    async def scenario():
+        async with _in_process_api(toolless, None, None) as client:
+            return await client.post("/score", json={"prompt": "hi", "tools": SEARCH, "candidates": ["a"]})
+
+    response = asyncio.run(scenario())
+    assert response.status_code == 422, response.text
+    [error] = response.json()["detail"]
+    assert error["loc"] == ["body"] and error["msg"].startswith("the model's chat template does not render the tools "
+                                                                "or tool calls ['search']: it would score"), error
+    assert "--chat_template" not in error["msg"]
+    again = pickle.loads(pickle.dumps(UnrenderedToolUse(["search"])))
+    assert again.names == ["search"] and str(again) == str(UnrenderedToolUse(["search"]))
+
+
 def test_a_cuda_error_answers_503_at_once_and_fails_the_health_check_so_serve_replaces_the_replica(trained_model_dir):
     """CUDA errors stick to a process (a device-side assert, an illegal memory access): after one, every forward
     on that GPU fails. This machine has no GPU, so the forward raises torch's CUDA error by hand; the rest is the
@@ -680,6 +717,41 @@ def test_a_cuda_error_answers_503_at_once_and_fails_the_health_check_so_serve_re
             assert "illegal memory access" in response.json()["detail"] and "retry" in response.json()["detail"]
         with pytest.raises(GPUFailed, match="Serve is replacing the replica"):
             replica.check_health()
+
+
+def test_a_forward_that_hangs_fails_the_health_check_so_serve_replaces_the_replica(trained_model_dir):
+    """A GPU that hangs (a stuck collective, a driver fault) leaves a forward running for ever in its thread, while
+    the replica's event loop still answers Serve's health checks. Past forward_timeout_s the check fails, and Serve
+    replaces the replica. The hang is made by hand (no GPU here): a forward that waits; the replica class is real."""
+    import threading
+
+    from btrm.serving import ForwardHung, RewardModelDeployment
+
+    release = threading.Event()
+
+    def hung_gpu(groups, max_batch_tokens):
+        release.wait(30)
+        return [[0.0] * len(group.tails) for group in groups]
+
+    async def scenario():
+        replica = RewardModelDeployment.func_or_class(ServiceOptions(model_path=str(trained_model_dir),
+                                                                     forward_timeout_s=0.5))
+        encoded = replica.scorer.encoder.encode_group([[{"role": "user", "content": "hi"},
+                                                        {"role": "assistant", "content": answer}]
+                                                       for answer in ("a", "b")])
+        replica.scorer.group_rewards = hung_gpu
+        scoring = asyncio.create_task(replica.score_groups([encoded], replica.export))
+        await asyncio.sleep(0.2)
+        replica.check_health()  # a forward under way, within the limit: healthy
+        await asyncio.sleep(0.6)
+        with pytest.raises(ForwardHung, match=r"a forward pass has run for \d+ s, past forward_timeout_s=0.5: Serve "
+                                              "replaces this replica"):
+            replica.check_health()
+        release.set()
+        assert await scoring == [[0.0, 0.0]]
+        replica.check_health()  # (a slow forward that ends is no failure)
+
+    asyncio.run(scenario())
 
 
 def test_a_model_replica_out_of_reach_or_out_of_memory_is_a_503_that_says_so(trained_model_dir):
