@@ -30,7 +30,7 @@ import torch.distributed as dist
 from btrm.batching import DENSE_MASK_TOKENS, FLEX_BLOCK, MicroBatcher, split_to, take
 from btrm.config import TrainConfig, recorded_options
 from btrm.deepspeed_configs import bf16_enabled, fill_deepspeed_config, load_deepspeed_config
-from btrm.export import json_safe, write_model_dir
+from btrm.export import json_safe, model_on_this_node, write_model_dir
 from btrm.loss import bradley_terry_loss, pair_correct
 from btrm.model import RewardModel, disable_dropout, load_reward_model, packing_unsupported
 from btrm.sources import without_credentials
@@ -153,7 +153,9 @@ def _optimizer(model, config: TrainConfig, use_gpu: bool) -> torch.optim.Optimiz
     decay, no_decay = [], []
     for name, parameter in model.named_parameters():
         if parameter.requires_grad:
-            (no_decay if parameter.ndim < 2 or "norm" in name.lower() else decay).append(parameter)
+            # (under ZeRO-3 a parameter is an empty placeholder, its own shape in ds_shape)
+            dimensions = len(getattr(parameter, "ds_shape", parameter.shape))
+            (no_decay if dimensions < 2 or "norm" in name.lower() else decay).append(parameter)
     groups = [{"params": params, "weight_decay": weight_decay}
               for params, weight_decay in zip((decay, no_decay), _weight_decays(config))]
     return torch.optim.AdamW(groups, lr=config.learning_rate, fused=use_gpu)
@@ -178,18 +180,47 @@ def follow_schedule(engine, config: TrainConfig) -> None:
     scheduler._last_lr = rates  # what get_last_lr() (and the engine's get_lr()) report
 
 
+def engine_config(config: TrainConfig, use_gpu: bool, deepspeed_config: dict[str, Any] | None,
+                  model_config) -> dict[str, Any]:
+    """The DeepSpeed config of this worker's engine: --deepspeed's (or ``deepspeed_config``), filled for the job's
+    options and the model's (its ``PretrainedConfig``) sizes."""
+    return fill_deepspeed_config(
+        deepspeed_config or load_deepspeed_config(config.deepspeed), micro_batch=config.per_device_train_batch_size,
+        accumulation=config.gradient_accumulation_steps, world_size=dist.get_world_size(),
+        max_grad_norm=config.max_grad_norm, bf16=config.bf16 and use_gpu,
+        hidden_size=getattr(model_config.get_text_config(), "hidden_size", 1024),
+    )
+
+
+def load_classifier(plan: Plan, pad_token_id: int):
+    """The classifier to train. Under ZeRO-3 it is built partitioned, each worker holding its share of the weights
+    only (deepspeed.zero.Init, which transformers' from_pretrained enters while an HfDeepSpeedConfig lives): loaded
+    whole, every worker would hold all of them, in host memory and on its GPU before DeepSpeed partitions them,
+    and ZeRO-3 could not train a model larger than one GPU."""
+    if plan.deepspeed_config.get("zero_optimization", {}).get("stage", 0) != 3:
+        return load_reward_model(plan.model_path, pad_token_id)
+    from transformers import AutoConfig
+    from transformers.integrations import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+    # DeepSpeed on Ray Train's process group now (deepspeed.initialize would take it later): zero.Init partitions
+    # over its world size, which it reads as 1 until then.
+    _import_deepspeed(plan.use_gpu).init_distributed()
+    partitioned = HfDeepSpeedConfig(engine_config(plan.config, plan.use_gpu, plan.deepspeed_config,
+                                                  AutoConfig.from_pretrained(model_on_this_node(plan.model_path))))
+    try:
+        return load_reward_model(plan.model_path, pad_token_id)
+    finally:  # (transformers holds it by a weak reference: a model loaded later in this process is loaded whole)
+        del partitioned
+        unset_hf_deepspeed_config()
+
+
 def build_engine(classifier, config: TrainConfig, use_gpu: bool, total_steps: int,
                  deepspeed_config: dict[str, Any] | None = None):
     """A DeepSpeed engine around ``RewardModel(classifier)``: attention kernels for the batch layout,
     dropout off (by default), gradient checkpointing, compiled layers, AdamW with a transformers schedule.
     Needs torch.distributed."""
     deepspeed = _import_deepspeed(use_gpu)
-    ds_config = fill_deepspeed_config(
-        deepspeed_config or load_deepspeed_config(config.deepspeed), micro_batch=config.per_device_train_batch_size,
-        accumulation=config.gradient_accumulation_steps, world_size=dist.get_world_size(),
-        max_grad_norm=config.max_grad_norm, bf16=config.bf16 and use_gpu,
-        hidden_size=getattr(classifier.config, "hidden_size", 1024),
-    )
+    ds_config = engine_config(config, use_gpu, deepspeed_config, classifier.config)
     zero3 = ds_config["zero_optimization"].get("stage", 0) == 3
     packed = config.packing and packing_unsupported(classifier) is None
     attention = config.attn_implementation
@@ -366,7 +397,7 @@ def train_loop_per_worker(loop_config: dict[str, Plan]) -> None:
     _seed_everything(config.seed)
 
     tokenizer = prepare_tokenizer(load_tokenizer(plan.model_path), plan.tokenization["chat_template"])
-    classifier = load_reward_model(plan.model_path, tokenizer.pad_token_id)
+    classifier = load_classifier(plan, tokenizer.pad_token_id)
     engine = build_engine(classifier, config, plan.use_gpu, plan.total_steps, plan.deepspeed_config)
     zero3 = engine.zero_optimization_partition_weights()
     train_batcher = micro_batcher(classifier, config, tokenizer.pad_token_id, config.per_device_train_batch_size)

@@ -447,3 +447,24 @@ def test_on_the_gpu_bf16_packed_flex_is_as_close_to_float32_as_the_plain_bf16_fo
     assert (packed - reference).abs().max().item() <= 2 * plain_error + 1e-3
     relative = lambda g: ((g - reference_gradient).norm() / reference_gradient.norm()).item()  # noqa: E731
     assert relative(packed_gradient) <= 2 * relative(plain_gradient) + 1e-3
+
+
+def test_zero3_builds_the_model_partitioned_and_still_decays_its_matrices(process_group, tiny_qwen_dir):
+    """Under ZeRO-3 a worker builds the model already partitioned (deepspeed.zero.Init): its parameters are
+    placeholders, DeepSpeed holds the shares. The optimizer still tells matrices (decayed) from vectors by their
+    own shapes, and a model loaded afterwards in the same process is loaded whole."""
+    from btrm.deepspeed_configs import load_deepspeed_config
+    from btrm.train_loop import Plan, _optimizer, load_classifier
+
+    pad = load_tokenizer(tiny_qwen_dir).pad_token_id
+    config = TrainConfig(train_set_path="unused", deepspeed="zero3", weight_decay=0.1)
+    plan = Plan(config=config, model_path=tiny_qwen_dir, tokenization={}, deepspeed_config=load_deepspeed_config("zero3"),
+                use_gpu=False, total_steps=1, steps_per_epoch=1, eval_shards=[], ledgers={}, tracker_run_id="unused")
+    partitioned = load_classifier(plan, pad)
+    whole = load_reward_model(tiny_qwen_dir, pad)
+    assert all(p.numel() == 0 for p in partitioned.parameters())
+    assert [p.ds_numel for p in partitioned.parameters()] == [p.numel() for p in whole.parameters()]
+    assert not any(hasattr(p, "ds_shape") for p in whole.parameters())
+    decay, no_decay = (group["params"] for group in _optimizer(RewardModel(partitioned), config, False).param_groups)
+    expected, _ = (group["params"] for group in _optimizer(RewardModel(whole), config, False).param_groups)
+    assert [tuple(p.ds_shape) for p in decay] == [tuple(p.shape) for p in expected] and len(decay) > 10 and no_decay
