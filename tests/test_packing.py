@@ -449,7 +449,8 @@ def test_on_the_gpu_bf16_packed_flex_is_as_close_to_float32_as_the_plain_bf16_fo
     assert relative(packed_gradient) <= 2 * relative(plain_gradient) + 1e-3
 
 
-def test_zero3_builds_the_model_partitioned_and_still_decays_its_matrices(process_group, tiny_qwen_dir):
+@pytest.mark.parametrize("stage", ["zero3", "zero3_offload"])
+def test_zero3_builds_the_model_partitioned_and_still_decays_its_matrices(process_group, tiny_qwen_dir, pairs, stage):
     """Under ZeRO-3 a worker builds the model already partitioned (deepspeed.zero.Init): its parameters are
     placeholders, DeepSpeed holds the shares. The optimizer still tells matrices (decayed) from vectors by their
     own shapes, and a model loaded afterwards in the same process is loaded whole."""
@@ -457,8 +458,8 @@ def test_zero3_builds_the_model_partitioned_and_still_decays_its_matrices(proces
     from btrm.train_loop import Plan, _optimizer, load_classifier
 
     pad = load_tokenizer(tiny_qwen_dir).pad_token_id
-    config = TrainConfig(train_set_path="unused", deepspeed="zero3", weight_decay=0.1)
-    plan = Plan(config=config, model_path=tiny_qwen_dir, tokenization={}, deepspeed_config=load_deepspeed_config("zero3"),
+    config = TrainConfig(train_set_path="unused", deepspeed=stage, weight_decay=0.1)
+    plan = Plan(config=config, model_path=tiny_qwen_dir, tokenization={}, deepspeed_config=load_deepspeed_config(stage),
                 use_gpu=False, total_steps=1, steps_per_epoch=1, eval_shards=[], ledgers={}, tracker_run_id="unused")
     partitioned = load_classifier(plan, pad)
     whole = load_reward_model(tiny_qwen_dir, pad)
@@ -468,3 +469,13 @@ def test_zero3_builds_the_model_partitioned_and_still_decays_its_matrices(proces
     decay, no_decay = (group["params"] for group in _optimizer(RewardModel(partitioned), config, False).param_groups)
     expected, _ = (group["params"] for group in _optimizer(RewardModel(whole), config, False).param_groups)
     assert [tuple(p.ds_shape) for p in decay] == [tuple(p.shape) for p in expected] and len(decay) > 10 and no_decay
+    # And DeepSpeed trains it as it is (a step's loss is the whole model's: the same as an engine of it loaded whole).
+    from btrm.train_loop import build_engine, micro_batcher, train_step
+
+    step = dict(max_length=160, per_device_train_batch_size=14, gradient_accumulation_steps=1)
+    losses = []
+    for classifier in (partitioned, load_reward_model(tiny_qwen_dir, pad)):
+        options = TrainConfig(train_set_path="unused", deepspeed=stage, **step)
+        engine = build_engine(classifier, options, use_gpu=False, total_steps=1, deepspeed_config=plan.deepspeed_config)
+        losses.append(train_step(engine, take(pairs, range(14)), micro_batcher(classifier, options, pad, 14), options)["loss"])
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
