@@ -114,6 +114,12 @@ class RewardScorer:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = scoring_dtype(dtype, self.device)
         self.model = load_reward_model(model_dir, self.pad_token_id, self.dtype).to(self.device).eval()
+        head = getattr(self.model, "score", None)
+        if self.dtype != torch.float32 and isinstance(head, torch.nn.Linear):
+            # The score head in float32 (one dot product a token): a bfloat16 one puts rewards on a grid of 2^-8 of
+            # their size (steps of 1/64 at a reward of 3), where close answers tie and margins step.
+            head.float()
+            head.register_forward_pre_hook(lambda module, args: (args[0].float(),))
         self.packed = packing_unsupported(self.model) is None
         self.flex = self.packed and self.device.type == "cuda"
         if self.packed:

@@ -101,6 +101,11 @@ def test_bfloat16_scoring_ranks_as_float32_does(trained_model_dir, eval_pairs):
     assert [r for g in approx for r in g] == pytest.approx([r for g in exact for r in g], abs=0.1)
     margins = [(a - b, c - d) for (a, b), (c, d) in zip(exact, approx) if abs(a - b) > 0.1]
     assert margins and all((x > 0) == (y > 0) for x, y in margins)
+    # The score head reads the bfloat16 hidden state in float32: rewards off bfloat16's coarse grid (2^-8 of
+    # their size), where close answers would tie.
+    assert half.model.score.weight.dtype == torch.float32
+    off_grid = [r for g in approx for r in g if torch.tensor(r).bfloat16().item() != r]
+    assert len(off_grid) > 0.9 * 2 * len(groups)
 
 
 def test_identical_candidates_tie_exactly_and_keep_request_order(service):
