@@ -327,25 +327,28 @@ def eval_tokenization(config: EvalConfig, manifest: dict[str, Any], model_config
 
 
 @contextlib.contextmanager
-def replaced_whole(path: Path) -> Iterator[Path]:
-    """A temporary file beside ``path`` to write, which replaces it once written: a job stopped midway (killed,
-    out of disk) leaves the earlier file whole, never a truncated one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
+def replaced_whole(*paths: Path) -> Iterator[list[Path]]:
+    """Temporary files beside ``paths`` to write, which replace them once all are written: a job stopped midway
+    (killed, out of disk) leaves the earlier files whole, never a truncated one, and the per-pair file and its
+    summary are replaced one right after the other (not the pairs, then minutes later their summary)."""
+    partials = [path.with_name(f".{path.name}.partial-{os.getpid()}") for path in paths]
     try:
-        yield partial
-        os.replace(partial, path)
+        for path in paths:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        yield partials
+        for partial, path in zip(partials, paths):
+            os.replace(partial, path)
     finally:
-        partial.unlink(missing_ok=True)
+        for partial in partials:
+            partial.unlink(missing_ok=True)
 
 
-def write_pairs(pairs: pa.Table, output: str | Path) -> None:
-    with replaced_whole(Path(output)) as partial:
-        if Path(output).suffix == ".parquet":
-            pq.write_table(pairs, partial)
-        else:
-            with open(partial, "w") as f:
-                f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in pairs.to_pylist())
+def write_pairs(pairs: pa.Table, path: Path, parquet: bool) -> None:
+    if parquet:
+        pq.write_table(pairs, path)
+    else:
+        with open(path, "w") as f:
+            f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in pairs.to_pylist())
 
 
 def score_pairs(config: EvalConfig, model_path: str, spec: TokenizationSpec, rows: int | None, ledger) -> pa.Table:
@@ -395,7 +398,6 @@ def run_evaluation(config: EvalConfig) -> dict[str, Any]:
     pairs = score_pairs(config, model_path, spec, embedding_rows(model_config), ledger)
     data = close_ledger(ledger)
     summary = summarize(pairs)
-    write_pairs(pairs, config.output)
     summary = {
         **summary,
         "model_path": model_path,
@@ -406,8 +408,9 @@ def run_evaluation(config: EvalConfig) -> dict[str, Any]:
         "data": data,
     }
     summary_file = summary_path(config.output)
-    with replaced_whole(summary_file) as partial:
-        partial.write_text(json.dumps(summary, indent=2, allow_nan=False))
+    with replaced_whole(Path(config.output), summary_file) as (pairs_partial, summary_partial):
+        write_pairs(pairs, pairs_partial, parquet=Path(config.output).suffix == ".parquet")
+        summary_partial.write_text(json.dumps(summary, indent=2, allow_nan=False))
     if config.show:
         print(format_pairs(pairs, config.show), flush=True)
     print(f"[btrm] evaluation of {model_path} on {summary['data_path']}\n{format_summary(summary)}", flush=True)
