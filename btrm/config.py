@@ -86,6 +86,12 @@ def gpus_wanted(use_gpu: str) -> bool:
 USE_GPU_CHOICES = ("auto", "true", "false")
 
 
+def check_cpus(name: str, cpus: float) -> None:
+    """A CPU reservation Ray can make (it refuses a negative one, after it has started, with a traceback)."""
+    if not 0 < cpus < math.inf:
+        raise ValueError(f"--{name} must be above 0, got {cpus}")
+
+
 @dataclass
 class DataOptions:
     """Options shared by every job that reads preference data."""
@@ -117,6 +123,9 @@ class DataOptions:
             raise ValueError("--custom_bt_dataset_path and --custom_bt_dataset_name go together")
         if not 0 <= self.max_drop_fraction <= 1:
             raise ValueError(f"--max_drop_fraction must be in [0, 1], got {self.max_drop_fraction}")
+        if self.num_data_workers < 1:
+            raise ValueError(f"--num_data_workers must be at least 1, got {self.num_data_workers}")
+        check_cpus("data_worker_cpus", self.data_worker_cpus)
 
 
 @dataclass
@@ -204,11 +213,10 @@ class TrainConfig(DataOptions):
                      "center_rewards_coefficient"):
             if not 0 <= getattr(self, name) < math.inf:  # (NaN too; an infinite rate trains on NaNs)
                 raise ValueError(f"--{name} must be at least 0, and finite")
-        if not 0 < self.cpus_per_worker < math.inf:
-            raise ValueError(f"--cpus_per_worker must be above 0, got {self.cpus_per_worker}")
+        check_cpus("cpus_per_worker", self.cpus_per_worker)
         if self.max_steps == 0 or self.max_steps < -1:
             raise ValueError(f"--max_steps must be at least 1, or -1 (--num_train_epochs decides), got {self.max_steps}")
-        if "://" in self.tracking_dir:
+        if "://" in self.tracking_dir and self.report_to != "none":
             raise ValueError(f"--tracking_dir {self.tracking_dir}: a local directory (wandb and swanlab write there; "
                              "their runs reach the cloud through their own servers)")
         if "://" in self.output_path:
@@ -253,7 +261,8 @@ def build_parser(cls: type, description: str) -> argparse.ArgumentParser:
     # Show the defaults in --help even though parsing suppresses them (so the YAML can fill them).
     for action in parser._actions:
         match = next((f for f in dataclasses.fields(cls) if f"--{f.name}" in action.option_strings), None)
-        if match is not None:
+        if match is not None and (match.default is not None or not ("default" in action.help or "unset" in action.help)):
+            # (an option whose help says what its absence means, "unset: the manifest's", is no "(default: None)")
             action.help = f"{action.help} (default: {match.default})"
     return parser
 
@@ -317,6 +326,7 @@ def parse_config(cls: type[T], description: str, argv: Sequence[str] | None = No
 
 
 def load_yaml(path: str, cls: type) -> dict[str, Any]:
+    path = parse_str(path)  # (--config=~/x.yaml: no shell expands that ~)
     try:
         values = yaml.safe_load(Path(path).read_text()) or {}
     except OSError as e:
@@ -344,6 +354,9 @@ def typed_values(cls: type, values: dict[str, Any]) -> dict[str, Any]:
     hints = get_type_hints(cls)
     typed = {}
     for name, value in values.items():
+        if isinstance(value, (list, dict)):  # (str() of it would read as a path: a list of files as a glob)
+            raise ValueError(f"{name}: a {'list' if isinstance(value, list) else 'mapping'} ({value!r}); an option "
+                             "takes one value (several files: a directory or a glob)")
         if value is None:  # YAML's null (or ~, or a key with no value)
             if fields[name].default is not None:
                 raise ValueError(f"{name}: null; give it a value, or leave it out for its default "

@@ -28,8 +28,8 @@ import ray
 import ray.data
 
 from btrm.batching import take
-from btrm.config import (SCORING_DTYPES, USE_GPU_CHOICES, DataOptions, check_job_output, check_writable, gpus_wanted,
-                         option, parse_config)
+from btrm.config import (SCORING_DTYPES, USE_GPU_CHOICES, DataOptions, check_cpus, check_job_output, check_writable,
+                         gpus_wanted, option, parse_config)
 from btrm.data import (DataSpec, bad_data_ends_the_job, build_pair_dataset, check_drop_fraction, close_ledger,
                        new_ledger)
 from btrm.export import read_manifest
@@ -124,6 +124,7 @@ class EvalConfig(DataOptions):
                 raise ValueError(f"--{name} must be at least 1")
         if self.num_scorers is not None and self.num_scorers < 1:
             raise ValueError("--num_scorers must be at least 1")
+        check_cpus("scorer_cpus", self.scorer_cpus)
         if self.show < 0:
             raise ValueError("--show must be 0 or more")
 

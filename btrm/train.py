@@ -177,6 +177,12 @@ def run_training(config: TrainConfig) -> ray.train.Result:
         raise SystemExit(f"--model_name {config.model_name}: {e}") from None
     spec = tokenization_for(model_path, model_config, config)
     use_gpu = gpus_wanted(config.use_gpu)
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    if use_gpu and config.use_gpu == "auto" and gpus < config.num_workers:
+        # (Ray would wait for GPUs that may never come, saying only that the workers cannot be scheduled)
+        raise SystemExit(f"--use_gpu auto: the cluster has {gpus} GPU(s) and --num_workers {config.num_workers} needs "
+                         f"one each: lower --num_workers, or --use_gpu true where an autoscaler adds GPU nodes, or "
+                         "--use_gpu false to train on CPUs")
     if config.attn_implementation == "flex_attention" and not use_gpu:  # (else every worker's first step fails)
         raise SystemExit("--attn_implementation flex_attention: FlexAttention has no CPU backward, and these workers "
                          "train on CPUs: use sdpa, or auto (sdpa on CPUs, flex_attention on GPUs)")

@@ -44,10 +44,14 @@ def test_bad_options_are_refused_with_the_reason(tmp_path, capsys):
                         (["--train_set_path", "x", "--learning_rate=-1e-5"], "--learning_rate must be at least 0"),
                         (["--train_set_path", "x", "--learning_rate", "inf"], "--learning_rate must be at least 0, and finite"),
                         (["--train_set_path", "x", "--cpus_per_worker", "0"], "--cpus_per_worker must be above 0"),
+                        (["--train_set_path", "x", "--data_worker_cpus=-1"], "--data_worker_cpus must be above 0"),
+                        (["--train_set_path", "x", "--num_data_workers", "0"], "--num_data_workers must be at least 1"),
                         (["--train_set_path", "x", "--packing", "false", "--max_tokens_per_batch", "-5"],
                          "--max_tokens_per_batch must be at least 0"),
                         (["--train_set_path", "x", "--max_steps", "0"], "--max_steps must be at least 1, or -1"),
                         (["--train_set_path", "x", "--output_path", "s3://b/rm"], "a local directory"),
+                        (["--train_set_path", "x", "--report_to", "wandb", "--tracking_dir", "s3://b/t"],
+                         "--tracking_dir s3://b/t: a local directory"),
                         (["--train_set_path", "x", "--deepspeed", "zero-3"], "neither a shipped config"),
                         (["--train_set_path", "x", "--eval_before_training"], "give --eval_set_path or"),
                         (["--train_set_path", "x", "--eval_steps", "50"], "--eval_steps evaluates on the evaluation set: give"),
@@ -55,6 +59,8 @@ def test_bad_options_are_refused_with_the_reason(tmp_path, capsys):
         with pytest.raises(SystemExit):
             parse_config(TrainConfig, "t", argv)
         assert words in capsys.readouterr().err
+    # A tracking directory in the cloud matters only where a tracker writes there (jobs/run_qwen_rm.sh derives it).
+    parse_config(TrainConfig, "t", ["--train_set_path", "x", "--tracking_dir", "s3://b/t"])
     with pytest.raises(SystemExit, match="unknown option"):
         parse_config(TrainConfig, "t", ["--config", str(tmp_path / "bad.yaml")])
     with pytest.raises(SystemExit, match="cannot be read"):
@@ -69,12 +75,22 @@ def test_yaml_values_are_read_like_flags_and_bad_ones_name_the_option(tmp_path):
     (tmp_path / "run.yaml").write_text("train_set_path: a\nlearning_rate: 2e-6\nuse_gpu: true\nmax_steps: '7'\n")
     config = parse_config(TrainConfig, "t", ["--config", str(tmp_path / "run.yaml")])
     assert (config.learning_rate, config.use_gpu, config.max_steps) == (2e-6, "true", 7)
+    # --config=~/...: no shell expands that ~.
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "run.yaml").write_text("train_set_path: a\n")
+    with pytest.MonkeyPatch.context() as environment:
+        environment.setenv("HOME", str(home))
+        assert parse_config(TrainConfig, "t", ["--config=~/run.yaml"]).train_set_path == "a"
     for text, words in (("max_length: 2.5", "max_length: expected an integer, got 2.5"),
                         ("learning_rate: fast", "learning_rate: expected a number, got 'fast'"),
                         ("bf16: maybe", "bf16: expected true or false, got 'maybe'"),
                         ("overlong: cut", "overlong: 'cut' is not one of ['truncate_prompt', 'drop']"),
                         ("logging_steps: true", "logging_steps: expected an integer, got True"),
-                        ("project:", "project: null; give it a value, or leave it out for its default ('btrm')")):
+                        ("project:", "project: null; give it a value, or leave it out for its default ('btrm')"),
+                        # (str() of a list would read as a glob of one character class)
+                        ("eval_set_path: [b.parquet, c.parquet]", "eval_set_path: a list (['b.parquet', 'c.parquet']); "
+                                                                 "an option takes one value")):
         (tmp_path / "bad.yaml").write_text(f"train_set_path: a\n{text}\n")
         with pytest.raises(SystemExit, match=re.escape(f"--config {tmp_path / 'bad.yaml'}: {words}")):
             parse_config(TrainConfig, "t", ["--config", str(tmp_path / "bad.yaml")])

@@ -370,7 +370,8 @@ def test_options_are_checked_before_any_work(trained_model_dir, tiny_qwen_dir, t
                          "matches data/scores/s.parquet"),
                         # A folder of that name (an earlier Ray Data write, say) would be found after the scoring.
                         (["--model_path", "m", "--data_path", "x", "--output", str(shards)],
-                         f"{shards} is a directory; give a file's path")):
+                         f"{shards} is a directory; give a file's path"),
+                        (["--model_path", "m", "--data_path", "x", "--scorer_cpus", "0"], "--scorer_cpus must be above 0")):
         with pytest.raises(SystemExit):
             parse(*argv)
         assert words in capsys.readouterr().err
