@@ -28,7 +28,7 @@ from btrm.model import check_reward_architecture, embedding_rows, position_limit
 from btrm.sources import without_credentials
 from btrm.tokenize import TEMPLATE_DATE, TokenizationSpec, load_tokenizer, prepare_tokenizer, read_chat_template
 from btrm.tracking import check_tracker, new_run_id
-from btrm.train_loop import EXPORT_DIR, LAST_TRAIN_LOSS, NON_FINITE_TENSORS, Plan, check_resume_terms, recorded_resume_terms, resume_terms, train_loop_per_worker
+from btrm.train_loop import EXPORT_DIR, NON_FINITE_TENSORS, PROBE_REWARD, Plan, check_resume_terms, recorded_resume_terms, resume_terms, train_loop_per_worker
 
 
 def tokenization_for(model_path: str, model_config, config) -> TokenizationSpec:
@@ -281,29 +281,32 @@ def run_training(config: TrainConfig) -> ray.train.Result:
               + (f" (untrained: {before:.4f})" if before is not None else ""), flush=True)
     # Where the run's last checkpoint is, as a user names it (a cloud URI with its scheme), credentials masked.
     checkpoint = result.checkpoint
-    kept = f"{without_credentials(storage_path).rstrip('/')}/{config.run_name}/{Path(checkpoint.path).name}"
+    base, _, query = without_credentials(storage_path).partition("?")  # (s3://b/runs?endpoint_override=...)
+    kept = f"{base.rstrip('/')}/{config.run_name}/{Path(checkpoint.path).name}/{EXPORT_DIR}" + (f"?{query}" if query else "")
     diverged = unusable_model(metrics)
     if diverged:
         raise SystemExit(f"the run diverged: {diverged}. The model is not published at --output_path (what it holds "
-                         f"stays); the model and the run's log are in its last checkpoint, {kept}/{EXPORT_DIR}. "
+                         f"stays); the model and the run's log are in its last checkpoint, {kept}. "
                          "Lower --learning_rate or --max_grad_norm, or raise --warmup_ratio")
     exported = f"{checkpoint.path}/{EXPORT_DIR}"
     try:
         destination = publish_dir(exported, config.output_path, filesystem=checkpoint.filesystem)
     except (OSError, ExportNotReplaceable) as e:  # (out of disk, say; files put there meanwhile): the model is safe
         raise SystemExit(f"--output_path {config.output_path}: the model could not be written there ({e}); it is "
-                         f"whole in the run's last checkpoint: copy {kept}/{EXPORT_DIR}") from None
+                         f"whole in the run's last checkpoint: copy {kept}") from None
     print(f"[btrm] model exported to {destination}", flush=True)
     return result
 
 
 def unusable_model(metrics: dict[str, Any]) -> str | None:
-    """Why the trained model the final report describes scores no pair (NaN or infinite weights or eval loss:
-    a diverged run), or None."""
+    """Why the trained model the final report describes scores no pair (a diverged run), or None."""
     tensors = metrics.get(NON_FINITE_TENSORS, 0)
     if tensors:
-        return f"{tensors} weight tensors of the trained model hold NaN or infinite values"
-    for key, what in ((LAST_TRAIN_LOSS, "last logged training loss"), ("eval/loss", "final eval loss")):
-        if metrics.get(key) is not None and not math.isfinite(metrics[key]):
-            return f"its {what} is {metrics[key]}"
+        return f"{tensors} weight tensor(s) of the trained model hold NaN or infinite values"
+    probe = metrics.get(PROBE_REWARD)
+    if probe is not None and not math.isfinite(probe):
+        return f"the trained model scores a one-token conversation {probe} (its weights overflow every forward)"
+    pairs = metrics.get("eval/pairs", 0)
+    if pairs and metrics.get("eval/non_finite_pairs") == pairs:
+        return f"the trained model scores none of the {pairs} eval pairs as finite numbers"
     return None

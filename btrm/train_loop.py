@@ -46,9 +46,9 @@ EXPORT_DIR = "model"
 EVAL_REWARDS = "eval_rewards.parquet"
 TRAINING_LOG = "training_log.jsonl"
 # In the final report only, for the driver, which publishes no model of a diverged run: how many of the export's
-# weight tensors hold NaN or infinities, and the last logged training loss.
+# weight tensors hold NaN or infinities, and the reward of a one-token conversation (see diverged_figures).
 NON_FINITE_TENSORS = "export/non_finite_tensors"
-LAST_TRAIN_LOSS = "export/last_train_loss"
+PROBE_REWARD = "export/probe_reward"
 RESUME_TERMS = "resume_terms.json"  # beside DeepSpeed's state: the driver checks a --resume against it before starting
 
 
@@ -528,21 +528,38 @@ def train_loop_per_worker(loop_config: dict[str, Plan]) -> None:
         save_state(directory)
         # Every rank takes part in gathering ZeRO-3 shards; rank 0 writes the export.
         state_dict = engine._zero3_consolidated_16bit_state_dict() if zero3 else engine.module.classifier.state_dict()
+        # A diverged run's model scores every pair NaN: the driver is told, and publishes nothing over what
+        # --output_path holds (the checkpoint keeps the model and its log, to see where it went wrong).
+        metrics = {**metrics, **diverged_figures(engine, state_dict, eval_batcher)}
         if rank == 0:
             export_dir = os.path.join(directory, EXPORT_DIR)
             state_dict = {k.removeprefix("classifier."): v for k, v in state_dict.items()}
-            # A diverged run's weights score every pair NaN: the driver is told, and publishes nothing over what
-            # --output_path holds (the checkpoint keeps the model and its log, to see where it went wrong).
-            non_finite = [name for name, tensor in state_dict.items()
-                          if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
-            losses = [line["train/loss"] for line in history if "train/loss" in line]
-            metrics = {**metrics, NON_FINITE_TENSORS: len(non_finite), **({LAST_TRAIN_LOSS: losses[-1]} if losses else {})}
             write_model_dir(export_dir, engine.module.classifier, state_dict, tokenizer,
                             _manifest(plan, tokenizer, final, progress))
             _write_side_files(export_dir, plan.ledgers, history, final.get("rewards"))
         report(metrics, directory)
     if tracker:
         tracker.finish()
+
+
+@torch.no_grad()
+def diverged_figures(engine, state_dict: dict[str, torch.Tensor] | None, batcher: MicroBatcher) -> dict[str, float]:
+    """What tells a diverged model, the same on every rank (the driver gets one rank's report): how many weight
+    tensors hold NaN or infinities (counted where a rank holds ``state_dict``: under ZeRO-3 only rank 0, None
+    elsewhere), and the reward of a one-token conversation, which a model whose weights overflow every forward
+    (huge, yet finite) scores NaN. Not the loss: DeepSpeed skips a step whose gradients overflow, and one NaN
+    micro-batch in the last logged steps says nothing of the model."""
+    # (max and min: NaN and infinities show in them, and neither makes a tensor as large as the weight, as
+    # isfinite would: an embedding's worth of GPU memory at the end of a long run)
+    count = sum(1 for tensor in (state_dict or {}).values() if tensor.is_floating_point() and tensor.numel()
+                and not (torch.isfinite(tensor.max()) and torch.isfinite(tensor.min())))
+    non_finite = torch.tensor([count], device=engine.device)
+    dist.all_reduce(non_finite, op=dist.ReduceOp.MAX)
+    engine.eval()  # (a forward on every rank: under ZeRO-3 it is a collective)
+    probe = batcher.collate(_FILLER_PAIRS).to(engine.device)
+    reward = engine(probe)[0].item()
+    engine.train()
+    return {NON_FINITE_TENSORS: int(non_finite.item()), PROBE_REWARD: reward}
 
 
 def _write_side_files(export_dir: str, ledgers: dict[str, Any], history: list[dict[str, Any]], rewards) -> None:
@@ -627,6 +644,8 @@ def evaluate_pairs(engine, shard, batcher: MicroBatcher, lockstep: bool) -> dict
         "eval/accuracy": float(np.mean(r_c > r_r)),
         "eval/loss": float(np.mean(np.logaddexp(0.0, r_r - r_c))),  # -log(sigmoid(r_c - r_r)), stable
         "eval/pairs": len(ids),
+        # (a diverged model scores them all NaN: the driver then publishes nothing)
+        "eval/non_finite_pairs": int(np.sum(~(np.isfinite(r_c) & np.isfinite(r_r)))),
         "eval/reward_chosen": float(r_c.mean()),
         "eval/reward_rejected": float(r_r.mean()),
         "eval/reward_mean": float(both.mean()),

@@ -479,3 +479,32 @@ def test_zero3_builds_the_model_partitioned_and_still_decays_its_matrices(proces
         engine = build_engine(classifier, options, use_gpu=False, total_steps=1, deepspeed_config=plan.deepspeed_config)
         losses.append(train_step(engine, take(pairs, range(14)), micro_batcher(classifier, options, pad, 14), options)["loss"])
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
+def test_a_diverged_model_is_told_by_its_weights_or_a_probe_forward(process_group, tiny_qwen_dir):
+    """What the driver reads to publish no diverged model: weight tensors holding NaN or infinities, and the reward
+    of a one-token conversation (NaN where the weights overflow every forward). Not a loss: one overflowing
+    micro-batch (a step DeepSpeed skips) would withhold a sound model."""
+    from btrm.train import unusable_model
+    from btrm.train_loop import NON_FINITE_TENSORS, PROBE_REWARD, build_engine, diverged_figures, micro_batcher
+
+    pad = load_tokenizer(tiny_qwen_dir).pad_token_id
+    classifier = load_reward_model(tiny_qwen_dir, pad)
+    config = TrainConfig(train_set_path="unused", deepspeed="zero2")
+    engine = build_engine(classifier, config, use_gpu=False, total_steps=1)
+    batcher = micro_batcher(classifier, config, pad, 4)
+    sound = diverged_figures(engine, engine.module.classifier.state_dict(), batcher)
+    assert sound[NON_FINITE_TENSORS] == 0 and math.isfinite(sound[PROBE_REWARD])
+    assert unusable_model({**sound, "eval/loss": float("nan"), "train/loss": float("inf")}) is None
+    with torch.no_grad():
+        engine.module.classifier.score.weight[0, 3] = float("inf")
+    broken = diverged_figures(engine, engine.module.classifier.state_dict(), batcher)
+    assert broken[NON_FINITE_TENSORS] == 1 and not math.isfinite(broken[PROBE_REWARD])
+    assert unusable_model(broken) == "1 weight tensor(s) of the trained model hold NaN or infinite values"
+    assert unusable_model({NON_FINITE_TENSORS: 0, PROBE_REWARD: float("nan")}).startswith(
+        "the trained model scores a one-token conversation nan")
+    assert unusable_model({}) is None  # (a report without the figures)
+    # Some eval pairs overflowing is the data's doing; all of them, the model's.
+    assert unusable_model({**sound, "eval/pairs": 40, "eval/non_finite_pairs": 3}) is None
+    assert unusable_model({**sound, "eval/pairs": 40, "eval/non_finite_pairs": 40}) == \
+        "the trained model scores none of the 40 eval pairs as finite numbers"
