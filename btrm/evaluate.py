@@ -323,7 +323,9 @@ def eval_tokenization(config: EvalConfig, manifest: dict[str, Any], model_config
         raise SystemExit(f"--max_length/--overlong: {e}") from None
     limit = position_limit(model_config)
     if limit is not None and spec.max_length > limit:
-        raise SystemExit(f"--max_length {spec.max_length} exceeds what {config.model_path} can read ({limit} positions)")
+        given = "--max_length" if config.max_length is not None else "the manifest's max_length"
+        raise SystemExit(f"{given} {spec.max_length} exceeds what {config.model_path} can read ({limit} positions)"
+                         + ("" if config.max_length is not None else ": give a lower --max_length"))
     return spec
 
 

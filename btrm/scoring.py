@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
+import time
 from typing import Any, Sequence
 
 import torch
@@ -125,6 +126,9 @@ class RewardScorer:
         if self.packed:
             self.model.set_attn_implementation("flex_attention" if self.flex else "sdpa")
         self.reward_model = RewardModel(self.model)
+        # time.monotonic() when the latest forward began: a batch is many forwards, and a service that watches for
+        # a hung GPU (RewardModelDeployment.check_health) times each of them, not the whole batch.
+        self.forward_began = -math.inf
 
     @functools.cached_property
     def encoder(self) -> ConversationEncoder:
@@ -145,6 +149,7 @@ class RewardScorer:
                     end += 1
                 chunk = bucket[start:end]
                 input_ids, attention_mask = pad_sequences([sequences[i] for i in chunk], self.pad_token_id)
+                self.forward_began = time.monotonic()
                 scores = self.model(input_ids=input_ids.to(self.device),
                                     attention_mask=attention_mask.to(self.device)).logits.squeeze(-1).float()
                 for i, score in zip(chunk, scores.tolist()):
@@ -178,6 +183,7 @@ class RewardScorer:
             batch = pack_groups([groups[parts[i][0]].prompt_ids for i in row],
                                 [[groups[parts[i][0]].tails[k] for k in parts[i][1]] for i in row],
                                 self.pad_token_id, pad_to_multiple=FLEX_BLOCK if self.flex else 1)
+            self.forward_began = time.monotonic()
             scores = self.reward_model(batch.to(self.device)).tolist()
             if not all(map(math.isfinite, scores)):
                 broken.append({parts[i][0] for i in row})

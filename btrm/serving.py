@@ -103,9 +103,10 @@ class ServiceOptions:
                                          "to join its batch (those arriving during a forward join the next at once).")
     max_batch_tokens: int = option(16384, "Most tokens in one forward pass, padding included (decoders: packed "
                                    "rows, each prompt computed once; on CPUs btrm caps rows at 1024 tokens itself).")
-    forward_timeout_s: float = option(300.0, "A forward pass still running after this long fails the model "
-                                      "replica's health check and Serve replaces the replica (a hung GPU would hold "
-                                      "every request sent to it); 0: no limit.")
+    forward_timeout_s: float = option(300.0, "A forward pass (one of a batch's, at most max_batch_tokens) still "
+                                      "running after this long fails the model replica's health check and Serve "
+                                      "replaces the replica (a hung GPU would hold every request sent to it); 0: no "
+                                      "limit.")
     replica_cpus: float = option(1.0, "CPUs reserved by each model replica (its torch threads).")
     replica_gpus: str = option("auto", "GPUs per model replica: auto (1 when the cluster has a GPU, else 0) or a "
                               "number; a fraction lets replicas share a GPU (0.25: four), each launching on its own core.")
@@ -585,9 +586,9 @@ def build_api(encoder, options: ServiceOptions, token: str | None, score_groups:
         except UnrenderedToolUse as e:  # (what training says, "give a --chat_template", is no client's to do)
             raise HTTPException(422, [{"type": "chat_template", "loc": loc,
                                        "msg": f"the model's chat template does not render the tools or tool calls "
-                                              f"{e.names}: it would score the answers without seeing them. This model "
-                                              "scores conversations without tools (its chat template has no tool "
-                                              "support)"}]) from None
+                                              f"{e.names}: it would score the answers without seeing them. Send the "
+                                              "conversation in a form its template renders (or without them), or "
+                                              "score it with a model whose template renders them"}]) from None
         except TEMPLATE_ERRORS as e:  # (a 422 like every other: a list of errors, each with its loc)
             raise HTTPException(422, [{"type": "chat_template", "loc": loc,
                                        "msg": f"the model's chat template rejects this conversation: {e}"}]) from None
@@ -931,10 +932,13 @@ class RewardModelDeployment:
             raise GPUFailed(self.gpu_failure)
         # A forward runs in a thread (this check on the event loop still answers): one that hangs there would keep
         # the replica healthy, and every request sent to it waiting, for ever.
+        # A batch is many forwards (of at most max_batch_tokens each): each is timed, from its own start.
         timeout, started = self.options.forward_timeout_s, self.forward_started
-        if timeout and started is not None and time.monotonic() - started > timeout:
-            raise ForwardHung(f"a forward pass has run for {time.monotonic() - started:.0f} s, past forward_timeout_s="
-                              f"{timeout}: Serve replaces this replica")
+        if timeout and started is not None:
+            began = max(started, self.scorer.forward_began)
+            if time.monotonic() - began > timeout:
+                raise ForwardHung(f"a forward pass has run for {time.monotonic() - began:.0f} s, past "
+                                  f"forward_timeout_s={timeout}: Serve replaces this replica")
 
     async def _rewards(self, groups: list[SharedPromptIds]) -> list[list[float]]:
         if self.gpu_failure:

@@ -727,7 +727,8 @@ def test_a_cuda_error_answers_503_at_once_and_fails_the_health_check_so_serve_re
 def test_a_forward_that_hangs_fails_the_health_check_so_serve_replaces_the_replica(trained_model_dir):
     """A GPU that hangs (a stuck collective, a driver fault) leaves a forward running for ever in its thread, while
     the replica's event loop still answers Serve's health checks. Past forward_timeout_s the check fails, and Serve
-    replaces the replica. The hang is made by hand (no GPU here): a forward that waits; the replica class is real."""
+    replaces the replica; a batch of many forwards, each within the limit, does not. The hang is made by hand (no
+    GPU here): a forward that waits; the replica class is real."""
     import threading
 
     from btrm.serving import ForwardHung, RewardModelDeployment
@@ -755,6 +756,20 @@ def test_a_forward_that_hangs_fails_the_health_check_so_serve_replaces_the_repli
         release.set()
         assert await scoring == [[0.0, 0.0]]
         replica.check_health()  # (a slow forward that ends is no failure)
+
+        # A batch of many forwards, each within the limit, longer than it in all: healthy throughout.
+        def many_forwards(groups, max_batch_tokens):
+            for _ in range(6):
+                replica.scorer.forward_began = time.monotonic()
+                time.sleep(0.2)
+            return [[1.0] * len(group.tails) for group in groups]
+
+        replica.scorer.group_rewards = many_forwards
+        scoring = asyncio.create_task(replica.score_groups([encoded], replica.export))
+        while not scoring.done():
+            replica.check_health()
+            await asyncio.sleep(0.1)
+        assert await scoring == [[1.0, 1.0]]
 
     asyncio.run(scenario())
 
