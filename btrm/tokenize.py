@@ -15,7 +15,9 @@ such as BERT, whose classification head pools the first token). Truncation never
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -197,7 +199,14 @@ class PairTokenizer:
     def __init__(self, tokenizer, spec: TokenizationSpec):
         self.tokenizer = prepare_tokenizer(tokenizer, spec.chat_template)
         self.spec = spec
-        self.template_variables = {"date_string": spec.date_string} if spec.date_string is not None else {}
+        self.template_variables: dict[str, Any] = {}
+        if spec.date_string is not None:
+            # Templates that stamp the day read date_string (Llama 3.x) or call strftime_now themselves (SmolLM3,
+            # Granite, Mistral Small): both give the spec's day.
+            self.template_variables["date_string"] = spec.date_string
+            dated = _template_dated(self.tokenizer.chat_template, spec.date_string)
+            if dated is not None:
+                self.template_variables["chat_template"] = dated  # (apply_chat_template's own argument)
 
     def encode_conversations(self, conversations: Sequence[Sequence[dict]], tools: Tools = None) -> list[list[int]]:
         return _template_ids(self.tokenizer, conversations, tools, variables=self.template_variables)
@@ -282,6 +291,27 @@ class PairTokenizer:
 
     def _too_long(self, tails: list[list[int]], least_prompt: int) -> list[int]:
         return [k for k, tail in enumerate(tails) if least_prompt + len(tail) > self.spec.max_length]
+
+
+# A template's call of strftime_now with a literal format.
+_STRFTIME_CALL = re.compile(r"""strftime_now\(\s*(?:"([^"\\]*)"|'([^'\\]*)')\s*\)""")
+
+
+def _template_dated(template: Any, day: str) -> str | None:
+    """``template`` with its ``strftime_now("format")`` calls giving ``day`` (a date_string, as TEMPLATE_DATE writes
+    one) instead of today: a macro of that name, defined first, shadows transformers' function (which no template
+    variable can: apply_chat_template renders a callable it is given as text). None where there is nothing to
+    change, or a call's format is no literal (that template keeps its own clock)."""
+    if not isinstance(template, str) or "strftime_now(" not in template:
+        return None
+    calls = _STRFTIME_CALL.findall(template)
+    if template.count("strftime_now(") != len(calls):
+        return None
+    date = datetime.strptime(day, "%d %b %Y")
+    dates = {a or b: date.strftime(a or b) for a, b in calls}
+    # (the closing {{ "" }}: a block tag last would take the template's first newline with it, trim_blocks)
+    return ("{% set btrm_dates = " + json.dumps(dates) + " %}{% macro strftime_now(format) %}{{ btrm_dates[format] }}"
+            "{% endmacro %}{{ \"\" }}" + template)
 
 
 class AnswersTooLong(RowDropped):

@@ -203,6 +203,19 @@ def test_a_template_that_stamps_the_day_renders_the_one_the_spec_fixes(qwen_toke
     assert dated.decode(fixed.prompt_ids).startswith("Today Date: 26 Jul 2024<|im_start|>system")
     today = PairTokenizer(dated, TokenizationSpec(max_length=4096)).encode_group([CHOSEN, REJECTED])  # an older manifest's
     assert dated.decode(today.prompt_ids).startswith(f"Today Date: {time.strftime('%d %b %Y')}<|im_start|>")
+    # SmolLM3's and Granite's kind: the template calls strftime_now itself, in its own formats. The tokenizer's own
+    # template (what the manifest records) stays as it was; a leading newline of it too.
+    stamped = AutoTokenizer.from_pretrained(qwen_tokenizer_dir)
+    original = '\nToday\'s Date: {{ strftime_now("%B %d, %Y") }} ({{ strftime_now(\'%Y-%m-%d\') }}).' + stamped.chat_template
+    stamped.chat_template = original
+    tokenizer = PairTokenizer(stamped, TokenizationSpec(max_length=4096, date_string="26 Jul 2024"))
+    fixed = tokenizer.encode_group([CHOSEN, REJECTED])
+    assert stamped.decode(fixed.prompt_ids).startswith("\nToday's Date: July 26, 2024 (2024-07-26).<|im_start|>system")
+    assert tokenizer.tokenizer.chat_template == original
+    # A format that is no literal: the template keeps its own clock (today), rather than a guess.
+    stamped.chat_template = '{% set f = "%Y" %}{{ strftime_now(f) }}|' + original
+    kept = PairTokenizer(stamped, TokenizationSpec(max_length=4096, date_string="26 Jul 2024")).encode_group([CHOSEN, REJECTED])
+    assert stamped.decode(kept.prompt_ids).startswith(time.strftime("%Y") + "|")
 
 
 def test_encoder_keeps_its_pooled_first_token_when_truncated():
