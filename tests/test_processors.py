@@ -218,6 +218,10 @@ def test_helpsteer3_rm_gallery_layout():
         helpsteer3.pairs(rm_gallery_row(labels=("false", "true")))
     assert error.value.field == "output[0].answer.label.is_preferred"
     assert helpsteer3.pairs({**rm_gallery_row(), "id": None, "unique_id": "u1"})[0]["id"] == "u1"
+    # A prompt ending on an assistant turn is named where the row holds it, not as the pair's chosen[N].
+    with pytest.raises(RowError, match="it must end with a user or tool turn, not 'assistant'") as error:
+        helpsteer3.pairs({**rm_gallery_row(), "input": PROMPT + [GOOD]})
+    assert error.value.field == f"input[{len(PROMPT)}].role"
 
 
 def test_helpsteer3_native_layout_direction_margin_ties():
@@ -241,6 +245,9 @@ def test_helpsteer3_native_layout_direction_margin_ties():
     with pytest.raises(RowError, match="-3..3"):
         helpsteer3.pairs({**row, "overall_preference": 5})
     assert helpsteer3.pairs({**row, "overall_preference": 2.0})[0]["margin"] == 2  # parquet may store them as floats
+    with pytest.raises(RowError, match="must end with a user or tool turn") as error:
+        helpsteer3.pairs({**row, "overall_preference": 1, "context": PROMPT + [BAD]})
+    assert error.value.field == f"context[{len(PROMPT)}].role"
     for fraction in (-0.5, 1.7, "1", True):  # no silent tie, no silent rounding
         with pytest.raises(RowError, match="must be an integer in -3..3"):
             helpsteer3.pairs({**row, "overall_preference": fraction})

@@ -367,6 +367,14 @@ def _without_call_ids(message: dict[str, Any]) -> dict[str, Any]:
     return {**message, "tool_calls": [{k: v for k, v in call.items() if k != "id"} for call in message["tool_calls"]]}
 
 
+def check_prompt_end(messages: list[dict[str, Any]], field: str) -> None:
+    """A prompt a row gives apart from its answers (HelpSteer3's ``context`` or ``input``) ends where an answer may
+    follow: checked under the row's own field, not the pair's side (``chosen[3].role``) it becomes part of."""
+    if messages and messages[-1]["role"] not in ("user", "tool"):
+        raise RowError(f"{field}[{len(messages) - 1}].role", "the answers follow it: it must end with a user or tool "
+                                                             f"turn, not {messages[-1]['role']!r}")
+
+
 def check_conversation(messages: list[dict[str, Any]], side: str) -> None:
     if len(messages) < 2:
         raise RowError(side, f"needs a prompt and an answer, got {len(messages)} message(s)")

@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 from btrm.processors.base import (BaseBradleyTerryTrainDataset, RowDropped, RowError, as_list, as_message,
-                                  as_messages, first_given, require)
+                                  as_messages, check_prompt_end, first_given, require)
 
 
 class HelpSteer3Dataset(BaseBradleyTerryTrainDataset):
@@ -34,6 +34,7 @@ class HelpSteer3Dataset(BaseBradleyTerryTrainDataset):
 
     def _from_rm_gallery(self, row: dict[str, Any]) -> list[dict[str, Any]]:
         prompt = as_messages(require(row, "input"), "input")
+        check_prompt_end(prompt, "input")
         outputs = as_list(require(row, "output"), "output", "answers")
         if len(outputs) < 2:
             raise RowError("output", "must be a list of at least two answers")
@@ -67,6 +68,7 @@ class HelpSteer3Dataset(BaseBradleyTerryTrainDataset):
 
     def _from_native(self, row: dict[str, Any]) -> dict[str, Any]:
         context = as_messages(require(row, "context"), "context")
+        check_prompt_end(context, "context")
         # Checked under their own names: which one becomes chosen depends on the preference.
         responses = [as_message({"role": "assistant", "content": require(row, field)}, field)
                      for field in ("response1", "response2")]
