@@ -368,7 +368,9 @@ def score_pairs(config: EvalConfig, model_path: str, spec: TokenizationSpec, row
     gpus = int(ray.cluster_resources().get("GPU", 0)) if use_gpu else 0
     num_scorers = config.num_scorers or max(gpus, 1)
     print(f"[btrm] scoring with {num_scorers} actor(s) on {'GPU' if use_gpu else 'CPU'}; max_length {spec.max_length}, "
-          f"overlong pairs: {spec.overlong}", flush=True)
+          f"overlong pairs: {spec.overlong}"
+          + (" (no GPU is up yet to count: --num_scorers N scores on N GPU nodes an autoscaler starts)"
+             if use_gpu and gpus == 0 and config.num_scorers is None else ""), flush=True)
     scored = pairs.map_batches(
         PairScorer,
         fn_constructor_kwargs={"model_dir": model_path, "max_length": spec.max_length,

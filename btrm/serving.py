@@ -1085,6 +1085,11 @@ def main(argv: list[str] | None = None) -> None:
         # unscheduled and this command waiting forever.
         reserved = command.api_replicas + math.ceil(command.num_replicas * command.replica_cpus)
         ray.init(address="local", num_cpus=max(os.cpu_count() or 1, reserved), include_dashboard=False)
+        gpus, per_replica = ray.cluster_resources().get("GPU", 0), _replica_gpus(command.replica_gpus)
+        if command.num_replicas * per_replica > gpus:  # (else Serve waits for GPUs this machine lacks, for ever)
+            ray.shutdown()
+            raise SystemExit(f"btrm serve: --num_replicas {command.num_replicas} x {per_replica:g} GPU each needs more "
+                             f"GPUs than this machine has ({gpus:g}): fewer replicas, or --replica_gpus 0.5 to share")
     else:
         ray.init(address=command.ray_address)
     # A service manager's stop (docker stop, systemd, a pod's termination) is SIGTERM: shut down as on Ctrl-C,

@@ -942,6 +942,16 @@ def test_dead_model_replica_fails_requests_in_flight_fast_and_is_replaced(servic
 # `btrm serve`: the one-command service, as a user starts and stops it
 
 
+def test_btrm_serve_refuses_more_gpus_than_the_machine_has(trained_model_dir):
+    """A replica asking for a GPU this machine lacks would leave the command waiting for ever: refused, saying so."""
+    command = [str(Path(sys.executable).parent / "btrm"), "serve", "--model_path", str(trained_model_dir),
+               "--port", str(free_port()), "--replica_gpus", "1"]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
+    assert run.returncode != 0 and ("--num_replicas 1 x 1 GPU each needs more GPUs than this machine has (0)"
+                                    in run.stderr), run.stdout[-2000:] + run.stderr[-2000:]
+
+
 def test_btrm_serve_answers_on_loopback_and_stops_cleanly_on_sigterm(trained_model_dir):
     """The console command on its own private Ray: it answers on 127.0.0.1, and a service manager's stop
     (SIGTERM) shuts Serve and Ray down and exits 0, as Ctrl-C does. Its replicas reserve more CPUs than the
