@@ -256,7 +256,6 @@ UNION_TAGS = frozenset({"<wrapped>", "<flat>", "<text>", "<message>", "<pair>", 
                         "list[dict[str,any]]", "list[TextPart]"})
 
 
-
 def _union_tag(part: str | int) -> bool:
     # (and pydantic's own for a validated member: content's text is "function-after[_unicode(), str]")
     return part in UNION_TAGS or isinstance(part, str) and part.startswith("function-after[")
@@ -931,8 +930,8 @@ class RewardModelDeployment:
         if self.gpu_failure:
             raise GPUFailed(self.gpu_failure)
         # A forward runs in a thread (this check on the event loop still answers): one that hangs there would keep
-        # the replica healthy, and every request sent to it waiting, for ever.
-        # A batch is many forwards (of at most max_batch_tokens each): each is timed, from its own start.
+        # the replica healthy, and every request sent to it waiting, for ever. A batch is many forwards (of at most
+        # max_batch_tokens each): each is timed from its own start.
         timeout, started = self.options.forward_timeout_s, self.forward_started
         if timeout and started is not None:
             began = max(started, self.scorer.forward_began)
