@@ -506,12 +506,6 @@ def export_id(manifest: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _is_out_of_memory(error: BaseException) -> bool:
-    import torch
-
-    return isinstance(error, torch.OutOfMemoryError)
-
-
 def _cause(error: BaseException) -> BaseException:
     """The exception a model replica raised, out of the RayTaskError that carried it to this replica."""
     return getattr(error, "cause", None) or error
@@ -947,10 +941,12 @@ class RewardModelDeployment:
             # In a thread: the event loop keeps taking in the next requests meanwhile.
             return await asyncio.to_thread(self.scorer.group_rewards, groups, self.options.max_batch_tokens)
         except Exception as e:
+            import torch  # (here, not at the top: HTTP replicas import this module and never a model)
+
             from btrm.scoring import is_cuda_error
 
             logger.exception("btrm: scoring %d groups of answers failed", len(groups))
-            if _is_out_of_memory(e):
+            if isinstance(e, torch.OutOfMemoryError):
                 raise ReplicaOutOfMemory(f"the model replica ran out of GPU memory scoring this request: retry; if "
                                          f"it persists, lower max_batch_tokens ({self.options.max_batch_tokens}) or "
                                          "give each replica a larger GPU") from None

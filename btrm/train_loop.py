@@ -205,12 +205,13 @@ def load_classifier(plan: Plan, pad_token_id: int):
     # DeepSpeed on Ray Train's process group now (deepspeed.initialize would take it later): zero.Init partitions
     # over its world size, which it reads as 1 until then.
     _import_deepspeed(plan.use_gpu).init_distributed()
-    partitioned = HfDeepSpeedConfig(engine_config(plan.config, plan.use_gpu, plan.deepspeed_config,
-                                                  AutoConfig.from_pretrained(model_on_this_node(plan.model_path))))
+    # (a local that lives through the loading: transformers holds it by a weak reference)
+    ds_config = engine_config(plan.config, plan.use_gpu, plan.deepspeed_config,
+                              AutoConfig.from_pretrained(model_on_this_node(plan.model_path)))
+    partitioned = HfDeepSpeedConfig(ds_config)  # noqa: F841
     try:
         return load_reward_model(plan.model_path, pad_token_id)
-    finally:  # (transformers holds it by a weak reference: a model loaded later in this process is loaded whole)
-        del partitioned
+    finally:  # (transformers reads it while it lives: a model loaded later in this process is loaded whole)
         unset_hf_deepspeed_config()
 
 
