@@ -179,14 +179,15 @@ def _files_below(fs: pafs.FileSystem, folder: str, wanted_file: Callable[[str], 
     seen: set[str] = set()
     again: list[str] = []
 
-    def first_time(folder: str) -> bool:
-        # Local symbolic links: a folder linked twice (latest -> v3 beside v3/) would give its pairs twice, and a
-        # link to a folder above loops. What a link leads to is read once, where it is first found.
+    def first_time(location: str) -> bool:
+        # Local symbolic links: a folder or file linked twice (latest -> v3 beside v3/, latest.jsonl -> train.jsonl)
+        # would give its pairs twice, and a link to a folder above loops. What a link leads to is read once, where
+        # it is first found.
         if not isinstance(fs, pafs.LocalFileSystem):
             return True
-        real = os.path.realpath(folder)
+        real = os.path.realpath(location)
         if real in seen:
-            again.append(folder)
+            again.append(location)
             return False
         seen.add(real)
         return True
@@ -196,21 +197,25 @@ def _files_below(fs: pafs.FileSystem, folder: str, wanted_file: Callable[[str], 
     with ThreadPoolExecutor(LISTING_THREADS) as pool:
         while level:
             infos = sorted((info for listed in pool.map(listing, level) for info in listed), key=lambda i: i.path)
-            files += [info.path for info in infos if info.type == pafs.FileType.File and wanted_file(info.path)]
+            files += [info.path for info in infos
+                      if info.type == pafs.FileType.File and wanted_file(info.path) and first_time(info.path)]
             level = [info.path for info in infos
                      if info.type == pafs.FileType.Directory and wanted_folder(info.path) and first_time(info.path)]
     if again:
-        print(f"[btrm] {shown(folder)}: {len(again)} folder(s) lead where an earlier one did (symbolic links), not "
-              f"read again: {first_few([shown(p) for p in again])}", flush=True)
+        print(f"[btrm] {shown(folder)}: {len(again)} folder(s) or file(s) lead where an earlier one did (symbolic "
+              f"links), not read again: {first_few([shown(p) for p in again])}", flush=True)
     return sorted(files)
 
 
 def _refuse_dangling_links(folder: str, listed: set[str], wanted_file: Callable[[str], bool]) -> None:
     """pyarrow lists no symbolic link whose target is missing: a copied Hugging Face cache (its snapshot's
-    files link to ../../blobs/) would lose its data without a word."""
+    files link to ../../blobs/) would lose its data without a word. One named as no data file is (a README.md
+    copied without what it links to): a link without a suffix may have led to a folder of data."""
     with os.scandir(folder) as entries:
         for entry in entries:
-            if entry.path not in listed and entry.is_symlink() and not os.path.exists(entry.path) and wanted_file(entry.path):
+            maybe_data = _kind(entry.name) or "." not in entry.name.lstrip(".")
+            if (entry.path not in listed and entry.is_symlink() and not os.path.exists(entry.path) and maybe_data
+                    and wanted_file(entry.path)):
                 raise SourceError(f"{entry.path}: a symbolic link to {os.readlink(entry.path)}, which does not exist "
                                   "(copied without what it links to?); copy the files themselves (cp -L)")
 

@@ -197,8 +197,18 @@ def test_directories_and_globs_leave_out_hidden_files_and_wildcards_stay_in_thei
     (linked / "v3" / "up").symlink_to("..")
     capsys.readouterr()
     assert found(linked) == found(linked / "**" / "*.jsonl") == ["linked/latest/part-0.jsonl"]
-    assert f"{linked}: 2 folder(s) lead where an earlier one did (symbolic links), not read again: {linked}/v3, " in \
-        capsys.readouterr().out
+    assert f"{linked}: 2 folder(s) or file(s) lead where an earlier one did (symbolic links), not read again: " \
+           f"{linked}/v3, " in capsys.readouterr().out
+    # A file linked beside itself too (its pairs would train twice); a broken link that is no data file (a README
+    # copied without its target) does not stop the folder, one that is data does (tests/test_bad_input.py).
+    files = tmp_path / "files"
+    files.mkdir()
+    (files / "train.jsonl").write_text("{}\n")
+    (files / "latest.jsonl").symlink_to("train.jsonl")
+    (files / "README.md").symlink_to("../docs/README.md")
+    assert found(files) == found(files / "*.jsonl") == ["files/latest.jsonl"]
+    assert f"1 folder(s) or file(s) lead where an earlier one did (symbolic links), not read again: {files}/train.jsonl" \
+        in capsys.readouterr().out
     # A name holding a wildcard's characters is read as written where it exists, a pattern elsewhere.
     (tmp_path / "pairs[v2]").mkdir()
     (tmp_path / "pairs[v2]" / "a.jsonl").write_text("{}\n")
