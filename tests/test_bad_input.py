@@ -240,6 +240,14 @@ def test_a_processors_failures_cost_only_their_pairs_and_say_where(qwen_tokenize
         "    def convert(self, row):\n"
         "        if row['kind'] == 'none':\n"
         "            return None\n"
+        "        if row['kind'] == 'holes':\n"
+        "            return [{'chosen': [{'role': 'user', 'content': 'Hi.'}, {'role': 'assistant', 'content': 'Hello.'}],\n"
+        "                     'rejected': [{'role': 'user', 'content': 'Hi.'}, {'role': 'assistant', 'content': 'Go.'}]},\n"
+        "                    None]\n"
+        "        if row['kind'] == 'mapping':\n"
+        "            import types\n"
+        "            return types.MappingProxyType({'chosen': [{'role': 'user', 'content': 'Hi.'}, {'role': 'assistant',\n"
+        "                'content': 'Hello.'}], 'rejected': [{'role': 'user', 'content': 'Hi.'}, {'role': 'assistant', 'content': 'No.'}]})\n"
         "        best = row['best']\n"
         "        prompt = [{'role': 'user', 'content': row['question']}]\n"
         "        return [{'chosen': prompt + [{'role': 'assistant', 'content': best}],\n"
@@ -253,16 +261,21 @@ def test_a_processors_failures_cost_only_their_pairs_and_say_where(qwen_tokenize
     assert spec.custom_bt_dataset_path == str(tmp_path / "answers.py")
     rows = [{"kind": "pairs", "question": "Name a prime.", "best": "Seven.", "others": ["Nine.", "  ", "Four."]},
             {"kind": "none"},
-            {"kind": "pairs", "question": "Name a prime."}]
-    table, report = PairPreprocessor(spec).process_rows("rows.jsonl", range(3), rows)
-    # The row's blank answer costs its own pair, not the row's two others.
-    assert table.num_rows == report.pairs == 2 and report.dropped["invalid"] == 3
-    blank, nothing, raised = report.examples
+            {"kind": "pairs", "question": "Name a prime."},
+            {"kind": "holes"},
+            {"kind": "mapping"}]
+    table, report = PairPreprocessor(spec).process_rows("rows.jsonl", range(5), rows)
+    # The row's blank answer costs its own pair, not the row's two others; a None among a row's pairs, the same.
+    # A mapping that is no dict is one pair, as a dict is.
+    assert table.num_rows == report.pairs == 4 and report.dropped["invalid"] == 4
+    blank, nothing, raised, hole = report.examples
+    assert (hole["row"], hole["message"]) == (3, "field '(pair)': Answers gave NoneType where a pair belongs (a dict with "
+                                                 "chosen and rejected) (in the row's pair 2 of 2)")
     assert (blank["row"], blank["field"]) == (0, "rejected[1].content")
     assert blank["message"] == "field 'rejected[1].content': is empty (in the row's pair 2 of 3)"
     assert nothing["row"] == 1 and "Answers gave no pair for this row" in nothing["message"]
     assert raised["row"] == 2 and raised["message"] == (
-        f"processor Answers raised KeyError: 'best' (at {tmp_path / 'answers.py'}:6: best = row['best'])")
+        f"processor Answers raised KeyError: 'best' (at {tmp_path / 'answers.py'}:14: best = row['best'])")
     with pytest.raises(ProcessorError, match=r"'Fussy' in .*answers.py: creating it \(`Fussy\(\)`\) failed: "
                                              "RuntimeError: needs a config"):
         load_processor("Fussy", "answers.py")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from typing import Any, ClassVar, Iterable
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -69,8 +70,9 @@ class BaseBradleyTerryTrainDataset:
         rejected answers, one a copy of the chosen). A row's only pair, malformed, raises its RowError. A
         convert that returns None gives no pair."""
         converted = self.convert(row)
-        pairs = [converted] if isinstance(converted, dict) else list(converted or ())
-        return [_checked(pair, k, len(pairs)) for k, pair in enumerate(pairs)]
+        # (a string is one wrong value, not a pair per character)
+        pairs = [converted] if isinstance(converted, (Mapping, str, bytes)) else list(converted or ())
+        return [_checked(pair, k, len(pairs), type(self).__name__) for k, pair in enumerate(pairs)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -316,9 +318,12 @@ def as_margin(value: Any, field: str = "margin") -> float | None:
     return margin
 
 
-def _checked(pair: dict[str, Any], index: int, count: int) -> dict[str, Any] | RowDropped | RowError:
+def _checked(pair: Any, index: int, count: int, processor: str) -> dict[str, Any] | RowDropped | RowError:
     try:
-        return validate_pair(pair)
+        if not isinstance(pair, Mapping):
+            raise RowError("(pair)", f"{processor} gave {type(pair).__name__} where a pair belongs (a dict with chosen "
+                                     "and rejected)")
+        return validate_pair(dict(pair))
     except RowDropped as e:
         return e
     except RowError as e:
