@@ -425,9 +425,15 @@ def _json_rows(path: str, lines: io.BufferedReader, batch_rows: int) -> Iterator
             continue
         start = line.removeprefix(codecs.BOM_UTF8).lstrip()[:1]
         if start == b"[":
-            yield from _json_array_rows(path, line + lines.read(), batch_rows)  # the file is one JSON array
-            return
-        if start == b"{" and isinstance(_json_line(line), BadRow):
+            # One JSON array (over lines, or json.dump's one line), or JSON lines whose first row is an array (a
+            # bad row): only a line whole on its own with more lines after it is that.
+            following = None if isinstance(_json_line(line), BadRow) else \
+                next(((n, text) for n, text in numbered if text.strip()), None)
+            if following is None:
+                yield from _json_array_rows(path, line + lines.read(), batch_rows)
+                return
+            numbered = itertools.chain([following], numbered)
+        elif start == b"{" and isinstance(_json_line(line), BadRow):
             # One object written over several lines, or JSON lines whose first is broken? The next line tells,
             # without reading a large file whole: only an object's own lines do not parse alone.
             following = next(((n, text) for n, text in numbered if text.strip()), None)

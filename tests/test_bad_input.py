@@ -205,6 +205,12 @@ def test_byte_order_marks_map_columns_and_rows_a_processor_leaves_empty(qwen_tok
     (tmp_path / "rows.jsonl").write_text(f"{json.dumps(rows[0])}\n\n[1, 2]\n{json.dumps(rows[1])}\n")
     read = list(read_fragment(Fragment(str(tmp_path / "rows.jsonl"), "json"), 2))
     assert read == [([0, 2], [rows[0], [1, 2]]), ([3], [rows[1]])]
+    # So is a first line that is an array, whole on its line, with rows after it; an array on one line alone is
+    # a JSON array (json.dump's), whatever the suffix.
+    (tmp_path / "first.jsonl").write_text(f"[1, 2]\n{json.dumps(rows[0])}\n")
+    assert list(read_fragment(Fragment(str(tmp_path / "first.jsonl"), "json"), 5)) == [([0, 1], [[1, 2], rows[0]])]
+    (tmp_path / "dumped.jsonl").write_text(json.dumps(rows) + "\n\n")
+    assert list(read_fragment(Fragment(str(tmp_path / "dumped.jsonl"), "json"), 5)) == [(range(0, 2), rows)]
     # A broken first line is one bad row, not a file read whole as one object.
     (tmp_path / "broken.jsonl").write_text('{"chosen": [\n\n' + "".join(json.dumps(r) + "\n" for r in rows))
     [(numbers, read)] = read_fragment(Fragment(str(tmp_path / "broken.jsonl"), "json"), 10)
