@@ -222,6 +222,12 @@ def test_helpsteer3_rm_gallery_layout():
     with pytest.raises(RowError, match="it must end with a user or tool turn, not 'assistant'") as error:
         helpsteer3.pairs({**rm_gallery_row(), "input": PROMPT + [GOOD]})
     assert error.value.field == f"input[{len(PROMPT)}].role"
+    # A file holding both layouts' columns (null where a row has none): a row's missing field is named by its own
+    # layout, told by what it does have.
+    native_columns = dict.fromkeys(("context", "response1", "response2", "overall_preference"))
+    with pytest.raises(RowError, match="missing") as error:
+        helpsteer3.pairs({**rm_gallery_row(), **native_columns, "output": None})
+    assert error.value.field == "output"
 
 
 def test_helpsteer3_native_layout_direction_margin_ties():

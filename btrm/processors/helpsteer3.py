@@ -25,7 +25,8 @@ class HelpSteer3Dataset(BaseBradleyTerryTrainDataset):
                    "context", "response1", "response2", "overall_preference", "domain")  # NVIDIA's
 
     def convert(self, row: dict[str, Any]) -> list[dict[str, Any]]:
-        if "output" in row and row.get("output") is not None:
+        # (a file may hold both layouts' columns, null where a row has none: a row is of the layout it has values of)
+        if row.get("output") is not None or row.get("input") is not None:
             return self._from_rm_gallery(row)
         if "context" in row:
             return [self._from_native(row)]
