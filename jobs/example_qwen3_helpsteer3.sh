@@ -34,8 +34,6 @@ NUM_WORKERS="${NUM_WORKERS:-8}"
 # image at /app): `serve deploy` takes no local directory, so the application imports serve.app from there.
 REPO_ON_NODES="${REPO_ON_NODES:-/home/ubuntu/btrm}"
 SERVE_URL="${SERVE_URL:-http://127.0.0.1:8000}"
-# .gitignore'd paths (.venv, outputs, runs) stay behind by themselves; so does .git.
-RUNTIME_ENV='{"excludes": [".git"]}'
 
 cd "$(dirname "$0")/.."
 export RAY_ADDRESS
@@ -46,8 +44,7 @@ RUN_NAME="${RUN_NAME:-qwen3-helpsteer3}"
 #    accumulation, bf16, gradient checkpointing, ZeRO-3) on the HelpSteer3 processor. `ray job submit` follows the logs until the job ends
 #    (Ctrl-C detaches, the job goes on: `ray job logs -f <submission id>`, `ray job list`). A run name already
 #    in $STORAGE is refused: RESUME=true continues it from its latest checkpoint, or pick another RUN_NAME.
-ray job submit --submission-id "$RUN_NAME-train-$STAMP" --working-dir . \
-    --runtime-env-json "$RUNTIME_ENV" -- python jobs/train.py \
+ray job submit --submission-id "$RUN_NAME-train-$STAMP" --working-dir . -- python jobs/train.py \
     --config configs/qwen3_1.7b_rm.yaml \
     --dataset_format helpsteer3 \
     --train_set_path "$TRAIN" \
@@ -62,8 +59,7 @@ ray job submit --submission-id "$RUN_NAME-train-$STAMP" --working-dir . \
 
 # 2. Evaluate the export on the held-out pairs: per-pair rewards, accuracy (per domain too), length bias.
 #    The figures land next to the output as validation.summary.json.
-ray job submit --submission-id "$RUN_NAME-evaluate-$STAMP" --working-dir . \
-    --runtime-env-json "$RUNTIME_ENV" -- python jobs/evaluate.py \
+ray job submit --submission-id "$RUN_NAME-evaluate-$STAMP" --working-dir . -- python jobs/evaluate.py \
     --model_path "$MODEL" \
     --dataset_format helpsteer3 \
     --data_path "$EVAL" \

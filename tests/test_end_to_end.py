@@ -44,8 +44,9 @@ if not (BIN / "ray").exists() and shutil.which("ray"):
     BIN = Path(shutil.which("ray")).parent
 JOB_ENV_VARS = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "offline",
                 "SWANLAB_MODE": "offline", **RAY_TRAIN_QUICK_POLL}
-# The upload of --working-dir: Ray leaves out what .gitignore names (.venv, outputs, runs, ...); .git too.
-RUNTIME_ENV = {"excludes": [".git"], "env_vars": JOB_ENV_VARS}
+# The upload of --working-dir, as the README submits it: Ray leaves out what .gitignore (.venv, outputs, runs, ...)
+# and .rayignore (.git) name.
+RUNTIME_ENV = {"env_vars": JOB_ENV_VARS}
 PORT_NAMES = ("gcs", "dashboard", "client_server", "object_manager", "node_manager", "agent_listen", "agent_grpc",
               "runtime_env_agent", "metrics_export", "http")
 MAX_LENGTH = 256
