@@ -427,10 +427,12 @@ def _json_rows(path: str, lines: io.BufferedReader, batch_rows: int) -> Iterator
         if start == b"[":
             # One JSON array (over lines, or json.dump's one line), or JSON lines whose first row is an array (a
             # bad row): only a line whole on its own with more lines after it is that.
-            following = None if isinstance(_json_line(line), BadRow) else \
-                next(((n, text) for n, text in numbered if text.strip()), None)
+            alone = _json_line(line)
+            following = None if isinstance(alone, BadRow) else next(((n, t) for n, t in numbered if t.strip()), None)
             if following is None:
-                yield from _json_array_rows(path, line + lines.read(), batch_rows)
+                rows = _json_array(path, line + lines.read()) if isinstance(alone, BadRow) else alone
+                for first in range(0, len(rows), batch_rows):
+                    yield range(first, min(first + batch_rows, len(rows))), rows[first : first + batch_rows]
                 return
             numbered = itertools.chain([following], numbered)
         elif start == b"{" and isinstance(_json_line(line), BadRow):
@@ -481,13 +483,11 @@ def _refuse_objects_over_lines(path: str, data: bytes, first_line_length: int) -
                           + ": write one pair per line (JSON lines) or one JSON array of pairs")
 
 
-def _json_array_rows(path: str, data: bytes, batch_rows: int) -> Iterator[tuple[Sequence[int], list[Any]]]:
+def _json_array(path: str, data: bytes) -> list[Any]:
     try:
-        rows = json.loads(data)  # (json.loads skips a BOM itself)
+        return json.loads(data)  # (json.loads skips a BOM itself)
     except JSON_ERRORS as e:
         raise SourceError(f"{path}: not valid JSON ({e})") from e
-    for start in range(0, len(rows), batch_rows):
-        yield range(start, min(start + batch_rows, len(rows))), rows[start : start + batch_rows]
 
 
 def _json_line(line: bytes) -> Any:
