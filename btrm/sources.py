@@ -213,9 +213,8 @@ def _refuse_dangling_links(folder: str, listed: set[str], wanted_file: Callable[
     copied without what it links to): a link without a suffix may have led to a folder of data."""
     with os.scandir(folder) as entries:
         for entry in entries:
-            maybe_data = _kind(entry.name) or "." not in entry.name.lstrip(".")
-            if (entry.path not in listed and entry.is_symlink() and not os.path.exists(entry.path) and maybe_data
-                    and wanted_file(entry.path)):
+            if (entry.path not in listed and entry.is_symlink() and not os.path.exists(entry.path)
+                    and (_kind(entry.name) or "." not in entry.name.lstrip(".")) and wanted_file(entry.path)):
                 raise SourceError(f"{entry.path}: a symbolic link to {os.readlink(entry.path)}, which does not exist "
                                   "(copied without what it links to?); copy the files themselves (cp -L)")
 
@@ -428,7 +427,7 @@ def _json_rows(path: str, lines: io.BufferedReader, batch_rows: int) -> Iterator
             # One JSON array (over lines, or json.dump's one line), or JSON lines whose first row is an array (a
             # bad row): only a line whole on its own with more lines after it is that.
             alone = _json_line(line)
-            following = None if isinstance(alone, BadRow) else next(((n, t) for n, t in numbered if t.strip()), None)
+            following = None if isinstance(alone, BadRow) else _next_filled(numbered)
             if following is None:
                 rows = _json_array(path, line + lines.read()) if isinstance(alone, BadRow) else alone
                 for first in range(0, len(rows), batch_rows):
@@ -438,7 +437,7 @@ def _json_rows(path: str, lines: io.BufferedReader, batch_rows: int) -> Iterator
         elif start == b"{" and isinstance(_json_line(line), BadRow):
             # One object written over several lines, or JSON lines whose first is broken? The next line tells,
             # without reading a large file whole: only an object's own lines do not parse alone.
-            following = next(((n, text) for n, text in numbered if text.strip()), None)
+            following = _next_filled(numbered)
             if following is None or isinstance(_json_line(following[1]), BadRow):
                 rest = (following[1] if following else b"") + lines.read()
                 _refuse_objects_over_lines(path, line + rest, len(line))
@@ -447,6 +446,11 @@ def _json_rows(path: str, lines: io.BufferedReader, batch_rows: int) -> Iterator
                 numbered = itertools.chain([following], numbered)
         yield from _json_line_rows(itertools.chain([(number, line)], numbered), batch_rows)
         return
+
+
+def _next_filled(numbered: Iterator[tuple[int, bytes]]) -> tuple[int, bytes] | None:
+    """The next line that holds something, with its number; None at the end."""
+    return next(((number, line) for number, line in numbered if line.strip()), None)
 
 
 def _json_line_rows(numbered: Iterator[tuple[int, bytes]], batch_rows: int) -> Iterator[tuple[Sequence[int], list[Any]]]:

@@ -323,7 +323,7 @@ def _checked(pair: Any, index: int, count: int, processor: str) -> dict[str, Any
         if not isinstance(pair, Mapping):
             raise RowError("(pair)", f"{processor} gave {type(pair).__name__} where a pair belongs (a dict with chosen "
                                      "and rejected)")
-        return validate_pair(dict(pair))
+        return validate_pair(pair)
     except RowDropped as e:
         return e
     except RowError as e:
@@ -332,7 +332,7 @@ def _checked(pair: Any, index: int, count: int, processor: str) -> dict[str, Any
         return RowError(e.field, f"{e.message} (in the row's pair {index + 1} of {count})")
 
 
-def validate_pair(pair: dict[str, Any]) -> dict[str, Any]:
+def validate_pair(pair: Mapping[str, Any]) -> dict[str, Any]:
     """Checks a pair against the standard format and returns it normalised.
 
     Raises RowError for a malformed pair and RowDropped('identical') when both answers are the same.
