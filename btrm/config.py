@@ -285,22 +285,23 @@ def uploaded_working_dir() -> bool:
     return bool((job.get("runtime_env") or {}).get("working_dir"))
 
 
-def check_job_output(option: str, path: str) -> None:
-    """Refuses a relative path to write to in a Ray job that uploaded its working directory (`ray job submit
-    --working-dir .`): it names a place in the job's unpacked copy of that directory on the head node, which
-    Ray deletes with its session, and which no other node sees."""
-    if "://" in path or Path(path).expanduser().is_absolute():
-        return
-    if uploaded_working_dir():
-        raise SystemExit(f"{option} {path}: a relative path, and this Ray job runs in its unpacked copy of the "
-                         f"working directory ({os.getcwd()}), which Ray deletes with the session: give an absolute "
-                         "path on storage every node reads (or a cloud URI where the option takes one)")
+def check_job_outputs(paths: dict[str, str]) -> None:
+    """Refuses relative paths to write to (option → path) in a Ray job that uploaded its working directory (`ray job
+    submit --working-dir .`): each names a place in the job's unpacked copy of that directory on the head node, which
+    Ray deletes with its session, and which no other node sees. All of them at once: a submission takes a while."""
+    relative = [f"{option} {path}" for option, path in paths.items()
+                if "://" not in path and not os.path.isabs(os.path.expanduser(path))]
+    if relative and uploaded_working_dir():
+        raise SystemExit(f"{', '.join(relative)}: {'a relative path' if len(relative) == 1 else 'relative paths'}, and "
+                         f"this Ray job runs in its unpacked copy of the working directory ({os.getcwd()}), which Ray "
+                         "deletes with the session: give absolute paths on storage every node reads (or a cloud URI "
+                         "where the option takes one)")
 
 
 def check_writable(option: str, path: str) -> None:
     """Refuses, before any work, a local output whose folder cannot be made or written in (a read-only mount,
     a path through a file): found when the work is done, it would lose the results."""
-    folder = Path(path).expanduser().absolute().parent
+    folder = Path(os.path.expanduser(path)).absolute().parent
     try:
         folder.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=folder).close()

@@ -28,7 +28,7 @@ import ray
 import ray.data
 
 from btrm.batching import take
-from btrm.config import (SCORING_DTYPES, USE_GPU_CHOICES, DataOptions, check_cpus, check_job_output, check_writable,
+from btrm.config import (SCORING_DTYPES, USE_GPU_CHOICES, DataOptions, check_cpus, check_job_outputs, check_writable,
                          gpus_wanted, option, parse_config)
 from btrm.data import (DataSpec, bad_data_ends_the_job, build_pair_dataset, check_drop_fraction, close_ledger,
                        new_ledger)
@@ -388,7 +388,7 @@ def run_evaluation(config: EvalConfig) -> dict[str, Any]:
     """Scores --data_path with --model_path; writes the per-pair file and the summary; returns the summary."""
     from transformers import AutoConfig
 
-    check_job_output("--output", config.output)
+    check_job_outputs({"--output": config.output})
     check_writable("--output", config.output)  # now, not after the scoring
     model_path = str(Path(config.model_path).resolve())
     try:

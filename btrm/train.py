@@ -20,7 +20,7 @@ import ray.train
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from btrm.config import TrainConfig, check_job_output, check_writable, gpus_wanted
+from btrm.config import TrainConfig, check_job_outputs, check_writable, gpus_wanted
 from btrm.data import DataSpec, build_pair_dataset, check_drop_fraction, close_ledger, new_ledger, split_by_question
 from btrm.deepspeed_configs import fill_deepspeed_config, load_deepspeed_config
 from btrm.export import ExportNotReplaceable, check_replaceable, publish_dir
@@ -152,10 +152,10 @@ def run_training(config: TrainConfig) -> ray.train.Result:
     from transformers import AutoConfig
 
     check_tracker(config.report_to)
-    check_job_output("--output_path", config.output_path)
-    check_job_output("--storage_path", config.storage_path)
+    outputs = {"--output_path": config.output_path, "--storage_path": config.storage_path}
     if config.report_to != "none":  # an offline run's files, `wandb sync`'s input, would go with the session
-        check_job_output("--tracking_dir", config.tracking_dir)
+        outputs["--tracking_dir"] = config.tracking_dir
+    check_job_outputs(outputs)
     if not ray.is_initialized():
         ray.init()
     config.run_name = config.run_name or time.strftime("btrm-%Y%m%d-%H%M%S")

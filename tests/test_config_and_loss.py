@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from btrm.batching import collate_pairs
-from btrm.config import TrainConfig, build_parser, parse_config
+from btrm.config import TrainConfig, build_parser, check_job_outputs, parse_config
 from btrm.deepspeed_configs import SHIPPED, fill_deepspeed_config, load_deepspeed_config
 from btrm.loss import bradley_terry_loss, pair_correct
 
@@ -122,6 +122,20 @@ def test_recorded_options_mask_the_credentials_of_source_uris():
     assert recorded["train_set_path"] == "s3://***@bucket/train/?endpoint_override=minio:9000&scheme=http"
     assert recorded["eval_set_path"] == "data/part-?.parquet" and recorded["storage_path"] == "gs://runs"
     assert "S3CRET" not in json.dumps(recorded) and recorded["learning_rate"] == config.learning_rate
+
+
+def test_a_job_that_uploaded_its_working_directory_is_told_every_relative_output_at_once(monkeypatch):
+    """(tests/test_end_to_end.py submits such a job for real.)"""
+    outputs = {"--output_path": "outputs/rm", "--storage_path": "s3://bucket/runs", "--tracking_dir": "./tracking"}
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    check_job_outputs(outputs)  # a local run: relative paths are the user's own folders
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", '{"runtime_env": {"working_dir": "gcs://_ray_pkg_1.zip"}}')
+    with pytest.raises(SystemExit, match=r"^--output_path outputs/rm, --tracking_dir ./tracking: relative paths, and "
+                                         r"this Ray job runs in its unpacked copy of the working directory"):
+        check_job_outputs(outputs)
+    with pytest.raises(SystemExit, match=r"^--output ~x: a relative path, and this Ray job runs"):
+        check_job_outputs({"--output": "~x", "--storage_path": "/abs/runs"})
+    check_job_outputs({"--output": "~/x", "--storage_path": "/abs/runs", "--data": "gs://b/x"})
 
 
 def test_deepspeed_configs_fill_auto_values_and_refuse_contradictions():

@@ -561,18 +561,14 @@ def test_btrm_serve_on_a_cluster_leaves_the_services_there_alone(cluster, traine
         assert client.get("/health").status_code == 200
 
 
-def test_a_job_refuses_to_write_into_its_unpacked_working_directory(cluster, data_dirs, tmp_path):
-    """A relative --output_path in a job submitted with --working-dir names the job's temporary copy of the
-    repository: refused before any work, naming the option; so is the default --tracking_dir of a job that
-    reports to a tracker (an offline run's files would go with the session)."""
+def test_a_job_refuses_to_write_into_its_unpacked_working_directory(cluster, data_dirs):
+    """Relative paths to write to in a job submitted with --working-dir name the job's temporary copy of the
+    repository: refused before any work, every such option named at once (--output_path, the default
+    --storage_path, and the default --tracking_dir of a job that reports to a tracker: an offline run's files
+    would go with the session)."""
     train_dir, _ = data_dirs
     run = cluster.submit("relative", ["python", "jobs/train.py", "--train_set_path", str(train_dir),
-                                      "--output_path", "outputs/rm"], timeout=180)
+                                      "--output_path", "outputs/rm", "--report_to", "wandb"], timeout=180)
     assert run.status == "FAILED", run.describe()
-    assert "--output_path outputs/rm: a relative path, and this Ray job runs in its unpacked copy" in run.logs, run.logs
-    run = cluster.submit("tracking", ["python", "jobs/train.py", "--train_set_path", str(train_dir), "--output_path",
-                                      str(tmp_path / "rm"), "--storage_path", str(tmp_path / "runs"),
-                                      "--report_to", "wandb"], timeout=180)
-    assert run.status == "FAILED", run.describe()
-    assert "--tracking_dir ./tracking: a relative path, and this Ray job runs" in run.logs, run.logs
-    assert not (tmp_path / "runs").exists()
+    assert ("--output_path outputs/rm, --storage_path ./runs, --tracking_dir ./tracking: relative paths, and this Ray "
+            "job runs in its unpacked copy") in run.logs, run.logs
