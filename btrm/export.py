@@ -93,6 +93,9 @@ def publish_dir(source: str | Path, destination: str | Path, filesystem: pafs.Fi
         if filesystem is None or isinstance(filesystem, pafs.LocalFileSystem):
             shutil.copytree(source, staging)
         else:
+            # Made here: copy_files makes only the folders the listing names, and S3 names none for an export
+            # of files alone (each file then failed: no such directory).
+            staging.mkdir()
             pafs.copy_files(str(source), str(staging), source_filesystem=filesystem,
                             destination_filesystem=pafs.LocalFileSystem())
     except BaseException:

@@ -154,6 +154,30 @@ def run_pipeline(path, tokenizer_dir: str, max_drop_fraction: float = 1.0, **opt
     return sorted(rows, key=lambda r: (r["file"], r["row"])), summary
 
 
+@dataclass
+class S3Server:
+    filesystem: Any  # pyarrow.fs.S3FileSystem, with the credentials
+    options: str  # what a URI's query names it by: s3://KEY:SECRET@bucket/path?{options}
+    credentials: str = "btrm:s3cret"
+
+
+@pytest.fixture
+def s3_server():
+    """An S3 server on 127.0.0.1 (moto, in this process): cloud storage without a cloud."""
+    import pyarrow.fs as pafs
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        filesystem = pafs.S3FileSystem(access_key="btrm", secret_key="s3cret", endpoint_override=f"127.0.0.1:{port}",
+                                       scheme="http", region="us-east-1", allow_bucket_creation=True)
+        yield S3Server(filesystem, f"endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1")
+    finally:
+        server.stop()
+
+
 def free_port() -> int:
     import socket
 

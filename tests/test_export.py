@@ -128,6 +128,22 @@ def test_publish_from_remote_storage_reads_only_the_export(tmp_path):
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["model"]
 
 
+def test_publish_from_s3_copies_an_export_of_files_only(tmp_path, s3_server):
+    """What a run with --storage_path s3://... publishes: an export with no sub-folder (S3 has no folders, so no
+    listing entry makes the copy's own)."""
+    s3 = s3_server.filesystem
+    s3.create_dir("runs")
+    for name in ("config.json", "model.safetensors", "btrm.json"):
+        with s3.open_output_stream(f"runs/tiny/checkpoint_000001/model/{name}") as f:
+            f.write(name.encode())
+    with s3.open_output_stream("runs/tiny/checkpoint_000001/deepspeed/optimizer_states.pt") as f:
+        f.write(b"optimizer state")
+    destination = publish_dir("runs/tiny/checkpoint_000001/model", tmp_path / "out" / "model", filesystem=s3)
+    assert sorted(p.name for p in destination.iterdir()) == ["btrm.json", "config.json", "model.safetensors"]
+    assert (destination / "btrm.json").read_text() == "btrm.json"
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["model"]
+
+
 def test_publish_replaces_only_an_earlier_export_or_nothing(tmp_path):
     """--output_path ~/models (meant as "put it in there") must not wipe the models already there."""
     source = _export(tmp_path / "staged", "new")

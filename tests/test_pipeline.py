@@ -131,36 +131,25 @@ def test_glob_and_jsonl_read_the_same_pairs(hh_helpful, qwen_tokenizer_dir, tmp_
 
 
 def test_a_cloud_source_opens_every_file_with_the_credentials_and_options_of_its_uri(qwen_tokenizer_dir, hh_helpful,
-                                                                                      tmp_path):
+                                                                                      s3_server):
     """An S3 server on 127.0.0.1 (moto): the source URI names the endpoint, scheme and region as options and
     carries credentials. The readers of each file (Ray Data tasks) must open it with them too, not reach
     for AWS, and no path, error or ledger shows the secret."""
     import pyarrow as pa
-    import pyarrow.fs as pafs
     import pyarrow.parquet as pq
-    from moto.server import ThreadedMotoServer
 
     from btrm.sources import SourceError, plan_fragments
-    from conftest import free_port
 
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    try:
-        options = f"endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1"
-        s3 = pafs.S3FileSystem(access_key="btrm", secret_key="s3cret", endpoint_override=f"127.0.0.1:{port}",
-                               scheme="http", region="us-east-1", allow_bucket_creation=True)
-        s3.create_dir("pairs")
-        pairs = hh_helpful["train"][:30]
-        pq.write_table(pa.Table.from_pylist(pairs[:20]), "pairs/hh/part-0.parquet", filesystem=s3)
-        with s3.open_output_stream("pairs/hh/part-1.jsonl") as f:
-            f.write("".join(json.dumps(pair) + "\n" for pair in pairs[20:]).encode())
-        # A glob names the data: the parquet and the JSON lines both.
-        rows, ledger = run_pipeline(f"s3://btrm:s3cret@pairs/hh/part-*?{options}", qwen_tokenizer_dir)
-        with pytest.raises(SourceError) as missing:
-            plan_fragments(f"s3://btrm:s3cret@pairs/elsewhere?{options}")
-    finally:
-        server.stop()
+    s3, options = s3_server.filesystem, s3_server.options
+    s3.create_dir("pairs")
+    pairs = hh_helpful["train"][:30]
+    pq.write_table(pa.Table.from_pylist(pairs[:20]), "pairs/hh/part-0.parquet", filesystem=s3)
+    with s3.open_output_stream("pairs/hh/part-1.jsonl") as f:
+        f.write("".join(json.dumps(pair) + "\n" for pair in pairs[20:]).encode())
+    # A glob names the data: the parquet and the JSON lines both.
+    rows, ledger = run_pipeline(f"s3://btrm:s3cret@pairs/hh/part-*?{options}", qwen_tokenizer_dir)
+    with pytest.raises(SourceError) as missing:
+        plan_fragments(f"s3://btrm:s3cret@pairs/elsewhere?{options}")
     assert ledger["rows_read"] == 30 and len(rows) == ledger["pairs"] > 25
     assert {row["file"] for row in rows} == {"s3://pairs/hh/part-0.parquet", "s3://pairs/hh/part-1.jsonl"}
     assert str(missing.value).startswith("s3://pairs/elsewhere: no such file or directory")
