@@ -121,15 +121,21 @@ def check_margins(ledger: dict[str, Any], path: str) -> None:
               "with margin 0", flush=True)
 
 
+def in_run(storage_path: str, run_name: str, *parts: str) -> str:
+    """STORAGE/NAME[/PARTS...], a URI's options (s3://b/runs?endpoint_override=...) kept at its end."""
+    base, mark, query = storage_path.partition("?") if "://" in storage_path else (storage_path, "", "")
+    return "/".join([base.rstrip("/"), run_name, *parts]) + mark + query
+
+
 def check_run_directory(storage_path: str, run_name: str, resume: bool) -> None:
     """Ray Train continues any run it finds under STORAGE/NAME; make that a choice, not a surprise."""
     filesystem, root = pafs.FileSystem.from_uri(storage_path) if "://" in storage_path else (pafs.LocalFileSystem(), storage_path)
     exists = filesystem.get_file_info(f"{root}/{run_name}").type != pafs.FileType.NotFound
     if exists and not resume:
-        raise SystemExit(f"run {run_name!r} already exists in {storage_path}: pass --resume to continue it from its "
-                         "latest checkpoint, or choose another --run_name")
+        raise SystemExit(f"run {run_name!r} already exists in {without_credentials(storage_path)}: pass --resume to "
+                         "continue it from its latest checkpoint, or choose another --run_name")
     if resume and not exists:
-        raise SystemExit(f"--resume: there is no run {run_name!r} in {storage_path}")
+        raise SystemExit(f"--resume: there is no run {run_name!r} in {without_credentials(storage_path)}")
 
 
 def check_apart_from_export(config: TrainConfig, storage_path: str) -> None:
@@ -196,7 +202,7 @@ def run_training(config: TrainConfig) -> ray.train.Result:
     except ValueError as e:
         raise SystemExit(f"--deepspeed {config.deepspeed}: {e}") from None
 
-    recorded_terms = recorded_resume_terms(f"{storage_path}/{config.run_name}") if config.resume else None
+    recorded_terms = recorded_resume_terms(in_run(storage_path, config.run_name)) if config.resume else None
     # What the options alone decide, before the data is read: a wrong resume stops at once.
     check_resume_terms(recorded_terms, resume_terms(config, deepspeed_config, use_gpu))
 
@@ -281,8 +287,7 @@ def run_training(config: TrainConfig) -> ray.train.Result:
               + (f" (untrained: {before:.4f})" if before is not None else ""), flush=True)
     # Where the run's last checkpoint is, as a user names it (a cloud URI with its scheme), credentials masked.
     checkpoint = result.checkpoint
-    base, _, query = without_credentials(storage_path).partition("?")  # (s3://b/runs?endpoint_override=...)
-    kept = f"{base.rstrip('/')}/{config.run_name}/{Path(checkpoint.path).name}/{EXPORT_DIR}" + (f"?{query}" if query else "")
+    kept = in_run(without_credentials(storage_path), config.run_name, Path(checkpoint.path).name, EXPORT_DIR)
     diverged = unusable_model(metrics)
     if diverged:
         raise SystemExit(f"the run diverged: {diverged}. The model is not published at --output_path (what it holds "

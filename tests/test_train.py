@@ -7,6 +7,7 @@ import json
 import re
 from pathlib import Path
 
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -63,6 +64,27 @@ def test_zero3_evaluates_in_lockstep_exports_whole_weights_and_resumes(ray_sessi
     assert [line["step"] for line in log if "train/loss" in line] == [1, 2, 3] and result.metrics["step"] == 3
     assert log[-1]["eval/pairs"] == eval_pairs
     _assert_export_scores_as_the_engine(model_dir, held_out, 12)
+
+
+def test_a_run_on_cloud_storage_checkpoints_there_exports_from_there_and_guards_its_resume(
+        ray_session, tiny_qwen_dir, hh_helpful, tmp_path, s3_server):
+    """--storage_path s3://KEY:SECRET@bucket/runs?endpoint_override=... (moto on 127.0.0.1), as on a cluster: the
+    checkpoints go there, the export is published from there, and a resume is checked against what the checkpoint
+    there recorded. No message shows the secret."""
+    s3_server.filesystem.create_dir("runs")
+    storage = f"s3://{s3_server.credentials}@runs/btrm?{s3_server.options}"
+    rows = hh_helpful["train"][:24]
+    _, model_dir = train_tiny(tmp_path, tiny_qwen_dir, rows, None, max_steps=1, num_workers=1, storage_path=storage)
+    assert json.loads((model_dir / "btrm.json").read_text())["training"]["steps"] == 1
+    stored = [info.path for info in s3_server.filesystem.get_file_info(pafs.FileSelector("runs/btrm/tiny", recursive=True))]
+    assert any(path.endswith("/model/model.safetensors") for path in stored), stored
+    with pytest.raises(SystemExit, match=r"run 'tiny' already exists in s3://\*\*\*@runs/btrm\?endpoint_override=") as exists:
+        train_tiny(tmp_path, tiny_qwen_dir, rows, None, max_steps=2, num_workers=1, storage_path=storage)
+    with pytest.raises(SystemExit, match=r"--resume: the run being continued was trained otherwise \(seed: 42 then, 7 "
+                                         r"now\)") as changed:
+        train_tiny(tmp_path, tiny_qwen_dir, rows, None, max_steps=2, num_workers=1, storage_path=storage, resume=True,
+                   seed=7)
+    assert "s3cret" not in str(exists.value) + str(changed.value)
 
 
 def test_manifest_records_tokenization_eval_statistics_and_ledger(trained_model_dir):
