@@ -237,6 +237,23 @@ class FlatToolCall(FunctionCall):
     type: Literal["function"] = "function"
 
 
+def _at_most_listed(value: Any) -> Any:
+    if isinstance(value, list) and len(value) > MAX_LISTED:
+        raise PydanticCustomError("too_many", "{count} items, more than any limit allows ({limit})",
+                                  {"count": len(value), "limit": MAX_LISTED})
+    return value
+
+
+def _tools_at_most_listed(value: Any) -> Any:
+    if isinstance(value, str) and value.lstrip().startswith("["):  # tools as a JSON string: its list counts
+        try:
+            _at_most_listed(json.loads(value))
+        except json.JSONDecodeError:
+            pass  # (as_tools says what is wrong with it)
+        return value
+    return _at_most_listed(value)
+
+
 class TextPart(_Strict):
     """OpenAI's text content part: a message's content may be a list of them (joined by newlines, as in training)."""
 
@@ -245,7 +262,10 @@ class TextPart(_Strict):
 
 
 def _call_layout(value: Any) -> str:
-    return "<flat>" if isinstance(value, dict) and "function" not in value and "name" in value else "<wrapped>"
+    # (a validated call too: pydantic asks again when it dumps one, and warned about each flat call it was told
+    # was wrapped, the call's id in the text: Python kept every such warning)
+    flat = isinstance(value, FlatToolCall) or isinstance(value, dict) and "function" not in value and "name" in value
+    return "<flat>" if flat else "<wrapped>"
 
 
 # The tags pydantic puts in an error's loc for the request's unions: those told apart by a Discriminator (in <>,
@@ -272,8 +292,9 @@ class Message(_Strict):
 
     # "function": OpenAI's older function result, read as a tool message (as_message), as training reads it.
     role: Literal[(*ROLES, "function")]  # type: ignore[valid-type]
-    content: Annotated[str, AfterValidator(_unicode)] | list[TextPart] | None = None
-    tool_calls: list[AnyToolCall] | None = None
+    content: Annotated[Annotated[str, AfterValidator(_unicode)] | list[TextPart] | None,
+                       BeforeValidator(_at_most_listed)] = None
+    tool_calls: Annotated[list[AnyToolCall] | None, BeforeValidator(_at_most_listed)] = None
     reasoning_content: Annotated[str, AfterValidator(_unicode)] | None = Field(
         None, description="An assistant's thinking, apart from its answer (rendered as the chat template does).")
     tool_call_id: Annotated[str, AfterValidator(_unicode)] | None = None
@@ -319,13 +340,6 @@ Answer = Annotated[
 ]
 
 
-def _at_most_listed(value: Any) -> Any:
-    if isinstance(value, list) and len(value) > MAX_LISTED:
-        raise PydanticCustomError("too_many", "{count} items, more than any limit allows ({limit})",
-                                  {"count": len(value), "limit": MAX_LISTED})
-    return value
-
-
 class Conversation(_Strict):
     """The prompt every answer is judged against: a plain ``prompt`` (one user turn) or ``messages``, and
     the ``tools`` it offers."""
@@ -333,7 +347,7 @@ class Conversation(_Strict):
     prompt: Text | None = Field(None, description="A single user turn; the same as messages=[{role: user, ...}].")
     messages: Annotated[list[Message] | None, BeforeValidator(_at_most_listed)] = Field(
         None, min_length=1, description="The conversation before the answer; its last turn is a user (or tool) message.")
-    tools: Annotated[list[dict[str, Any]] | str | None, BeforeValidator(_at_most_listed)] = Field(
+    tools: Annotated[list[dict[str, Any]] | str | None, BeforeValidator(_tools_at_most_listed)] = Field(
         None, description="Tool schemas the conversation offers (as apply_chat_template's tools), or a JSON string "
                           "of that list, as in the training data.")
 

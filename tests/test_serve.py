@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import httpx
@@ -467,6 +468,30 @@ def test_a_list_past_max_listed_is_refused_by_its_length_before_any_item_is_read
     with pytest.raises(ValidationError) as refused:
         TypeAdapter(ScoreRequest).validate_python({"prompt": "hi", "candidates": [7] * (MAX_LISTED + 1)})
     assert [(e["type"], e["loc"]) for e in refused.value.errors()] == [("too_many", ("candidates",))]
+    # So are the lists inside a message (150k tool calls in one answer took 3.8 s), and tools sent as a JSON string.
+    too_many = [7] * (MAX_LISTED + 1)
+    for answer, loc in [({"role": "assistant", "tool_calls": too_many}, ("candidates", 0, "<message>", "tool_calls")),
+                        ({"role": "assistant", "content": too_many}, ("candidates", 0, "<message>", "content"))]:
+        with pytest.raises(ValidationError) as refused:
+            TypeAdapter(ScoreRequest).validate_python({"prompt": "hi", "candidates": [answer]})
+        assert [(e["type"], e["loc"]) for e in refused.value.errors()] == [("too_many", loc)]
+    with pytest.raises(ValidationError) as refused:
+        TypeAdapter(ScoreRequest).validate_python({"prompt": "hi", "tools": json.dumps(too_many), "candidates": ["a"]})
+    assert [(e["type"], e["loc"]) for e in refused.value.errors()] == [("too_many", ("tools",))]
+
+
+def test_a_flat_tool_call_is_validated_and_dumped_without_a_warning():
+    """Each warning's text held the call's id, so Python kept every one (a registry that grew with each request)
+    and printed each into the replica's log."""
+    from pydantic import TypeAdapter
+
+    from btrm.serving import ScoreRequest
+
+    answer = {"role": "assistant", "tool_calls": [{"name": "lookup", "arguments": "{}", "id": "call_1"}]}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        request = TypeAdapter(ScoreRequest).validate_python({"prompt": "hi", "candidates": [answer]})
+    assert request.conversation(request.candidates[0])[-1]["tool_calls"][0]["function"]["name"] == "lookup"
 
 
 def test_length_buckets_and_sigmoid():
