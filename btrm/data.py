@@ -245,7 +245,7 @@ class PairPreprocessor:
             if report.dropped[reason] <= EXAMPLES_PER_REASON:
                 report.examples.append({"reason": reason, "file": path, "row": row, "field": field, "message": message})
 
-        read_fields = self.processor.read_fields
+        read_fields = self.processor.declared_fields()
         if read_fields is not None:
             fields = {name for row in rows if isinstance(row, dict) for name in row}
             report.unread_fields = sorted((fields - set(read_fields)) | set(unread_columns))
@@ -376,7 +376,7 @@ def build_pair_dataset(spec: DataSpec, ledger, num_tasks: int = 2, task_cpus: fl
     """A lazy Ray Dataset of tokenized pairs. Planning (listing files, checking parquet footers and
     schemas) happens now, on the caller, so a wrong path or a corrupt file fails before any work."""
     processor = load_processor(spec.dataset_format, spec.custom_bt_dataset_path)
-    fragments = plan_fragments(spec.path, processor.required_fields, processor.read_fields)
+    fragments = plan_fragments(spec.path, processor.required_fields, processor.declared_fields())
     if all(f.num_rows == 0 for f in fragments):  # parquet files without rows (writers closed before any: Spark's empty parts)
         raise SourceError(f"{without_credentials(spec.path)}: holds no rows (its parquet files are empty)")
     items = [{"fragment": asdict(f)} for f in fragments]

@@ -417,6 +417,25 @@ def test_custom_processor_from_a_file(hh_helpful, qwen, qwen_tokenizer_dir, tmp_
                            custom_bt_dataset_path=str(path))
     assert len(rows) == len(pairs) and {row["source"] for row in rows} == {"qa, edited"}
 
+    # A subclass of a built-in processor that reads a column of its own gets it from parquet too (it inherits the
+    # built-in's read_fields, which do not name it: that column was left unread, every row a KeyError).
+    path.write_text(textwrap.dedent('''
+        from btrm.processors import StandardDataset
+
+        class WithSystem(StandardDataset):
+            def convert(self, row):
+                pair, system = super().convert(row), [{"role": "system", "content": row["system"]}]
+                return {**pair, "chosen": system + pair["chosen"], "rejected": system + pair["rejected"]}
+    '''))
+    write_parquet_shards([{**p, "system": "Be brief."} for p in pairs], tmp_path / "with-system")
+    rows, ledger = run_pipeline(tmp_path / "with-system", qwen_tokenizer_dir, dataset_format="WithSystem",
+                                custom_bt_dataset_path=str(path))
+    assert ledger["pairs"] == len(pairs) == len(rows) and ledger["unread_fields"] == []
+    for row in rows:
+        pair = by_id[row["id"]]
+        assert_matches_template(row, {key: [{"role": "system", "content": "Be brief."}] + pair[key]
+                                      for key in ("chosen", "rejected")}, qwen)
+
 
 def test_the_ledger_stops_a_run_early_on_its_running_counts_and_a_retried_batch_replaces_its_report():
     """Every batch waits for its record: the early check keeps running counts rather than summing every report

@@ -60,6 +60,13 @@ class BaseBradleyTerryTrainDataset:
     # (convert never sees them). None: undeclared; every column is read and nothing is said.
     read_fields: ClassVar[tuple[str, ...] | None] = None
 
+    @classmethod
+    def declared_fields(cls) -> tuple[str, ...] | None:
+        """``read_fields`` where this very class declares them. A subclass of a processor (one whose convert reads
+        a column of its own, say) reads every column until it declares its own: the inherited ones would leave
+        that column out of a parquet file's rows."""
+        return cls.__dict__.get("read_fields")
+
     def convert(self, row: dict[str, Any]) -> dict[str, Any] | Iterable[dict[str, Any]]:
         raise NotImplementedError
 
