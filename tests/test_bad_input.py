@@ -33,7 +33,7 @@ MALFORMED = [
     ("answers the template renders alike", {"chosen": Q + [A], "rejected": Q + [{"role": "assistant", "content": "\n\nSeven."}]},
      "identical", "template to the same tokens"),
     ("negative margin", {"chosen": Q + [A], "rejected": Q + [B], "margin": -1.0}, "invalid", "field 'margin'"),
-    ("NaN margin", {"chosen": Q + [A], "rejected": Q + [B], "margin": float("nan")}, "invalid", "field 'margin'"),
+    ("infinite margin", {"chosen": Q + [A], "rejected": Q + [B], "margin": float("inf")}, "invalid", "field 'margin'"),
     ("far over max_length", {"chosen": Q + [{"role": "assistant", "content": "word " * 5000}], "rejected": Q + [B]},
      "overlong", "answers are never truncated"),
     ("answers share an opening over max_length", {"chosen": Q + [{"role": "assistant", "content": "word " * 600 + "7"}],

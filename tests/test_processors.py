@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
 import textwrap
 
 import pytest
@@ -26,6 +27,11 @@ def test_standard_passes_valid_pairs_through_and_accepts_json_strings():
     [pair] = load_processor("standard").pairs({"chosen": PROMPT + [GOOD], "rejected": PROMPT + [BAD],
                                                "source": None, "subset": "cooking"})
     assert pair["source"] == "cooking"
+    # ... nor is NaN, pandas' missing value: `json.dumps(df.to_dict("records"))` of subsets concatenated writes it.
+    [pair] = load_processor("standard").pairs(json.loads(json.dumps(
+        {"chosen": PROMPT + [GOOD], "rejected": PROMPT + [BAD], "margin": math.nan, "tools": math.nan, "id": math.nan,
+         "source": math.nan, "subset": "cooking"})))
+    assert (pair["margin"], pair["tools"], pair["id"], pair["source"]) == (None, None, None, "cooking")
 
 
 WEATHER = [{"type": "function", "function": {
@@ -50,7 +56,7 @@ def weather_call(arguments, **layout):
     ({"chosen": [{"role": "user", "content": "Other question?"}, GOOD], "rejected": PROMPT + [BAD]}, "rejected[0]",
      "share the same prompt"),
     ({"chosen": PROMPT + [GOOD], "rejected": PROMPT + [BAD], "margin": -1}, "margin", ">= 0"),
-    ({"chosen": PROMPT + [GOOD], "rejected": PROMPT + [BAD], "margin": float("nan")}, "margin", "finite"),
+    ({"chosen": PROMPT + [GOOD], "rejected": PROMPT + [BAD], "margin": float("inf")}, "margin", "finite"),
     ({"chosen": [GOOD, GOOD], "rejected": [GOOD, BAD]}, "chosen", "no user message"),
     ({"chosen": PROMPT + [{"role": "assistant", "content": None}], "rejected": PROMPT + [BAD]}, "chosen[1].content", "string"),
     ({"chosen": [{**PROMPT[0], "tool_calls": [{"function": {"name": "f"}}]}, GOOD], "rejected": PROMPT + [BAD]},

@@ -93,9 +93,14 @@ def require(row: dict[str, Any], field: str) -> Any:
     return row[field]
 
 
+def absent(value: Any) -> bool:
+    """None, or NaN: pandas' missing value (JSON written from a DataFrame of rows that lack a column holds NaN)."""
+    return value is None or isinstance(value, float) and math.isnan(value)
+
+
 def first_given(row: dict[str, Any], *fields: str) -> Any:
-    """The first of ``fields`` the row has a value for (a null column counts as absent), else None."""
-    return next((row[f] for f in fields if row.get(f) is not None), None)
+    """The first of ``fields`` the row has a value for (a null or NaN column counts as absent), else None."""
+    return next((row[f] for f in fields if not absent(row.get(f))), None)
 
 
 def as_messages(value: Any, field: str) -> list[dict[str, Any]]:
@@ -167,7 +172,7 @@ def _calls(value: dict[str, Any], field: str) -> tuple[list[dict[str, Any]], str
 
 def _given(value: Any) -> bool:
     # Exports write "no tool calls" as null, [] or "": all mean absent.
-    return value is not None and not (hasattr(value, "__len__") and len(value) == 0)
+    return not absent(value) and not (hasattr(value, "__len__") and len(value) == 0)
 
 
 def _parse_json(text: str, field: str, what: str) -> Any:
@@ -360,13 +365,12 @@ def validate_pair(pair: Mapping[str, Any]) -> dict[str, Any]:
         )
     if _without_call_ids(chosen[-1]) == _without_call_ids(rejected[-1]):
         raise RowDropped("identical", "chosen and rejected answers are the same")
-    source = pair.get("source")
-    pair_id = pair.get("id")
+    source, pair_id, margin = (None if absent(pair.get(key)) else pair.get(key) for key in ("source", "id", "margin"))
     return {
         "chosen": chosen,
         "rejected": rejected,
         "tools": as_tools(pair.get("tools")),
-        "margin": as_margin(pair.get("margin")),
+        "margin": as_margin(margin),
         "id": None if pair_id is None else _string(str(pair_id), "id"),
         "source": None if source is None else _string(str(source), "source"),
     }

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from btrm.processors.base import (BaseBradleyTerryTrainDataset, RowDropped, RowError, as_list, as_message,
+from btrm.processors.base import (BaseBradleyTerryTrainDataset, RowDropped, RowError, absent, as_list, as_message,
                                   as_messages, check_prompt_end, first_given, require)
 
 
@@ -74,7 +74,7 @@ class HelpSteer3Dataset(BaseBradleyTerryTrainDataset):
         responses = [as_message({"role": "assistant", "content": require(row, field)}, field)
                      for field in ("response1", "response2")]
         preference = row.get("overall_preference")
-        if preference is None or preference != preference:  # NaN: pandas' missing value (a concat of subsets)
+        if absent(preference):
             raise RowDropped("missing_label", "overall_preference is missing")
         try:
             integer = int(preference)
