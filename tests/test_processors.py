@@ -210,8 +210,11 @@ def test_helpsteer3_rm_gallery_layout():
     # The label beside the answer, and input and output as JSON strings (RM-Gallery's loader takes both).
     beside = {"input": PROMPT, "output": [{"answer": BAD, "label": {"is_preferred": False}},
                                           {"answer": GOOD, "label": {"is_preferred": True}}]}
+    # (an RM-Gallery Step dumped with its default label, {}, does not hide the one beside it)
+    beside_an_empty_one = {"input": PROMPT, "output": [{"answer": {**BAD, "label": {}}, "label": {"is_preferred": False}},
+                                                       {"answer": {**GOOD, "label": {}}, "label": {"is_preferred": True}}]}
     as_strings = {key: json.dumps(value) for key, value in rm_gallery_row(False).items()}
-    for row in (beside, as_strings):
+    for row in (beside, beside_an_empty_one, as_strings):
         [pair] = helpsteer3.pairs(row)
         assert pair["chosen"] == PROMPT + [GOOD] and pair["rejected"] == PROMPT + [BAD]
     with pytest.raises(RowDropped, match="tie"):
@@ -223,11 +226,17 @@ def test_helpsteer3_rm_gallery_layout():
     with pytest.raises(RowError, match="must be true or false, got 'false'") as error:  # not read as preferred
         helpsteer3.pairs(rm_gallery_row(labels=("false", "true")))
     assert error.value.field == "output[0].answer.label.is_preferred"
+    with pytest.raises(RowError, match=r"missing \(output\[1\] has \['answr', 'label'\]\)") as error:
+        helpsteer3.pairs({"input": PROMPT, "output": [beside["output"][0], {"answr": GOOD, "label": {"is_preferred": True}}]})
+    assert error.value.field == "output[1].answer"
     assert helpsteer3.pairs({**rm_gallery_row(), "id": None, "unique_id": "u1"})[0]["id"] == "u1"
     # A prompt ending on an assistant turn is named where the row holds it, not as the pair's chosen[N].
     with pytest.raises(RowError, match="it must end with a user or tool turn, not 'assistant'") as error:
         helpsteer3.pairs({**rm_gallery_row(), "input": PROMPT + [GOOD]})
     assert error.value.field == f"input[{len(PROMPT)}].role"
+    with pytest.raises(RowError, match="holds no message") as error:
+        helpsteer3.pairs({**rm_gallery_row(), "input": []})
+    assert error.value.field == "input"
     # A file holding both layouts' columns (null where a row has none): a row's missing field is named by its own
     # layout, told by what it does have.
     native_columns = dict.fromkeys(("context", "response1", "response2", "overall_preference"))

@@ -386,7 +386,9 @@ def _without_call_ids(message: dict[str, Any]) -> dict[str, Any]:
 def check_prompt_end(messages: list[dict[str, Any]], field: str) -> None:
     """A prompt a row gives apart from its answers (HelpSteer3's ``context`` or ``input``) ends where an answer may
     follow: checked under the row's own field, not the pair's side (``chosen[3].role``) it becomes part of."""
-    if messages and messages[-1]["role"] not in ("user", "tool"):
+    if not messages:
+        raise RowError(field, "holds no message: the answers need a prompt (at least a user turn)")
+    if messages[-1]["role"] not in ("user", "tool"):
         raise RowError(f"{field}[{len(messages) - 1}].role", "the answers follow it: it must end with a user or tool "
                                                              f"turn, not {messages[-1]['role']!r}")
 

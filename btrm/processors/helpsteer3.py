@@ -43,11 +43,13 @@ class HelpSteer3Dataset(BaseBradleyTerryTrainDataset):
         for i, output in enumerate(outputs):
             if not isinstance(output, dict):
                 raise RowError(f"output[{i}]", "must be {'answer': {role, content, 'label': {'is_preferred': bool}}}")
-            answer = require(output, "answer")
-            # RM-Gallery's Step holds its label; a hand-written row may put it beside the answer.
-            label = first_given(answer, "label") if isinstance(answer, dict) else None
-            label = output.get("label") if label is None else label
-            is_preferred = label.get("is_preferred") if isinstance(label, dict) else None
+            answer = output.get("answer")
+            if answer is None:
+                raise RowError(f"output[{i}].answer", f"missing (output[{i}] has {sorted(output)})")
+            # RM-Gallery's Step holds its label ({} where none was set); a hand-written row may put it beside the answer.
+            labels = (answer.get("label") if isinstance(answer, dict) else None, output.get("label"))
+            is_preferred = next((label["is_preferred"] for label in labels
+                                 if isinstance(label, dict) and label.get("is_preferred") is not None), None)
             if is_preferred is None:
                 raise RowDropped("missing_label", f"output[{i}].answer.label.is_preferred is missing")
             if is_preferred not in (True, False):  # (0 and 1 too) the string "false" must not read as preferred
