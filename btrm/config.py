@@ -111,7 +111,8 @@ class DataOptions:
     max_drop_fraction: float = option(0.05, "Fail the run, printing the ledger, if more than this share of "
                                       "pairs is dropped (missing labels, invalid, identical, overlong; ties, which hold no "
                                       "preference, are counted apart) or, in an evaluation, left unscored by the model; an "
-                                      "evaluation writes its results first.")
+                                      "evaluation writes the scores of the pairs it kept first, unless its first 2000 "
+                                      "rows already show it (then it stops at once).")
     num_data_workers: int = option(2, "Ray Data tasks at a time that read, convert and tokenize pairs.")
     data_worker_cpus: float = option(1.0, "CPUs reserved by each data task.")
 
