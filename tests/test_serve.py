@@ -337,6 +337,12 @@ def test_malformed_and_oversized_bodies(service):
     for response in (declared, chunked):
         assert response.status_code == 413, response.text
         assert f"max_body_bytes={limit}" in response.json()["detail"]
+    # Under every list's limit and the body's, but ~48k JSON values for validation to walk, one by one, on the
+    # HTTP replica's event loop (~10 us each; /health waits): refused by their count before any is validated.
+    calls = {"role": "assistant", "content": "", "tool_calls": [{"name": "f"}] * 3000}
+    with service.client() as client:
+        crowded = client.post("/score", json={"prompt": "hi", "candidates": [calls] * 8})
+    assert crowded.status_code == 413 and "JSON values" in crowded.json()["detail"], crowded.text
 
 
 # ----------------------------------------------------------------------------------------------
