@@ -157,8 +157,8 @@ def run_pipeline(path, tokenizer_dir: str, max_drop_fraction: float = 1.0, **opt
 @dataclass
 class S3Server:
     filesystem: Any  # pyarrow.fs.S3FileSystem, with the credentials
-    options: str  # what a URI's query names it by: s3://KEY:SECRET@bucket/path?{options}
-    credentials: str = "btrm:s3cret"
+    credentials: str  # KEY:SECRET, as a URI carries them: s3://KEY:SECRET@bucket/path?{options}
+    options: str  # what a URI's query names the server by
 
 
 @pytest.fixture
@@ -171,9 +171,10 @@ def s3_server():
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     try:
-        filesystem = pafs.S3FileSystem(access_key="btrm", secret_key="s3cret", endpoint_override=f"127.0.0.1:{port}",
+        key, secret = "btrm", "s3cret"
+        filesystem = pafs.S3FileSystem(access_key=key, secret_key=secret, endpoint_override=f"127.0.0.1:{port}",
                                        scheme="http", region="us-east-1", allow_bucket_creation=True)
-        yield S3Server(filesystem, f"endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1")
+        yield S3Server(filesystem, f"{key}:{secret}", f"endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1")
     finally:
         server.stop()
 

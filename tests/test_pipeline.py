@@ -140,20 +140,20 @@ def test_a_cloud_source_opens_every_file_with_the_credentials_and_options_of_its
 
     from btrm.sources import SourceError, plan_fragments
 
-    s3, options = s3_server.filesystem, s3_server.options
+    s3, options, secret = s3_server.filesystem, s3_server.options, s3_server.credentials.split(":")[1]
     s3.create_dir("pairs")
     pairs = hh_helpful["train"][:30]
     pq.write_table(pa.Table.from_pylist(pairs[:20]), "pairs/hh/part-0.parquet", filesystem=s3)
     with s3.open_output_stream("pairs/hh/part-1.jsonl") as f:
         f.write("".join(json.dumps(pair) + "\n" for pair in pairs[20:]).encode())
     # A glob names the data: the parquet and the JSON lines both.
-    rows, ledger = run_pipeline(f"s3://btrm:s3cret@pairs/hh/part-*?{options}", qwen_tokenizer_dir)
+    rows, ledger = run_pipeline(f"s3://{s3_server.credentials}@pairs/hh/part-*?{options}", qwen_tokenizer_dir)
     with pytest.raises(SourceError) as missing:
-        plan_fragments(f"s3://btrm:s3cret@pairs/elsewhere?{options}")
+        plan_fragments(f"s3://{s3_server.credentials}@pairs/elsewhere?{options}")
     assert ledger["rows_read"] == 30 and len(rows) == ledger["pairs"] > 25
     assert {row["file"] for row in rows} == {"s3://pairs/hh/part-0.parquet", "s3://pairs/hh/part-1.jsonl"}
     assert str(missing.value).startswith("s3://pairs/elsewhere: no such file or directory")
-    assert "s3cret" not in str(missing.value) + json.dumps(ledger, default=str)
+    assert secret not in str(missing.value) + json.dumps(ledger, default=str)
 
 
 def test_directories_and_globs_leave_out_hidden_files_and_wildcards_stay_in_their_folder(tmp_path, capsys):
