@@ -11,7 +11,7 @@ import torch
 
 from btrm.batching import collate_pairs
 from btrm.config import TrainConfig, build_parser, check_job_outputs, parse_config
-from btrm.deepspeed_configs import SHIPPED, fill_deepspeed_config, load_deepspeed_config
+from btrm.deepspeed_configs import SHIPPED, cpu_precision_note, fill_deepspeed_config, load_deepspeed_config
 from btrm.loss import bradley_terry_loss, pair_correct
 
 
@@ -163,6 +163,23 @@ def test_deepspeed_configs_fill_auto_values_and_refuse_contradictions():
                                   hidden_size=64)
         fill_deepspeed_config(raw, micro_batch=2, accumulation=1, world_size=1, max_grad_norm=1.0, bf16=False,
                               hidden_size=64)
+
+
+def test_cpu_workers_are_told_the_precision_the_engine_trains_in():
+    def filled(raw, bf16):
+        return fill_deepspeed_config(raw, micro_batch=2, accumulation=1, world_size=1, max_grad_norm=1.0, bf16=bf16,
+                                     hidden_size=64)
+
+    # The driver passes bf16 = --bf16 and GPUs: on CPU workers "auto" is float32, whatever --bf16 says.
+    assert cpu_precision_note(filled(load_deepspeed_config("zero2"), False), bf16_asked=True, deepspeed="zero2") == \
+        "--bf16 needs GPUs; these CPU workers train in float32"
+    assert cpu_precision_note(filled(load_deepspeed_config("zero2"), False), bf16_asked=False, deepspeed="zero2") is None
+    # A config that enables bf16 itself trains CPU workers in bf16, --bf16 or not: the note must not say float32.
+    for asked in (True, False):
+        assert cpu_precision_note(filled({"bf16": {"enabled": True}}, False), bf16_asked=asked, deepspeed="my.json") == \
+            "--deepspeed my.json enables bf16: these CPU workers train in bf16"
+    assert cpu_precision_note(filled({"fp16": {"enabled": True}}, False), bf16_asked=False, deepspeed="my.json") == \
+        "--deepspeed my.json enables fp16: these CPU workers train in fp16"
 
 
 def test_loss_margin_and_centering():

@@ -72,6 +72,15 @@ def bf16_enabled(raw: dict[str, Any], bf16: bool) -> bool:
     return bf16 if enabled == "auto" else bool(enabled)
 
 
+def cpu_precision_note(filled: dict[str, Any], *, bf16_asked: bool, deepspeed: str) -> str | None:
+    """What CPU workers train in, said where the options alone would mislead: --bf16 (GPUs only) or a config of the
+    user's that enables a half precision itself."""
+    for half in ("bf16", "fp16"):
+        if filled.get(half, {}).get("enabled"):
+            return f"--deepspeed {deepspeed} enables {half}: these CPU workers train in {half}"
+    return "--bf16 needs GPUs; these CPU workers train in float32" if bf16_asked else None
+
+
 def _walk(node: Any, prefix: str = ""):
     if isinstance(node, dict):
         for k, v in node.items():
