@@ -3,7 +3,7 @@
     POST /compare   a prompt with a chosen and a rejected answer (or {"pairs": [...]}) → both rewards,
                     the margin and P(chosen better) = sigmoid(r_chosen - r_rejected)
     POST /score     a prompt with N candidate answers → their rewards and ranking
-    GET  /health    ready: a model replica answers (never guarded by the token)
+    GET  /health    ready: a model replica answers (never guarded by the token; HEAD too)
     GET  /info      model, manifest, tokenization, limits, version
 
 Two deployments. ``RewardAPI`` replicas (the FastAPI ingress, CPU only) validate requests and tokenize
@@ -688,6 +688,9 @@ def build_api(encoder, options: ServiceOptions, token: str | None, score_groups:
         if time.monotonic() - last_scored > RECENTLY_SCORED_S:
             await current_model_state()
         return Health()
+
+    # Load balancers and uptime monitors often probe with HEAD (the schema lists GET alone: one operation to fuzz)
+    api.add_api_route("/health", health, methods=["HEAD"], include_in_schema=False)
 
     @api.get("/info", response_model=Info, responses={503: _UNAVAILABLE})
     async def info() -> Info:

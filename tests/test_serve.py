@@ -352,6 +352,7 @@ def test_malformed_and_oversized_bodies(service):
 def test_token_guards_every_route_but_health(service):
     with service.client(token=None) as anonymous:
         assert anonymous.get("/health").json() == {"status": "ok"}
+        assert anonymous.head("/health").status_code == 200  # (load balancers and uptime monitors probe with HEAD)
         for method, path in (("GET", "/info"), ("POST", "/compare"), ("POST", "/score"), ("GET", "/openapi.json"),
                              ("GET", "/docs")):
             response = anonymous.request(method, path, json=GOOD_PAIR if method == "POST" else None)
