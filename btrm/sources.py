@@ -417,6 +417,9 @@ def _compression(location: str) -> str | None:
     return {"gz": "gzip", "bz2": "bz2", "zst": "zstd"}.get(suffix)
 
 
+WHOLE_OBJECT_CHECK_BYTES = 64 << 20  # how much of a JSON file whose first lines are broken is parsed as one object
+
+
 def _json_rows(path: str, lines: io.BufferedReader, batch_rows: int) -> Iterator[tuple[Sequence[int], list[Any]]]:
     numbered = enumerate(lines)
     for number, line in numbered:  # to the first line that holds something: which layout is this?
@@ -439,9 +442,12 @@ def _json_rows(path: str, lines: io.BufferedReader, batch_rows: int) -> Iterator
             # without reading a large file whole: only an object's own lines do not parse alone.
             following = _next_filled(numbered)
             if following is None or isinstance(_json_line(following[1]), BadRow):
-                rest = (following[1] if following else b"") + lines.read()
+                # Parsed whole up to a bound (and to the end of a line): a large file past it is read on, line by line.
+                rest = (following[1] if following else b"") + lines.read(WHOLE_OBJECT_CHECK_BYTES)
+                rest += b"" if rest.endswith(b"\n") else lines.readline()
                 _refuse_objects_over_lines(path, line + rest, len(line))
-                numbered = enumerate(io.BytesIO(rest), start=following[0] if following else number + 1)
+                numbered = enumerate(itertools.chain(io.BytesIO(rest), lines),
+                                     start=following[0] if following else number + 1)
             else:
                 numbered = itertools.chain([following], numbered)
         yield from _json_line_rows(itertools.chain([(number, line)], numbered), batch_rows)
@@ -470,18 +476,18 @@ def _json_line_rows(numbered: Iterator[tuple[int, bytes]], batch_rows: int) -> I
 def _refuse_objects_over_lines(path: str, data: bytes, first_line_length: int) -> None:
     """A file holding one JSON object (pretty-printed, say {"data": [...]}) is no rows of pairs, nor are objects
     pretty-printed one after another (`jq .`): read line by line, every line but a few would be dropped as
-    broken JSON, and the ledger would not say why."""
+    broken JSON, and the ledger would not say why. ``data``: the file from its start, whole or not."""
     try:
-        whole = json.loads(data)
+        parsed = json.loads(data)
     except json.JSONDecodeError as e:
         if e.msg == "Extra data" and e.pos > first_line_length:  # a whole object over several lines, then more
             raise SourceError(f"{path}: JSON objects each written over several lines (pretty-printed), one after "
                               "another: write one per line (JSON lines, as `jq -c` does) or one JSON array of them") from None
-        return  # JSON lines, the first one broken: dropped and named like any other
+        return  # JSON lines, the first one broken (or an object larger than the bound): dropped and named like any other
     except JSON_ERRORS:
         return
-    if isinstance(whole, dict):
-        lists = [key for key, value in whole.items() if isinstance(value, list)]
+    if isinstance(parsed, dict):
+        lists = [key for key, value in parsed.items() if isinstance(value, list)]
         raise SourceError(f"{path}: one JSON object, not rows of pairs"
                           + (f" (its field {lists[0]!r} holds a list)" if lists else "")
                           + ": write one pair per line (JSON lines) or one JSON array of pairs")

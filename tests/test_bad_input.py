@@ -215,6 +215,7 @@ def test_byte_order_marks_map_columns_and_rows_a_processor_leaves_empty(qwen_tok
     (tmp_path / "broken.jsonl").write_text('{"chosen": [\n\n' + "".join(json.dumps(r) + "\n" for r in rows))
     [(numbers, read)] = read_fragment(Fragment(str(tmp_path / "broken.jsonl"), "json"), 10)
     assert numbers == [0, 2, 3] and type(read[0]).__name__ == "BadRow" and read[1:] == rows
+
     message = pa.map_(pa.string(), pa.string())  # messages as Spark writes a map<string,string> column
     table = pa.table({side: pa.array([[list(m.items()) for m in row[side]] for row in rows], pa.list_(message))
                       for side in ("chosen", "rejected")})
@@ -233,6 +234,25 @@ def test_byte_order_marks_map_columns_and_rows_a_processor_leaves_empty(qwen_tok
     assert table.num_rows == report.pairs == 2 and report.dropped["invalid"] == 2  # every row read is accounted for
     assert "SkipOdd gave no pair for this row" in report.examples[0]["message"] and report.examples[0]["row"] == 1
 
+
+def test_jsonl_with_two_broken_first_lines_is_not_read_whole_into_memory(monkeypatch):
+    """Two broken first lines could be one pretty-printed object: the check that tells parses what it has read,
+    up to a bound, and the rest of a large file is read line by line, as any JSON lines."""
+    import io
+
+    from btrm import sources
+
+    monkeypatch.setattr(sources, "WHOLE_OBJECT_CHECK_BYTES", 1000)
+    rows = [{"chosen": Q + [A], "rejected": Q + [B], "id": str(k)} for k in range(2000)]
+    data = b'{"chosen": [\n{"rejected"\n' + b"".join(json.dumps(r).encode() + b"\n" for r in rows)
+    stream = io.BytesIO(data)
+    read = sources._json_rows("big.jsonl", io.BufferedReader(stream), batch_rows=10)
+    numbers, first = next(read)
+    assert numbers == list(range(10)) and [type(r).__name__ for r in first[:2]] == ["BadRow", "BadRow"]
+    assert stream.tell() < 1000 + 3 * io.DEFAULT_BUFFER_SIZE < len(data)  # (not the whole file)
+    rest = [(n, r) for numbers, batch in read for n, r in zip(numbers, batch)]
+    assert [r for _, r in [*zip(numbers[2:], first[2:]), *rest]] == rows  # (rows across the bound whole)
+    assert [n for n, _ in rest] == list(range(10, 2002))
 
 
 def test_a_processors_failures_cost_only_their_pairs_and_say_where(qwen_tokenizer_dir, tmp_path, monkeypatch):
