@@ -42,14 +42,14 @@ def _checkpoint_registered(run_dir) -> bool:
 
 
 def test_a_killed_worker_resumes_from_the_last_checkpoint(ray_session, tiny_qwen_dir, hh_helpful, tmp_path):
-    # 320 pairs on 2 workers x 4 pairs x 2 accumulation: 20 steps an epoch; 30 steps (--max_steps: one epoch
-    # and a half, as in transformers, so the restarted workers cross an epoch's end); a checkpoint every 10.
-    options = dict(max_steps=30, save_steps=10, logging_steps=5, max_failures=1)
+    # 160 pairs on 2 workers x 4 pairs x 2 accumulation: 10 steps an epoch; 15 steps (--max_steps: one epoch
+    # and a half, as in transformers, so the restarted workers cross an epoch's end); a checkpoint every 5.
+    options = dict(max_steps=15, save_steps=5, logging_steps=5, max_failures=1)
     outcome: dict = {}
 
     def train():
         try:
-            outcome["result"], outcome["model_dir"] = train_tiny(tmp_path, tiny_qwen_dir, hh_helpful["train"][:320],
+            outcome["result"], outcome["model_dir"] = train_tiny(tmp_path, tiny_qwen_dir, hh_helpful["train"][:160],
                                                                  hh_helpful["test"][:32], **options)
         except BaseException as e:  # noqa: BLE001 - reported by the assertion below
             outcome["error"] = e
@@ -59,7 +59,7 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint(ray_session, tiny_qwen
     deadline, killed = time.monotonic() + 300, None
     try:
         while thread.is_alive() and time.monotonic() < deadline and killed is None:
-            # Once the first checkpoint (step 10) is registered, the workers are past it.
+            # Once the first checkpoint (step 5) is registered, the workers are past it.
             if _checkpoint_registered(tmp_path / "runs" / "tiny"):
                 workers = _train_workers_of_this_session()
                 if workers:
@@ -74,11 +74,11 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint(ray_session, tiny_qwen
     result, model_dir = outcome["result"], outcome["model_dir"]
     manifest = json.loads((model_dir / "btrm.json").read_text())
     log = [json.loads(line) for line in (model_dir / "training_log.jsonl").read_text().splitlines()]
-    uninterrupted_pairs = 30 * 2 * 4 * 2
-    assert result.metrics["step"] == manifest["training"]["steps"] == 30
-    assert abs(manifest["training"]["pairs_seen"] - uninterrupted_pairs) <= 10 * 2 * 4 * 2  # one interval
+    uninterrupted_pairs = 15 * 2 * 4 * 2
+    assert result.metrics["step"] == manifest["training"]["steps"] == 15
+    assert abs(manifest["training"]["pairs_seen"] - uninterrupted_pairs) <= 5 * 2 * 4 * 2  # one interval
     # The restarted workers took the log up from the checkpoint: every logging step once, none lost or repeated.
-    assert [line["step"] for line in log if "train/loss" in line] == list(range(5, 31, 5))
+    assert [line["step"] for line in log if "train/loss" in line] == list(range(5, 16, 5))
 
     model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
