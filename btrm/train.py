@@ -138,6 +138,18 @@ def check_run_directory(storage_path: str, run_name: str, resume: bool) -> None:
         raise SystemExit(f"--resume: there is no run {run_name!r} in {without_credentials(storage_path)}")
 
 
+def cpu_shortfall_note(config: TrainConfig, cluster_cpus: float) -> str | None:
+    """Workers that reserve more CPUs than the cluster has: Ray Train waits for them without end (an autoscaler
+    may be about to add them, so this is no refusal), and its own message blames a timeout."""
+    wanted = config.num_workers * config.cpus_per_worker
+    if wanted <= cluster_cpus:
+        return None
+    return (f"WARNING: --num_workers {config.num_workers} x --cpus_per_worker {config.cpus_per_worker:g} = {wanted:g} "
+            f"CPUs, and this Ray cluster has {cluster_cpus:g}: the workers start only once an autoscaler adds CPUs "
+            "(until then Ray Train logs WorkerGroupStartupTimeoutError every 60 s and retries); on one machine, lower "
+            "--num_workers or --cpus_per_worker")
+
+
 def check_apart_from_export(config: TrainConfig, storage_path: str) -> None:
     """Publishing replaces --output_path whole: the run's checkpoints and tracker files must not be inside it
     (they were deleted with an earlier export), nor the export inside the run's directory."""
@@ -189,6 +201,9 @@ def run_training(config: TrainConfig) -> ray.train.Result:
         raise SystemExit(f"--use_gpu auto: the cluster has {gpus} GPU(s) and --num_workers {config.num_workers} needs "
                          f"one each: lower --num_workers, or --use_gpu true where an autoscaler adds GPU nodes, or "
                          "--use_gpu false to train on CPUs")
+    shortfall = cpu_shortfall_note(config, ray.cluster_resources().get("CPU", 0))
+    if shortfall:
+        print(f"[btrm] {shortfall}", flush=True)
     if config.attn_implementation == "flex_attention" and not use_gpu:  # (else every worker's first step fails)
         raise SystemExit("--attn_implementation flex_attention: FlexAttention has no CPU backward, and these workers "
                          "train on CPUs: use sdpa, or auto (sdpa on CPUs, flex_attention on GPUs)")

@@ -182,6 +182,19 @@ def test_cpu_workers_are_told_the_precision_the_engine_trains_in():
         "--deepspeed my.json enables fp16: these CPU workers train in fp16"
 
 
+def test_workers_wanting_more_cpus_than_the_cluster_has_are_warned_of_before_ray_train_waits_for_them():
+    from btrm.train import cpu_shortfall_note
+
+    config = TrainConfig(train_set_path="x", num_workers=3)
+    assert cpu_shortfall_note(config, cluster_cpus=4) is None
+    assert cpu_shortfall_note(config, cluster_cpus=2) == (
+        "WARNING: --num_workers 3 x --cpus_per_worker 1 = 3 CPUs, and this Ray cluster has 2: the workers start only "
+        "once an autoscaler adds CPUs (until then Ray Train logs WorkerGroupStartupTimeoutError every 60 s and retries); "
+        "on one machine, lower --num_workers or --cpus_per_worker")
+    assert "= 1.5 CPUs, and this Ray cluster has 1:" in cpu_shortfall_note(
+        TrainConfig(train_set_path="x", num_workers=1, cpus_per_worker=1.5), cluster_cpus=1)
+
+
 def test_loss_margin_and_centering():
     r_c, r_r = torch.tensor([2.0, 0.0]), torch.tensor([1.0, 1.0])
     plain = bradley_terry_loss(r_c, r_r)
