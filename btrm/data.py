@@ -141,19 +141,25 @@ class Ledger:
         # Running counts for the early check: every batch waits for its record, and summing all reports
         # at each one would grow with the data (a million rows: minutes of the pipeline waiting on this actor).
         self.rows_read = self.pairs = self.dropped = 0
+        self.judged, self.verdict = False, None  # (a failed verdict stays: a retried task is told it again)
 
     def record(self, key: tuple[str, int], report: LedgerReport) -> str | None:
-        """Stores a batch's report; returns an error message once enough rows show too many drops."""
+        """Stores a batch's report; returns an error message if the first early_check_rows rows show too many
+        drops. Judged once: a bad stretch further on is judged with all the data (by check_drop_fraction), not
+        on running counts that the rest of the data may bring back under the limit."""
         replaced = self.reports.get(key, LedgerReport())
         self.reports[key] = report
         self.rows_read += report.rows_read - replaced.rows_read
         self.pairs += report.pairs - replaced.pairs
         self.dropped += report.dropped_against_limit - replaced.dropped_against_limit
-        seen = self.pairs + self.dropped
-        if self.rows_read >= self.early_check_rows and seen and self.dropped / seen > self.max_drop_fraction:
-            return (f"{self.name}: {self.dropped} of {seen} pairs dropped ({self.dropped / seen:.1%}, ties aside) > "
-                    f"--max_drop_fraction {self.max_drop_fraction:.1%}")
-        return None
+        if not self.judged and self.rows_read >= self.early_check_rows:
+            self.judged = True
+            seen = self.pairs + self.dropped
+            if seen and self.dropped / seen > self.max_drop_fraction:
+                self.verdict = (f"{self.name}: {self.dropped} of {seen} pairs dropped in the first {self.rows_read} "
+                                f"rows read ({self.dropped / seen:.1%}, ties aside) > --max_drop_fraction "
+                                f"{self.max_drop_fraction:.1%}")
+        return self.verdict
 
     def summary(self) -> dict[str, Any]:
         total, rows_per_file = LedgerReport(), {}

@@ -421,7 +421,7 @@ def run_evaluation(config: EvalConfig) -> dict[str, Any]:
     print(f"[btrm] evaluation of {model_path} on {summary['data_path']}\n{format_summary(summary)}", flush=True)
     print(f"[btrm] per-pair results: {config.output}; summary: {summary_file}", flush=True)
     # Checked once the output is written: the scores of the pairs kept are the job's work, kept whatever the verdict
-    # (a source whose first 2000 rows already fail it stopped before any scoring: btrm.data.Ledger).
+    # (a source whose first 2000 rows already fail it stopped then, writing nothing: btrm.data.Ledger).
     check_drop_fraction(data, config.max_drop_fraction)
     # The figures leave out the pairs the model failed on: not a few random ones (out of memory takes the longest);
     # none scored is a failure whatever the limit.

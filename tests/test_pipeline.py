@@ -437,10 +437,11 @@ def test_custom_processor_from_a_file(hh_helpful, qwen, qwen_tokenizer_dir, tmp_
                                       for key in ("chosen", "rejected")}, qwen)
 
 
-def test_the_ledger_stops_a_run_early_on_its_running_counts_and_a_retried_batch_replaces_its_report():
+def test_the_ledger_judges_a_runs_first_2000_rows_once_and_a_retried_batch_replaces_its_report():
     """Every batch waits for its record: the early check keeps running counts rather than summing every report
-    again (quadratic in the data: minutes at a million rows). A batch Ray Data runs again (a retried task)
-    reports under the same key and must not count twice."""
+    again (quadratic in the data: minutes at a million rows). It judges once, when 2000 rows are in: a bad stretch
+    later on is judged with all the data, at the end (an evaluation has written its scores by then). A batch
+    Ray Data runs again (a retried task) reports under the same key and must not count twice."""
     import ray
 
     from btrm.data import DROP_REASONS, LedgerReport, new_ledger
@@ -452,14 +453,21 @@ def test_the_ledger_stops_a_run_early_on_its_running_counts_and_a_retried_batch_
     ledger = new_ledger("early", 0.1)
     assert ray.get(ledger.record.remote(("a.parquet", 0), report(900, 100))) is None  # 1,000 rows: too few to judge
     assert ray.get(ledger.record.remote(("a.parquet", 0), report(900, 100))) is None  # retried: replaces
-    assert ray.get(ledger.record.remote(("a.parquet", 1000), report(1000, 0))) is None  # 5% of 2,000
+    assert ray.get(ledger.record.remote(("a.parquet", 1000), report(1000, 0))) is None  # 5% of 2,000: judged, kept on
     # Ties hold no preference by design: not a fault of the data, and not counted against the limit.
     assert ray.get(ledger.record.remote(("t.parquet", 0), report(700, 0, ties=1000))) is None
-    assert ray.get(ledger.record.remote(("b.parquet", 0), report(700, 300))) == (
-        "early: 400 of 3700 pairs dropped (10.8%, ties aside) > --max_drop_fraction 10.0%")
+    assert ray.get(ledger.record.remote(("b.parquet", 0), report(700, 300))) is None  # 10.8% so far: the end decides
+    assert ray.get(ledger.record.remote(("c.parquet", 0), report(3000, 0))) is None  # (5.7% in the end)
     summary = ray.get(ledger.summary.remote())
-    assert (summary["rows_read"], summary["pairs"], summary["dropped_total"], summary["files"]) == (4700, 3300, 1400, 3)
-    assert summary["drop_fraction"] == round(400 / 3700, 6)
+    assert (summary["rows_read"], summary["pairs"], summary["dropped_total"], summary["files"]) == (7700, 6300, 1400, 4)
+    assert summary["drop_fraction"] == round(400 / 6700, 6)
+
+    bad_start = new_ledger("bad-start", 0.1)
+    assert ray.get(bad_start.record.remote(("a.parquet", 0), report(1200, 300))) is None
+    assert ray.get(bad_start.record.remote(("a.parquet", 1500), report(400, 100))) == (
+        "bad-start: 400 of 2000 pairs dropped in the first 2000 rows read (20.0%, ties aside) > --max_drop_fraction "
+        "10.0%")
+    assert ray.get(bad_start.record.remote(("b.parquet", 0), report(5000, 0))) is not None  # (a retried task too)
 
 
 def test_too_many_drops_fail_the_run_with_the_ledger(hh_helpful, qwen_tokenizer_dir, tmp_path):
