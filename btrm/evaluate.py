@@ -36,7 +36,7 @@ from btrm.export import read_manifest
 from btrm.model import embedding_rows, position_limit
 from btrm.scoring import RewardScorer, is_cuda_error, ray_actor_device
 from btrm.sources import glob_matches, is_glob, without_credentials
-from btrm.tokenize import OVERLONG_POLICIES, TokenizationSpec, read_chat_template
+from btrm.tokenize import OVERLONG_POLICIES, TokenizationSpec, load_tokenizer, prepare_tokenizer, read_chat_template
 
 OUTPUT_SUFFIXES = (".parquet", ".jsonl")
 UNSCORED_EXAMPLES = 50
@@ -321,6 +321,11 @@ def eval_tokenization(config: EvalConfig, manifest: dict[str, Any], model_config
         spec = TokenizationSpec(**tokenization)
     except ValueError as e:  # (--max_length 4)
         raise SystemExit(f"--max_length/--overlong: {e}") from None
+    if config.chat_template is not None:  # (the manifest's rendered in training): now, not in every data task
+        try:
+            prepare_tokenizer(load_tokenizer(config.model_path), spec.chat_template)
+        except ValueError as e:
+            raise SystemExit(str(e)) from None
     limit = position_limit(model_config)
     if limit is not None and spec.max_length > limit:
         given = "--max_length" if config.max_length is not None else "the manifest's max_length"

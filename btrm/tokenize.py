@@ -105,7 +105,12 @@ def prepare_tokenizer(tokenizer, chat_template: str | None = None):
             "or --chat_template plain (shipped with btrm, for encoders such as BERT and base decoders)"
         )
     probe = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
-    probe_ids = _template_ids(tokenizer, [probe])[0]
+    try:  # (here, where a job starts: in a data task it would be a jinja traceback on every batch)
+        probe_ids = _template_ids(tokenizer, [probe])[0]
+    except jinja2.TemplateError as e:
+        which = "--chat_template: the template" if chat_template is not None else "the tokenizer's own chat template"
+        raise ValueError(f"{which} cannot render a user/assistant exchange ({type(e).__name__}: {e})"
+                         + ("" if chat_template is not None else ": pass --chat_template FILE to replace it")) from e
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id == probe_ids[-1]:
         candidates = [tokenizer.eos_token, tokenizer.unk_token, tokenizer.bos_token, *tokenizer.all_special_tokens]
         for token in candidates:

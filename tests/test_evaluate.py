@@ -388,6 +388,12 @@ def test_options_are_checked_before_any_work(trained_model_dir, tiny_qwen_dir, t
         main(["--model_path", str(trained_model_dir), "--data_path", "x.parquet", "--max_length", "5000"])
     with pytest.raises(SystemExit, match="--max_length/--overlong: max_length must be at least 8 tokens, got 4"):
         main(["--model_path", str(trained_model_dir), "--data_path", "x.parquet", "--max_length", "4"])
+    # A chat template that cannot render a plain exchange: found here, not in every data task.
+    (tmp_path / "broken.jinja").write_text("{% for m in messages %}{{ m.content }}")
+    with pytest.raises(SystemExit, match="--chat_template: the template cannot render a user/assistant exchange "
+                                         "\\(TemplateSyntaxError: "):
+        main(["--model_path", str(trained_model_dir), "--data_path", "x.parquet", "--chat_template",
+              str(tmp_path / "broken.jinja")])
     # An output that cannot be written is found now, not after the scoring.
     (tmp_path / "file").write_text("")
     with pytest.raises(SystemExit, match=f"--output {tmp_path}/file/s.jsonl: cannot write in {tmp_path}/file "):

