@@ -172,9 +172,7 @@ class PairScorer:
             r_chosen, r_rejected = self.scorer.pair_rewards(batch, self.max_batch_tokens)
             return r_chosen, r_rejected, [None] * len(r_chosen)
         except Exception as e:
-            if is_cuda_error(e):  # every later forward of this actor fails too: pair by pair, each would be an error
-                raise RuntimeError(f"the GPU of this scoring actor failed ({type(e).__name__}: {e}); its CUDA context "
-                                   "is unusable: run the evaluation again") from e
+            _raise_if_cuda_error(e)
             # One pair the model fails on must not take its batch down: find it by scoring pair by pair.
             return self._score_one_by_one(batch)
 
@@ -185,8 +183,16 @@ class PairScorer:
             try:
                 [r_chosen[i]], [r_rejected[i]] = self.scorer.pair_rewards(take(batch, [i]), self.max_batch_tokens)
             except Exception as e:
+                _raise_if_cuda_error(e)
                 errors[i] = f"{type(e).__name__}: {e}"
         return r_chosen, r_rejected, errors
+
+
+def _raise_if_cuda_error(error: Exception) -> None:
+    """Every later forward of this actor fails too: scored pair by pair, each would be one more error."""
+    if is_cuda_error(error):
+        raise RuntimeError(f"the GPU of this scoring actor failed ({type(error).__name__}: {error}); its CUDA context "
+                           "is unusable: run the evaluation again") from error
 
 
 def _mean(values: np.ndarray) -> float | None:

@@ -272,6 +272,16 @@ def test_a_pair_the_model_fails_on_is_reported_and_the_rest_are_scored(trained_m
                                            "evaluation again"):
         scorer(batch)
 
+    # So is one met while its batch, failed otherwise (out of memory), is scored pair by pair.
+    def out_of_memory_then_broken_gpu(pairs, max_batch_tokens):
+        if len(pairs["prompt_ids"]) > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        broken_gpu()
+
+    scorer.scorer.pair_rewards = out_of_memory_then_broken_gpu
+    with pytest.raises(RuntimeError, match="the GPU of this scoring actor failed .*illegal memory access"):
+        scorer(batch)
+
 
 def test_inputs_that_overflow_in_every_packed_row_cost_only_their_own_pairs(trained_model_dir, hh_helpful):
     """Every packed row of a batch scoring NaN is most often a diverged model, but may be one overflowing pair
