@@ -361,7 +361,7 @@ def write_pairs(pairs: pa.Table, path: Path, parquet: bool) -> None:
     if parquet:
         pq.write_table(pairs, path)
     else:
-        with open(path, "w") as f:
+        with open(path, "w", encoding="utf-8") as f:  # (ensure_ascii=False: whatever the locale's encoding)
             f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in pairs.to_pylist())
 
 
@@ -436,13 +436,15 @@ def run_evaluation(config: EvalConfig) -> dict[str, Any]:
     check_drop_fraction(data, config.max_drop_fraction)
     # The figures leave out the pairs the model failed on: not a few random ones (out of memory takes the longest);
     # none scored is a failure whatever the limit.
-    unscored = summary["unscored"] / (summary["pairs"] + summary["unscored"])
-    if unscored > config.max_drop_fraction or summary["pairs"] == 0:
+    total = summary["pairs"] + summary["unscored"]
+    unscored = summary["unscored"] / total
+    if summary["pairs"] == 0 or unscored > config.max_drop_fraction:
         first = summary["unscored_pairs"][0]
-        raise SystemExit(f"{summary['unscored']} of the {summary['pairs'] + summary['unscored']} pairs could not be "
-                         f"scored ({unscored:.1%} > --max_drop_fraction {config.max_drop_fraction:.1%}): the figures "
-                         f"above leave them out. The first, {first['file']} row {first['row']}: {first['error']} "
-                         f"(every one in {config.output}'s error column)")
+        verdict = (f"none of the {total} pairs could be scored (whatever --max_drop_fraction)" if summary["pairs"] == 0
+                   else f"{summary['unscored']} of the {total} pairs could not be scored ({unscored:.1%} > "
+                        f"--max_drop_fraction {config.max_drop_fraction:.1%}): the figures above leave them out")
+        raise SystemExit(f"{verdict}. The first, {first['file']} row {first['row']}: {first['error']} (every one in "
+                         f"{config.output}'s error column)")
     return summary
 
 

@@ -352,6 +352,13 @@ def test_pairs_the_model_fails_on_count_against_max_drop_fraction(ray_session, t
     summary = json.loads(summary_path(output).read_text())
     assert (summary["pairs"], summary["unscored"]) == (19, 1)
     assert pq.read_table(output).column("error").null_count == 19 and not list(tmp_path.glob(".*partial*"))
+    # None scored (a diverged model) fails whatever the limit, saying so.
+    with torch.no_grad():
+        model.score.weight.fill_(float("nan"))
+    model.save_pretrained(model_dir)
+    with pytest.raises(SystemExit, match=r"^none of the 20 pairs could be scored \(whatever --max_drop_fraction\). "
+                                         r"The first, .*part-00000.parquet row 0: the model's rewards are not finite"):
+        _evaluate(argv + ["--max_drop_fraction", "1"])
 
 
 def test_options_are_checked_before_any_work(trained_model_dir, tiny_qwen_dir, tmp_path, capsys):
