@@ -3,6 +3,7 @@ files that exist in the repository."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shlex
@@ -19,6 +20,7 @@ from conftest import REPO
 
 LAUNCHER_CONFIGS = sorted((REPO / "cluster").glob("*.yaml"))
 LAUNCHER_CONFIGS = [p for p in LAUNCHER_CONFIGS if not p.name.startswith("kuberay-")]
+TRACKERS = {c for f in dataclasses.fields(TrainConfig) if f.name == "report_to" for c in f.metadata["choices"]} - {"none"}
 
 
 @pytest.mark.parametrize("path", LAUNCHER_CONFIGS, ids=lambda p: p.name)
@@ -30,6 +32,14 @@ def test_cluster_launcher_configs_match_rays_schema(path):
         assert (REPO / local).exists(), local
     commands = " ".join(config["setup_commands"])
     assert "./setup.sh" in commands and (REPO / "setup.sh").is_file()
+    # Every tracker --report_to offers is installed on the nodes (else the job stops: "not installed").
+    [extras] = re.findall(r"\./setup\.sh (\S+)", commands)
+    assert set(extras.split(",")) >= TRACKERS
+
+
+def test_the_kuberay_image_installs_every_tracker():
+    [extras] = re.findall(r'pip install .*-e "\.\[([^\]]+)\]"', (REPO / "cluster" / "Dockerfile").read_text())
+    assert set(extras.split(",")) >= TRACKERS
 
 
 def _train_flags(entrypoint: str) -> dict[str, str]:
