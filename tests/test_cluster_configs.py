@@ -81,7 +81,12 @@ def test_kuberay_rayservice_serves_the_repositorys_application():
         assert set(app["args"]) <= known, set(app["args"]) - known
     # The same deployments with the same settings named (their values may differ: a cluster's scale).
     ours, theirs = serve_config["applications"][0]["deployments"], local["applications"][0]["deployments"]
-    assert [(d["name"], sorted(d)) for d in ours] == [(d["name"], sorted(d)) for d in theirs]
+
+    def settings(deployment: dict) -> list[str]:  # (autoscaling_config.upscale_delay_s: nested settings too)
+        return sorted(name for key, value in deployment.items()
+                      for name in ([f"{key}.{inner}" for inner in value] if isinstance(value, dict) else [key]))
+
+    assert [(d["name"], settings(d)) for d in ours] == [(d["name"], settings(d)) for d in theirs]
     assert serve_config["applications"][0]["args"]["require_token"] is True  # its Secret is on every pod
     pods = [service["spec"]["rayClusterConfig"]["headGroupSpec"]] + service["spec"]["rayClusterConfig"]["workerGroupSpecs"]
     for pod in pods:
