@@ -243,6 +243,35 @@ def test_helpsteer3_rm_gallery_layout():
     with pytest.raises(RowError, match="missing") as error:
         helpsteer3.pairs({**rm_gallery_row(), **native_columns, "output": None})
     assert error.value.field == "output"
+    # NaN, pandas' missing value, as JSON written from a DataFrame of both layouts holds it: not the row's layout.
+    native = {"input": float("nan"), "output": float("nan"), "context": PROMPT, "response1": GOOD["content"],
+              "response2": BAD["content"], "overall_preference": -2}
+    [pair] = helpsteer3.pairs(native)
+    assert pair["chosen"] == PROMPT + [GOOD] and pair["margin"] == 2
+
+
+def test_helpsteer3_rows_of_several_answers():
+    """Every preferred answer against every other one; a malformed answer costs the pairs it is in, not the row's
+    others; a tie is a row whose answers are all preferred or all not."""
+    helpsteer3 = load_processor("helpsteer3")
+    third = {"role": "assistant", "content": "Nine."}
+
+    def row(*answers):
+        return {"input": PROMPT, "id": "r1", "output": [{"answer": {**answer, "label": {"is_preferred": preferred}}}
+                                                         for answer, preferred in answers]}
+
+    pairs = helpsteer3.pairs(row((GOOD, True), (BAD, False), (third, False)))
+    assert [(p["chosen"][-1], p["rejected"][-1], p["id"]) for p in pairs] == [(GOOD, BAD, "r1/0"), (GOOD, third, "r1/1")]
+    # Two preferred over one: two real preferences, not a tie (which is not counted against --max_drop_fraction).
+    pairs = helpsteer3.pairs(row((GOOD, True), (third, True), (BAD, False)))
+    assert [(p["chosen"][-1], p["rejected"][-1]) for p in pairs] == [(GOOD, BAD), (third, BAD)]
+    for blank in ({"role": "assistant", "content": ""}, {"role": "assistant", "content": None}):
+        good, broken = helpsteer3.pairs(row((GOOD, True), (BAD, False), (blank, False)))
+        assert (good["chosen"][-1], good["rejected"][-1]) == (GOOD, BAD)
+        assert isinstance(broken, RowError) and broken.field == "output[2].answer.content"
+    with pytest.raises(RowError) as error:  # the row's only pair
+        helpsteer3.pairs(row((GOOD, True), ({"role": "assistant", "content": ""}, False)))
+    assert error.value.field == "output[1].answer.content"
 
 
 def test_helpsteer3_native_layout_direction_margin_ties():

@@ -75,7 +75,8 @@ class BaseBradleyTerryTrainDataset:
         back normalised, or as the RowDropped of a pair whose answers are the same or (among several) the
         RowError of a malformed one, which cost that pair and not the row's others (a HelpSteer3 row with two
         rejected answers, one a copy of the chosen). A row's only pair, malformed, raises its RowError. A
-        convert that returns None gives no pair."""
+        convert that returns None gives no pair; one may put a RowDropped or RowError in its list in place of a
+        pair it cannot make."""
         converted = self.convert(row)
         # (a string is one wrong value, not a pair per character)
         pairs = [converted] if isinstance(converted, (Mapping, str, bytes)) else list(converted or ())
@@ -331,6 +332,10 @@ def as_margin(value: Any, field: str = "margin") -> float | None:
 
 
 def _checked(pair: Any, index: int, count: int, processor: str) -> dict[str, Any] | RowDropped | RowError:
+    if isinstance(pair, (RowDropped, RowError)):  # convert's own verdict on one of its pairs
+        if count == 1:
+            raise pair
+        return pair
     try:
         if not isinstance(pair, Mapping):
             raise RowError("(pair)", f"{processor} gave {type(pair).__name__} where a pair belongs (a dict with chosen "

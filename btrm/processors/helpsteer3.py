@@ -3,7 +3,7 @@
 * RM-Gallery's DataSample: ``{"input": [messages], "output": [{"answer": {role, content, "label":
   {"is_preferred": bool}}}, ...]}`` (its DataOutput's answer is a Step, which carries the label); the label
   beside the answer, ``{"answer": {...}, "label": {...}}``, is taken too, and ``input``/``output`` may be JSON
-  strings (as RM-Gallery's own HelpSteer3 loader allows). One preferred answer against each non-preferred one.
+  strings (as RM-Gallery's own HelpSteer3 loader allows). Each preferred answer against each non-preferred one.
 * NVIDIA's native rows: ``context`` (messages), ``response1``, ``response2`` and
   ``overall_preference`` in -3..3, negative meaning response1 is better; ``|overall_preference|``
   becomes the pair's margin.
@@ -25,8 +25,8 @@ class HelpSteer3Dataset(BaseBradleyTerryTrainDataset):
                    "context", "response1", "response2", "overall_preference", "domain")  # NVIDIA's
 
     def convert(self, row: dict[str, Any]) -> list[dict[str, Any]]:
-        # (a file may hold both layouts' columns, null where a row has none: a row is of the layout it has values of)
-        if row.get("output") is not None or row.get("input") is not None:
+        # (a file may hold both layouts' columns, null or NaN where a row has none: a row is of the layout it has values of)
+        if not absent(row.get("output")) or not absent(row.get("input")):
             return self._from_rm_gallery(row)
         if "context" in row:
             return [self._from_native(row)]
@@ -54,19 +54,23 @@ class HelpSteer3Dataset(BaseBradleyTerryTrainDataset):
                 raise RowDropped("missing_label", f"output[{i}].answer.label.is_preferred is missing")
             if is_preferred not in (True, False):  # (0 and 1 too) the string "false" must not read as preferred
                 raise RowError(f"output[{i}].answer.label.is_preferred", f"must be true or false, got {is_preferred!r}")
-            answer = as_message(answer, f"output[{i}].answer")
+            try:  # a malformed answer costs the pairs it is in, not the row's others
+                answer = as_message(answer, f"output[{i}].answer")
+            except RowError as e:
+                answer = e
             (preferred if is_preferred else other).append(answer)
-        if len(preferred) != 1 or not other:
+        if not preferred or not other:
             raise RowDropped("tie", f"{len(preferred)} preferred and {len(other)} non-preferred answers")
         row_id = first_given(row, "id", "unique_id")
+        answer_pairs = [(better, worse) for better in preferred for worse in other]
         return [
-            {
-                "chosen": prompt + preferred,
-                "rejected": prompt + [answer],
-                "id": None if row_id is None else (str(row_id) if len(other) == 1 else f"{row_id}/{k}"),
+            better if isinstance(better, RowError) else worse if isinstance(worse, RowError) else {
+                "chosen": prompt + [better],
+                "rejected": prompt + [worse],
+                "id": None if row_id is None else (str(row_id) if len(answer_pairs) == 1 else f"{row_id}/{k}"),
                 "source": first_given(row, "source", "domain"),
             }
-            for k, answer in enumerate(other)
+            for k, (better, worse) in enumerate(answer_pairs)
         ]
 
     def _from_native(self, row: dict[str, Any]) -> dict[str, Any]:
