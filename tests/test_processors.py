@@ -323,6 +323,11 @@ def test_hh_rlhf_transcripts_become_messages(shared_data):
         {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
     with pytest.raises(RowError, match="must start with"):
         parse_transcript("Assistant: hello", "chosen")
+    # A marker followed by a line break, not a space, still starts a turn (else the answer joins the user's turn).
+    assert parse_transcript("\n\nHuman: hi\n\nAssistant:\nHello!\n\nHuman: thanks\n\nAssistant: Welcome.",
+                            "chosen") == [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello!"},
+                                          {"role": "user", "content": "thanks"},
+                                          {"role": "assistant", "content": "Welcome."}]
 
 
 def test_custom_processor_from_file(tmp_path):

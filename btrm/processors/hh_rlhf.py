@@ -7,7 +7,7 @@ from typing import Any
 
 from btrm.processors.base import BaseBradleyTerryTrainDataset, RowError, first_given, require
 
-_TURN = re.compile(r"\n\n(Human|Assistant): ")
+_TURN = re.compile(r"\n\n(Human|Assistant):")  # (then a space, as a rule; a line break in some copies)
 _ROLE = {"Human": "user", "Assistant": "assistant"}
 
 
