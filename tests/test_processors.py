@@ -57,6 +57,7 @@ def weather_call(arguments, **layout):
      "share the same prompt"),
     ({"chosen": PROMPT + [GOOD], "rejected": PROMPT + [BAD], "margin": -1}, "margin", ">= 0"),
     ({"chosen": PROMPT + [GOOD], "rejected": PROMPT + [BAD], "margin": float("inf")}, "margin", "finite"),
+    ({"chosen": PROMPT + [GOOD], "rejected": PROMPT + [BAD], "margin": 1e39}, "margin", "float32"),  # (inf there)
     ({"chosen": [GOOD, GOOD], "rejected": [GOOD, BAD]}, "chosen", "no user message"),
     ({"chosen": PROMPT + [{"role": "assistant", "content": None}], "rejected": PROMPT + [BAD]}, "chosen[1].content", "string"),
     ({"chosen": [{**PROMPT[0], "tool_calls": [{"function": {"name": "f"}}]}, GOOD], "rejected": PROMPT + [BAD]},

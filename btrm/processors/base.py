@@ -319,6 +319,9 @@ def as_tools(value: Any, field: str = "tools") -> list[dict[str, Any]] | None:
     return tools or None
 
 
+FLOAT32_MAX = 3.4028234663852886e38
+
+
 def as_margin(value: Any, field: str = "margin") -> float | None:
     if value is None:
         return None
@@ -328,6 +331,8 @@ def as_margin(value: Any, field: str = "margin") -> float | None:
         raise RowError(field, f"must be a number, got {value!r}") from None
     if not math.isfinite(margin) or margin < 0:
         raise RowError(field, f"must be a finite number >= 0 (a preference strength), got {value!r}")
+    if margin > FLOAT32_MAX:  # (stored and trained in float32, where it would be infinite)
+        raise RowError(field, f"must be at most float32's largest number ({FLOAT32_MAX:.4g}), got {value!r}")
     return margin
 
 
