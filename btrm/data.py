@@ -279,35 +279,37 @@ class PairPreprocessor:
                 drop("invalid", row_number, f"processor {type(self.processor).__name__} gave no pair for this row "
                      "(a processor drops a row by raising RowDropped(reason) or RowError(field, message))")
                 continue
+            several = len(converted) > 1
             for k, pair in enumerate(converted):
+                which = f" (in the row's pair {k + 1} of {len(converted)})" if several else ""
                 if isinstance(pair, RowDropped):
-                    drop(pair.reason, row_number, str(pair))
+                    drop(pair.reason, row_number, f"{pair}{which}")
                     continue
-                if isinstance(pair, RowError):
+                if isinstance(pair, RowError):  # (named by its field: validate_pair's say which pair already)
                     drop("invalid", row_number, str(pair), pair.field)
                     continue
                 pairs.append(pair)
                 # A pair without an id is named by its place: unique across files, and across the pairs of
-                # one row (a HelpSteer3 row with two rejected answers gives two).
-                places.append((row_number, f"{path}:{row_number}" + (f"/{k}" if len(converted) > 1 else "")))
+                # one row (a HelpSteer3 row with two rejected answers gives two), as a drop of it says too.
+                places.append((row_number, f"{path}:{row_number}" + (f"/{k}" if several else ""), which))
 
         encoded = self.tokenizer.encode_groups([(pair["chosen"], pair["rejected"]) for pair in pairs],
                                                [pair["tools"] for pair in pairs]) if pairs else []
         out = []
-        for pair, (row_number, place), shared in zip(pairs, places, encoded):
+        for pair, (row_number, place, which), shared in zip(pairs, places, encoded):
             if isinstance(shared, RowDropped):
-                drop(shared.reason, row_number, str(shared))
+                drop(shared.reason, row_number, f"{shared}{which}")
                 continue
             if isinstance(shared, Exception):
-                drop("invalid", row_number, f"the chat template refuses the conversation: {shared}")
+                drop("invalid", row_number, f"the chat template refuses the conversation: {shared}{which}")
                 continue
             unknown = tokens_past_embedding(self.tokenizer.tokenizer, shared, self.spec.embedding_rows)
             if unknown:
-                drop("invalid", row_number, str(unknown))
+                drop("invalid", row_number, f"{unknown}{which}")
                 continue
             if shared.tails[0] == shared.tails[1]:  # a pair the model cannot tell apart teaches nothing
                 drop("identical", row_number, "the answers template to the same tokens: they differ only in what "
-                     "the chat template does not render (the Qwen3 template strips leading newlines, say)")
+                     f"the chat template does not render (the Qwen3 template strips leading newlines, say){which}")
                 continue
             report.pairs += 1
             report.with_margin += pair["margin"] is not None

@@ -302,6 +302,11 @@ def test_a_processors_failures_cost_only_their_pairs_and_say_where(qwen_tokenize
     assert nothing["row"] == 1 and "Answers gave no pair for this row" in nothing["message"]
     assert raised["row"] == 2 and raised["message"] == (
         f"processor Answers raised KeyError: 'best' (at {tmp_path / 'answers.py'}:14: best = row['best'])")
+    # A drop of one pair among a row's several says which, whether validation finds it or the tokenization.
+    copies = {"kind": "pairs", "question": "Name a prime.", "best": "Seven.", "others": ["Nine.", "Seven.", "\nSeven."]}
+    table, report = PairPreprocessor(spec).process_rows("more.jsonl", range(1), [copies])
+    assert table.num_rows == 1 and report.dropped["identical"] == 2
+    assert [e["message"][-27:] for e in report.examples] == [" (in the row's pair 2 of 3)", " (in the row's pair 3 of 3)"]
     with pytest.raises(ProcessorError, match=r"'Fussy' in .*answers.py: creating it \(`Fussy\(\)`\) failed: "
                                              "RuntimeError: needs a config"):
         load_processor("Fussy", "answers.py")
