@@ -249,11 +249,15 @@ def _at_most_listed(value: Any) -> Any:
 
 
 def json_values_past(value: Any, limit: int) -> int:
-    """How many JSON values ``value`` holds, itself included; counted no further than one past ``limit``."""
+    """How many JSON values ``value`` holds, itself included; counted no further than one past ``limit``. A string
+    holding a JSON list or object (tools, a tool call's arguments: validation parses and walks them) counts as
+    what it holds."""
     count, pending = 0, [value]
     while pending and count <= limit:
         item = pending.pop()
         count += 1
+        if isinstance(item, str) and item.lstrip()[:1] in ("[", "{"):
+            item = _parsed_or_none(item)
         if isinstance(item, dict):
             pending.extend(item.values())
         elif isinstance(item, list):
@@ -261,12 +265,16 @@ def json_values_past(value: Any, limit: int) -> int:
     return count
 
 
+def _parsed_or_none(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):  # (not JSON, or nested past Python's stack: validation says what is wrong)
+        return None
+
+
 def _tools_at_most_listed(value: Any) -> Any:
     if isinstance(value, str) and value.lstrip().startswith("["):  # tools as a JSON string: its list counts
-        try:
-            _at_most_listed(json.loads(value))
-        except json.JSONDecodeError:
-            pass  # (as_tools says what is wrong with it)
+        _at_most_listed(_parsed_or_none(value))  # (not JSON: as_tools says what is wrong with it)
         return value
     return _at_most_listed(value)
 

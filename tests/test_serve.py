@@ -305,6 +305,7 @@ BAD_REQUESTS = [
      '"loc":["body","rejected","tool_calls",0,"arguments"]'),
     ("/compare", {**GOOD_PAIR, "tools": [{"deep": json.loads("[" * 40 + "]" * 40)}]}, 422, "nested deeper than 32"),
     ("/compare", {**GOOD_PAIR, "tools": '[{"\\ud800": 1}]'}, 422, "key that is not valid Unicode text"),
+    ("/compare", {**GOOD_PAIR, "tools": "[" * 5000 + "]" * 5000}, 422, "field 'tools': is a string that is not a JSON"),
     # Misspelt fields named like the request's union tags stay in the loc.
     ("/score", {"prompt": "hi", "candidates": [{"role": "assistant", "text": "a"}]}, 422,
      '"loc":["body","candidates",0,"text"]'),
@@ -342,6 +343,11 @@ def test_malformed_and_oversized_bodies(service):
     calls = {"role": "assistant", "content": "", "tool_calls": [{"name": "f"}] * 3000}
     with service.client() as client:
         crowded = client.post("/score", json={"prompt": "hi", "candidates": [calls] * 8})
+    assert crowded.status_code == 413 and "JSON values" in crowded.json()["detail"], crowded.text
+    # So are the values of JSON held in a string: validation parses tools and tool calls' arguments, and walks them.
+    arguments = {"role": "assistant", "tool_calls": [{"name": "f", "arguments": json.dumps({"k": [{}] * 70000})}]}
+    with service.client() as client:
+        crowded = client.post("/score", json={"prompt": "hi", "candidates": [arguments]})
     assert crowded.status_code == 413 and "JSON values" in crowded.json()["detail"], crowded.text
 
 
