@@ -248,18 +248,19 @@ def _at_most_listed(value: Any) -> Any:
     return value
 
 
+JSON_STRING_FIELDS = ("tools", "arguments")  # strings that validation parses as JSON and walks
+
+
 def json_values_past(value: Any, limit: int) -> int:
-    """How many JSON values ``value`` holds, itself included; counted no further than one past ``limit``. A string
-    holding a JSON list or object (tools, a tool call's arguments: validation parses and walks them) counts as
-    what it holds."""
+    """How many JSON values ``value`` holds, itself included; counted no further than one past ``limit``. The JSON
+    a tools or arguments string holds counts as what it holds (an answer's text is text, however it looks)."""
     count, pending = 0, [value]
     while pending and count <= limit:
         item = pending.pop()
         count += 1
-        if isinstance(item, str) and item.lstrip()[:1] in ("[", "{"):
-            item = _parsed_or_none(item)
         if isinstance(item, dict):
-            pending.extend(item.values())
+            pending.extend(_parsed_or_none(v) if k in JSON_STRING_FIELDS and isinstance(v, str) else v
+                           for k, v in item.items())
         elif isinstance(item, list):
             pending.extend(item)
     return count

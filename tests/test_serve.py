@@ -1025,3 +1025,15 @@ def test_btrm_serve_answers_on_loopback_and_stops_cleanly_on_sigterm(trained_mod
     assert process.returncode == 0, output
     assert f"serving {trained_model_dir} at http://127.0.0.1:{port}" in output
     assert "[btrm] shutting down" in output and "SIGTERM received" not in output, output
+
+
+def test_the_json_value_count_opens_tools_and_arguments_strings_and_no_answer_text():
+    """Validation parses and walks a tools or arguments string; an answer whose text happens to be JSON is text."""
+    from btrm.serving import json_values_past
+
+    as_text = {"role": "assistant", "content": json.dumps([0] * 100)}
+    as_arguments = {"role": "assistant", "tool_calls": [{"name": "f", "arguments": json.dumps([0] * 100)}]}
+    assert json_values_past(as_text, 10**6) == 3
+    assert json_values_past(as_arguments, 10**6) == 6 + 100
+    assert json_values_past({"tools": json.dumps([{}] * 10)}, 10**6) == 2 + 10
+    assert json_values_past({"tools": "[" * 5000 + "]" * 5000}, 10**6) == 2  # (past the stack: validation says so)
