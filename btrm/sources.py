@@ -1,9 +1,9 @@
 """Finding a source's rows: files, directories of shards, globs and cloud URIs, read in fragments.
 
-A fragment is the unit of parallel work: one parquet row group (or a few) or one JSON file. It knows
-its file and the file row number of its first row, so every row can be named in an error exactly as a
-user would look it up. Parquet goes through pyarrow (any filesystem pyarrow understands: local, s3://,
-gs://, hdfs://, abfs://); JSON/JSONL (optionally compressed) is a convenience for small files.
+A fragment is the unit of parallel work: one parquet row group (or a few), one JSON file, or a byte range
+of a large JSON-lines file. It knows its file and the file row number of its first row, so every row can be
+named in an error exactly as a user would look it up. Parquet goes through pyarrow (any filesystem pyarrow
+understands: local, s3://, gs://, hdfs://, abfs://), and so does JSON/JSONL (optionally compressed).
 """
 
 from __future__ import annotations
@@ -28,6 +28,10 @@ PARQUET_SUFFIXES = (".parquet", ".pq")
 # pyarrow decompresses these on the fly (by the suffix).
 JSON_SUFFIXES = tuple(f"{kind}{compression}" for kind in (".jsonl", ".json") for compression in ("", ".gz", ".bz2", ".zst"))
 ROWS_PER_FRAGMENT = 8192
+# An uncompressed JSON-lines file larger than this is read in pieces of this many bytes, one data task each
+# (a compressed one cannot be entered midway, nor can a JSON array: one task reads it whole).
+JSON_BYTES_PER_FRAGMENT = 64 << 20
+JSON_LAYOUT_CHECK_BYTES = 1 << 20  # how much of a large JSON file planning reads to tell JSON lines
 
 
 class SourceError(ValueError):
@@ -41,6 +45,9 @@ class Fragment:
     row_groups: tuple[int, ...] = ()
     first_row: int = 0  # file row number of the fragment's first row (0-based)
     num_rows: int | None = None
+    # A piece of a JSON-lines file: (start, end) in bytes; it reads the lines that begin in it. Its first_row
+    # counts the lines ended before ``start`` (the one running into the piece, if any, is the piece before's).
+    byte_range: tuple[int, ...] = ()
     # A parquet file's columns that the processor declares it does not read: never decoded (a column of images
     # costs no memory, a bad value in a column of notes no row), only named in the ledger.
     unread_columns: tuple[str, ...] = ()
@@ -53,6 +60,7 @@ class Fragment:
     def __post_init__(self):
         # Ray Data hands a fragment back to its task with the tuples as numpy arrays.
         object.__setattr__(self, "row_groups", tuple(int(i) for i in self.row_groups))
+        object.__setattr__(self, "byte_range", tuple(int(i) for i in self.byte_range))
         object.__setattr__(self, "unread_columns", tuple(str(name) for name in self.unread_columns))
 
 
@@ -291,7 +299,7 @@ def plan_fragments(source: str, required_fields: tuple[str, ...] = (),
         if kind == "parquet":
             fragments.extend(_parquet_fragments(file, source, required_fields, read_fields))
         elif kind == "json":
-            fragments.append(Fragment(file.path, "json", location=file.location, source=source))
+            fragments.extend(_json_fragments(file, source))
         else:
             raise SourceError(f"{file.path}: unknown file type; btrm reads parquet ({', '.join(PARQUET_SUFFIXES)}) "
                               f"and JSON ({', '.join(JSON_SUFFIXES)})")
@@ -337,6 +345,49 @@ def _parquet_fragments(file: DataFile, source: str, required_fields: tuple[str, 
             fragments.append(dataclasses.replace(whole, row_groups=tuple(group), first_row=first, num_rows=rows))
             group, first, rows = [], first + rows, 0
     return fragments
+
+
+def _json_fragments(file: DataFile, source: str) -> list[Fragment]:
+    """A JSON file whole, or, when it is uncompressed JSON lines past JSON_BYTES_PER_FRAGMENT, in byte-range
+    pieces. Their first rows are counted now (every line break before each piece, the pieces read at once):
+    one pass over the file, so each piece names its rows by their line numbers."""
+    whole = Fragment(file.path, "json", location=file.location, source=source)
+    if _compression(file.location):
+        return [whole]
+    fs, location = _opened(whole)
+    try:
+        size = fs.get_file_info(location).size
+        if size <= JSON_BYTES_PER_FRAGMENT:
+            return [whole]
+        with fs.open_input_file(location) as f:
+            if not _json_lines_layout(f.read_at(JSON_LAYOUT_CHECK_BYTES, 0)):
+                return [whole]
+        starts = range(0, size, JSON_BYTES_PER_FRAGMENT)
+        with ThreadPoolExecutor(LISTING_THREADS) as pool:
+            line_breaks = list(pool.map(lambda start: _line_breaks(fs, location, start, start + JSON_BYTES_PER_FRAGMENT),
+                                        starts))
+    except (pa.ArrowException, OSError) as e:
+        raise SourceError(f"{file.path}: cannot be read ({e})") from e
+    before = itertools.accumulate(line_breaks[:-1], initial=0)
+    return [dataclasses.replace(whole, byte_range=(start, min(start + JSON_BYTES_PER_FRAGMENT, size)), first_row=lines)
+            for start, lines in zip(starts, before)]
+
+
+def _json_lines_layout(head: bytes) -> bool:
+    """Whether a file starting with ``head`` is JSON lines beyond doubt: its first two filled lines are whole in
+    it and JSON objects each (the other layouts, and a file whose first rows are broken, are read whole, where
+    :func:`_json_rows` tells them apart)."""
+    filled = [line for line in head.split(b"\n")[:-1] if line.strip()][:2]
+    return len(filled) == 2 and all(isinstance(_json_line(line), dict) for line in filled)
+
+
+def _line_breaks(fs: pafs.FileSystem, location: str, start: int, end: int, block: int = 8 << 20) -> int:
+    """The line breaks in bytes [start, end) of a file."""
+    count = 0
+    with fs.open_input_file(location) as f:
+        for offset in range(start, end, block):
+            count += f.read_at(min(block, end - offset), offset).count(b"\n")
+    return count
 
 
 def read_fragment(fragment: Fragment, batch_rows: int) -> Iterator[tuple[Sequence[int], list[Any]]]:
@@ -403,6 +454,10 @@ def _undecodable(row: pa.RecordBatch, error: Exception) -> BadRow:
 def _read_json(fragment: Fragment, batch_rows: int) -> Iterator[tuple[Sequence[int], list[Any]]]:
     fs, location = _opened(fragment)
     try:
+        if fragment.byte_range:
+            with fs.open_input_file(location) as file:
+                yield from _json_line_rows(_lines_begun_in(file, *fragment.byte_range, fragment.first_row), batch_rows)
+            return
         # pyarrow decompresses .gz (and other compressed suffixes) on the fly; JSONL is read line by line, so a
         # task holds one batch of rows, not the whole file.
         with fs.open_input_stream(location, compression=_compression(location)) as stream:
@@ -452,6 +507,25 @@ def _json_rows(path: str, lines: io.BufferedReader, batch_rows: int) -> Iterator
                 numbered = itertools.chain([following], numbered)
         yield from _json_line_rows(itertools.chain([(number, line)], numbered), batch_rows)
         return
+
+
+def _lines_begun_in(file: pa.NativeFile, start: int, end: int, lines_before: int) -> Iterator[tuple[int, bytes]]:
+    """The lines of a file that begin in bytes [start, end), numbered (``lines_before``: the line breaks before
+    ``start``). A line running into ``start`` from before is the previous piece's, read whole there."""
+    file.seek(max(start - 1, 0))
+    lines = io.BufferedReader(file)
+    position, number = max(start - 1, 0), lines_before
+    if start > 0:
+        rest = lines.readline()  # from the byte before the piece to the end of its line: a line break at most
+        position += len(rest)
+        number += rest.count(b"\n", 1)  # (one in the piece: the line running into it ends in it)
+    while position < end:
+        line = lines.readline()
+        if not line:
+            return
+        yield number, line
+        position += len(line)
+        number += 1
 
 
 def _next_filled(numbered: Iterator[tuple[int, bytes]]) -> tuple[int, bytes] | None:

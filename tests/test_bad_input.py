@@ -3,6 +3,7 @@ other rows down."""
 
 from __future__ import annotations
 
+import gzip
 import json
 
 import pyarrow as pa
@@ -233,6 +234,36 @@ def test_byte_order_marks_map_columns_and_rows_a_processor_leaves_empty(qwen_tok
     table, report = PairPreprocessor(spec).process_rows("rows.jsonl", range(4), [{**rows[0], "n": n} for n in range(4)])
     assert table.num_rows == report.pairs == 2 and report.dropped["invalid"] == 2  # every row read is accounted for
     assert "SkipOdd gave no pair for this row" in report.examples[0]["message"] and report.examples[0]["row"] == 1
+
+
+def test_a_large_json_lines_file_is_read_in_byte_ranges_that_give_every_line_once_by_its_number(tmp_path, monkeypatch):
+    """Pieces cut anywhere (mid-line, at a line's start, inside a line longer than a piece, in blank lines, at
+    a last line without a line break) read, together, what the whole file gives, each row by its line number."""
+    import btrm.sources as sources
+
+    rows = [{"n": k, "text": "x" * (k * 7 % 45)} for k in range(40)]
+    lines = [json.dumps(row) for row in rows]
+    lines[11] = '{"n": 11, "broken'  # a bad row stays one, named by its line
+    lines[20] = json.dumps({"n": 20, "text": "y" * 300})  # longer than a piece: pieces without a line of their own
+    text = "\n".join(lines[:15]) + "\n\n\r\n" + "\r\n".join(lines[15:30]) + "\n" + "\n".join(lines[30:])  # no final break
+    (tmp_path / "pairs.jsonl").write_bytes(b"\xef\xbb\xbf" + text.encode())
+    whole = [(n, row) for numbers, batch in read_fragment(Fragment(str(tmp_path / "pairs.jsonl"), "json"), 1000)
+             for n, row in zip(numbers, batch)]
+    assert len(whole) == 40 and type(whole[11][1]).__name__ == "BadRow" and whole[-1] == (41, rows[-1])
+    for piece in (23, 50, 64, 97, 301):
+        monkeypatch.setattr(sources, "JSON_BYTES_PER_FRAGMENT", piece)
+        fragments = plan_fragments(str(tmp_path / "pairs.jsonl"))
+        assert len(fragments) == -(-(tmp_path / "pairs.jsonl").stat().st_size // piece)
+        read = [(n, row) for fragment in fragments for numbers, batch in read_fragment(fragment, 3)
+                for n, row in zip(numbers, batch)]
+        assert read == whole, piece
+    # Other layouts, and compressed files, stay whole (one task tells them apart, or must read from the start).
+    monkeypatch.setattr(sources, "JSON_BYTES_PER_FRAGMENT", 50)
+    (tmp_path / "array.json").write_text(json.dumps(rows, indent=1))
+    (tmp_path / "first_broken.jsonl").write_text("\n".join(lines[11:]))
+    (tmp_path / "pairs.jsonl.gz").write_bytes(gzip.compress(text.encode()))
+    for name in ("array.json", "first_broken.jsonl", "pairs.jsonl.gz"):
+        assert [f.byte_range for f in plan_fragments(str(tmp_path / name))] == [()], name
 
 
 def test_jsonl_with_two_broken_first_lines_is_not_read_whole_into_memory(monkeypatch):

@@ -120,14 +120,21 @@ def test_every_build_of_the_same_data_trains_in_the_same_order(hh_helpful, qwen_
     assert all(build == builds[0] for build in builds[1:])
 
 
-def test_glob_and_jsonl_read_the_same_pairs(hh_helpful, qwen_tokenizer_dir, tmp_path):
+def test_glob_and_jsonl_read_the_same_pairs(hh_helpful, qwen_tokenizer_dir, tmp_path, monkeypatch):
+    """The JSON lines in byte-range pieces, as a large file is read (here pieces of 16 KiB: five tasks' work)."""
+    import btrm.sources
+
     pairs = hh_helpful["test"][:60]
     write_parquet_shards(pairs, tmp_path / "a", shards=2)
     (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs) + "\n")
+    monkeypatch.setattr(btrm.sources, "JSON_BYTES_PER_FRAGMENT", 16 << 10)
+    assert len(btrm.sources.plan_fragments(str(tmp_path / "pairs.jsonl"))) >= 4
     from_glob, _ = run_pipeline(str(tmp_path / "a" / "part-*.parquet"), qwen_tokenizer_dir)
-    from_jsonl, _ = run_pipeline(tmp_path / "pairs.jsonl", qwen_tokenizer_dir)
+    from_jsonl, ledger = run_pipeline(tmp_path / "pairs.jsonl", qwen_tokenizer_dir)
     strip = lambda rows: sorted((r["id"], tuple(r["prompt_ids"]), tuple(r["chosen_ids"])) for r in rows)
     assert strip(from_glob) == strip(from_jsonl) and len(from_glob) > 50
+    line = {pair["id"]: k for k, pair in enumerate(pairs)}
+    assert all(row["row"] == line[row["id"]] for row in from_jsonl) and ledger["rows_read"] == 60
 
 
 def test_a_cloud_source_opens_every_file_with_the_credentials_and_options_of_its_uri(qwen_tokenizer_dir, hh_helpful,
