@@ -15,7 +15,7 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence, TypeVar, get_type_hints
+from typing import Any, Callable, ClassVar, Sequence, TypeVar, get_type_hints
 
 import yaml
 
@@ -131,7 +131,18 @@ class DataOptions:
 
 @dataclass
 class TrainConfig(DataOptions):
-    """Options of `jobs/train.py` / `btrm train` (the reference trainer's names and defaults)."""
+    """Options of `jobs/train.py` / `btrm train` (the reference trainer's names; README says which defaults differ)."""
+
+    # The reference trainer's options that btrm names otherwise or does without: what its command lines get told.
+    REFERENCE_ONLY_OPTIONS: ClassVar[dict[str, str]] = {
+        "--eval_every_steps": "btrm's is --eval_steps",
+        "--save_every_steps": "btrm's is --save_steps",
+        "--logging_strategy": "btrm logs every --logging_steps steps; leave it out",
+        "--optim": "btrm trains with torch's AdamW in DeepSpeed's engine (fused on GPUs); leave it out",
+        "--do_eval": "btrm evaluates when given --eval_set_path or --eval_split_ratio; leave it out",
+        "--eval_delay": "btrm evaluates every --eval_steps steps and at the end; leave it out",
+        "--local_rank": "Ray Train places the workers (--num_workers); leave it out",
+    }
 
     model_name: str = option("Qwen/Qwen3-1.7B", "Base model: a local directory or a hub name.")
     train_set_path: str | None = option(None, "Training pairs: a parquet file, a directory of shards, a glob, "
@@ -154,7 +165,9 @@ class TrainConfig(DataOptions):
     per_device_eval_batch_size: int = option(4, "Pairs per evaluation batch on each worker where pairs are "
                                              "counted, not budgeted in tokens (encoders, --packing false, or "
                                              "--max_tokens_per_batch 0).")
-    gradient_accumulation_steps: int = option(64, "Micro-batches per optimizer step (see --per_device_train_batch_size).")
+    gradient_accumulation_steps: int = option(64, "An optimizer step takes per_device_train_batch_size x this many "
+                                              "pairs per worker (padded: that many micro-batches; with --packing "
+                                              "they are cut by --max_tokens_per_batch instead).")
     packing: bool = option(True, "Decoder models: pack pairs into rows without padding, the prompt computed once "
                            "for both answers (exactly the rewards of the padded forward, far less compute). "
                            "Encoders, and --packing false, pad chosen and rejected per micro-batch.")
@@ -174,7 +187,8 @@ class TrainConfig(DataOptions):
                                    "rewards then do not vary from one forward to the next.")
     deepspeed: str = option("zero2", "DeepSpeed config: a JSON path or a shipped name "
                             "(zero0, zero1, zero2, zero3, zero3_offload).")
-    lr_scheduler_type: str = option("linear", "Learning-rate schedule after warm-up (transformers names).",
+    lr_scheduler_type: str = option("linear", "Learning-rate schedule after warm-up (transformers names; constant "
+                                    "has no warm-up, constant_with_warmup has).",
                                     ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts",
                                      "polynomial", "inverse_sqrt"))
     warmup_ratio: float = option(0.03, "Share of the optimizer steps spent warming the learning rate up.")
@@ -183,7 +197,8 @@ class TrainConfig(DataOptions):
     use_margin: bool = option(False, "Use the data's preference strength as a margin in the loss.")
     center_rewards_coefficient: float = option(0.0, "Weight of mean((r_chosen + r_rejected)^2) in the loss.")
     seed: int = option(42, "Random seed (model head, data order).")
-    num_workers: int = option(1, "Ray Train workers (one per GPU on a GPU cluster).")
+    num_workers: int = option(1, "Ray Train workers, one per GPU on a GPU cluster: set it to the GPUs to train on "
+                              "(1 trains on one, whatever the cluster has).")
     use_gpu: str = option("auto", "Train on GPUs: auto (when the cluster has any now), true (an autoscaling "
                           "cluster starts GPU nodes for the job) or false.", USE_GPU_CHOICES)
     cpus_per_worker: float = option(1.0, "CPUs reserved by each training worker.")
@@ -313,7 +328,13 @@ def check_writable(option: str, path: str) -> None:
 
 def parse_config(cls: type[T], description: str, argv: Sequence[str] | None = None) -> T:
     parser = build_parser(cls, description)
-    args = vars(parser.parse_args(sys.argv[1:] if argv is None else argv))
+    parsed, unknown = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    if unknown:
+        told = getattr(cls, "REFERENCE_ONLY_OPTIONS", {})
+        hints = [f"{name} ({told[name]})" for name in (token.split("=", 1)[0] for token in unknown) if name in told]
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}" + (f"; from the reference trainer: {'; '.join(hints)}"
+                                                                       if hints else ""))
+    args = vars(parsed)
     values: dict[str, Any] = {}
     config_file = args.pop("config", None)
     if config_file:

@@ -33,7 +33,7 @@ from btrm.config import (SCORING_DTYPES, USE_GPU_CHOICES, DataOptions, check_cpu
 from btrm.data import (DataSpec, bad_data_ends_the_job, build_pair_dataset, check_drop_fraction, close_ledger,
                        new_ledger)
 from btrm.export import read_manifest
-from btrm.model import embedding_rows, position_limit
+from btrm.model import check_trained_weights, embedding_rows, position_limit
 from btrm.scoring import RewardScorer, is_cuda_error, ray_actor_device
 from btrm.sources import glob_matches, is_glob, without_credentials
 from btrm.tokenize import OVERLONG_POLICIES, TokenizationSpec, load_tokenizer, prepare_tokenizer, read_chat_template
@@ -404,7 +404,8 @@ def run_evaluation(config: EvalConfig) -> dict[str, Any]:
     model_path = str(Path(config.model_path).resolve())
     try:
         manifest = read_manifest(model_path)
-    except FileNotFoundError as e:
+        check_trained_weights(model_path)
+    except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"--model_path {e}") from None
     model_config = AutoConfig.from_pretrained(model_path)
     spec = eval_tokenization(config, manifest, model_config)

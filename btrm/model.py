@@ -72,19 +72,54 @@ def position_limit(model_config) -> int | None:
     return limit
 
 
-def load_reward_model(path: str, pad_token_id: int, dtype: torch.dtype = torch.float32):
+def load_reward_model(path: str, pad_token_id: int, dtype: torch.dtype = torch.float32, trained: bool = False,
+                      device_map: str | None = None):
     """An ``AutoModelForSequenceClassification`` with one output and ``pad_token_id`` set.
 
     A base language model gets a new, randomly initialised score head (transformers says so); a model
-    exported by btrm keeps its trained head.
+    exported by btrm keeps its trained head. ``trained``: the model must be whole in its files (an export
+    to score with): a weight they lack, which transformers would initialise at random, is refused.
     """
     from transformers import AutoModelForSequenceClassification
 
-    model = AutoModelForSequenceClassification.from_pretrained(model_on_this_node(path), num_labels=1, dtype=dtype)
+    placement = {"device_map": device_map} if device_map else {}
+    model, loading = AutoModelForSequenceClassification.from_pretrained(
+        model_on_this_node(path), num_labels=1, dtype=dtype, output_loading_info=True, **placement)
+    if trained and loading["missing_keys"]:
+        missing = sorted(loading["missing_keys"])
+        raise ValueError(f"{path}: the model's files lack weight(s) {missing[:5]} (its files hold "
+                         f"{sorted(loading['unexpected_keys'])[:5] or 'no others'} instead): scored, they would be "
+                         "random. btrm before 2026-12-06 exported an encoder's (BERT's) score head so; export the run "
+                         "again: train.py with --resume and the run's options, nothing more to train, exports it")
     model.config.pad_token_id = pad_token_id
     # A composite config (Gemma 3, Qwen3.5: a text config inside) pools at the text config's pad token.
     model.config.get_text_config().pad_token_id = pad_token_id
     return model
+
+
+def reward_head(classifier) -> torch.nn.Linear | None:
+    """The classifier's output layer: a decoder's `score`, BERT's `classifier`, RoBERTa's `classifier.out_proj`
+    (the last Linear with one output: heads are built after the model they read)."""
+    outputs = [module for module in classifier.modules()
+               if isinstance(module, torch.nn.Linear) and module.out_features == classifier.config.num_labels]
+    return outputs[-1] if outputs else None
+
+
+def check_trained_weights(path: str) -> None:
+    """Refuses, on the caller, an export whose files lack weights of its model (ValueError), as the replicas
+    or scoring actors loading it would: loaded on the meta device, which reads no tensor (and quietly: the
+    replicas' own loads say what transformers says)."""
+    from transformers.utils import logging as transformers_logging
+
+    verbosity, bars = transformers_logging.get_verbosity(), transformers_logging.is_progress_bar_enabled()
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    try:
+        load_reward_model(path, pad_token_id=0, trained=True, device_map="meta")
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+        if bars:
+            transformers_logging.enable_progress_bar()
 
 
 def disable_dropout(model: torch.nn.Module) -> None:

@@ -17,7 +17,7 @@ import torch
 from btrm.batching import DENSE_MASK_TOKENS, FLEX_BLOCK, pack_groups, pad_sequences, plan_by_tokens
 from btrm.config import SCORING_DTYPES
 from btrm.export import read_manifest
-from btrm.model import RewardModel, embedding_rows, load_reward_model, packing_unsupported
+from btrm.model import RewardModel, embedding_rows, load_reward_model, packing_unsupported, reward_head
 from btrm.tokenize import (PairTokenizer, SharedPromptIds, TokenizationSpec, Tools, load_tokenizer,
                            tokens_past_embedding)
 
@@ -114,9 +114,9 @@ class RewardScorer:
         self.pad_token_id = self.manifest["pad_token_id"]  # the export's tokenizer's, recorded
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = scoring_dtype(dtype, self.device)
-        self.model = load_reward_model(model_dir, self.pad_token_id, self.dtype).to(self.device).eval()
-        head = getattr(self.model, "score", None)
-        if self.dtype != torch.float32 and isinstance(head, torch.nn.Linear):
+        self.model = load_reward_model(model_dir, self.pad_token_id, self.dtype, trained=True).to(self.device).eval()
+        head = reward_head(self.model)
+        if self.dtype != torch.float32 and head is not None:
             # The score head in float32 (one dot product a token): a bfloat16 one puts rewards on a grid of 2^-8 of
             # their size (steps of 1/64 at a reward of 3), where close answers tie and margins step.
             head.float()

@@ -478,9 +478,15 @@ class Info(BaseModel):
 
 
 def _chars(value: Any) -> int:
-    """Characters of ``value`` (text, a message or the prompt and tools) as JSON: about what a template renders."""
-    return len(value) if isinstance(value, str) else len(json.dumps(
-        value.as_dict() if isinstance(value, Message) else value, ensure_ascii=False))
+    """Characters of ``value`` (text, a message, or the prompt and tools) as JSON: about what a template renders.
+    Tools count as the widest template renders them, Llama 3's `tojson(indent=4)`: every value on its own line,
+    indented to its depth, many times their compact JSON for a deep schema."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, Message):
+        return len(json.dumps(value.as_dict(), ensure_ascii=False))
+    prompt, tools = value
+    return len(json.dumps(prompt, ensure_ascii=False)) + len(json.dumps(tools, ensure_ascii=False, indent=4))
 
 
 def sigmoid(x: float) -> float:
@@ -600,8 +606,8 @@ def build_api(encoder, options: ServiceOptions, token: str | None, score_groups:
             raise HTTPException(413, f"{chars} characters to template (the prompt once per answer); the limit is "
                                      f"max_request_chars={options.max_request_chars}: send fewer answers per request "
                                      "or a shorter prompt")
-        for request, answers in groups:
-            names = set().union(*(tool_names(request.conversation(a), request.offered_tools()) for a in answers))
+        for request, answers in groups:  # (one conversation's names: the check that grows with them is per conversation)
+            names = max((tool_names(request.conversation(a), request.offered_tools()) for a in answers), key=len)
             if len(names) > options.max_tools:
                 raise HTTPException(413, f"{len(names)} tool names offered or called in one conversation; the limit is "
                                          f"max_tools={options.max_tools}")
@@ -1092,12 +1098,20 @@ def build_app(options: ServiceOptions, num_replicas: int | None = None, api_repl
     replicas in front of ``num_replicas`` model replicas (None: the deployments' defaults, or a Serve
     config's). ``model_deployment``: the model replicas' (a benchmark's stand-in for a GPU replaces it)."""
     options.validate()
-    read_manifest(options.model_path)  # fail now, not in every replica, when the directory is wrong
+    from btrm.model import check_trained_weights  # (here: HTTP replicas import this module and never torch)
+
+    read_manifest(options.model_path)  # fail now, not in every replica, when the directory or the model is wrong
+    check_trained_weights(options.model_path)
     token = read_token(options)
+    # Enough requests in flight to fill a batch of max_batch_sequences with pairs, past the deployments' defaults
+    # (a Serve config's deployment settings still win).
     model_options: dict[str, Any] = {
         "ray_actor_options": {"num_cpus": options.replica_cpus, "num_gpus": _replica_gpus(options.replica_gpus)},
+        "max_ongoing_requests": max(RewardModelDeployment.max_ongoing_requests, -(-options.max_batch_sequences // 2)),
     }
-    api_options: dict[str, Any] = {}
+    api_options: dict[str, Any] = {
+        "max_ongoing_requests": max(RewardAPIDeployment.max_ongoing_requests, options.max_batch_sequences),
+    }
     if num_replicas is not None:
         model_options["num_replicas"] = num_replicas
     if api_replicas is not None:
@@ -1135,8 +1149,11 @@ def main(argv: list[str] | None = None) -> None:
     # Replicas start in Ray's working directory, not this shell's.
     command.model_path = str(Path(command.model_path).resolve())
     service = ServiceOptions(**{f.name: getattr(command, f.name) for f in dataclasses.fields(ServiceOptions)})
-    try:  # before Ray: a wrong path or token file stops here, touching nothing on a cluster
+    from btrm.model import check_trained_weights
+
+    try:  # before Ray: a wrong path, model or token file stops here, touching nothing on a cluster
         read_manifest(command.model_path)
+        check_trained_weights(command.model_path)
         guarded = read_token(service) is not None
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"btrm serve: {e}") from None

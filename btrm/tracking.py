@@ -15,7 +15,7 @@ def check_tracker(report_to: str) -> None:
     package = PACKAGES.get(report_to)
     if package and importlib.util.find_spec(package) is None:
         raise SystemExit(f"--report_to {report_to}: the {package} package is not installed; "
-                         f"pip install 'btrm[{report_to}]' (or --report_to none)")
+                         f"in btrm's checkout, ./setup.sh {report_to} (or pip install -e '.[{report_to}]'), or --report_to none")
 
 
 def _mode(report_to: str, directory: str) -> str:

@@ -201,6 +201,9 @@ def run_training(config: TrainConfig) -> ray.train.Result:
         raise SystemExit(f"--use_gpu auto: the cluster has {gpus} GPU(s) and --num_workers {config.num_workers} needs "
                          f"one each: lower --num_workers, or --use_gpu true where an autoscaler adds GPU nodes, or "
                          "--use_gpu false to train on CPUs")
+    if use_gpu and gpus > config.num_workers:  # (accelerate and torchrun users expect every GPU to be used)
+        print(f"[btrm] note: the cluster has {gpus} GPUs and --num_workers {config.num_workers} trains on "
+              f"{config.num_workers}; --num_workers {gpus} trains on all of them", flush=True)
     shortfall = cpu_shortfall_note(config, ray.cluster_resources().get("CPU", 0))
     if shortfall:
         print(f"[btrm] {shortfall}", flush=True)

@@ -527,8 +527,9 @@ def train_loop_per_worker(loop_config: dict[str, Plan]) -> None:
         # from it) and, under model/, the export. Ray Train persists it to storage, from where the driver
         # publishes model/ at --output_path (rank 0 may run on another node than the driver).
         save_state(directory)
-        # Every rank takes part in gathering ZeRO-3 shards; rank 0 writes the export.
-        state_dict = engine._zero3_consolidated_16bit_state_dict() if zero3 else engine.module.classifier.state_dict()
+        # Every rank takes part in gathering ZeRO-3 shards; rank 0 writes the export. Both are the root module's
+        # (RewardModel's): keys under `classifier.`, taken off once below (a BERT's own head is `classifier` too).
+        state_dict = engine._zero3_consolidated_16bit_state_dict() if zero3 else engine.module.state_dict()
         # A diverged run's model scores every pair NaN: the driver is told, and publishes nothing over what
         # --output_path holds (the checkpoint keeps the model and its log, to see where it went wrong).
         metrics = {**metrics, **diverged_figures(engine, state_dict, eval_batcher)}

@@ -128,6 +128,32 @@ def train_tiny(tmp: Path, model_dir: str, train_rows: list[dict], eval_rows: lis
     return run_training(config), tmp / "model"
 
 
+def assert_export_scores_as_the_engine(model_dir, eval_pairs: list[dict], count: int) -> list[dict]:
+    """Plain transformers, no btrm: the exported model gives ``count`` eval pairs the rewards the trained
+    engine gave them (eval_rewards.parquet); returns the engine's rewards."""
+    import pyarrow.parquet as pq
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model, loading = AutoModelForSequenceClassification.from_pretrained(model_dir, output_loading_info=True)
+    assert not loading["missing_keys"] and not loading["unexpected_keys"], loading  # (else random weights score)
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    assert model.config.num_labels == 1 and model.config.pad_token_id == tokenizer.pad_token_id
+    pairs = {p["id"]: p for p in eval_pairs}
+    engine_rewards = pq.read_table(model_dir / "eval_rewards.parquet").to_pylist()
+    for row in engine_rewards[:count]:
+        sides = {side: tokenizer.apply_chat_template(pairs[row["id"]][side], tokenize=True)["input_ids"]
+                 for side in ("chosen", "rejected")}
+        if max(map(len, sides.values())) > 256:
+            continue  # its prompt, shared by both answers, cut in training; covered by the tokenization tests
+        for side, ids in sides.items():
+            with torch.no_grad():
+                reward = model(input_ids=torch.tensor([ids])).logits.item()
+            assert reward == pytest.approx(row[f"reward_{side}"], abs=1e-4)
+    return engine_rewards
+
+
 @pytest.fixture(scope="session")
 def trained_model_dir(ray_session, tiny_qwen_dir, hh_helpful, tmp_path_factory) -> Path:
     """A tiny Qwen3 reward model trained by the real training code on real pairs, exported."""
@@ -136,6 +162,20 @@ def trained_model_dir(ray_session, tiny_qwen_dir, hh_helpful, tmp_path_factory) 
     _, model_dir = train_tiny(tmp, tiny_qwen_dir, hh_helpful["train"][:160], hh_helpful["test"][:96],
                               num_train_epochs=2, eval_before_training=True, learning_rate=2e-3)
     return model_dir
+
+
+def headless_export(model_dir: Path, directory: Path) -> Path:
+    """A copy of an export whose score head is stored under another name, as btrm before 2026-12-06 exported a
+    BERT's (`classifier.weight` as `weight`): transformers would load it with a random head, without an error."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(model_dir, directory)
+    weights = load_file(directory / "model.safetensors")
+    weights["weight"] = weights.pop("score.weight")
+    save_file(weights, directory / "model.safetensors", metadata={"format": "pt"})
+    return directory
 
 
 def run_pipeline(path, tokenizer_dir: str, max_drop_fraction: float = 1.0, **options):

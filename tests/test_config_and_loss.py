@@ -55,7 +55,12 @@ def test_bad_options_are_refused_with_the_reason(tmp_path, capsys):
                         (["--train_set_path", "x", "--deepspeed", "zero-3"], "neither a shipped config"),
                         (["--train_set_path", "x", "--eval_before_training"], "give --eval_set_path or"),
                         (["--train_set_path", "x", "--eval_steps", "50"], "--eval_steps evaluates on the evaluation set: give"),
-                        (["--train_set_path", "x", "--deepspeed", str(tmp_path / "bad.yaml")], "not valid JSON")):
+                        (["--train_set_path", "x", "--deepspeed", str(tmp_path / "bad.yaml")], "not valid JSON"),
+                        # The reference trainer's command lines: told what btrm calls it, or that it does without.
+                        (["--train_set_path", "x", "--eval_every_steps=50", "--logging_strategy", "steps"],
+                         "unrecognized arguments: --eval_every_steps=50 --logging_strategy steps; from the reference "
+                         "trainer: --eval_every_steps (btrm's is --eval_steps); --logging_strategy (btrm logs every "
+                         "--logging_steps steps; leave it out)")):
         with pytest.raises(SystemExit):
             parse_config(TrainConfig, "t", argv)
         assert words in capsys.readouterr().err
@@ -153,6 +158,14 @@ def test_deepspeed_configs_fill_auto_values_and_refuse_contradictions():
     with pytest.raises(ValueError, match=r"remove the \['optimizer'\] section"):
         fill_deepspeed_config({"optimizer": {"type": "AdamW"}}, micro_batch=2, accumulation=1, world_size=1,
                               max_grad_norm=1.0, bf16=False, hidden_size=64)
+    # Hugging Face's ZeRO templates (their optimizer and scheduler sections removed) as they are: fp16 "auto" is off.
+    hugging_face = {"fp16": {"enabled": "auto", "loss_scale": 0, "initial_scale_power": 16}, "bf16": {"enabled": "auto"},
+                    "zero_optimization": {"stage": 3, "reduce_bucket_size": "auto"}, "gradient_clipping": "auto",
+                    "train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto"}
+    for bf16 in (True, False):
+        filled = fill_deepspeed_config(hugging_face, micro_batch=2, accumulation=1, world_size=1, max_grad_norm=1.0,
+                                       bf16=bf16, hidden_size=64)
+        assert (filled["bf16"]["enabled"], filled["fp16"]["enabled"]) == (bf16, False)
     with pytest.raises(FileNotFoundError, match="neither a shipped config"):
         load_deepspeed_config("zero9")
     # What DeepSpeed would refuse on every GPU worker, after the data is read (CPU workers train in float32).

@@ -25,7 +25,7 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTok
 
 from btrm.config import parse_config
 from btrm.evaluate import EvalConfig, PairScorer, eval_tokenization, format_summary, main, summarize, summary_path
-from conftest import REPO, write_parquet_shards
+from conftest import REPO, headless_export, write_parquet_shards
 
 MAX_LENGTH = 256  # what conftest's trained_model_dir was trained with
 
@@ -403,6 +403,10 @@ def test_options_are_checked_before_any_work(trained_model_dir, tiny_qwen_dir, t
         main(["--model_path", str(tmp_path / "absent"), "--data_path", "x.parquet", "--output", str(tmp_path / "s.parquet")])
     with pytest.raises(SystemExit, match="4096 positions"):
         main(["--model_path", str(trained_model_dir), "--data_path", "x.parquet", "--max_length", "5000"])
+    headless = headless_export(trained_model_dir, tmp_path / "headless")
+    with pytest.raises(SystemExit, match=r"--model_path .*/headless: the model's files lack weight\(s\) \['score.weight'\] "
+                                         r"\(its files hold \['weight'\] instead\): scored, they would be random"):
+        main(["--model_path", str(headless), "--data_path", "x.parquet", "--output", str(tmp_path / "s.parquet")])
     with pytest.raises(SystemExit, match="--max_length/--overlong: max_length must be at least 8 tokens, got 4"):
         main(["--model_path", str(trained_model_dir), "--data_path", "x.parquet", "--max_length", "4"])
     # A chat template that cannot render a plain exchange: found here, not in every data task.

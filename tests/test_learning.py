@@ -9,7 +9,7 @@ import pytest
 
 from btrm.config import TrainConfig, load_yaml
 from btrm.train import run_training
-from conftest import REPO, write_parquet_shards
+from conftest import REPO, assert_export_scores_as_the_engine, write_parquet_shards
 
 
 def longer_answer_wins(pairs: list[dict]) -> float:
@@ -37,3 +37,5 @@ def test_quickstart_learns_on_real_pairs(ray_session, hh_helpful, tmp_path):
     # (the loss, steadier than accuracy over 223 pairs: 0.693 untrained, 0.672 here)
     assert result.metrics["eval/loss"] < result.metrics["eval/loss_before_training"] - 0.01
     assert json.loads((tmp_path / "model" / "btrm.json").read_text())["tokenization"]["reward_token"] == "first"
+    # The export is the model that was evaluated: BERT's head (`classifier`) saved under its own name.
+    assert_export_scores_as_the_engine(tmp_path / "model", hh_helpful["test"], 24)

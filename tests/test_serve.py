@@ -14,6 +14,7 @@ import threading
 import time
 import warnings
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pyarrow.parquet as pq
@@ -22,8 +23,8 @@ import yaml
 
 from btrm.config import typed_values
 from btrm.scoring import length_buckets
-from btrm.serving import ServeCommand, ServiceOptions, app_builder, read_token, sigmoid
-from conftest import free_port, scoring_service
+from btrm.serving import ServeCommand, ServiceOptions, app_builder, build_app, read_token, sigmoid
+from conftest import free_port, headless_export, scoring_service
 
 REPO = Path(__file__).resolve().parents[1]
 TOKEN = "test-token-7f3a"
@@ -107,6 +108,23 @@ def test_bfloat16_scoring_ranks_as_float32_does(trained_model_dir, eval_pairs):
     assert half.model.score.weight.dtype == torch.float32
     off_grid = [r for g in approx for r in g if torch.tensor(r).bfloat16().item() != r]
     assert len(off_grid) > 0.9 * 2 * len(groups)
+
+
+def test_the_head_scored_in_float32_is_the_output_layer_of_decoders_and_encoders(tiny_qwen_dir):
+    """What bfloat16 scoring keeps in float32 (above): a decoder's `score`, and an encoder's own head too (the
+    quickstart's MiniLM is a BERT: its rewards would sit on bfloat16's grid)."""
+    from transformers import (AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification,
+                              RobertaConfig, RobertaForSequenceClassification)
+
+    from btrm.model import reward_head
+
+    small = dict(vocab_size=100, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                 num_labels=1)
+    bert = BertForSequenceClassification(BertConfig(**small))
+    roberta = RobertaForSequenceClassification(RobertaConfig(**small))
+    qwen = AutoModelForSequenceClassification.from_pretrained(tiny_qwen_dir)
+    assert (reward_head(bert), reward_head(roberta), reward_head(qwen)) == (bert.classifier, roberta.classifier.out_proj,
+                                                                            qwen.score)
 
 
 def test_identical_candidates_tie_exactly_and_keep_request_order(service):
@@ -195,6 +213,11 @@ def test_tool_use_is_scored_as_training_tokenizes_it(service, trained_model_dir)
     rewards = scored.json()["rewards"]
     assert rewards[:2] == pytest.approx(expected, abs=1e-4) and rewards[1] == rewards[2] == rewards[3]
     assert untooled.json()["rewards"] != pytest.approx(rewards, abs=1e-4)  # the offered tools are part of the prompt
+    # max_tools (4 here) bounds one conversation's tool names, not all the candidates' together.
+    calling = [{"role": "assistant", "tool_calls": [{"name": f"{who}{k}", "arguments": {}} for k in range(3)]}
+               for who in "ab"]
+    with service.client() as client:
+        assert client.post("/score", json={"prompt": "hi", "candidates": calling}).status_code == 200
 
 
 def test_messages_from_an_openai_response_score_as_they_came(service):
@@ -252,6 +275,14 @@ def test_overlong_prompt_is_cut_and_flagged(service, trained_model_dir):
 
 GOOD_PAIR = {"prompt": "hi", "chosen": "hello", "rejected": "go away"}
 
+
+def _nested(levels: int, inner: Any) -> Any:
+    return inner if levels == 0 else {"a": _nested(levels - 1, inner)}
+
+
+# A deep tool schema: 1.4k characters of compact JSON, 49k as Llama 3's template renders it (`tojson(indent=4)`).
+DEEP_TOOLS = [{"type": "function", "function": {"name": "f", "parameters": _nested(24, [1] * 400)}}]
+
 BAD_REQUESTS = [
     # (path, body, status, text the error must contain)
     ("/compare", {"prompt": "hi", "chosen": "hello"}, 422, '"loc":["body","rejected"]'),
@@ -281,6 +312,7 @@ BAD_REQUESTS = [
     # A long prompt is templated once per answer: 11,000 characters x 8 candidates, x 4 pairs x 2 answers.
     ("/score", {"prompt": "many words " * 1000, "candidates": ["a"] * 8}, 413, "max_request_chars=65536"),
     ("/compare", {"pairs": [{**GOOD_PAIR, "prompt": "many words " * 1000}] * 4}, 413, "max_request_chars=65536"),
+    ("/score", {"prompt": "hi", "tools": DEEP_TOOLS, "candidates": ["a", "b"]}, 413, "max_request_chars=65536"),
     ("/score", [1, 2], 422, "valid dictionary"),
     # Tool use
     ("/compare", {**GOOD_PAIR, "chosen": {"role": "user", "content": "hello"}}, 422, "an answer is an assistant message"),
@@ -393,7 +425,7 @@ def test_info_and_openapi_schema(service, trained_model_dir):
 # Options, config file, helpers (no Serve needed)
 
 
-def test_serve_config_file_builds_this_application(trained_model_dir, monkeypatch, caplog):
+def test_serve_config_file_builds_this_application(trained_model_dir, tmp_path, monkeypatch, caplog):
     from ray.serve.schema import ServeDeploySchema
 
     from btrm.serving import RewardAPIDeployment, RewardModelDeployment
@@ -413,6 +445,11 @@ def test_serve_config_file_builds_this_application(trained_model_dir, monkeypatc
                        (dict(forward_timeout_s=float("nan")), "--forward_timeout_s must be >= 0, and finite")):
         with pytest.raises(ValueError, match=words):
             ServeCommand(model_path="somewhere", **bad).validate()
+    # A batch larger than the deployments' defaults can fill gets the requests in flight to fill it with pairs.
+    api = build_app(ServiceOptions(model_path=str(trained_model_dir), max_batch_sequences=600))._bound_deployment
+    assert (api.max_ongoing_requests, api.init_args[2]._bound_deployment.max_ongoing_requests) == (600, 300)
+    with pytest.raises(ValueError, match=r"headless: the model's files lack weight\(s\) \['score.weight'\]"):
+        build_app(ServiceOptions(model_path=str(headless_export(trained_model_dir, tmp_path / "headless"))))
     with pytest.raises(ValueError, match=r"application args: unknown option\(s\) \['max_candidate'\] \(did you mean "
                                          r"max_candidates\?\)"):
         app_builder({"model_path": "x", "max_candidate": 3})

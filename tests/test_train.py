@@ -11,37 +11,18 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 import torch
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoTokenizer
 
 from btrm.train_loop import Progress, epoch_order
-from conftest import train_tiny, write_parquet_shards
+from conftest import assert_export_scores_as_the_engine, train_tiny, write_parquet_shards
 
 
 def _log(model_dir) -> list[dict]:
     return [json.loads(line) for line in (model_dir / "training_log.jsonl").read_text().splitlines()]
 
 
-def _assert_export_scores_as_the_engine(model_dir, eval_pairs: list[dict], count: int) -> list[dict]:
-    """Plain transformers, no btrm: the exported model gives ``count`` eval pairs the rewards the trained
-    engine gave them (eval_rewards.parquet); returns the engine's rewards."""
-    model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    assert model.config.num_labels == 1 and model.config.pad_token_id == tokenizer.pad_token_id
-    pairs = {p["id"]: p for p in eval_pairs}
-    engine_rewards = pq.read_table(model_dir / "eval_rewards.parquet").to_pylist()
-    for row in engine_rewards[:count]:
-        for side in ("chosen", "rejected"):
-            ids = tokenizer.apply_chat_template(pairs[row["id"]][side], tokenize=True)["input_ids"]
-            if len(ids) > 256:
-                continue  # truncated in training; covered by the tokenization tests
-            with torch.no_grad():
-                reward = model(input_ids=torch.tensor([ids])).logits.item()
-            assert reward == pytest.approx(row[f"reward_{side}"], abs=1e-4)
-    return engine_rewards
-
-
 def test_exported_model_reloads_to_the_engine_rewards(trained_model_dir, hh_helpful):
-    assert len(_assert_export_scores_as_the_engine(trained_model_dir, hh_helpful["test"], 24)) > 80
+    assert len(assert_export_scores_as_the_engine(trained_model_dir, hh_helpful["test"], 24)) > 80
 
 
 def test_zero3_evaluates_in_lockstep_exports_whole_weights_and_resumes(ray_session, tiny_qwen_dir, hh_helpful,
@@ -56,14 +37,14 @@ def test_zero3_evaluates_in_lockstep_exports_whole_weights_and_resumes(ray_sessi
                    eval_steps=2, logging_steps=1)
     _, model_dir = train_tiny(tmp_path, tiny_qwen_dir, rows, held_out, max_steps=2, **options)
     eval_pairs = json.loads((model_dir / "btrm.json").read_text())["data"]["eval"]["pairs"]
-    assert len(_assert_export_scores_as_the_engine(model_dir, held_out, 12)) == eval_pairs == 41  # 20 and 21
+    assert len(assert_export_scores_as_the_engine(model_dir, held_out, 12)) == eval_pairs == 41  # 20 and 21
     first_run = _log(model_dir)
     result, model_dir = train_tiny(tmp_path, tiny_qwen_dir, rows, held_out, max_steps=3, resume=True, **options)
     log = _log(model_dir)
     assert log[: len(first_run) - 1] == first_run[:-1]  # (the first run's final line stays, with its step)
     assert [line["step"] for line in log if "train/loss" in line] == [1, 2, 3] and result.metrics["step"] == 3
     assert log[-1]["eval/pairs"] == eval_pairs
-    _assert_export_scores_as_the_engine(model_dir, held_out, 12)
+    assert_export_scores_as_the_engine(model_dir, held_out, 12)
 
 
 def test_a_run_on_cloud_storage_checkpoints_there_exports_from_there_and_guards_its_resume(

@@ -41,6 +41,8 @@ def fill_deepspeed_config(raw: dict[str, Any], *, micro_batch: int, accumulation
             raise ValueError(f"DeepSpeed config sets {key}={config[key]} but the job's options give {value}; "
                              "set it to \"auto\" or make them agree")
     config.setdefault("bf16", {})["enabled"] = bf16_enabled(config, bf16)
+    if config.get("fp16", {}).get("enabled") == "auto":  # (Hugging Face's templates: it follows --fp16, which btrm
+        config["fp16"]["enabled"] = False               # has not: bf16 is its half precision)
     if config["bf16"]["enabled"] and config.get("fp16", {}).get("enabled"):
         raise ValueError("DeepSpeed config: fp16 and bf16 both enabled (bf16 \"auto\" follows --bf16): enable one")
     zero = config.setdefault("zero_optimization", {"stage": 0})
