@@ -91,9 +91,14 @@ def ray_pipeline(spec, tasks: int) -> tuple[int, int, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pairs", type=int, default=60000)
-    parser.add_argument("--tokenizer", default=str(REPO.parent / "shared" / "data" / "tokenizers" / "qwen3"))
+    parser.add_argument("--tokenizer", default=str(REPO.parent / "shared" / "data" / "tokenizers" / "qwen3"),
+                        help="A local tokenizer directory with a chat template (the figures are Qwen3's; no hub is "
+                             "reached). Default: ../shared/data/tokenizers/qwen3 beside the checkout.")
     parser.add_argument("--max_length", type=int, default=4096)
     args = parser.parse_args()
+    if not Path(args.tokenizer).is_dir():
+        parser.error(f"--tokenizer {args.tokenizer}: no such directory; give a local tokenizer (a Qwen3 one for "
+                     "figures comparable to the README's)")
 
     import ray
     from transformers import AutoTokenizer

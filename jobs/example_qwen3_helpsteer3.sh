@@ -40,7 +40,7 @@ export RAY_ADDRESS
 STAMP="$(date +%Y%m%d-%H%M%S)"
 RUN_NAME="${RUN_NAME:-qwen3-helpsteer3}"
 
-# 1. Train: the reference trainer's settings (configs/qwen3_1.7b_rm.yaml: 4096 tokens, lr 2e-6, 64-step
+# 1. Train: the reference trainer's example settings (configs/qwen3_1.7b_rm.yaml: 4096 tokens, lr 1e-5, two epochs, 64-step
 #    accumulation, bf16, gradient checkpointing, ZeRO-3) on the HelpSteer3 processor. `ray job submit` follows the logs until the job ends
 #    (Ctrl-C detaches, the job goes on: `ray job logs -f <submission id>`, `ray job list`). A run name already
 #    in $STORAGE is refused: RESUME=true continues it from its latest checkpoint, or pick another RUN_NAME.

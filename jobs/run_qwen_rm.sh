@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The reference trainer's example settings (configs/qwen3_1.7b_rm.yaml: Qwen3-1.7B, 4096 tokens, lr 2e-6,
-# 64-step accumulation, bf16, gradient checkpointing, DeepSpeed ZeRO-3) as a Ray job on a GPU cluster.
+# The reference trainer's example settings (configs/qwen3_1.7b_rm.yaml: Qwen3-1.7B, 4096 tokens, lr 1e-5, two
+# epochs, 64-step accumulation, bf16, gradient checkpointing; DeepSpeed ZeRO-3) as a Ray job on a GPU cluster.
 #   RAY_ADDRESS=http://head:8265 TRAIN=s3://bucket/train/ EVAL=s3://bucket/test/ bash jobs/run_qwen_rm.sh [--option value ...]
 # SHARED (default /mnt/shared/btrm): a directory every node mounts; the model is exported to
 # $SHARED/models/qwen3-1.7b-rm unless OUTPUT says otherwise (a local directory every node reads: a relative
