@@ -68,6 +68,7 @@ class Fragment:
 class DataFile:
     path: str  # as shown (see Fragment)
     location: str  # in the source's filesystem
+    size: int  # bytes, as listed
 
 
 def _split_uri(source: str) -> tuple[str, str, str]:
@@ -171,7 +172,7 @@ LISTING_THREADS = 16
 
 
 def _files_below(fs: pafs.FileSystem, folder: str, wanted_file: Callable[[str], bool],
-                 wanted_folder: Callable[[str], bool], shown: Callable[[str], str]) -> list[str]:
+                 wanted_folder: Callable[[str], bool], shown: Callable[[str], str]) -> list[pafs.FileInfo]:
     """The files below ``folder`` that are wanted, listing only the folders that are, a level at a time: a
     hidden tree (.git/, Spark's _temporary/) or one a pattern cannot reach is never read, and a folder that
     cannot be listed is named."""
@@ -205,14 +206,14 @@ def _files_below(fs: pafs.FileSystem, folder: str, wanted_file: Callable[[str], 
     with ThreadPoolExecutor(LISTING_THREADS) as pool:
         while level:
             infos = sorted((info for listed in pool.map(listing, level) for info in listed), key=lambda i: i.path)
-            files += [info.path for info in infos
+            files += [info for info in infos
                       if info.type == pafs.FileType.File and wanted_file(info.path) and first_time(info.path)]
             level = [info.path for info in infos
                      if info.type == pafs.FileType.Directory and wanted_folder(info.path) and first_time(info.path)]
     if again:
         print(f"[btrm] {shown(folder)}: {len(again)} folder(s) or file(s) lead where an earlier one did (symbolic "
               f"links), not read again: {first_few([shown(p) for p in again])}", flush=True)
-    return sorted(files)
+    return sorted(files, key=lambda info: info.path)
 
 
 def _refuse_dangling_links(folder: str, listed: set[str], wanted_file: Callable[[str], bool]) -> None:
@@ -258,7 +259,7 @@ def list_data_files(source: str) -> list[DataFile]:
                              shown)
         if not files:
             raise SourceError(f"{shown_source}: the pattern matches no files")
-        return [DataFile(shown(f), f) for f in files]
+        return [DataFile(shown(f.path), f.path, f.size) for f in files]
     try:
         info = fs.get_file_info(path)
     except (pa.ArrowException, OSError) as e:
@@ -266,27 +267,27 @@ def list_data_files(source: str) -> list[DataFile]:
     if info.type == pafs.FileType.NotFound:
         raise SourceError(f"{shown_source}: no such file or directory")
     if info.type == pafs.FileType.File:
-        return [DataFile(shown(path), path)]
+        return [DataFile(shown(path), path, info.size)]
     found = _files_below(fs, path, lambda f: not _hidden(f.rsplit("/", 1)[-1]),
                          lambda d: not _hidden(d.rsplit("/", 1)[-1]), shown)
-    files = [f for f in found if _kind(f)]
-    others = [shown(f) for f in found if not _kind(f)]
+    files = [f for f in found if _kind(f.path)]
+    others = [shown(f.path) for f in found if not _kind(f.path)]
     named = first_few(others)
     if not files:
         raise SourceError(f"{shown_source}: the directory holds no data files "
                           f"({', '.join(PARQUET_SUFFIXES + JSON_SUFFIXES)})" + (f"; it holds {named}" if others else ""))
     if others:  # (a README beside the shards, or data in a format btrm does not read: say which)
         print(f"[btrm] {shown_source}: {len(others)} file(s) neither parquet nor JSON, not read: {named}", flush=True)
-    json_files = [f for f in files if _kind(f) == "json"]
+    json_files = [f.path for f in files if _kind(f.path) == "json"]
     if json_files and len(json_files) < len(files):
         # Parquet shards with JSON beside them: most likely metadata (dataset_info.json, a manifest) that
         # would be read as rows of pairs. Which files are data is the user's call: a glob says it.
         named = first_few([shown(f) for f in json_files], 3)
-        suffix = next(s for s in PARQUET_SUFFIXES if any(f.lower().endswith(s) for f in files))
+        suffix = next(s for s in PARQUET_SUFFIXES if any(f.path.lower().endswith(s) for f in files))
         raise SourceError(f"{shown_source}: the directory mixes {len(files) - len(json_files)} parquet and "
                           f"{len(json_files)} JSON file(s) ({named}); name the data with a glob, e.g. "
                           f"{shown_path}/**/*{suffix}")
-    return [DataFile(shown(f), f) for f in files]
+    return [DataFile(shown(f.path), f.path, f.size) for f in files]
 
 
 def plan_fragments(source: str, required_fields: tuple[str, ...] = (),
@@ -354,11 +355,11 @@ def _json_fragments(file: DataFile, source: str) -> list[Fragment]:
     whole = Fragment(file.path, "json", location=file.location, source=source)
     if _compression(file.location):
         return [whole]
+    size = file.size
+    if size <= JSON_BYTES_PER_FRAGMENT:
+        return [whole]
     fs, location = _opened(whole)
     try:
-        size = fs.get_file_info(location).size
-        if size <= JSON_BYTES_PER_FRAGMENT:
-            return [whole]
         with fs.open_input_file(location) as f:
             if not _json_lines_layout(f.read_at(JSON_LAYOUT_CHECK_BYTES, 0)):
                 return [whole]
