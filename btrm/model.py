@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
+import json
 import os
 from pathlib import Path
 
@@ -72,8 +73,7 @@ def position_limit(model_config) -> int | None:
     return limit
 
 
-def load_reward_model(path: str, pad_token_id: int, dtype: torch.dtype = torch.float32, trained: bool = False,
-                      device_map: str | None = None):
+def load_reward_model(path: str, pad_token_id: int, dtype: torch.dtype = torch.float32, trained: bool = False):
     """An ``AutoModelForSequenceClassification`` with one output and ``pad_token_id`` set.
 
     A base language model gets a new, randomly initialised score head (transformers says so); a model
@@ -82,15 +82,10 @@ def load_reward_model(path: str, pad_token_id: int, dtype: torch.dtype = torch.f
     """
     from transformers import AutoModelForSequenceClassification
 
-    placement = {"device_map": device_map} if device_map else {}
     model, loading = AutoModelForSequenceClassification.from_pretrained(
-        model_on_this_node(path), num_labels=1, dtype=dtype, output_loading_info=True, **placement)
+        model_on_this_node(path), num_labels=1, dtype=dtype, output_loading_info=True)
     if trained and loading["missing_keys"]:
-        missing = sorted(loading["missing_keys"])
-        raise ValueError(f"{path}: the model's files lack weight(s) {missing[:5]} (its files hold "
-                         f"{sorted(loading['unexpected_keys'])[:5] or 'no others'} instead): scored, they would be "
-                         "random. btrm before 2026-12-06 exported an encoder's (BERT's) score head so; export the run "
-                         "again: train.py with --resume and the run's options, nothing more to train, exports it")
+        raise ValueError(missing_weights_message(path, sorted(loading["missing_keys"]), sorted(loading["unexpected_keys"])))
     model.config.pad_token_id = pad_token_id
     # A composite config (Gemma 3, Qwen3.5: a text config inside) pools at the text config's pad token.
     model.config.get_text_config().pad_token_id = pad_token_id
@@ -106,20 +101,38 @@ def reward_head(classifier) -> torch.nn.Linear | None:
 
 
 def check_trained_weights(path: str) -> None:
-    """Refuses, on the caller, an export whose files lack weights of its model (ValueError), as the replicas
-    or scoring actors loading it would: loaded on the meta device, which reads no tensor (and quietly: the
-    replicas' own loads say what transformers says)."""
-    from transformers.utils import logging as transformers_logging
+    """Refuses, on the caller, an export whose files lack its score head (ValueError): transformers would give
+    it a random one and every score would be noise. Reads the files' headers only; the replicas' and scoring
+    actors' own loads check every weight (``load_reward_model(trained=True)``)."""
+    from safetensors import SafetensorError, safe_open
+    from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    verbosity, bars = transformers_logging.get_verbosity(), transformers_logging.is_progress_bar_enabled()
-    transformers_logging.set_verbosity_error()
-    transformers_logging.disable_progress_bar()
+    directory = Path(model_on_this_node(path))
+    with torch.device("meta"):  # (no memory: only the head's name is wanted)
+        model = AutoModelForSequenceClassification.from_config(AutoConfig.from_pretrained(directory))
+    head = reward_head(model)
+    prefix = next(name for name, module in model.named_modules() if module is head)
+    wanted = sorted(f"{prefix}.{name}" for name, _ in head.named_parameters())
+    index = directory / "model.safetensors.index.json"
     try:
-        load_reward_model(path, pad_token_id=0, trained=True, device_map="meta")
-    finally:
-        transformers_logging.set_verbosity(verbosity)
-        if bars:
-            transformers_logging.enable_progress_bar()
+        if index.is_file():
+            stored = set(json.loads(index.read_text())["weight_map"])
+        else:
+            with safe_open(directory / "model.safetensors", "pt") as weights:
+                stored = set(weights.keys())
+    except (OSError, ValueError, KeyError, SafetensorError) as e:
+        raise ValueError(f"{path}: its weights (model.safetensors, or its index) cannot be read ({e}): is the "
+                         "export whole?") from None
+    missing = [name for name in wanted if name not in stored]
+    if missing:
+        raise ValueError(missing_weights_message(path, missing, sorted(stored - set(model.state_dict()))))
+
+
+def missing_weights_message(path: str, missing: list[str], instead: list[str]) -> str:
+    return (f"{path}: the model's files lack weight(s) {missing[:5]} (its files hold {instead[:5] or 'no others'} "
+            "instead): scored, they would be random. btrm from 2026-12-01 to 2026-12-06 exported an encoder's (BERT's) "
+            "score head so; export the run again: train.py with --resume and the run's options, nothing more to "
+            "train, exports it")
 
 
 def disable_dropout(model: torch.nn.Module) -> None:

@@ -28,6 +28,7 @@ import json
 import logging
 import math
 import os
+import re
 import signal
 import time
 from collections import deque
@@ -477,16 +478,22 @@ class Info(BaseModel):
 # The HTTP application
 
 
-def _chars(value: Any) -> int:
+def _chars(value: Any, tools_indent: int | None = None) -> int:
     """Characters of ``value`` (text, a message, or the prompt and tools) as JSON: about what a template renders.
-    Tools count as the widest template renders them, Llama 3's `tojson(indent=4)`: every value on its own line,
-    indented to its depth, many times their compact JSON for a deep schema."""
+    ``tools_indent``: the template's (:func:`tools_indent`): indented, every value of the tools is on its own
+    line at its depth, many times their compact JSON for a deep schema."""
     if isinstance(value, str):
         return len(value)
     if isinstance(value, Message):
         return len(json.dumps(value.as_dict(), ensure_ascii=False))
     prompt, tools = value
-    return len(json.dumps(prompt, ensure_ascii=False)) + len(json.dumps(tools, ensure_ascii=False, indent=4))
+    return len(json.dumps(prompt, ensure_ascii=False)) + len(json.dumps(tools, ensure_ascii=False, indent=tools_indent))
+
+
+def tools_indent(chat_template: Any) -> int | None:
+    """The indent a chat template renders JSON with (Llama 3's `tools | tojson(indent=4)`), or None: compact."""
+    indents = [int(n) for n in re.findall(r"tojson\(\s*(?:indent\s*=\s*)?(\d+)", str(chat_template))]
+    return max(indents) if indents else None
 
 
 def sigmoid(x: float) -> float:
@@ -597,10 +604,12 @@ def build_api(encoder, options: ServiceOptions, token: str | None, score_groups:
                     + (" Every route but /health needs `Authorization: Bearer <token>`." if token else ""),
     )
 
+    indent = tools_indent(encoder.tokenizer.tokenizer.chat_template)
+
     def check_size(groups: list[tuple[Conversation, list[str | Message]]]) -> None:
         # Every answer is templated with its whole prompt (the exact ids training saw): a long prompt with many
         # candidates multiplies, and would hold the replica's event loop for minutes.
-        chars = sum(len(answers) * _chars(request.prompt_and_tools()) + sum(_chars(a) for a in answers)
+        chars = sum(len(answers) * _chars(request.prompt_and_tools(), indent) + sum(_chars(a) for a in answers)
                     for request, answers in groups)
         if chars > options.max_request_chars:
             raise HTTPException(413, f"{chars} characters to template (the prompt once per answer); the limit is "

@@ -31,7 +31,9 @@ ROWS_PER_FRAGMENT = 8192
 # An uncompressed JSON-lines file larger than this is read in pieces of this many bytes, one data task each
 # (a compressed one cannot be entered midway, nor can a JSON array: one task reads it whole).
 JSON_BYTES_PER_FRAGMENT = 64 << 20
-JSON_LAYOUT_CHECK_BYTES = 1 << 20  # how much of a large JSON file planning reads to tell JSON lines
+JSON_LAYOUT_CHECK_BYTES = 1 << 20  # how much of a large JSON file planning reads first to tell JSON lines
+# JSON is read through buffers of this size: on an object store each read of the file is a ranged GET.
+READ_BUFFER_BYTES = 1 << 20
 
 
 class SourceError(ValueError):
@@ -361,7 +363,7 @@ def _json_fragments(file: DataFile, source: str) -> list[Fragment]:
     fs, location = _opened(whole)
     try:
         with fs.open_input_file(location) as f:
-            if not _json_lines_layout(f.read_at(JSON_LAYOUT_CHECK_BYTES, 0)):
+            if not _json_lines_layout(_head(f, lines=2, limit=JSON_BYTES_PER_FRAGMENT)):
                 return [whole]
         starts = range(0, size, JSON_BYTES_PER_FRAGMENT)
         with ThreadPoolExecutor(LISTING_THREADS) as pool:
@@ -372,6 +374,17 @@ def _json_fragments(file: DataFile, source: str) -> list[Fragment]:
     before = itertools.accumulate(line_breaks[:-1], initial=0)
     return [dataclasses.replace(whole, byte_range=(start, min(start + JSON_BYTES_PER_FRAGMENT, size)), first_row=lines)
             for start, lines in zip(starts, before)]
+
+
+def _head(file: pa.NativeFile, lines: int, limit: int) -> bytes:
+    """The file's start, through its first ``lines`` filled lines where they end within ``limit`` bytes (read in
+    growing steps: a long-context pair may be megabytes on its line)."""
+    size = JSON_LAYOUT_CHECK_BYTES
+    while True:
+        head = file.read_at(size, 0)
+        if len(head) < size or size >= limit or sum(1 for line in head.split(b"\n")[:-1] if line.strip()) >= lines:
+            return head
+        size = min(size * 4, limit)
 
 
 def _json_lines_layout(head: bytes) -> bool:
@@ -462,7 +475,7 @@ def _read_json(fragment: Fragment, batch_rows: int) -> Iterator[tuple[Sequence[i
         # pyarrow decompresses .gz (and other compressed suffixes) on the fly; JSONL is read line by line, so a
         # task holds one batch of rows, not the whole file.
         with fs.open_input_stream(location, compression=_compression(location)) as stream:
-            yield from _json_rows(fragment.path, io.BufferedReader(stream), batch_rows)
+            yield from _json_rows(fragment.path, io.BufferedReader(stream, READ_BUFFER_BYTES), batch_rows)
     except (pa.ArrowException, OSError) as e:
         raise SourceError(f"{fragment.path}: cannot be read ({e}); is it truncated or corrupt?") from e
 
@@ -514,7 +527,7 @@ def _lines_begun_in(file: pa.NativeFile, start: int, end: int, lines_before: int
     """The lines of a file that begin in bytes [start, end), numbered (``lines_before``: the line breaks before
     ``start``). A line running into ``start`` from before is the previous piece's, read whole there."""
     file.seek(max(start - 1, 0))
-    lines = io.BufferedReader(file)
+    lines = io.BufferedReader(file, READ_BUFFER_BYTES)
     position, number = max(start - 1, 0), lines_before
     if start > 0:
         rest = lines.readline()  # from the byte before the piece to the end of its line: a line break at most

@@ -257,6 +257,11 @@ def test_a_large_json_lines_file_is_read_in_byte_ranges_that_give_every_line_onc
         read = [(n, row) for fragment in fragments for numbers, batch in read_fragment(fragment, 3)
                 for n, row in zip(numbers, batch)]
         assert read == whole, piece
+    # Rows longer than the first look at the file (long-context pairs): it reads on to tell the layout.
+    monkeypatch.setattr(sources, "JSON_LAYOUT_CHECK_BYTES", 100)
+    monkeypatch.setattr(sources, "JSON_BYTES_PER_FRAGMENT", 1000)
+    (tmp_path / "long.jsonl").write_text("".join(json.dumps({"n": k, "text": "z" * 300}) + "\n" for k in range(10)))
+    assert len(plan_fragments(str(tmp_path / "long.jsonl"))) == 4
     # Other layouts, and compressed files, stay whole (one task tells them apart, or must read from the start).
     monkeypatch.setattr(sources, "JSON_BYTES_PER_FRAGMENT", 50)
     (tmp_path / "array.json").write_text(json.dumps(rows, indent=1))

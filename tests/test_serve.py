@@ -312,7 +312,6 @@ BAD_REQUESTS = [
     # A long prompt is templated once per answer: 11,000 characters x 8 candidates, x 4 pairs x 2 answers.
     ("/score", {"prompt": "many words " * 1000, "candidates": ["a"] * 8}, 413, "max_request_chars=65536"),
     ("/compare", {"pairs": [{**GOOD_PAIR, "prompt": "many words " * 1000}] * 4}, 413, "max_request_chars=65536"),
-    ("/score", {"prompt": "hi", "tools": DEEP_TOOLS, "candidates": ["a", "b"]}, 413, "max_request_chars=65536"),
     ("/score", [1, 2], 422, "valid dictionary"),
     # Tool use
     ("/compare", {**GOOD_PAIR, "chosen": {"role": "user", "content": "hello"}}, 422, "an answer is an assistant message"),
@@ -356,6 +355,24 @@ def test_bad_requests_get_a_4xx_naming_the_problem(service, path, body, status, 
         response = client.post(path, json=body)
     assert response.status_code == status, response.text
     assert expected in response.text
+
+
+def test_tools_count_toward_max_request_chars_as_the_template_renders_them(qwen_tokenizer_dir):
+    """A template that indents the tools' JSON (Llama 3's `tojson(indent=4)`) renders a deep schema many times
+    its compact size: counted so, or a small request would make the replica tokenize megabytes. A template
+    that renders them compact (Qwen3's) is not charged for indentation it never renders."""
+    from transformers import AutoTokenizer
+
+    from btrm.serving import _chars, tools_indent
+
+    tokenizer = AutoTokenizer.from_pretrained(qwen_tokenizer_dir)
+    indenting = "{% for t in tools %}{{ t | tojson(indent=4) }}{% endfor %}{% for m in messages %}{{ m.content }}{% endfor %}"
+    prompt = [{"role": "user", "content": "hi"}]
+    rendered = tokenizer.apply_chat_template(prompt, tools=DEEP_TOOLS, chat_template=indenting, tokenize=False)
+    assert tools_indent(indenting) == 4 and tools_indent(tokenizer.chat_template) is None
+    assert _chars((prompt, DEEP_TOOLS), tools_indent(indenting)) >= len(rendered) > 30 * len(json.dumps(DEEP_TOOLS))
+    qwen_rendered = tokenizer.apply_chat_template(prompt, tools=DEEP_TOOLS, tokenize=False)
+    assert _chars((prompt, DEEP_TOOLS)) < len(qwen_rendered)  # (the template's own text besides)
 
 
 def test_malformed_and_oversized_bodies(service):
