@@ -111,6 +111,8 @@ def check_trained_weights(path: str) -> None:
     with torch.device("meta"):  # (no memory: only the head's name is wanted)
         model = AutoModelForSequenceClassification.from_config(AutoConfig.from_pretrained(directory))
     head = reward_head(model)
+    if head is None:  # (no Linear head to look for: the scorer's own load still checks every weight)
+        return
     prefix = next(name for name, module in model.named_modules() if module is head)
     wanted = sorted(f"{prefix}.{name}" for name, _ in head.named_parameters())
     index = directory / "model.safetensors.index.json"
