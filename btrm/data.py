@@ -205,7 +205,8 @@ def format_ledger(ledger: dict[str, Any]) -> str:
     for example in ledger["examples"][:10]:
         lines.append(f"  - {example['reason']}: {example['file']} row {example['row']}: {example['message']}")
     if len(ledger["examples"]) > 10:
-        lines.append(f"  ... {len(ledger['examples']) - 10} more examples in the ledger JSON")
+        lines.append(f"  ... {len(ledger['examples']) - 10} more examples (in the ledger of the manifest or summary "
+                     "a job that finishes writes)")
     return "\n".join(lines)
 
 

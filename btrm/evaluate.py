@@ -395,6 +395,19 @@ def score_pairs(config: EvalConfig, model_path: str, spec: TokenizationSpec, row
     return pa.concat_tables(blocks) if blocks else SCORED_SCHEMA.empty_table()
 
 
+def processor_note(config: EvalConfig, manifest: dict[str, Any]) -> str | None:
+    """What to say when the model trained on pairs another processor read than this evaluation's: the same
+    layout of data, read otherwise, is every row dropped as invalid (and nothing would say why)."""
+    trained = manifest.get("training", {}).get("options", {})
+    name = trained.get("custom_bt_dataset_name") if trained.get("custom_bt_dataset_path") else trained.get("dataset_format")
+    if not name or name == config.processor_name():
+        return None
+    given = ("--custom_bt_dataset_path " + trained["custom_bt_dataset_path"] + " --custom_bt_dataset_name " + name
+             if trained.get("custom_bt_dataset_path") else f"--dataset_format {name}")
+    return (f"the model trained on pairs read by processor {name}; this evaluation reads --data_path with "
+            f"{config.processor_name()}. For data in the training's layout, pass {given}")
+
+
 def run_evaluation(config: EvalConfig) -> dict[str, Any]:
     """Scores --data_path with --model_path; writes the per-pair file and the summary; returns the summary."""
     from transformers import AutoConfig
@@ -409,6 +422,9 @@ def run_evaluation(config: EvalConfig) -> dict[str, Any]:
         raise SystemExit(f"--model_path {e}") from None
     model_config = AutoConfig.from_pretrained(model_path)
     spec = eval_tokenization(config, manifest, model_config)
+    note = processor_note(config, manifest)
+    if note:
+        print(f"[btrm] note: {note}", flush=True)
     if not ray.is_initialized():
         ray.init()
     ledger = new_ledger("eval", config.max_drop_fraction)

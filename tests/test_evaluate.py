@@ -421,6 +421,27 @@ def test_options_are_checked_before_any_work(trained_model_dir, tiny_qwen_dir, t
         main(["--model_path", str(trained_model_dir), "--data_path", "x.parquet", "--output", str(tmp_path / "file" / "s.jsonl")])
 
 
+def test_an_evaluation_reading_with_another_processor_than_training_says_which_to_pass():
+    """A model trained through a processor of the user's: its evaluation with the standard one would drop every row
+    of the training's layout as invalid, saying only that fields are missing."""
+    from btrm.evaluate import processor_note
+
+    def config(*argv):
+        return parse_config(EvalConfig, "test", ["--model_path", "m", "--data_path", "x.jsonl", *argv])
+
+    custom = {"training": {"options": {"dataset_format": "standard", "custom_bt_dataset_path": "/p/mine.py",
+                                       "custom_bt_dataset_name": "MyPairs"}}}
+    assert processor_note(config(), custom) == (
+        "the model trained on pairs read by processor MyPairs; this evaluation reads --data_path with standard. For "
+        "data in the training's layout, pass --custom_bt_dataset_path /p/mine.py --custom_bt_dataset_name MyPairs")
+    assert processor_note(config("--custom_bt_dataset_path", "/p/mine.py", "--custom_bt_dataset_name", "MyPairs"),
+                          custom) is None
+    helpsteer = {"training": {"options": {"dataset_format": "helpsteer3", "custom_bt_dataset_path": None}}}
+    assert processor_note(config(), helpsteer).endswith("pass --dataset_format helpsteer3")
+    assert processor_note(config(), {"training": {"options": {"dataset_format": "standard"}}}) is None
+    assert processor_note(config(), {}) is None
+
+
 def test_job_script_is_the_cli():
     result = subprocess.run([sys.executable, str(REPO / "jobs" / "evaluate.py"), "--help"], capture_output=True,
                             text=True, timeout=120)
