@@ -363,7 +363,7 @@ def train_step(engine, pairs: dict[str, Any], batcher: MicroBatcher, config: Tra
             "tokens": tokens, "computed_tokens": computed_tokens, "micro_batches": len(plan), "steps": 1}
 
 
-def _quiet_worker_console() -> None:
+def _quiet_worker_console(rank: int) -> None:
     """Keeps the job log to btrm's progress lines and what a user can act on. On each worker:
 
     - Ray Train 2.60 logs each ``ray.train.report``, its whole metrics dict, at INFO: two long lines per
@@ -371,7 +371,8 @@ def _quiet_worker_console() -> None:
       ``ray.train.*``) does not reach it.
     - Ray Data logs each evaluation pass over the worker's eval shard (start, plan, finish) at INFO, and
       warns once that progress bars are off (btrm turns them off: the job log has its own progress).
-    - transformers draws progress bars for loading and saving a few-megabyte model.
+    - transformers draws progress bars for loading and saving a few-megabyte model, and every worker prints the
+      same load report (a base model's new score head: "MISSING ... newly initialized"): rank 0's is enough.
     - DeepSpeed calls ``torch.distributed.all_gather_into_tensor``, deprecated in torch 2.13: a
       FutureWarning per worker that only a DeepSpeed release can act on.
     """
@@ -384,6 +385,8 @@ def _quiet_worker_console() -> None:
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
     transformers_logging.disable_progress_bar()
+    if rank != 0:
+        transformers_logging.set_verbosity_error()
     warnings.filterwarnings("ignore", message="`torch.distributed.all_gather_into_tensor` is deprecated",
                             category=FutureWarning)
 
@@ -394,7 +397,7 @@ def train_loop_per_worker(loop_config: dict[str, Plan]) -> None:
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
-    _quiet_worker_console()
+    _quiet_worker_console(rank)
     _seed_everything(config.seed)
 
     tokenizer = prepare_tokenizer(load_tokenizer(plan.model_path), plan.tokenization["chat_template"])

