@@ -22,7 +22,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from btrm.config import TrainConfig, check_job_outputs, check_writable, gpus_wanted
 from btrm.data import DataSpec, build_pair_dataset, check_drop_fraction, close_ledger, new_ledger, split_by_question
-from btrm.deepspeed_configs import cpu_precision_note, fill_deepspeed_config, load_deepspeed_config
+from btrm.deepspeed_configs import fill_deepspeed_config, load_deepspeed_config, precision_note
 from btrm.export import ExportNotReplaceable, check_replaceable, publish_dir
 from btrm.model import check_reward_architecture, embedding_rows, position_limit, resolve_model_path, reward_token_rule
 from btrm.sources import without_credentials
@@ -217,9 +217,10 @@ def run_training(config: TrainConfig) -> ray.train.Result:
                                        max_grad_norm=config.max_grad_norm, bf16=config.bf16 and use_gpu, hidden_size=1)
     except ValueError as e:
         raise SystemExit(f"--deepspeed {config.deepspeed}: {e}") from None
-    precision_note = None if use_gpu else cpu_precision_note(filled, bf16_asked=config.bf16, deepspeed=config.deepspeed)
-    if precision_note:
-        print(f"[btrm] {precision_note}", flush=True)
+    precision = precision_note(filled, use_gpu=use_gpu, bf16_asked=config.bf16, deepspeed=config.deepspeed,
+                               pairs_per_step=config.per_device_train_batch_size * config.gradient_accumulation_steps)
+    if precision:
+        print(f"[btrm] {precision}", flush=True)
 
     recorded_terms = recorded_resume_terms(in_run(storage_path, config.run_name)) if config.resume else None
     # What the options alone decide, before the data is read: a wrong resume stops at once.

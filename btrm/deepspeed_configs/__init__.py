@@ -74,13 +74,23 @@ def bf16_enabled(raw: dict[str, Any], bf16: bool) -> bool:
     return bf16 if enabled == "auto" else bool(enabled)
 
 
-def cpu_precision_note(filled: dict[str, Any], *, bf16_asked: bool, deepspeed: str) -> str | None:
-    """What CPU workers train in, said where the options alone would mislead: --bf16 (GPUs only) or a config of the
-    user's that enables a half precision itself."""
-    for half in ("bf16", "fp16"):
-        if filled.get(half, {}).get("enabled"):
-            return f"--deepspeed {deepspeed} enables {half}: these CPU workers train in {half}"
-    return "--bf16 needs GPUs; these CPU workers train in float32" if bf16_asked else None
+def precision_note(filled: dict[str, Any], *, use_gpu: bool, bf16_asked: bool, deepspeed: str,
+                   pairs_per_step: int) -> str | None:
+    """What the engine trains in, said where the options alone would mislead. CPU workers: --bf16 (GPUs only) or a
+    config of the user's that enables a half precision itself. GPUs in bf16: a config that sums a step's
+    micro-batch gradients in bfloat16 (DeepSpeed's default, rounding the sum at every micro-batch)."""
+    if not use_gpu:
+        for half in ("bf16", "fp16"):
+            if filled.get(half, {}).get("enabled"):
+                return f"--deepspeed {deepspeed} enables {half}: these CPU workers train in {half}"
+        return "--bf16 needs GPUs; these CPU workers train in float32" if bf16_asked else None
+    if (not filled["bf16"]["enabled"] or pairs_per_step == 1  # (one pair: one micro-batch, nothing summed)
+            or filled.get("data_types", {}).get("grad_accum_dtype") in FLOAT32_NAMES):
+        return None
+    summed = f"note: --deepspeed {deepspeed} with bf16 sums the gradients of a step's micro-batches in bfloat16"
+    if filled["zero_optimization"].get("stage", 0) == 0:
+        return f"{summed} (DeepSpeed sums in float32 under ZeRO only): --deepspeed zero1 or zero2 sum them in float32"
+    return f'{summed}: its "data_types": {{"grad_accum_dtype": "fp32"}} (as btrm\'s zero1-3 have) sums them in float32'
 
 
 def _walk(node: Any, prefix: str = ""):
