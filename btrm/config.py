@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import errno
 import json
 import math
 import os
@@ -316,11 +317,16 @@ def check_job_outputs(paths: dict[str, str]) -> None:
 
 def check_writable(option: str, path: str) -> None:
     """Refuses, before any work, a local output whose folder cannot be made or written in (a read-only mount,
-    a path through a file): found when the work is done, it would lose the results."""
+    a path through a file): found when the work is done, it would lose the results. Makes nothing (a job that
+    fails later leaves no empty folders): the folder's nearest existing ancestor must take a file."""
     folder = Path(os.path.expanduser(path)).absolute().parent
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=folder).close()
+        if not existing.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
+        tempfile.TemporaryFile(dir=existing).close()
     except OSError as e:
         raise SystemExit(f"{option} {path}: cannot write in {folder} ({e.strerror or e}); give a path that can be "
                          "written") from None

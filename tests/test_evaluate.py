@@ -419,6 +419,10 @@ def test_options_are_checked_before_any_work(trained_model_dir, tiny_qwen_dir, t
     (tmp_path / "file").write_text("")
     with pytest.raises(SystemExit, match=f"--output {tmp_path}/file/s.jsonl: cannot write in {tmp_path}/file "):
         main(["--model_path", str(trained_model_dir), "--data_path", "x.parquet", "--output", str(tmp_path / "file" / "s.jsonl")])
+    # One that can is not made yet: a job that stops later (here: no such data) leaves no empty folders behind.
+    with pytest.raises(SystemExit, match="x.parquet: no such file"):
+        main(["--model_path", str(trained_model_dir), "--data_path", "x.parquet", "--output", str(tmp_path / "new" / "deep" / "s.jsonl")])
+    assert not (tmp_path / "new").exists()
 
 
 def test_an_evaluation_reading_with_another_processor_than_training_says_which_to_pass():
