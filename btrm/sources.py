@@ -267,7 +267,9 @@ def list_data_files(source: str) -> list[DataFile]:
     except (pa.ArrowException, OSError) as e:
         raise SourceError(f"{shown_source}: cannot be read ({e})") from e
     if info.type == pafs.FileType.NotFound:
-        raise SourceError(f"{shown_source}: no such file or directory")
+        # (a relative path in a config file is read from where the job runs, not from the file's folder)
+        where = "" if not local or os.path.isabs(shown_source) else f" in {os.getcwd()}, where relative paths are read from"
+        raise SourceError(f"{shown_source}: no such file or directory{where}")
     if info.type == pafs.FileType.File:
         return [DataFile(shown(path), path, info.size)]
     found = _files_below(fs, path, lambda f: not _hidden(f.rsplit("/", 1)[-1]),

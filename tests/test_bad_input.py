@@ -154,6 +154,13 @@ def test_files_that_cannot_be_read_fail_early_naming_the_file(hh_helpful, tmp_pa
             [rows for fragment in plan_fragments(str(tmp_path / name), ("chosen", "rejected"))
              for rows in read_fragment(fragment, 100)]  # (a JSON file is first read by the task that reads it)
         assert words in str(error.value) and str(tmp_path) in str(error.value), name
+    # A relative path (a config file's, say, read from where the job runs, not from the file's folder): said so.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(tmp_path / "empty_dir")
+        with pytest.raises(SourceError) as error:
+            plan_fragments("examples/train.parquet", ("chosen", "rejected"))
+    assert str(error.value) == (f"examples/train.parquet: no such file or directory in {tmp_path}/empty_dir, where "
+                                "relative paths are read from")
 
 
 def test_a_source_without_rows_fails_naming_it(qwen_tokenizer_dir, tmp_path):
