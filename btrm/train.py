@@ -28,7 +28,8 @@ from btrm.model import check_reward_architecture, embedding_rows, position_limit
 from btrm.sources import without_credentials
 from btrm.tokenize import TEMPLATE_DATE, TokenizationSpec, load_tokenizer, prepare_tokenizer, read_chat_template
 from btrm.tracking import check_tracker, new_run_id
-from btrm.train_loop import EXPORT_DIR, NON_FINITE_TENSORS, PROBE_REWARD, Plan, check_resume_terms, recorded_resume_terms, resume_terms, train_loop_per_worker
+from btrm.train_loop import (EXPORT_DIR, NON_FINITE_TENSORS, PROBE_REWARD, Plan, check_resume_terms, latest_checkpoint,
+                             recorded_resume_terms, resume_terms, train_loop_per_worker)
 
 
 def tokenization_for(model_path: str, model_config, config) -> TokenizationSpec:
@@ -127,15 +128,26 @@ def in_run(storage_path: str, run_name: str, *parts: str) -> str:
     return "/".join([base.rstrip("/"), run_name, *parts]) + mark + query
 
 
-def check_run_directory(storage_path: str, run_name: str, resume: bool) -> None:
-    """Ray Train continues any run it finds under STORAGE/NAME; make that a choice, not a surprise."""
+def check_run_directory(storage_path: str, run_name: str, resume: bool) -> ray.train.Checkpoint | None:
+    """Ray Train continues any run it finds under STORAGE/NAME; make that a choice, not a surprise. The
+    checkpoint a resume continues from, if the run has one."""
     filesystem, root = pafs.FileSystem.from_uri(storage_path) if "://" in storage_path else (pafs.LocalFileSystem(), storage_path)
     exists = filesystem.get_file_info(f"{root}/{run_name}").type != pafs.FileType.NotFound
-    if exists and not resume:
-        raise SystemExit(f"run {run_name!r} already exists in {without_credentials(storage_path)}: pass --resume to "
-                         "continue it from its latest checkpoint, or choose another --run_name")
+    where = without_credentials(storage_path)
     if resume and not exists:
-        raise SystemExit(f"--resume: there is no run {run_name!r} in {without_credentials(storage_path)}")
+        raise SystemExit(f"--resume: there is no run {run_name!r} in {where}")
+    checkpoint = latest_checkpoint(in_run(storage_path, run_name)) if exists else None
+    if exists and not resume:
+        if checkpoint is None:
+            raise SystemExit(f"run {run_name!r} already exists in {where}, stopped before its first checkpoint (nothing "
+                             "to continue): pass --resume to train it again from the start under that name, or choose "
+                             "another --run_name")
+        raise SystemExit(f"run {run_name!r} already exists in {where}: pass --resume to continue it from its latest "
+                         "checkpoint, or choose another --run_name")
+    if resume and checkpoint is None:
+        print(f"[btrm] --resume: run {run_name!r} stopped before its first checkpoint: training it from the start",
+              flush=True)
+    return checkpoint
 
 
 def cpu_shortfall_note(config: TrainConfig, cluster_cpus: float) -> str | None:
@@ -174,11 +186,9 @@ def run_training(config: TrainConfig) -> ray.train.Result:
     if config.report_to != "none":  # an offline run's files, `wandb sync`'s input, would go with the session
         outputs["--tracking_dir"] = config.tracking_dir
     check_job_outputs(outputs)
-    if not ray.is_initialized():
-        ray.init()
     config.run_name = config.run_name or time.strftime("btrm-%Y%m%d-%H%M%S")
     storage_path = config.storage_path if "://" in config.storage_path else os.path.abspath(config.storage_path)
-    check_run_directory(storage_path, config.run_name, config.resume)
+    resumed_from = check_run_directory(storage_path, config.run_name, config.resume)
     config.tracking_dir = os.path.abspath(config.tracking_dir)  # workers have another working directory
     check_apart_from_export(config, storage_path)
     check_replaceable(config.output_path)  # now, not after the training it would take to find out
@@ -194,6 +204,8 @@ def run_training(config: TrainConfig) -> ray.train.Result:
     except ValueError as e:
         raise SystemExit(f"--model_name {config.model_name}: {e}") from None
     spec = tokenization_for(model_path, model_config, config)
+    if not ray.is_initialized():  # (after the checks above: a wrong run name or path is said at once)
+        ray.init()
     use_gpu = gpus_wanted(config.use_gpu)
     gpus = int(ray.cluster_resources().get("GPU", 0))
     if use_gpu and config.use_gpu == "auto" and gpus < config.num_workers:
@@ -222,7 +234,7 @@ def run_training(config: TrainConfig) -> ray.train.Result:
     if precision:
         print(f"[btrm] {precision}", flush=True)
 
-    recorded_terms = recorded_resume_terms(in_run(storage_path, config.run_name)) if config.resume else None
+    recorded_terms = recorded_resume_terms(resumed_from)
     # What the options alone decide, before the data is read: a wrong resume stops at once.
     check_resume_terms(recorded_terms, resume_terms(config, deepspeed_config, use_gpu))
 

@@ -288,13 +288,23 @@ def resume_terms(config: TrainConfig, deepspeed_config: dict[str, Any], use_gpu:
     return terms if pairs is None else {**terms, "pairs": pairs}
 
 
-def recorded_resume_terms(run_dir: str) -> dict[str, Any] | None:
-    """The resume terms recorded by the latest checkpoint of the Ray Train run at ``run_dir`` (the one a resume
-    continues from); None when there is none yet (a resume then starts from the beginning)."""
+def latest_checkpoint(run_dir: str) -> ray.train.Checkpoint | None:
+    """The latest checkpoint of the Ray Train run at ``run_dir`` (the one a resume continues from), or None."""
+    # Ray Train logs, reading a run's snapshot, that a new run should have another name or the folder deleted:
+    # advice for its controller, not for a driver that is resuming the run on purpose.
+    snapshot_log = logging.getLogger("ray.train.v2._internal.execution.checkpoint.checkpoint_manager")
+    level = snapshot_log.level
+    snapshot_log.setLevel(logging.WARNING)
     try:
-        checkpoint = ray.train.Result.from_path(run_dir).checkpoint
+        return ray.train.Result.from_path(run_dir).checkpoint
     except RuntimeError:  # the run stopped before Ray Train recorded any checkpoint
         return None
+    finally:
+        snapshot_log.setLevel(level)
+
+
+def recorded_resume_terms(checkpoint: ray.train.Checkpoint | None) -> dict[str, Any] | None:
+    """The resume terms ``checkpoint`` recorded; None without one (a resume then starts from the beginning)."""
     if checkpoint is None:
         return None
     try:

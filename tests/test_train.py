@@ -348,6 +348,20 @@ def test_the_driver_refuses_at_once_what_would_fail_after_training(ray_session, 
                     "--output_path", str(tmp_path / "new"), "--storage_path", str(tmp_path / "runs"),
                     "--custom_bt_dataset_path", str(tmp_path / "mine.py"), "--custom_bt_dataset_name", "Mine"])
     assert not (tmp_path / "runs").exists()
+    # A run stopped before its first checkpoint (what Ray Train leaves then: the folder and its marker): nothing
+    # to continue, said as such; --resume trains it from the start, saying so.
+    (tmp_path / "runs" / "early").mkdir(parents=True)
+    (tmp_path / "runs" / "early" / ".validate_storage_marker").write_text("")
+    early = ["--model_name", tiny_qwen_dir, "--train_set_path", str(written), "--max_length", "256", "--output_path",
+             str(tmp_path / "new"), "--storage_path", str(tmp_path / "runs"), "--run_name", "early", "--use_gpu", "false"]
+    with pytest.raises(SystemExit, match=r"^run 'early' already exists in .*, stopped before its first checkpoint "
+                                         r"\(nothing to continue\): pass --resume to train it again from the start"):
+        train_main(early)
+    capsys.readouterr()
+    with pytest.raises(SystemExit, match=re.escape(f"{absent}: no such file or directory")):
+        train_main([*early, "--resume", "--eval_set_path", str(absent)])
+    assert ("[btrm] --resume: run 'early' stopped before its first checkpoint: training it from the start"
+            in capsys.readouterr().out)
 
 
 def test_use_margin_on_pairs_without_margins_is_refused_before_training(ray_session, tiny_qwen_dir, hh_helpful,
