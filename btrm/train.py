@@ -136,7 +136,8 @@ def check_run_directory(storage_path: str, run_name: str, resume: bool) -> ray.t
     where = without_credentials(storage_path)
     if resume and not exists:
         raise SystemExit(f"--resume: there is no run {run_name!r} in {where}")
-    checkpoint = latest_checkpoint(in_run(storage_path, run_name)) if exists else None
+    latest = latest_checkpoint(in_run(storage_path, run_name)) if exists else None
+    checkpoint = latest.checkpoint if latest else None
     if exists and not resume:
         if checkpoint is None:
             raise SystemExit(f"run {run_name!r} already exists in {where}, stopped before its first checkpoint (nothing "
@@ -148,6 +149,17 @@ def check_run_directory(storage_path: str, run_name: str, resume: bool) -> ray.t
         print(f"[btrm] --resume: run {run_name!r} stopped before its first checkpoint: training it from the start",
               flush=True)
     return checkpoint
+
+
+def stopped_run_note(storage_path: str, run_name: str) -> str:
+    """What a run that stopped before its end (Ctrl-C, a failure past --max_failures) can be continued from."""
+    latest = latest_checkpoint(in_run(storage_path, run_name))
+    if latest is None:
+        return (f"run {run_name!r} stopped before its first checkpoint: the same command with --resume --run_name "
+                f"{run_name} trains it again from the start")
+    where = in_run(without_credentials(storage_path), run_name, Path(latest.checkpoint.path).name)
+    return (f"run {run_name!r} stopped; its latest checkpoint, at step {latest.metrics.get('step', '?')}, is {where}: "
+            f"the same command with --resume --run_name {run_name} continues from it")
 
 
 def cpu_shortfall_note(config: TrainConfig, cluster_cpus: float) -> str | None:
@@ -311,7 +323,11 @@ def run_training(config: TrainConfig) -> ray.train.Result:
         dataset_config=train_data_config(),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except BaseException:  # (Ctrl-C: Ray Train aborts the run; a worker's error past --max_failures)
+        print(f"[btrm] {stopped_run_note(storage_path, config.run_name)}", flush=True)
+        raise
     metrics = result.metrics or {}
     if "eval/accuracy" in metrics:
         before = metrics.get("eval/accuracy_before_training")

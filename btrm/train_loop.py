@@ -288,19 +288,21 @@ def resume_terms(config: TrainConfig, deepspeed_config: dict[str, Any], use_gpu:
     return terms if pairs is None else {**terms, "pairs": pairs}
 
 
-def latest_checkpoint(run_dir: str) -> ray.train.Checkpoint | None:
-    """The latest checkpoint of the Ray Train run at ``run_dir`` (the one a resume continues from), or None."""
+def latest_checkpoint(run_dir: str) -> ray.train.Result | None:
+    """The latest checkpoint of the Ray Train run at ``run_dir`` (the one a resume continues from), with the
+    metrics reported with it (its step), or None."""
     # Ray Train logs, reading a run's snapshot, that a new run should have another name or the folder deleted:
     # advice for its controller, not for a driver that is resuming the run on purpose.
     snapshot_log = logging.getLogger("ray.train.v2._internal.execution.checkpoint.checkpoint_manager")
     level = snapshot_log.level
     snapshot_log.setLevel(logging.WARNING)
     try:
-        return ray.train.Result.from_path(run_dir).checkpoint
+        saved = ray.train.Result.from_path(run_dir)
     except RuntimeError:  # the run stopped before Ray Train recorded any checkpoint
         return None
     finally:
         snapshot_log.setLevel(level)
+    return saved if saved.checkpoint else None
 
 
 def recorded_resume_terms(checkpoint: ray.train.Checkpoint | None) -> dict[str, Any] | None:

@@ -13,6 +13,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
+from btrm.train import stopped_run_note
 from btrm.train_loop import Progress, epoch_order
 from conftest import assert_export_scores_as_the_engine, train_tiny, write_parquet_shards
 
@@ -148,6 +149,10 @@ def test_eval_cadence_resume_and_options(ray_session, tiny_qwen_dir, hh_helpful,
     assert log[0] == {**log[0], "step": 0} and log[0]["eval/pairs_before_training"] == eval_pairs
     with pytest.raises(SystemExit, match="already exists .* pass --resume"):
         train_tiny(tmp_path, tiny_qwen_dir, rows, held_out, max_steps=10, num_workers=1)
+    # Had it been stopped (Ctrl-C), this is what it would be told it can continue from.
+    assert re.fullmatch(rf"run 'tiny' stopped; its latest checkpoint, at step 6, is {tmp_path}/runs/tiny/checkpoint_\S+: "
+                        r"the same command with --resume --run_name tiny continues from it",
+                        stopped_run_note(str(tmp_path / "runs"), "tiny"))
     # A resume that would read the pairs otherwise stops on the driver, before the data is read (these rows,
     # every one dropped as identical, would fail the run with the ledger) and before any worker starts.
     unusable = [dict(p, rejected=p["chosen"]) for p in rows]
@@ -362,6 +367,10 @@ def test_the_driver_refuses_at_once_what_would_fail_after_training(ray_session, 
         train_main([*early, "--resume", "--eval_set_path", str(absent)])
     assert ("[btrm] --resume: run 'early' stopped before its first checkpoint: training it from the start"
             in capsys.readouterr().out)
+    # What a run stopped on the way (Ctrl-C) is told it can continue from.
+    assert stopped_run_note(str(tmp_path / "runs"), "early") == (
+        "run 'early' stopped before its first checkpoint: the same command with --resume --run_name early trains it "
+        "again from the start")
 
 
 def test_use_margin_on_pairs_without_margins_is_refused_before_training(ray_session, tiny_qwen_dir, hh_helpful,
