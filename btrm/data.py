@@ -109,10 +109,11 @@ class LedgerReport:
 
 
 class DataError(RuntimeError):
-    """The data failed a run-level check (too many drops, nothing left); carries the ledger."""
+    """The data failed a run-level check (too many drops, nothing left); carries the ledger, and says it unless
+    it was ``printed`` just before."""
 
-    def __init__(self, message: str, ledger: dict[str, Any]):
-        super().__init__(f"{message}\n{format_ledger(ledger)}")
+    def __init__(self, message: str, ledger: dict[str, Any], printed: bool = False):
+        super().__init__(f"{message} (the ledger above)" if printed else f"{message}\n{format_ledger(ledger)}")
         self.ledger = ledger
 
 
@@ -205,8 +206,8 @@ def format_ledger(ledger: dict[str, Any]) -> str:
     for example in ledger["examples"][:10]:
         lines.append(f"  - {example['reason']}: {example['file']} row {example['row']}: {example['message']}")
     if len(ledger["examples"]) > 10:
-        lines.append(f"  ... {len(ledger['examples']) - 10} more examples (in the ledger of the manifest or summary "
-                     "a job that finishes writes)")
+        lines.append(f"  ... and {len(ledger['examples']) - 10} more (a job that finishes keeps them all: the export's "
+                     "btrm.json, the evaluation's summary)")
     return "\n".join(lines)
 
 
@@ -433,12 +434,14 @@ def close_ledger(ledger) -> dict[str, Any]:
     summary = ray.get(ledger.summary.remote())
     print(format_ledger(summary), flush=True)
     if summary["pairs"] == 0:
-        raise DataError(f"{summary['dataset']}: no usable pairs", summary)
+        raise DataError(f"{summary['dataset']}: no usable pairs", summary, printed=True)
     return summary
 
 
 def check_drop_fraction(summary: dict[str, Any], max_drop_fraction: float) -> None:
-    """Fails a run whose data dropped more than ``max_drop_fraction`` of its pairs, with the ledger."""
+    """Fails a run whose data dropped more than ``max_drop_fraction`` of its pairs (its ledger printed by
+    :func:`close_ledger`)."""
     if summary["drop_fraction"] > max_drop_fraction:
         raise DataError(f"{summary['dataset']}: {summary['drop_fraction']:.1%} of pairs dropped (ties aside) > "
-                        f"--max_drop_fraction {max_drop_fraction:.1%}; fix the data or raise the limit", summary)
+                        f"--max_drop_fraction {max_drop_fraction:.1%}; fix the data or raise the limit", summary,
+                        printed=True)

@@ -98,7 +98,8 @@ def pandalm_eval(ray_session, trained_model_dir, shared_data, tmp_path_factory) 
                                  "--output", str(output), "--custom_bt_dataset_path", str(processor),
                                  "--custom_bt_dataset_name", "PandaLMDataset", "--max_length", "128"],
                                 failure=r"eval: \d+\.\d% of pairs dropped \(ties aside\) > --max_drop_fraction 5\.0%; fix the data or "
-                                        r"raise the limit\n\[eval\] 121 rows read")
+                                        r"raise the limit \(the ledger above\)$")
+    assert stdout.count("[eval] 121 rows read") == 1  # the ledger, once
     return Evaluation(pd.read_json(output, lines=True, dtype=False), summary, stdout, data)
 
 

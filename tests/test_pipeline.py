@@ -477,12 +477,16 @@ def test_the_ledger_judges_a_runs_first_2000_rows_once_and_a_retried_batch_repla
     assert ray.get(bad_start.record.remote(("b.parquet", 0), report(5000, 0))) is not None  # (a retried task too)
 
 
-def test_too_many_drops_fail_the_run_with_the_ledger(hh_helpful, qwen_tokenizer_dir, tmp_path):
+def test_too_many_drops_fail_the_run_with_the_ledger(hh_helpful, qwen_tokenizer_dir, tmp_path, capsys):
     pairs = hh_helpful["test"][:40]
     broken = [{**p, "rejected": p["rejected"][:-1]} if i % 2 else p for i, p in enumerate(pairs)]
     write_parquet_shards(broken, tmp_path / "half-broken")
+    capsys.readouterr()
     with pytest.raises(DataError) as error:
         run_pipeline(tmp_path / "half-broken", qwen_tokenizer_dir, max_drop_fraction=0.05)
-    message = str(error.value)
-    assert "--max_drop_fraction 5.0%" in message and "invalid 20" in message
-    assert "part-00000.parquet row 1: field 'rejected" in message
+    assert str(error.value) == ("test: 50.0% of pairs dropped (ties aside) > --max_drop_fraction 5.0%; fix the data or "
+                                "raise the limit (the ledger above)")
+    # The ledger, printed once (the job's output ends with the message, not a second copy).
+    printed = capsys.readouterr().out
+    assert printed.count("rows read from") == 1 and "invalid 20" in printed
+    assert "part-00000.parquet row 1: field 'rejected" in printed
