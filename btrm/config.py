@@ -123,6 +123,9 @@ class DataOptions:
     def validate(self) -> None:
         if bool(self.custom_bt_dataset_path) != bool(self.custom_bt_dataset_name):
             raise ValueError("--custom_bt_dataset_path and --custom_bt_dataset_name go together")
+        if self.custom_bt_dataset_path and self.dataset_format != "standard":  # (else one is silently not used)
+            raise ValueError(f"--dataset_format {self.dataset_format} and --custom_bt_dataset_path: one processor reads "
+                             "the data; give one or the other")
         if not 0 <= self.max_drop_fraction <= 1:
             raise ValueError(f"--max_drop_fraction must be in [0, 1], got {self.max_drop_fraction}")
         if self.num_data_workers < 1:

@@ -34,6 +34,9 @@ def test_bad_options_are_refused_with_the_reason(tmp_path, capsys):
     (tmp_path / "bad.yaml").write_text("learnin_rate: 1\n")
     for argv, words in ((["--learning_rate", "1e-5"], "--train_set_path is required"),
                         (["--train_set_path", "x", "--custom_bt_dataset_path", "p.py"], "go together"),
+                        (["--train_set_path", "x", "--custom_bt_dataset_path", "p.py", "--custom_bt_dataset_name", "P",
+                          "--dataset_format", "hh_rlhf"], "--dataset_format hh_rlhf and --custom_bt_dataset_path: one "
+                                                          "processor reads the data; give one or the other"),
                         (["--train_set_path", "x", "--overlong", "cut"], "invalid choice"),
                         (["--train_set_path", "x", "--gradient_accumulation_steps", "0"], "at least 1"),
                         (["--train_set_path", "x", "--eval_split_ratio", "1"], "must be in [0, 1)"),
