@@ -87,7 +87,11 @@ def read_chat_template(name_or_path: str | Path | None) -> str | None:
 def load_tokenizer(path: str):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(model_on_this_node(path))
+    tokenizer = AutoTokenizer.from_pretrained(model_on_this_node(path))
+    # transformers warns, once, of a text longer than the tokenizer's model_max_length that "will result in
+    # indexing errors": btrm tokenizes whole conversations and then fits them to --max_length itself.
+    tokenizer.deprecation_warnings["sequence-length-is-longer-than-the-specified-maximum"] = True
+    return tokenizer
 
 
 def prepare_tokenizer(tokenizer, chat_template: str | None = None):

