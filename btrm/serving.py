@@ -430,6 +430,8 @@ CompareRequest = Annotated[
 
 
 class ScoreRequest(Conversation):
+    id: Annotated[str, AfterValidator(_unicode)] | None = Field(
+        None, description="Echoed back, to match results to requests.")
     candidates: Annotated[list[Answer], BeforeValidator(_at_most_listed)] = Field(
         min_length=1, description="Answers to the prompt, scored independently.")
 
@@ -453,6 +455,7 @@ class BatchResult(BaseModel):
 
 
 class ScoreResult(Truncation):
+    id: str | None = None
     rewards: list[float] = Field(description="One reward per candidate, in request order.")
     ranking: list[int] = Field(description="Candidate indices, best first (ties keep request order).")
 
@@ -629,8 +632,8 @@ def build_api(encoder, options: ServiceOptions, token: str | None, score_groups:
             return encoder.encode_group([request.conversation(a) for a in answers], request.offered_tools())
         except AnswersTooLong as e:
             raise HTTPException(413, f"{', '.join(names[k] for k in e.answers)}: too long for the model's "
-                                     f"max_length={spec.max_length} tokens (overlong policy {spec.overlong!r}; "
-                                     f"answers are never cut): {e.detail}") from None
+                                     f"max_length={spec.max_length} tokens (overlong policy {spec.overlong!r}): "
+                                     f"{e.detail}") from None
         except UnrenderedToolUse as e:  # (what training says, "give a --chat_template", is no client's to do)
             raise HTTPException(422, [{"type": "chat_template", "loc": loc,
                                        "msg": f"the model's chat template does not render the tools or tool calls "
@@ -786,7 +789,7 @@ def build_api(encoder, options: ServiceOptions, token: str | None, score_groups:
         encoded = await asyncio.get_running_loop().run_in_executor(tokenizing, tokenized)
         [rewards] = await rewards_of([encoded], [names])
         ranking = sorted(range(len(rewards)), key=lambda k: -rewards[k])
-        return ScoreResult(rewards=rewards, ranking=ranking, truncated=encoded.truncated > 0,
+        return ScoreResult(id=request.id, rewards=rewards, ranking=ranking, truncated=encoded.truncated > 0,
                            truncated_prompt_tokens=encoded.truncated)
 
     # The last middleware added runs first: the token is checked before anything else.

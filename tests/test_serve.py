@@ -166,11 +166,12 @@ def test_score_ranks_candidates_like_compare(service):
     with service.client() as client:
         scored = client.post("/score", json={"prompt": prompt, "candidates": candidates})
         as_messages = client.post("/score", json={"messages": [{"role": "user", "content": prompt}],
-                                                  "candidates": candidates})
+                                                  "candidates": candidates, "id": "basil-7"})
         pair = client.post("/compare", json={"prompt": prompt, "chosen": candidates[0], "rejected": candidates[1]})
     assert scored.status_code == 200, scored.text
     body = scored.json()
-    assert as_messages.json() == body  # a prompt string is one user turn
+    assert as_messages.json() == {**body, "id": "basil-7"}  # a prompt string is one user turn; the id echoed
+    assert body["id"] is None
     rewards = body["rewards"]
     assert body["ranking"] == sorted(range(3), key=lambda k: -rewards[k]) and body["truncated"] is False
     assert [pair.json()["reward_chosen"], pair.json()["reward_rejected"]] == pytest.approx(rewards[:2], abs=1e-4)
@@ -302,7 +303,8 @@ BAD_REQUESTS = [
     ("/compare", {"pairs": []}, 422, "pairs"),
     ("/compare", {"pairs": [GOOD_PAIR] * 33}, 413, "max_pairs=32"),
     ("/compare", {"prompt": "hi", "chosen": "word " * 300, "rejected": "b"}, 413,
-     "the pair's chosen answer: too long for the model's max_length=256"),
+     "the pair's chosen answer: too long for the model's max_length=256 tokens (overlong policy 'truncate_prompt'): "
+     "the answers with their shared opening take"),
     ("/compare", {"pairs": [GOOD_PAIR, {**GOOD_PAIR, "rejected": "word " * 300}]}, 413, "pair 1's rejected answer: too long"),
     ("/score", {"prompt": "hi", "candidates": []}, 422, "candidates"),
     ("/score", {"prompt": "hi", "candidates": "one answer"}, 422, "candidates"),

@@ -354,7 +354,7 @@ def test_thousands_of_candidates_or_pairs_are_refused_before_any_scoring(service
     assert messages.status_code == 413 and "5001 messages at pairs.1.messages; the limit is 4096" in messages.text, \
         messages.text[:300]
     assert tools.status_code == 413 and "5000 tools at tools; the limit is 4096" in tools.text, tools.text[:300]
-    assert one_huge_answer.status_code == 413 and "answers are never cut" in one_huge_answer.text
+    assert one_huge_answer.status_code == 413 and "answers are never truncated" in one_huge_answer.text
     assert still_fine.status_code == 200, still_fine.text
     assert elapsed < 60, f"refusing oversized requests took {elapsed:.1f}s"
 
@@ -381,7 +381,7 @@ def test_health_is_answered_while_a_large_request_is_tokenized(service, traffic)
 def test_one_overlong_candidate_is_refused_like_two(service, traffic):
     with traffic.httpx_client("thousands", service.url) as client:
         alone = client.post("/score", json={"prompt": "hi", "candidates": ["word " * 1000]})
-    assert alone.status_code == 413 and "answers are never cut" in alone.text, alone.text[:300]
+    assert alone.status_code == 413 and "answers are never truncated" in alone.text, alone.text[:300]
 
 
 AUTHORIZATION_HEADERS = [
