@@ -118,16 +118,18 @@ class DataError(RuntimeError):
 
 
 @contextlib.contextmanager
-def bad_data_ends_the_job():
+def bad_data_ends_the_job(hint: str | None = None):
     """A job whose data fails (a source that cannot be read, a processor that cannot be loaded, a ledger over
     its limits) ends with the message alone: it says what and where (file, row, field; the ledger); a traceback
-    through btrm adds nothing."""
+    through btrm adds nothing. ``hint``: said again after a ledger over its limits (a likely cause, noted when
+    the job began, and since scrolled away)."""
     try:
         yield
     except (SourceError, ProcessorError, DataError) as e:
         # Raised in a data task, it reaches the driver as a RayTaskError that is also one of these, whose
         # str is the whole remote traceback (Ray Data has logged it already): the message is its cause's.
-        raise SystemExit(str(e.cause if isinstance(e, ray.exceptions.RayTaskError) else e)) from None
+        message = str(e.cause if isinstance(e, ray.exceptions.RayTaskError) else e)
+        raise SystemExit(f"{message}\nnote: {hint}" if hint and isinstance(e, DataError) else message) from None
 
 
 @ray.remote(num_cpus=0)

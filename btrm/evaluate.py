@@ -427,42 +427,46 @@ def run_evaluation(config: EvalConfig) -> dict[str, Any]:
         print(f"[btrm] note: {note}", flush=True)
     if not ray.is_initialized():
         ray.init()
-    ledger = new_ledger("eval", config.max_drop_fraction)
-    pairs = score_pairs(config, model_path, spec, embedding_rows(model_config), ledger)
-    data = close_ledger(ledger)
-    summary = summarize(pairs)
-    summary = {
-        **summary,
-        "model_path": model_path,
-        "data_path": without_credentials(config.data_path),
-        "processor": {"name": config.processor_name(), "path": config.custom_bt_dataset_path},
-        "output": str(Path(config.output).resolve()),
-        "tokenization": {**spec.to_dict(), "chat_template": config.chat_template or "the manifest's"},
-        "data": data,
-    }
-    summary_file = summary_path(config.output)
-    with replaced_whole(Path(config.output), summary_file) as (pairs_partial, summary_partial):
-        write_pairs(pairs, pairs_partial, parquet=Path(config.output).suffix == ".parquet")
-        summary_partial.write_text(json.dumps(summary, indent=2, allow_nan=False))
-    if config.show:
-        print(format_pairs(pairs, config.show), flush=True)
-    print(f"[btrm] evaluation of {model_path} on {summary['data_path']}\n{format_summary(summary)}", flush=True)
-    print(f"[btrm] per-pair results: {config.output}; summary: {summary_file}", flush=True)
-    # Checked once the output is written: the scores of the pairs kept are the job's work, kept whatever the verdict
-    # (a source whose first 2000 rows already fail it stopped then, writing nothing: btrm.data.Ledger).
-    check_drop_fraction(data, config.max_drop_fraction)
-    # The figures leave out the pairs the model failed on: not a few random ones (out of memory takes the longest);
-    # none scored is a failure whatever the limit.
-    total = summary["pairs"] + summary["unscored"]
-    unscored = summary["unscored"] / total
-    if summary["pairs"] == 0 or unscored > config.max_drop_fraction:
-        first = summary["unscored_pairs"][0]
-        verdict = (f"none of the {total} pairs could be scored (whatever --max_drop_fraction)" if summary["pairs"] == 0
-                   else f"{summary['unscored']} of the {total} pairs could not be scored ({unscored:.1%} > "
-                        f"--max_drop_fraction {config.max_drop_fraction:.1%}): the figures above leave them out")
-        raise SystemExit(f"{verdict}. The first, {first['file']} row {first['row']}: {first['error']} (every one in "
-                         f"{config.output}'s error column)")
-    return summary
+    # A ledger over its limits, reading with a built-in processor what the model trained on through another,
+    # ends with the note again (a processor of the user's is a choice, not an oversight).
+    with bad_data_ends_the_job(hint=None if config.custom_bt_dataset_path else note):
+        ledger = new_ledger("eval", config.max_drop_fraction)
+        pairs = score_pairs(config, model_path, spec, embedding_rows(model_config), ledger)
+        data = close_ledger(ledger)
+        summary = summarize(pairs)
+        summary = {
+            **summary,
+            "model_path": model_path,
+            "data_path": without_credentials(config.data_path),
+            "processor": {"name": config.processor_name(), "path": config.custom_bt_dataset_path},
+            "output": str(Path(config.output).resolve()),
+            "tokenization": {**spec.to_dict(), "chat_template": config.chat_template or "the manifest's"},
+            "data": data,
+        }
+        summary_file = summary_path(config.output)
+        with replaced_whole(Path(config.output), summary_file) as (pairs_partial, summary_partial):
+            write_pairs(pairs, pairs_partial, parquet=Path(config.output).suffix == ".parquet")
+            summary_partial.write_text(json.dumps(summary, indent=2, allow_nan=False))
+        if config.show:
+            print(format_pairs(pairs, config.show), flush=True)
+        print(f"[btrm] evaluation of {model_path} on {summary['data_path']}\n{format_summary(summary)}", flush=True)
+        print(f"[btrm] per-pair results: {config.output}; summary: {summary_file}", flush=True)
+        # Checked once the output is written: the scores of the pairs kept are the job's work, kept whatever the
+        # verdict (a source whose first 2000 rows already fail it stopped then, writing nothing: btrm.data.Ledger).
+        check_drop_fraction(data, config.max_drop_fraction)
+        # The figures leave out the pairs the model failed on: not a few random ones (out of memory takes the
+        # longest); none scored is a failure whatever the limit.
+        total = summary["pairs"] + summary["unscored"]
+        unscored = summary["unscored"] / total
+        if summary["pairs"] == 0 or unscored > config.max_drop_fraction:
+            first = summary["unscored_pairs"][0]
+            verdict = (f"none of the {total} pairs could be scored (whatever --max_drop_fraction)"
+                       if summary["pairs"] == 0 else
+                       f"{summary['unscored']} of the {total} pairs could not be scored ({unscored:.1%} > "
+                       f"--max_drop_fraction {config.max_drop_fraction:.1%}): the figures above leave them out")
+            raise SystemExit(f"{verdict}. The first, {first['file']} row {first['row']}: {first['error']} (every one "
+                             f"in {config.output}'s error column)")
+        return summary
 
 
 def main(argv: list[str] | None = None) -> None:

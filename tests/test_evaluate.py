@@ -447,6 +447,18 @@ def test_an_evaluation_reading_with_another_processor_than_training_says_which_t
     assert processor_note(config(), {}) is None
 
 
+def test_a_ledger_over_its_limits_read_with_another_processor_than_training_ends_with_the_note(
+        trained_model_dir, hh_helpful, tmp_path):
+    """The note, printed as the job began, has scrolled away under Ray's output when every row is dropped."""
+    data = write_parquet_shards(hh_helpful["test"][:12], tmp_path / "pairs")
+    with pytest.raises(SystemExit) as stopped:
+        main(["--model_path", str(trained_model_dir), "--data_path", str(data), "--output", str(tmp_path / "s.jsonl"),
+              "--dataset_format", "hh_rlhf", "--num_data_workers", "1", "--data_worker_cpus", "0.5"])
+    assert str(stopped.value).endswith(
+        "\nnote: the model trained on pairs read by processor standard; this evaluation reads --data_path with "
+        "hh_rlhf. For data in the training's layout, pass --dataset_format standard"), str(stopped.value)
+
+
 def test_job_script_is_the_cli():
     result = subprocess.run([sys.executable, str(REPO / "jobs" / "evaluate.py"), "--help"], capture_output=True,
                             text=True, timeout=120)
