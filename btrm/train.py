@@ -326,7 +326,10 @@ def run_training(config: TrainConfig) -> ray.train.Result:
     try:
         result = trainer.fit()
     except BaseException:  # (Ctrl-C: Ray Train aborts the run; a worker's error past --max_failures)
-        print(f"[btrm] {stopped_run_note(storage_path, config.run_name)}", flush=True)
+        try:
+            print(f"[btrm] {stopped_run_note(storage_path, config.run_name)}", flush=True)
+        except Exception:  # (storage out of reach, say: the error that stopped the run is the one to see)
+            pass
         raise
     metrics = result.metrics or {}
     if "eval/accuracy" in metrics:
