@@ -385,6 +385,8 @@ def _quiet_worker_console(rank: int) -> None:
       warns once that progress bars are off (btrm turns them off: the job log has its own progress).
     - transformers draws progress bars for loading and saving a few-megabyte model, and every worker prints the
       same load report (a base model's new score head: "MISSING ... newly initialized"): rank 0's is enough.
+      Where ``CI`` is set (GitHub Actions, GitLab), transformers also passes its records up to the root logger,
+      which Ray Train prints to the worker's console too: each of its messages would show twice.
     - DeepSpeed calls ``torch.distributed.all_gather_into_tensor``, deprecated in torch 2.13: a
       FutureWarning per worker that only a DeepSpeed release can act on.
     """
@@ -397,6 +399,7 @@ def _quiet_worker_console(rank: int) -> None:
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
     transformers_logging.disable_progress_bar()
+    transformers_logging.disable_propagation()
     if rank != 0:
         transformers_logging.set_verbosity_error()
     warnings.filterwarnings("ignore", message="`torch.distributed.all_gather_into_tensor` is deprecated",
