@@ -34,7 +34,7 @@ from btrm.data import (DataSpec, bad_data_ends_the_job, build_pair_dataset, chec
                        new_ledger)
 from btrm.export import read_manifest
 from btrm.model import check_trained_weights, embedding_rows, position_limit
-from btrm.scoring import RewardScorer, is_cuda_error, ray_actor_device
+from btrm.scoring import actor_scorer, is_cuda_error
 from btrm.sources import glob_matches, is_glob, without_credentials
 from btrm.tokenize import OVERLONG_POLICIES, TokenizationSpec, load_tokenizer, prepare_tokenizer, read_chat_template
 
@@ -138,7 +138,7 @@ class PairScorer:
     """A Ray Data actor holding the model: batches of tokenized pairs in, one result row per pair out."""
 
     def __init__(self, model_dir: str, max_length: int, max_batch_tokens: int, dtype: str = "auto"):
-        self.scorer = RewardScorer(model_dir, ray_actor_device(), max_length=max_length, dtype=dtype)
+        self.scorer = actor_scorer(model_dir, max_length=max_length, dtype=dtype)
         self.max_batch_tokens = max_batch_tokens
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:

@@ -104,6 +104,16 @@ def ray_actor_device() -> str | None:
     return "cuda" if ray.get_gpu_ids() else "cpu"
 
 
+def actor_scorer(model_dir: str, **options) -> "RewardScorer":
+    """A :class:`RewardScorer` in a Ray actor (an evaluation's scorer, the service's model replica): on the device
+    Ray gave the actor, and without transformers' "Loading weights" bar, which Ray streams into the job's or the
+    service's console once per actor (the training workers turn theirs off too)."""
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+    return RewardScorer(model_dir, ray_actor_device(), **options)
+
+
 class RewardScorer:
     """An exported model ready to score token sequences and conversations."""
 

@@ -979,12 +979,12 @@ class RewardModelDeployment:
     requests taken in meanwhile would wait for it (README: Scoring service)."""
 
     def __init__(self, options: ServiceOptions):
-        from btrm.scoring import RewardScorer, ray_actor_device
+        from btrm.scoring import actor_scorer
 
         self.options = options
         self.gpu_failure: str | None = None  # how this replica's GPU failed (a CUDA error), once it has
         self.forward_started: float | None = None  # time.monotonic() when the forward under way began
-        self.scorer = RewardScorer(options.model_path, ray_actor_device(), dtype=options.dtype)
+        self.scorer = actor_scorer(options.model_path, dtype=options.dtype)
         self.export = export_id(self.scorer.manifest)  # the manifest read with the weights, not read again
         # A /score request with 64 candidates weighs 64: batches are counted in answers, not requests.
         self.queue = ForwardQueue(self.rewards_of_batch, _answer_count, options.max_batch_sequences,

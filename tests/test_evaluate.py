@@ -362,6 +362,22 @@ def test_pairs_the_model_fails_on_count_against_max_drop_fraction(ray_session, t
         _evaluate(argv + ["--max_drop_fraction", "1"])
 
 
+def test_the_scorers_load_the_model_without_a_progress_bar_in_the_job_log(ray_session, trained_model_dir, hh_helpful,
+                                                                          tmp_path):
+    """Ray streams each scorer actor's console into the job's: transformers' "Loading weights" bar would be a
+    line there per actor (the training workers turn theirs off too). Read from the actors' own log files, where
+    Ray keeps what it streams (what reaches the driver's console arrives late, or in another test's capture)."""
+    logs = Path(ray_session._private.worker._global_node.get_logs_dir_path())
+    before = set(logs.glob("**/worker-*.err"))
+    data = write_parquet_shards(hh_helpful["test"][:8], tmp_path / "data")
+    _evaluate(["--model_path", str(trained_model_dir), "--data_path", str(data),
+               "--output", str(tmp_path / "scores.parquet")])
+    consoles = [path.read_text() for path in logs.glob("**/worker-*.err")
+                if path.name not in {seen.name for seen in before}]
+    scorers = [text for text in consoles if "PairScorer" in text.split("\n", 2)[1]]  # (":actor_name:" line)
+    assert scorers and not any("Loading weights" in text for text in scorers)
+
+
 def test_options_are_checked_before_any_work(trained_model_dir, tiny_qwen_dir, tmp_path, capsys):
     def parse(*argv):
         return parse_config(EvalConfig, "test", list(argv))
