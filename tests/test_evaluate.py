@@ -368,13 +368,12 @@ def test_the_scorers_load_the_model_without_a_progress_bar_in_the_job_log(ray_se
     line there per actor (the training workers turn theirs off too). Read from the actors' own log files, where
     Ray keeps what it streams (what reaches the driver's console arrives late, or in another test's capture)."""
     logs = Path(ray_session._private.worker._global_node.get_logs_dir_path())
-    before = set(logs.glob("**/worker-*.err"))
+    before = {path.name for path in logs.glob("**/worker-*.err")}  # (a file moves to old/ when its worker exits)
     data = write_parquet_shards(hh_helpful["test"][:8], tmp_path / "data")
     _evaluate(["--model_path", str(trained_model_dir), "--data_path", str(data),
                "--output", str(tmp_path / "scores.parquet")])
-    consoles = [path.read_text() for path in logs.glob("**/worker-*.err")
-                if path.name not in {seen.name for seen in before}]
-    scorers = [text for text in consoles if "PairScorer" in text.split("\n", 2)[1]]  # (":actor_name:" line)
+    consoles = [path.read_text() for path in logs.glob("**/worker-*.err") if path.name not in before]
+    scorers = [text for text in consoles if re.search(r"^:actor_name:.*PairScorer", text, re.MULTILINE)]
     assert scorers and not any("Loading weights" in text for text in scorers)
 
 
