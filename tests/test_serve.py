@@ -1010,6 +1010,12 @@ def test_dead_model_replica_fails_requests_in_flight_fast_and_is_replaced(servic
             while await replica.get_num_ongoing_requests.remote() == 0:  # killed while it scores, not before
                 assert time.monotonic() < deadline, "no request reached the model replica"
                 await asyncio.sleep(0.05)
+            # A request the replica counts may not be handed over yet: its acceptance is a message on its way back
+            # to the HTTP replica's router, and one killed before it arrives is retried on the replacement (a 200;
+            # CI saw all twelve so). Half a second on, the first have been handed over and the rest wait their turn
+            # (each request of 32 pairs is a forward of its own: max_batch_sequences is 64).
+            await asyncio.sleep(0.5)
+            assert await replica.get_num_ongoing_requests.remote() > 0, "the replica scored every request within 0.5 s"
             ray.kill(replica, no_restart=True)
             return await asyncio.gather(*in_flight, return_exceptions=True)
 
