@@ -30,6 +30,7 @@ import math
 import os
 import re
 import signal
+import sys
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -38,7 +39,7 @@ from pathlib import Path
 from typing import Annotated, Any, Awaitable, Callable, Literal
 
 from fastapi import Depends, FastAPI, HTTPException, Request
-from fastapi.exception_handlers import request_validation_exception_handler
+from fastapi.exception_handlers import http_exception_handler, request_validation_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, PrivateAttr, Tag,
@@ -50,7 +51,8 @@ from ray.serve.config import BackpressureConfig
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
 from starlette.datastructures import Headers
-from starlette.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import JSONResponse, Response
 
 import btrm
 from btrm.config import SCORING_DTYPES, option, parse_config, typed_values
@@ -515,6 +517,21 @@ def _refusal(description: str) -> dict[str, Any]:
     return {"description": description, "model": Refusal}
 
 
+def _unparsable(cause: BaseException | None) -> str | None:
+    """What is wrong with a body FastAPI's JSON parsing failed on with other than a syntax error (its 400 says
+    only "There was an error parsing the body"), from the parser's error; None for an error this does not know."""
+    if isinstance(cause, UnicodeDecodeError):
+        return (f"the body is not UTF-8: byte {cause.object[cause.start]:#04x} at offset {cause.start} ({cause.reason}); "
+                "send JSON encoded as UTF-8")
+    if isinstance(cause, RecursionError):
+        return ("the body's JSON nests arrays or objects too deep to parse; no request to this service nests more than "
+                "a few levels")
+    if isinstance(cause, ValueError) and (digits := re.search(r"value has (\d+) digits", str(cause))):
+        return (f"the body's JSON holds an integer of {digits[1]} digits, more than Python converts "
+                f"({sys.get_int_max_str_digits()}); no field of a request is such a number")
+    return None
+
+
 _UNAVAILABLE = _refusal("No model replica can score now: its GPU failed (a CUDA error) or ran out of memory, it "
                         "died, all are at their queue limit, or the model deployment failed to start; Serve "
                         "replaces failed replicas: retry after Retry-After seconds")
@@ -676,6 +693,12 @@ def build_api(encoder, options: ServiceOptions, token: str | None, score_groups:
     def too_many(field: str, count: int) -> HTTPException:
         option = LISTED_LIMITS[field]
         return HTTPException(413, f"{count} {field} in one request; the limit is {option}={getattr(options, option)}")
+
+    @api.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        if exc.status_code == 400 and (detail := _unparsable(exc.__cause__)):
+            exc = StarletteHTTPException(400, detail)
+        return await http_exception_handler(request, exc)
 
     @api.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:

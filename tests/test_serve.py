@@ -778,6 +778,27 @@ def test_tools_a_models_template_cannot_render_are_a_422_for_the_client(trained_
     assert again.names == ["search"] and str(again) == str(UnrenderedToolUse(["search"]))
 
 
+def test_a_body_that_cannot_be_parsed_at_all_is_a_400_that_says_why_and_where(trained_model_dir):
+    """Bytes that are not UTF-8, JSON nested past what the parser takes, an integer of more digits than Python
+    converts: FastAPI's 400 said only "There was an error parsing the body". The real FastAPI app in this process."""
+    bodies = [b'{"prompt": "caf\xc3\x28", "candidates": ["a"]}', b"[" * 100_000,
+              b'{"prompt": 1' + b"0" * 5000 + b', "candidates": ["a"]}']
+
+    async def scenario():
+        async with _in_process_api(trained_model_dir, None, None) as client:
+            return [await client.post("/score", content=body, headers={"content-type": "application/json"})
+                    for body in bodies]
+
+    not_utf8, too_deep, too_long = asyncio.run(scenario())
+    assert [r.status_code for r in (not_utf8, too_deep, too_long)] == [400] * 3
+    assert not_utf8.json() == {"detail": "the body is not UTF-8: byte 0xc3 at offset 15 (invalid continuation byte); "
+                                         "send JSON encoded as UTF-8"}
+    assert too_deep.json() == {"detail": "the body's JSON nests arrays or objects too deep to parse; no request to this "
+                                         "service nests more than a few levels"}
+    assert too_long.json() == {"detail": "the body's JSON holds an integer of 5001 digits, more than Python converts "
+                                         "(4300); no field of a request is such a number"}
+
+
 def test_a_cuda_error_answers_503_at_once_and_fails_the_health_check_so_serve_replaces_the_replica(trained_model_dir):
     """CUDA errors stick to a process (a device-side assert, an illegal memory access): after one, every forward
     on that GPU fails. This machine has no GPU, so the forward raises torch's CUDA error by hand; the rest is the
