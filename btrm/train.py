@@ -262,14 +262,20 @@ def run_training(config: TrainConfig) -> ray.train.Result:
     if config.use_margin:
         check_margins(train_ledger, config.train_set_path)
     if eval_ds is not None:
+        # Counted in questions too: the split draws questions, and on data with few of them, or many pairs to some,
+        # the share of pairs held out can be far from the ratio.
         held_out = eval_ds.count()
+        held_questions = len(eval_ds.unique("question_key")) if held_out else 0
+        questions = held_questions + len(train_ds.unique("question_key"))
         if held_out == 0:
-            raise SystemExit(f"--eval_split_ratio {config.eval_split_ratio} held out none of the training questions; "
-                             "raise it, or give --eval_set_path")
-        train_ledger["held_out_for_eval"] = {"pairs": held_out, "eval_split_ratio": config.eval_split_ratio,
+            raise SystemExit(f"--eval_split_ratio {config.eval_split_ratio} held out none of the {questions} training "
+                             "questions; raise it, or give --eval_set_path")
+        train_ledger["held_out_for_eval"] = {"pairs": held_out, "questions": held_questions,
+                                             "of_questions": questions, "eval_split_ratio": config.eval_split_ratio,
                                              "seed": config.seed}
-        print(f"[btrm] {held_out} of the {train_ledger['pairs']} training pairs held out for evaluation "
-              f"(--eval_split_ratio {config.eval_split_ratio}: every pair of a held-out question)", flush=True)
+        print(f"[btrm] {held_out} of the {train_ledger['pairs']} training pairs held out for evaluation: every pair "
+              f"of {held_questions} of the {questions} questions (--eval_split_ratio {config.eval_split_ratio} draws "
+              "questions by a hash of each and --seed)", flush=True)
     eval_shards = []
     if eval_planned:
         eval_ds, ledgers["eval"], _ = materialized_pairs(*eval_planned, config)

@@ -118,6 +118,17 @@ def test_eval_split_ratio_holds_out_whole_questions_for_evaluation(ray_session, 
     held_questions = {questions[row["id"]] for row in evaluated}
     trained = [p for p in rows if questions[p["id"]] not in held_questions and p["chosen"] != p["rejected"]]
     assert len(trained) + len(evaluated) == manifest["data"]["train"]["pairs"]  # every kept pair on one side
+    # ... and counted in questions, which the split draws (whitespace runs count as one space in a question).
+    def normalized(question: str) -> str:
+        return " ".join(question.split())
+
+    assert (held_out["questions"], held_out["of_questions"]) == (
+        len({normalized(q) for q in held_questions}),
+        len({normalized(q) for q in held_questions} | {normalized(questions[p["id"]]) for p in trained}))
+    with pytest.raises(SystemExit, match=rf"--eval_split_ratio 0.001 held out none of the {held_out['of_questions']} "
+                                         "training questions; raise it, or give --eval_set_path"):
+        train_tiny(tmp_path, tiny_qwen_dir, rows, None, eval_split_ratio=0.001, max_steps=2, num_workers=1,
+                   run_name="none-held-out")
     # A run that diverges (a learning rate of 1e37: weights of 1e37, finite, that overflow on real text) publishes
     # nothing: the earlier export stays, and the message names the checkpoint that keeps the model and its log.
     with pytest.raises(SystemExit, match=r"the run diverged: the trained model scores none of the \d+ eval pairs as "
