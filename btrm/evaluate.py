@@ -28,6 +28,7 @@ import ray
 import ray.data
 
 from btrm.batching import take
+from btrm.cli import summary
 from btrm.config import (SCORING_DTYPES, USE_GPU_CHOICES, DataOptions, check_cpus, check_job_outputs, check_writable,
                          gpus_wanted, option, parse_config)
 from btrm.data import (DataSpec, bad_data_ends_the_job, build_pair_dataset, check_drop_fraction, close_ledger,
@@ -470,7 +471,6 @@ def run_evaluation(config: EvalConfig) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    config = parse_config(EvalConfig, "Score preference pairs with an exported reward model: per-pair rewards, "
-                          "accuracy and length-bias diagnostics, on Ray Data.", argv)
+    config = parse_config(EvalConfig, summary("evaluate"), argv)
     with bad_data_ends_the_job():
         run_evaluation(config)

@@ -55,6 +55,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
 
 import btrm
+from btrm.cli import summary
 from btrm.config import SCORING_DTYPES, option, parse_config, typed_values
 from btrm.export import read_manifest
 from btrm.processors.base import ROLES, RowError, as_message, as_tools, check_conversation, is_unicode
@@ -1180,7 +1181,7 @@ def main(argv: list[str] | None = None) -> None:
     (``--ray_address``) it adds its application beside the others there and removes only its own at exit."""
     import ray
 
-    command = parse_config(ServeCommand, "Serve an exported reward model over HTTP (Ray Serve).", argv)
+    command = parse_config(ServeCommand, summary("serve"), argv)
     # Replicas start in Ray's working directory, not this shell's.
     command.model_path = str(Path(command.model_path).resolve())
     service = ServiceOptions(**{f.name: getattr(command, f.name) for f in dataclasses.fields(ServiceOptions)})

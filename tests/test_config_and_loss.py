@@ -116,6 +116,27 @@ def test_help_explains_every_option():
     assert "(default: 2e-06)" in text and "(default: Qwen/Qwen3-1.7B)" in text
 
 
+def test_the_btrm_command_lists_its_commands_and_names_a_mistyped_one(monkeypatch, capsys):
+    from btrm import cli
+
+    for argv, code in ((["btrm", "--help"], 0), (["btrm"], 2)):
+        monkeypatch.setattr("sys.argv", argv)
+        with pytest.raises(SystemExit) as ended:
+            cli.main()
+        assert ended.value.code == code
+        out, err = capsys.readouterr()
+        listing = out if code == 0 else err
+        assert "usage: btrm COMMAND" in listing and "btrm COMMAND --help" in listing
+        for name, words in (("train", "Train a Bradley-Terry"), ("evaluate", "Score preference pairs"),
+                            ("serve", "Serve an exported reward model")):
+            assert re.search(rf"^  {name} +{words}", listing, re.MULTILINE), listing
+    monkeypatch.setattr("sys.argv", ["btrm", "trian", "--model_name", "x"])
+    with pytest.raises(SystemExit) as ended:
+        cli.main()
+    assert ended.value.code == 2
+    assert "btrm: unknown command 'trian' (did you mean 'train'?)" in capsys.readouterr().err
+
+
 def test_recorded_options_mask_the_credentials_of_source_uris():
     """What the manifest, the trackers and checkpoints keep of the options: a URI's credentials masked, its
     options kept; local paths, with a glob's '?', as given."""
